@@ -1,0 +1,1 @@
+"""The SplitFT edge agent (`splitft-agent`)."""

@@ -1,0 +1,208 @@
+"""Model sources: named presets built from a config, or a local Hugging Face folder.
+
+Two families are supported, each described by a :class:`Family` that knows where the parts of the
+model live and how to run them one block at a time:
+
+* ``gpt2``: ``transformer.wte`` + ``transformer.wpe`` -> ``transformer.h[i]`` -> ``transformer.ln_f``
+  -> ``lm_head``;
+* ``llama`` (Llama, Qwen2, Mistral): ``model.embed_tokens`` -> ``model.layers[i]`` (with rotary
+  ``position_embeddings`` from ``model.rotary_emb``) -> ``model.norm`` -> ``lm_head``.
+
+Nothing is ever downloaded: a source is either a preset name or an existing folder.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, GPT2Config, LlamaConfig, PretrainedConfig
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from .errors import ModelError
+
+ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
+
+
+# --------------------------------------------------------------------------- presets
+
+#: Preset seed: every process that builds a preset gets the same frozen weights.
+PRESET_SEED = 1234
+#: The GPT-2 BPE vocabulary, so presets pair with the GPT-2 tokenizer.
+GPT2_VOCAB = 50257
+
+
+def _tiny_gpt2() -> PretrainedConfig:
+    return GPT2Config(
+        vocab_size=GPT2_VOCAB,
+        n_positions=1024,
+        n_embd=128,
+        n_layer=12,
+        n_head=4,
+        # No dropout in the frozen base: split and whole must compute the same function.
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=GPT2_VOCAB - 1,
+        eos_token_id=GPT2_VOCAB - 1,
+    )
+
+
+def _tiny_llama() -> PretrainedConfig:
+    return LlamaConfig(
+        vocab_size=GPT2_VOCAB,
+        hidden_size=128,
+        intermediate_size=344,
+        num_hidden_layers=12,
+        num_attention_heads=4,
+        num_key_value_heads=2,  # grouped-query attention, as in current LLaMA-family models
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=GPT2_VOCAB - 1,
+        eos_token_id=GPT2_VOCAB - 1,
+    )
+
+
+PRESETS: dict[str, Callable[[], PretrainedConfig]] = {
+    "tiny-gpt2": _tiny_gpt2,
+    "tiny-llama": _tiny_llama,
+}
+
+
+def is_preset(source: str) -> bool:
+    return source in PRESETS
+
+
+def load_config(source: str | Path, attn_implementation: str | None = None) -> PretrainedConfig:
+    """The config of a preset or of a local model folder (no hub access)."""
+    if attn_implementation is not None and attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ModelError(f"attention must be one of {list(ATTENTION_IMPLEMENTATIONS)}, got {attn_implementation!r}")
+    name = str(source)
+    if name in PRESETS:
+        config = PRESETS[name]()
+    else:
+        folder = Path(source)
+        if not folder.is_dir():
+            raise ModelError(f"model {name!r} is neither a preset ({', '.join(PRESETS)}) nor an existing folder")
+        if not (folder / "config.json").is_file():
+            raise ModelError(f"model folder {folder} has no config.json")
+        try:
+            config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+            raise ModelError(f"cannot read the config in {folder}: {exc}") from exc
+    family_of(config)  # refuse unsupported families early
+    config._attn_implementation = attn_implementation or "sdpa"
+    return config
+
+
+# --------------------------------------------------------------------------- families
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where the parts of one model family live, and how to run them block by block.
+
+    Paths are attribute paths from the ``*ForCausalLM`` model.
+    """
+
+    name: str
+    layers: str  # the nn.ModuleList of transformer blocks
+    embeddings: tuple[str, ...]  # modules the first segment needs besides the blocks
+    shared: tuple[str, ...]  # parameter-free helpers every segment keeps (rotary embeddings)
+    final_norm: str
+    lm_head: str
+    lora_targets: tuple[str, ...]  # LoRA target module names inside a block
+    fan_in_fan_out: bool  # GPT-2's Conv1D stores weights transposed
+
+    def embed(self, model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> hidden states (B, T, C) entering block 0."""
+        if self.name == "gpt2":
+            h = model.get_submodule("transformer.wte")(input_ids) + model.get_submodule("transformer.wpe")(position_ids)
+            return model.get_submodule("transformer.drop")(h)
+        return model.get_submodule("model.embed_tokens")(input_ids)
+
+    def block_context(
+        self,
+        model: nn.Module,
+        config: PretrainedConfig,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        layer_indices: range,
+    ) -> Callable[[int], dict[str, Any]]:
+        """Keyword arguments for running block ``i`` of ``layer_indices`` on ``hidden``.
+
+        Each segment builds its own causal mask: passing ``None`` under eager attention would make
+        attention silently non-causal.
+        """
+        kinds = {layer_kind(config, i) for i in layer_indices}
+        masks: dict[str, Any] = {}
+        for kind in kinds:
+            make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+            masks[kind] = make(
+                config=config,
+                inputs_embeds=hidden,
+                attention_mask=attention_mask,
+                cache=None,
+                position_ids=position_ids,
+            )
+        extra: dict[str, Any] = {"position_ids": position_ids}
+        for path in self.shared:  # rotary embeddings: (cos, sin), computed by every segment for itself
+            extra["position_embeddings"] = model.get_submodule(path)(hidden, position_ids=position_ids)
+        return lambda i: {"attention_mask": masks[layer_kind(config, i)], **extra}
+
+
+GPT2_FAMILY = Family(
+    name="gpt2",
+    layers="transformer.h",
+    embeddings=("transformer.wte", "transformer.wpe"),
+    shared=(),
+    final_norm="transformer.ln_f",
+    lm_head="lm_head",
+    lora_targets=("c_attn", "c_proj", "c_fc"),
+    fan_in_fan_out=True,
+)
+
+LLAMA_FAMILY = Family(
+    name="llama",
+    layers="model.layers",
+    embeddings=("model.embed_tokens",),
+    shared=("model.rotary_emb",),
+    final_norm="model.norm",
+    lm_head="lm_head",
+    lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    fan_in_fan_out=False,
+)
+
+_FAMILIES = {"gpt2": GPT2_FAMILY, "llama": LLAMA_FAMILY, "qwen2": LLAMA_FAMILY, "mistral": LLAMA_FAMILY}
+
+
+def family_of(config: PretrainedConfig) -> Family:
+    """The family of a config, or a :class:`ModelError` naming the supported ones."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in _FAMILIES:
+        raise ModelError(f"unsupported model type {model_type!r}: SplitFT splits {', '.join(sorted(_FAMILIES))} models")
+    return _FAMILIES[model_type]
+
+
+def layer_kind(config: PretrainedConfig, index: int) -> str:
+    """``full_attention`` or ``sliding_attention`` for block ``index``."""
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return str(layer_types[index])
+    if config.model_type == "mistral" and getattr(config, "sliding_window", None):
+        return "sliding_attention"
+    return "full_attention"
+
+
+def num_layers(config: PretrainedConfig) -> int:
+    return int(config.num_hidden_layers)
+
+
+def hidden_size(config: PretrainedConfig) -> int:
+    return int(config.hidden_size)

@@ -1,0 +1,305 @@
+"""Cutting a causal LM into segments that run on different machines.
+
+A :class:`Segment` is a contiguous slice of the model: optionally the embeddings, blocks
+``[start, end)``, optionally the final norm and LM head. The client segment of cut ``c`` is
+``(embed, 0..c)``, the server segment ``(c..L, head)``, the whole model ``(embed, 0..L, head)``; a
+U-shaped tail or any middle slice is just another spec.
+
+How a segment is built: the full ``*ForCausalLM`` skeleton is created, every module the segment
+does not hold is replaced by a parameter-free :class:`_Hole`, and only then are weights loaded
+(for a local folder, tensor by tensor from its safetensors files), so a device holding ``c`` blocks
+never holds the others. Module and parameter names stay those of the full model, which makes
+adapter names identical on every side. LoRA is applied by PEFT to the blocks the segment holds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from accelerate import init_empty_weights
+from peft import PeftModel, get_peft_model
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoModelForCausalLM, PretrainedConfig
+
+from .errors import ConfigError, ModelError
+from .lora import LoraSettings, block_ranks, init_lora, lora_parameters, peft_config
+from .models import PRESET_SEED, PRESETS, Family, family_of, load_config, num_layers
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class SegmentSpec:
+    """Which part of the model a segment holds."""
+
+    start: int  # first block held
+    end: int  # one past the last block held
+    embed: bool  # holds the token (and position) embeddings; requires start == 0
+    head: bool  # holds the final norm and LM head; requires end == num_layers
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start < self.end:
+            raise ConfigError(f"segment blocks must satisfy 0 <= start < end, got [{self.start}, {self.end})")
+        if self.embed and self.start != 0:
+            raise ConfigError("a segment with the embeddings must start at block 0")
+
+    @classmethod
+    def client(cls, cut: int) -> SegmentSpec:
+        """Embeddings and blocks ``0..cut-1``: what an edge device runs."""
+        return cls(0, cut, embed=True, head=False)
+
+    @classmethod
+    def server(cls, cut: int, num_layers: int) -> SegmentSpec:
+        """Blocks ``cut..L-1``, final norm and LM head: what the GPU host runs."""
+        return cls(cut, num_layers, embed=False, head=True)
+
+    @classmethod
+    def whole(cls, num_layers: int) -> SegmentSpec:
+        return cls(0, num_layers, embed=True, head=True)
+
+    def cuts(self, num_layers: int) -> list[int]:
+        """The cut layers at this segment's edges."""
+        return [c for c in (self.start, self.end) if 0 < c < num_layers]
+
+    def check(self, num_layers: int) -> None:
+        if self.end > num_layers:
+            raise ConfigError(f"segment ends at block {self.end} but the model has {num_layers} blocks")
+        if self.head != (self.end == num_layers):
+            raise ConfigError(
+                f"the LM head goes with block {num_layers - 1}, the last one: segment [{self.start}, {self.end}) "
+                f"{'holds' if self.head else 'lacks'} it (cut layers are 1..{num_layers - 1})"
+            )
+
+
+class _Hole(nn.Module):
+    """Stands in for a module this segment does not hold; running it is a bug."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(f"{self.name} is not held by this segment")
+
+
+class Segment(nn.Module):
+    """A slice of a causal LM with LoRA on the blocks it holds.
+
+    ``forward`` takes token ids ``(B, T)`` if the segment holds the embeddings, else hidden states
+    ``(B, T, C)``; it returns hidden states ``(B, T, C)``, or logits ``(B, T, V)`` if it holds the head.
+    ``attention_mask`` ``(B, T)`` marks real tokens with 1 and padding with 0.
+    """
+
+    def __init__(
+        self, peft_model: PeftModel, config: PretrainedConfig, family: Family, spec: SegmentSpec, ranks: dict[int, int]
+    ) -> None:
+        super().__init__()
+        self.peft_model = peft_model
+        self.config = config
+        self.family = family
+        self.spec = spec
+        self.ranks = ranks  # LoRA rank of each block held
+
+    @property
+    def hf_model(self) -> nn.Module:
+        """The (pruned) ``*ForCausalLM`` model with PEFT's LoRA layers injected."""
+        return cast(nn.Module, self.peft_model.base_model.model)
+
+    @property
+    def device(self) -> torch.device:
+        return next(p.device for p in self.lora_parameters().values())
+
+    def lora_parameters(self) -> dict[str, nn.Parameter]:
+        return lora_parameters(self.peft_model)
+
+    def forward(
+        self,
+        inputs: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        model, family, spec = self.hf_model, self.family, self.spec
+        batch, length = inputs.shape[:2]
+        if attention_mask.shape != (batch, length):
+            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match inputs {(batch, length)}")
+        if position_ids is None:
+            # Hugging Face's default: positions 0..T-1 whatever the padding (batches are right-padded).
+            position_ids = torch.arange(length, device=inputs.device).unsqueeze(0)
+        hidden = family.embed(model, inputs, position_ids) if spec.embed else inputs  # (B, T, C)
+        block_kwargs = family.block_context(
+            model, self.config, hidden, attention_mask, position_ids, range(spec.start, spec.end)
+        )
+        layers = cast(nn.ModuleList, model.get_submodule(family.layers))
+        for i in range(spec.start, spec.end):
+            hidden = layers[i](hidden, **block_kwargs(i))  # (B, T, C); blocks return a tensor in transformers 5
+        if not spec.head:
+            return hidden
+        hidden = model.get_submodule(family.final_norm)(hidden)
+        return model.get_submodule(family.lm_head)(hidden)  # (B, T, V)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_targets: int | None = None) -> torch.Tensor:
+    """Next-token cross-entropy: position ``t`` predicts ``labels[t + 1]``; ``-100`` is ignored.
+
+    The sum over targets is divided by ``num_targets`` (default: the targets in this batch), so that
+    several batches can be normalised by the token count of their union.
+    """
+    vocab = logits.shape[-1]
+    shifted = labels[:, 1:].reshape(-1)  # (B * (T-1),)
+    loss_sum = F.cross_entropy(
+        logits[:, :-1].reshape(-1, vocab).float(), shifted, ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    n = int((shifted != IGNORE_INDEX).sum()) if num_targets is None else num_targets
+    return loss_sum / max(n, 1)
+
+
+def labels_from(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Language-modelling labels: the input ids, with padding ignored."""
+    return input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+
+
+# --------------------------------------------------------------------------- building
+
+
+def build_segment(
+    source: str | Path,
+    spec: SegmentSpec,
+    *,
+    lora: LoraSettings | None = None,
+    ranks: Mapping[int, int] | None = None,
+    lora_seed: int = 0,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str | None = None,
+    load_weights: bool = True,
+) -> Segment:
+    """Build one segment of a preset or local model folder, with LoRA on its blocks.
+
+    ``ranks`` gives the LoRA rank of each block held (default: :func:`block_ranks` at the segment's
+    own cuts). The adapters are initialised by :func:`init_lora` from ``lora_seed``. With
+    ``load_weights=False`` the base weights stay on the meta device (for sizing a split without
+    reading or allocating them).
+    """
+    lora = lora or LoraSettings()
+    config = load_config(source, attn_implementation)
+    family = family_of(config)
+    total = num_layers(config)
+    spec.check(total)
+    if ranks is None:
+        ranks = block_ranks(total, spec.cuts(total), lora)
+    held = {i: ranks[i] for i in range(spec.start, spec.end)} if ranks else {}
+    if len(held) != spec.end - spec.start:
+        raise ConfigError(f"ranks must give a rank for every block in [{spec.start}, {spec.end})")
+
+    if str(source) in PRESETS:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(PRESET_SEED)
+            model = AutoModelForCausalLM.from_config(config)
+        _prune(model, family, spec, total)
+    else:
+        # Parameters on the meta device until loaded; buffers (rotary frequencies) stay real.
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config)
+        _prune(model, family, spec, total)
+        if load_weights:
+            _load_folder_weights(model, Path(source))
+    if load_weights:
+        model.to(device=device, dtype=dtype)
+    model.requires_grad_(False)
+    with warnings.catch_warnings():
+        # transformers 5 deprecates a name that PEFT still calls; nothing for our users to act on.
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        peft_model = get_peft_model(model, peft_config(family, held, lora))
+    if load_weights:
+        init_lora(peft_model, lora_seed)
+        peft_model.to(device)
+    return Segment(peft_model, config, family, spec, dict(held))
+
+
+def _prune(model: nn.Module, family: Family, spec: SegmentSpec, total: int) -> None:
+    layers = model.get_submodule(family.layers)
+    assert isinstance(layers, nn.ModuleList)
+    for i in range(total):
+        if not spec.start <= i < spec.end:
+            layers[i] = _Hole(f"block {i}")
+    dropped = [] if spec.embed else list(family.embeddings)
+    if not spec.head:
+        dropped += [family.final_norm, family.lm_head]
+    for path in dropped:
+        model.set_submodule(path, _Hole(path))
+
+
+def _load_folder_weights(model: nn.Module, folder: Path) -> None:
+    """Load, tensor by tensor, only the weights of modules the pruned ``model`` holds."""
+    files = _weight_files(folder)
+    index: dict[str, Path] = {}
+    for file in files:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            index.update(dict.fromkeys(f.keys(), file))
+    prefix = getattr(model, "base_model_prefix", "")
+    tied: dict[str, str] = getattr(model, "_tied_weights_keys", None) or {}
+    if not isinstance(tied, dict):
+        tied = {}
+
+    def find(name: str) -> str | None:
+        candidates = [name]
+        if prefix and name.startswith(prefix + "."):
+            candidates.append(name[len(prefix) + 1 :])  # checkpoints saved from the bare base model
+        if name in tied:
+            candidates += [tied[name], tied[name].removeprefix(prefix + ".")]
+        return next((c for c in candidates if c in index), None)
+
+    wanted = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    wanted += [n for n, _ in model.named_buffers() if _is_persistent(model, n)]
+    state: dict[str, torch.Tensor] = {}
+    missing = []
+    for name in wanted:
+        key = find(name)
+        if key is None:
+            missing.append(name)
+            continue
+        with safe_open(index[key], framework="pt", device="cpu") as f:
+            state[name] = f.get_tensor(key)
+    if missing:
+        raise ModelError(
+            f"{folder}: the checkpoint lacks {len(missing)} weights this segment needs, e.g. {missing[:3]}"
+        )
+    model.load_state_dict(state, strict=False, assign=True)
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_meta:
+        raise ModelError(f"{folder}: weights left unloaded: {still_meta[:3]}")
+    log.debug("loaded %d tensors from %s", len(state), folder)
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index_file = folder / "model.safetensors.index.json"
+    if index_file.is_file():
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelError(f"{index_file} is not a valid safetensors index: {exc}") from exc
+        return sorted({folder / name for name in weight_map.values()})
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise ModelError(
+        f"{folder} has no model.safetensors (or index). SplitFT reads safetensors only, never pickled "
+        "weights: convert with `model.save_pretrained(folder, safe_serialization=True)`."
+    )
+
+
+def _is_persistent(model: nn.Module, buffer_name: str) -> bool:
+    module_path, _, leaf = buffer_name.rpartition(".")
+    module = model.get_submodule(module_path) if module_path else model
+    return leaf not in module._non_persistent_buffers_set

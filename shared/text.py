@@ -1,0 +1,46 @@
+"""Tokenizers and the vendored text: everything loads from local files, nothing from a hub."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from .errors import ModelError
+from .models import PRESETS
+
+DATASETS = Path(__file__).resolve().parent / "datasets"
+GPT2_TOKENIZER = DATASETS / "gpt2-tokenizer" / "tokenizer.json"
+GSM8K = DATASETS / "gsm8k"
+
+
+def load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model folder, or the vendored GPT-2 tokenizer for a preset.
+
+    A pad token is always set (the end-of-text token when the tokenizer has none); batches are
+    right-padded.
+    """
+    if str(source) in PRESETS:
+        tokenizer: PreTrainedTokenizerBase = PreTrainedTokenizerFast(
+            tokenizer_file=str(GPT2_TOKENIZER), eos_token="<|endoftext|>", bos_token="<|endoftext|>"
+        )
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"no usable tokenizer in {source}: {exc}") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def gsm8k_records(split: str = "train") -> Iterator[dict[str, str]]:
+    """GSM8K problems as ``{"question", "answer"}`` records from the vendored copy."""
+    if split not in ("train", "test"):
+        raise ValueError(f"GSM8K split must be 'train' or 'test', got {split!r}")
+    with (GSM8K / f"{split}.jsonl").open(encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)
