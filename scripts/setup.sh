@@ -15,9 +15,9 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PY="$VENV/bin/python"
 
-# Re-install only when the project's metadata or file list changed since the last set-up.
+# Re-install only when the project's metadata changed since the last set-up.
 stamp="$VENV/.splitft-setup"
-want="$( (cat pyproject.toml; git ls-files -co --exclude-standard agent coordinator shared 2>/dev/null || find agent coordinator shared -name '*.py') | sha256sum | cut -d' ' -f1)"
+want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     exit 0
 fi
@@ -25,8 +25,6 @@ fi
 echo "setup: installing torch==2.13.0 and SplitFT (editable) into $VENV"
 "$PY" -m pip install --quiet --upgrade pip
 "$PY" -m pip install --quiet "torch==2.13.0"
-# "strict" editable mode links the top-level folders under splitft/ in a real tree, which static
-# tools (mypy) can follow; new modules need this script again.
-"$PY" -m pip install --quiet -e ".[dev]" --config-settings editable_mode=strict
+"$PY" -m pip install --quiet -e ".[dev]"
 echo "$want" > "$stamp"
 echo "setup: done ($("$PY" -c 'import torch; print("torch", torch.__version__)'))"

@@ -3,6 +3,8 @@
     SplitFTError                 every error SplitFT raises on purpose
     ├── ConfigError              a bad setting: unknown preset, cut out of range, bad rank, ...
     ├── ModelError               a model folder that cannot be used: missing, unsupported family, no weights
+    ├── LinkError                the MQTT broker cannot be reached, or a publish could not complete
+    ├── DataError                a training-data file that cannot be used: missing, malformed, no samples
     └── WireError                bytes from the network that are refused; ``reason`` is a short stable
                                  code (for counters and logs), the message says what was wrong
 
@@ -22,6 +24,14 @@ class ConfigError(SplitFTError, ValueError):
 
 class ModelError(SplitFTError):
     """A model cannot be loaded or split."""
+
+
+class LinkError(SplitFTError):
+    """The broker cannot be reached, or a message could not be sent in time."""
+
+
+class DataError(SplitFTError):
+    """A data file is missing, malformed, or holds no usable sample."""
 
 
 class WireError(SplitFTError):

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import threading
 import warnings
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +40,7 @@ from .models import PRESET_SEED, PRESETS, Family, family_of, load_config, num_la
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+_BUILD_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -128,20 +132,29 @@ class Segment(nn.Module):
         inputs: torch.Tensor,
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor | None = None,
+        start: int | None = None,
     ) -> torch.Tensor:
+        """Run the segment; with ``start``, ``inputs`` are the hidden states entering block ``start``.
+
+        ``start`` lets one server segment serve devices cut at different layers.
+        """
         model, family, spec = self.hf_model, self.family, self.spec
+        first = spec.start if start is None else start
+        if not spec.start <= first < spec.end:
+            raise ValueError(f"block {first} is not held by this segment [{spec.start}, {spec.end})")
+        embed = spec.embed and start is None
         batch, length = inputs.shape[:2]
         if attention_mask.shape != (batch, length):
             raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match inputs {(batch, length)}")
         if position_ids is None:
             # Hugging Face's default: positions 0..T-1 whatever the padding (batches are right-padded).
             position_ids = torch.arange(length, device=inputs.device).unsqueeze(0)
-        hidden = family.embed(model, inputs, position_ids) if spec.embed else inputs  # (B, T, C)
+        hidden = family.embed(model, inputs, position_ids) if embed else inputs  # (B, T, C)
         block_kwargs = family.block_context(
-            model, self.config, hidden, attention_mask, position_ids, range(spec.start, spec.end)
+            model, self.config, hidden, attention_mask, position_ids, range(first, spec.end)
         )
         layers = cast(nn.ModuleList, model.get_submodule(family.layers))
-        for i in range(spec.start, spec.end):
+        for i in range(first, spec.end):
             hidden = layers[i](hidden, **block_kwargs(i))  # (B, T, C); blocks return a tensor in transformers 5
         if not spec.head:
             return hidden
@@ -202,18 +215,35 @@ def build_segment(
     if len(held) != spec.end - spec.start:
         raise ConfigError(f"ranks must give a rank for every block in [{spec.start}, {spec.end})")
 
-    if str(source) in PRESETS:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(PRESET_SEED)
-            model = AutoModelForCausalLM.from_config(config)
-        _prune(model, family, spec, total)
-    else:
-        # Parameters on the meta device until loaded; buffers (rotary frequencies) stay real.
-        with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config)
-        _prune(model, family, spec, total)
-        if load_weights:
-            _load_folder_weights(model, Path(source))
+    # init_empty_weights patches torch's parameter registration process-wide: while it is active, any
+    # parameter registered by any thread lands on the meta device. Agents and the coordinator build
+    # segments in worker threads, so builds take turns.
+    with _BUILD_LOCK:
+        return _build(source, spec, config, family, total, held, lora, lora_seed, device, dtype, load_weights)
+
+
+def _build(
+    source: str | Path,
+    spec: SegmentSpec,
+    config: PretrainedConfig,
+    family: Family,
+    total: int,
+    held: dict[int, int],
+    lora: LoraSettings,
+    lora_seed: int,
+    device: str | torch.device,
+    dtype: torch.dtype,
+    load_weights: bool,
+) -> Segment:
+    # Parameters on the meta device until materialised; buffers (rotary frequencies) stay real.
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config)
+    _prune(model, family, spec, total)
+    if load_weights:
+        if str(source) in PRESETS:
+            _materialize(model, _PresetWeights(model, config), f"preset {source}")
+        else:
+            _materialize(model, _FolderWeights(model, Path(source)), str(source))
     if load_weights:
         model.to(device=device, dtype=dtype)
     model.requires_grad_(False)
@@ -240,46 +270,95 @@ def _prune(model: nn.Module, family: Family, spec: SegmentSpec, total: int) -> N
         model.set_submodule(path, _Hole(path))
 
 
-def _load_folder_weights(model: nn.Module, folder: Path) -> None:
-    """Load, tensor by tensor, only the weights of modules the pruned ``model`` holds."""
-    files = _weight_files(folder)
-    index: dict[str, Path] = {}
-    for file in files:
-        with safe_open(file, framework="pt", device="cpu") as f:
-            index.update(dict.fromkeys(f.keys(), file))
-    prefix = getattr(model, "base_model_prefix", "")
-    tied: dict[str, str] = getattr(model, "_tied_weights_keys", None) or {}
-    if not isinstance(tied, dict):
-        tied = {}
-
-    def find(name: str) -> str | None:
-        candidates = [name]
-        if prefix and name.startswith(prefix + "."):
-            candidates.append(name[len(prefix) + 1 :])  # checkpoints saved from the bare base model
-        if name in tied:
-            candidates += [tied[name], tied[name].removeprefix(prefix + ".")]
-        return next((c for c in candidates if c in index), None)
-
+def _materialize(model: nn.Module, source: _PresetWeights | _FolderWeights, what: str) -> None:
+    """Give every parameter (and persistent buffer) the pruned ``model`` still holds its real value."""
     wanted = [n for n, _ in model.named_parameters(remove_duplicate=False)]
     wanted += [n for n, _ in model.named_buffers() if _is_persistent(model, n)]
     state: dict[str, torch.Tensor] = {}
     missing = []
     for name in wanted:
-        key = find(name)
-        if key is None:
+        tensor = source.get(name)
+        if tensor is None:
             missing.append(name)
-            continue
-        with safe_open(index[key], framework="pt", device="cpu") as f:
-            state[name] = f.get_tensor(key)
+        else:
+            state[name] = tensor
     if missing:
-        raise ModelError(
-            f"{folder}: the checkpoint lacks {len(missing)} weights this segment needs, e.g. {missing[:3]}"
-        )
+        raise ModelError(f"{what}: the checkpoint lacks {len(missing)} weights this segment needs, e.g. {missing[:3]}")
     model.load_state_dict(state, strict=False, assign=True)
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if still_meta:
-        raise ModelError(f"{folder}: weights left unloaded: {still_meta[:3]}")
-    log.debug("loaded %d tensors from %s", len(state), folder)
+        raise ModelError(f"{what}: weights left unloaded: {still_meta[:3]}")
+
+
+def _tied_sources(model: nn.Module) -> dict[str, str]:
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    return dict(tied) if isinstance(tied, dict) else {}
+
+
+class _PresetWeights:
+    """Deterministic weights for a preset, drawn per tensor from the preset seed and the tensor's name.
+
+    Like Hugging Face's initialisation (normal(0, initializer_range); norms one, biases zero; GPT-2's
+    residual projections scaled by 1/sqrt(2 L)), but each tensor from its own generator: the values do
+    not depend on which other modules a segment holds, nor on anything else using torch's global
+    generator at the same time (agents build segments in threads).
+    """
+
+    def __init__(self, model: nn.Module, config: PretrainedConfig) -> None:
+        self.model = model
+        self.std = float(getattr(config, "initializer_range", 0.02))
+        self.layers = int(config.num_hidden_layers)
+        self.tied = _tied_sources(model)
+        self.gpt2 = config.model_type == "gpt2"
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str) -> torch.Tensor | None:
+        key = self.tied.get(name, name)  # a tied head is the embedding, drawn once under its name
+        if key not in self._cache:
+            self._cache[key] = self._draw(name, key)
+        return self._cache[key]
+
+    def _draw(self, name: str, key: str) -> torch.Tensor:
+        module_path, _, leaf = name.rpartition(".")
+        module = self.model.get_submodule(module_path)
+        shape = getattr(module, leaf).shape
+        if isinstance(module, nn.LayerNorm) or "Norm" in type(module).__name__:
+            return torch.ones(shape) if leaf == "weight" else torch.zeros(shape)
+        if leaf == "bias":
+            return torch.zeros(shape)
+        std = self.std
+        if self.gpt2 and key.endswith("c_proj.weight"):
+            std /= math.sqrt(2 * self.layers)
+        gen = torch.Generator().manual_seed(PRESET_SEED * 1_000_003 + zlib.crc32(key.encode()))
+        return torch.randn(shape, generator=gen) * std
+
+
+class _FolderWeights:
+    """Weights read tensor by tensor from a folder's safetensors files (never pickled ``.bin`` files)."""
+
+    def __init__(self, model: nn.Module, folder: Path) -> None:
+        self.folder = folder
+        self.index: dict[str, Path] = {}
+        for file in _weight_files(folder):
+            with safe_open(file, framework="pt", device="cpu") as f:
+                self.index.update(dict.fromkeys(f.keys(), file))
+        self.prefix = getattr(model, "base_model_prefix", "")
+        self.tied = _tied_sources(model)
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str) -> torch.Tensor | None:
+        candidates = [name]
+        if self.prefix and name.startswith(self.prefix + "."):
+            candidates.append(name[len(self.prefix) + 1 :])  # checkpoints saved from the bare base model
+        if name in self.tied:  # a tied head stored once, as the embedding
+            candidates += [self.tied[name], self.tied[name].removeprefix(self.prefix + ".")]
+        key = next((c for c in candidates if c in self.index), None)
+        if key is None:
+            return None
+        if key not in self._cache:
+            with safe_open(self.index[key], framework="pt", device="cpu") as f:
+                self._cache[key] = f.get_tensor(key)
+        return self._cache[key]
 
 
 def _weight_files(folder: Path) -> list[Path]:

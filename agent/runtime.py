@@ -1,0 +1,354 @@
+"""The edge agent's asyncio runtime: join, train the client segment when assigned, upload adapters.
+
+The agent connects with a Last Will (a retained ``offline`` status), publishes a retained ``online``
+status and a join message (its device profile, the size of its data), and (re)joins whenever the
+coordinator's retained status says it is online, so either side may start first or restart.
+
+On an assignment it builds (or reuses) the client segment for its cut, loading only those blocks,
+loads the global adapters it is sent, and trains ``local_steps`` steps: forward, activations up,
+wait for the gradient, backward, optimiser step. Every step reports its timings in the next
+message. A gradient that does not come by the step deadline ends the round for this agent cleanly:
+nothing is uploaded, and it waits for the next assignment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from splitft.shared import __version__
+from splitft.shared.codec import FLOAT_WIRE_DTYPES, decode_state
+from splitft.shared.config import OptimizerSettings
+from splitft.shared.data import Batches, Example, load_records, tokenize
+from splitft.shared.errors import ConfigError, WireError
+from splitft.shared.link import BrokerSettings, Link, Received
+from splitft.shared.lora import LoraSettings, load_lora_state, lora_state
+from splitft.shared.models import load_config, num_layers
+from splitft.shared.protocol import (
+    ACT,
+    ADAPTER,
+    JOIN,
+    STATUS,
+    act_body,
+    adapter_body,
+    parse_grad,
+    parse_status,
+)
+from splitft.shared.split import Segment, SegmentSpec, build_segment
+from splitft.shared.text import load_tokenizer
+from splitft.shared.topics import Topics
+
+from .profile import device_profile
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    name: str
+    job: str
+    model: str
+    data: Path
+    prompt_field: str | None = None
+    response_field: str | None = None
+    max_samples: int | None = None
+    device: str = "cpu"
+    profile: str | None = None  # the device class this agent says it is (e.g. "jetson-orin-nano")
+
+
+@dataclass(frozen=True)
+class Assignment:
+    round: int
+    cut: int
+    ranks: dict[int, int]
+    lora: LoraSettings
+    adapter: Any  # the encoded state, decoded once the segment's shapes are known
+    local_steps: int
+    batch_size: int
+    max_length: int
+    optimizer: OptimizerSettings
+    wire_dtype: str
+    adapter_wire_dtype: str
+    step_timeout_s: float
+    seed: int
+
+
+class RoundAborted(Exception):
+    """This agent's part in the current round ended early (deadline, new assignment, job done)."""
+
+
+class Agent:
+    """One device in a job; ``await Agent(...).run()`` returns when the job is done."""
+
+    def __init__(self, settings: AgentSettings, broker: BrokerSettings) -> None:
+        self.settings = settings
+        self.broker = broker
+        self.topics = Topics(settings.job)
+        self.name = settings.name
+        self.rounds_done = 0
+        self._segment: Segment | None = None
+        self._segment_key: tuple[Any, ...] | None = None
+        self._examples: dict[int, list[Example]] = {}
+        self._batches: dict[tuple[int, int, int], Batches] = {}
+        self._stashed: list[Received] = []
+        self._link: Link | None = None
+        self._done = False
+
+        # Fail before connecting if the data or the model cannot be used.
+        self.pairs = load_records(settings.data, settings.prompt_field, settings.response_field, settings.max_samples)
+        self.model_config = load_config(settings.model)
+        self.tokenizer = load_tokenizer(settings.model)
+
+    async def run(self) -> None:
+        subscriptions = [
+            self.topics.agent(self.name, "assign"),
+            self.topics.agent(self.name, "grad"),
+            self.topics.job_topic("round"),
+            self.topics.coordinator_status(),
+        ]
+        will = (self.topics.agent(self.name, "status"), {"state": "offline", "role": "agent"})
+        async with Link(self.broker, self.topics, self.name, subscriptions, will=will, on_connect=self._hello) as link:
+            self._link = link
+            await self._hello()
+            while not self._done:
+                received = self._stashed.pop(0) if self._stashed else await link.receive()
+                await self._handle(received)
+            await link.publish(
+                self.topics.agent(self.name, "status"), STATUS, {"state": "offline", "role": "agent"}, retain=True
+            )
+
+    async def _hello(self) -> None:
+        link = self._link
+        if link is None:
+            return  # the first connection: run() says hello once the link is up
+        await link.publish(
+            self.topics.agent(self.name, "status"), STATUS, {"state": "online", "role": "agent"}, retain=True
+        )
+        body = {
+            "profile": {**device_profile(), "class": self.settings.profile or "unknown"},
+            "data_samples": len(self.pairs),
+            "data_tokens": max(sum(len(p) + len(r) for p, r in self.pairs) // 4, 1),  # rough, for planning
+            "model": self.settings.model,
+            "version": __version__,
+        }
+        await link.publish(self.topics.agent(self.name, "join"), JOIN, body)
+
+    async def _handle(self, received: Received) -> None:
+        kind, env = received.topic.kind, received.envelope
+        try:
+            if kind == "coordinator_status" and parse_status(env.body) == "online":
+                await self._hello()
+            elif kind == "round" and env.body.get("event") == "done":
+                log.info("%s: the job is done", self.name)
+                self._done = True
+            elif kind == "assign":
+                assignment = parse_assignment(env.round, env.body, self.settings.model, num_layers(self.model_config))
+                try:
+                    await self._train(assignment)
+                    self.rounds_done += 1
+                except RoundAborted as exc:
+                    log.warning("%s: round %d ended early: %s", self.name, assignment.round, exc)
+            elif kind == "grad":
+                log.debug("%s: ignoring a gradient outside a step (round %d step %d)", self.name, env.round, env.step)
+        except (WireError, ConfigError) as exc:
+            log.warning("%s: refused a %s message: %s", self.name, kind, exc)
+        except (OSError, RuntimeError, ValueError) as exc:
+            # A failure in one round (out of memory, a model error) must not end the agent: log it in
+            # full, let the coordinator drop us from this round, and take the next assignment.
+            log.exception("%s: %s message failed: %s", self.name, kind, exc)
+
+    # ------------------------------------------------------------------ one round
+
+    async def _train(self, a: Assignment) -> None:
+        assert self._link is not None
+        link = self._link
+        segment = await asyncio.to_thread(self._segment_for, a)
+        expect = {n: tuple(p.shape) for n, p in segment.lora_parameters().items()}
+        state = decode_state(a.adapter, expect={n: list(s) for n, s in expect.items()})
+        load_lora_state(segment.peft_model, {n: t.to(segment.device) for n, t in state.items()})
+        optimizer = a.optimizer.build(segment.lora_parameters().values())
+        batches = self._batches_for(a)
+        totals: dict[str, float] = {}
+        timings: dict[str, float] = {}
+        tokens, losses = 0, []
+        for step in range(a.local_steps):
+            started = time.perf_counter()
+            input_ids, labels, lengths = batches.next()
+
+            hidden, body, forward_s = await asyncio.to_thread(
+                _forward, segment, input_ids, labels, lengths, a.wire_dtype, timings
+            )
+            encode_s = time.perf_counter() - started - forward_s
+            t_up = time.perf_counter()
+            bytes_up = await link.publish(self.topics.agent(self.name, "act"), ACT, body, round_=a.round, step=step)
+            upload_s = time.perf_counter() - t_up
+            grad_env = await self._wait_grad(a, step)
+            wait_s = time.perf_counter() - t_up - upload_s
+            t_dec = time.perf_counter()
+            try:
+                grad, loss, step_tokens = parse_grad(grad_env.body, tuple(hidden.shape))
+            except WireError as exc:
+                raise RoundAborted(f"malformed gradient for step {step}: {exc}") from exc
+            decode_s = time.perf_counter() - t_dec
+
+            backward_s = await asyncio.to_thread(_backward, hidden, grad, optimizer)
+            timings = {
+                "forward_s": forward_s,
+                "encode_s": encode_s,
+                "upload_s": upload_s,
+                "wait_s": wait_s,
+                "decode_s": decode_s,
+                "backward_s": backward_s,
+                "step_s": time.perf_counter() - started,
+                "bytes_up": float(bytes_up),
+                "rss_mb": psutil.Process().memory_info().rss / 2**20,
+            }
+            for key, value in timings.items():
+                totals[key] = totals.get(key, 0.0) + value
+            tokens += step_tokens
+            losses.append(loss)
+        mean = {k: v / a.local_steps for k, v in totals.items()}
+        state_out = {n: t.cpu() for n, t in lora_state(segment.peft_model).items()}
+        body = adapter_body(
+            state_out,
+            max(tokens, 1),
+            a.local_steps * a.batch_size,
+            sum(losses) / len(losses),
+            mean,
+            a.adapter_wire_dtype,
+        )
+        await link.publish(self.topics.agent(self.name, "adapter"), ADAPTER, body, round_=a.round)
+
+    async def _wait_grad(self, a: Assignment, step: int) -> Any:
+        assert self._link is not None
+        deadline = time.monotonic() + a.step_timeout_s
+        while True:
+            try:
+                received = await self._link.receive(timeout=max(deadline - time.monotonic(), 0.0))
+            except TimeoutError as exc:
+                raise RoundAborted(f"no gradient for step {step} within {a.step_timeout_s:g} s") from exc
+            kind, env = received.topic.kind, received.envelope
+            if kind == "grad" and env.round == a.round and env.step == step:
+                return env
+            if kind == "grad":
+                continue  # a stale gradient (an earlier, abandoned round)
+            if kind == "assign" or (kind == "round" and env.body.get("event") == "done"):
+                self._stashed.append(received)  # the coordinator moved on without us
+                raise RoundAborted(f"the coordinator moved on ({kind})")
+            if kind == "coordinator_status":
+                self._stashed.append(received)
+
+    # ------------------------------------------------------------------ segments and data
+
+    def _segment_for(self, a: Assignment) -> Segment:
+        key = (a.cut, tuple(sorted(a.ranks.items())), a.lora)
+        if self._segment is None or self._segment_key != key:
+            # Only blocks 0..cut-1 are loaded; a new cut means a new segment.
+            self._segment = build_segment(
+                self.settings.model,
+                SegmentSpec.client(a.cut),
+                lora=a.lora,
+                ranks=a.ranks,
+                lora_seed=a.seed,
+                device=self.settings.device,
+            )
+            self._segment_key = key
+        return self._segment
+
+    def _batches_for(self, a: Assignment) -> Batches:
+        if a.max_length not in self._examples:
+            self._examples[a.max_length] = tokenize(self.pairs, self.tokenizer, a.max_length)
+        key = (a.max_length, a.batch_size, a.seed)
+        if key not in self._batches:
+            pad = int(self.tokenizer.pad_token_id)
+            seed = batch_seed(a.seed, self.name)
+            self._batches[key] = Batches(self._examples[a.max_length], a.batch_size, pad, seed=seed)
+        return self._batches[key]
+
+
+def _forward(
+    segment: Segment,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    lengths: torch.Tensor,
+    wire_dtype: str,
+    timings: Mapping[str, float],
+) -> tuple[torch.Tensor, dict[str, Any], float]:
+    """Client forward (B, T) -> (B, T, C) and the encoded activation message; returns the forward time too."""
+    t0 = time.perf_counter()
+    mask = (torch.arange(input_ids.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)).long()
+    segment.train()
+    hidden = segment(input_ids.to(segment.device), mask.to(segment.device))  # (B, T, C)
+    forward_s = time.perf_counter() - t0
+    return hidden, act_body(hidden, labels, lengths, wire_dtype, timings), forward_s
+
+
+def _backward(hidden: torch.Tensor, grad: torch.Tensor, optimizer: torch.optim.Optimizer) -> float:
+    """Finish the backward pass from the server's activation gradient and step; returns the time."""
+    t0 = time.perf_counter()
+    hidden.backward(grad.to(hidden.device))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
+
+
+def batch_seed(job_seed: int, agent: str) -> int:
+    """Each agent its own data order, fixed by the job seed and its name: reruns see the same batches."""
+    return job_seed * 1_000_003 + zlib.crc32(agent.encode())
+
+
+def parse_assignment(round_: int, body: Mapping[str, Any], model: str, total_layers: int) -> Assignment:
+    """Check an assignment against this agent's model; a WireError says what is wrong."""
+
+    def get(name: str, kind: type | tuple[type, ...]) -> Any:
+        value = body.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise WireError("bad_schema", f"assignment field {name!r} missing or of the wrong type")
+        return value
+
+    if get("model", str) != model:
+        raise WireError("bad_schema", f"assignment for model {body['model']!r}, this agent runs {model!r}")
+    cut = get("cut", int)
+    if not 1 <= cut <= total_layers - 1:
+        raise WireError("bad_schema", f"cut {cut} outside 1..{total_layers - 1}")
+    ranks = get("ranks", list)
+    if len(ranks) != cut or not all(type(r) is int and 0 < r <= 4096 for r in ranks):
+        raise WireError("bad_schema", "ranks must list one positive rank per client block")
+    wire, adapter_wire = get("wire_dtype", str), get("adapter_wire_dtype", str)
+    if wire not in FLOAT_WIRE_DTYPES or adapter_wire not in FLOAT_WIRE_DTYPES:
+        raise WireError("bad_dtype", f"unknown wire dtype {wire!r} / {adapter_wire!r}")
+    try:
+        lora = LoraSettings(**get("lora", dict))
+        optimizer = OptimizerSettings(**get("optimizer", dict))
+    except (TypeError, ConfigError) as exc:
+        raise WireError("bad_schema", f"assignment settings: {exc}") from exc
+    steps, batch, length = get("local_steps", int), get("batch_size", int), get("max_length", int)
+    if not (1 <= steps <= 100_000 and 1 <= batch <= 4096 and 8 <= length <= 1 << 20):
+        raise WireError("bad_schema", "local_steps, batch_size or max_length out of range")
+    timeout = float(get("step_timeout_s", (int, float)))
+    if not 0 < timeout < 1e7:
+        raise WireError("bad_schema", "step_timeout_s out of range")
+    return Assignment(
+        round=round_,
+        cut=cut,
+        ranks=dict(enumerate(ranks)),
+        lora=lora,
+        adapter=get("adapter", dict),
+        local_steps=steps,
+        batch_size=batch,
+        max_length=length,
+        optimizer=optimizer,
+        wire_dtype=wire,
+        adapter_wire_dtype=adapter_wire,
+        step_timeout_s=timeout,
+        seed=get("seed", int),
+    )

@@ -1,0 +1,108 @@
+"""Round checkpoints: the global adapters and the server's optimiser state, in safetensors + JSON.
+
+``<out>/checkpoints/round-00003/`` holds ``adapter.safetensors`` (the global LoRA weights),
+``optimizer.safetensors`` (every tensor of the optimiser state) and ``state.json`` (the round, the
+block ranks, the optimiser's non-tensor state, the run's bookkeeping). A checkpoint is written into
+a hidden temporary folder and renamed into place, so a crash never leaves a half-written one.
+Nothing is pickled: a checkpoint may come from elsewhere, and unpickling executes code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from splitft.shared.errors import ConfigError
+from splitft.shared.lora import load_lora_state, lora_state
+
+from .server import ServerModel
+
+KEEP = 3  # checkpoints kept; older ones are removed
+
+
+def save_checkpoint(root: Path, round_: int, server: ServerModel, extra: dict[str, Any]) -> Path:
+    """Write the checkpoint of a completed round; returns its folder."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"round-{round_:05d}"
+    tmp = root / f".round-{round_:05d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    adapters = {n: t.detach().cpu().contiguous() for n, t in lora_state(server.segment.peft_model).items()}
+    save_file(adapters, tmp / "adapter.safetensors")
+    tensors, scalars, groups = _flatten(server.optimizer.state_dict())
+    save_file(tensors, tmp / "optimizer.safetensors")
+    state = {
+        "round": round_,
+        "ranks": {str(k): v for k, v in server.ranks.items()},
+        "optimizer_scalars": scalars,
+        "optimizer_groups": groups,
+        **extra,
+    }
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    for f in tmp.iterdir():
+        with f.open("rb") as fh:
+            os.fsync(fh.fileno())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(root.glob("round-*"))[:-KEEP]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    done = sorted(p for p in root.glob("round-*") if (p / "state.json").is_file())
+    return done[-1] if done else None
+
+
+def read_state(folder: Path) -> dict[str, Any]:
+    try:
+        state = json.loads((folder / "state.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"checkpoint {folder} is unreadable: {exc}") from exc
+    if not isinstance(state, dict) or "round" not in state:
+        raise ConfigError(f"checkpoint {folder} has no round")
+    return state
+
+
+def load_checkpoint(folder: Path, server: ServerModel) -> dict[str, Any]:
+    """Restore adapters and optimiser state into ``server``; returns ``state.json``."""
+    state = read_state(folder)
+    ranks = {int(k): v for k, v in state["ranks"].items()}
+    if ranks != server.ranks:
+        raise ConfigError(f"checkpoint {folder} has block ranks {ranks}, the server was built with {server.ranks}")
+    adapters = load_file(folder / "adapter.safetensors")
+    load_lora_state(server.segment.peft_model, {n: t.to(server.device) for n, t in adapters.items()})
+    tensors = load_file(folder / "optimizer.safetensors")
+    server.optimizer.load_state_dict(_unflatten(tensors, state["optimizer_scalars"], state["optimizer_groups"]))
+    return state
+
+
+def _flatten(opt_state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[dict[str, Any]]]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for index, entry in opt_state["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, scalars, opt_state["param_groups"]
+
+
+def _unflatten(
+    tensors: dict[str, torch.Tensor], scalars: dict[str, Any], groups: list[dict[str, Any]]
+) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for flat, value in [*tensors.items(), *scalars.items()]:
+        index, _, key = flat.partition(".")
+        state.setdefault(int(index), {})[key] = value
+    for group in groups:
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])
+    return {"state": state, "param_groups": groups}

@@ -1,0 +1,502 @@
+"""The coordinator's asyncio runtime: admit agents, run rounds, aggregate, evaluate, checkpoint, export.
+
+One round::
+
+    assign (cut, ranks, the global adapters of the device's blocks, steps, optimiser)  -> every agent
+    for each local step:
+        agent: activations up  ->  server: forward/backward from the cut, gradient down  -> agent
+        (after every agent's step is in: one server optimiser step)
+    adapter upload <- every agent;  aggregate (token-weighted, every block over its holders)
+    evaluate; metrics line; checkpoint
+
+Compute runs in a worker thread (``asyncio.to_thread``) one item at a time, so the event loop keeps
+reading the network (keep-alives, status changes) while the model works. An agent that goes offline
+(its Last Will) or misses a deadline is dropped from the round: its partial update is left out of the
+aggregate, and it is assigned again in the next round if it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from splitft.shared.config import JobConfig
+from splitft.shared.data import collate, load_records, tokenize
+from splitft.shared.errors import SplitFTError, WireError
+from splitft.shared.link import BrokerSettings, Link, Received
+from splitft.shared.lora import block_ranks
+from splitft.shared.protocol import (
+    ASSIGN,
+    GRAD,
+    METRICS,
+    ROUND,
+    STATUS,
+    encode_state,
+    grad_body,
+    parse_act,
+    parse_adapter,
+    parse_join,
+    parse_status,
+)
+from splitft.shared.text import GSM8K, load_tokenizer
+from splitft.shared.topics import COORDINATOR, Topics
+
+from .checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
+from .server import ServerModel
+
+log = logging.getLogger(__name__)
+
+#: progress callback: (event, data) with events "waiting", "admitted", "round_start", "step", "round_end", "done"
+Progress = Callable[[str, dict[str, Any]], None]
+
+
+class CoordinatorError(SplitFTError):
+    """The job cannot go on (no agents, every agent lost)."""
+
+
+@dataclass
+class AgentInfo:
+    name: str
+    profile: dict[str, Any]
+    online: bool = True
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+
+@dataclass
+class Participant:
+    """An agent's part in the current round."""
+
+    name: str
+    cut: int
+    ranks: dict[int, int]
+    expect: dict[str, tuple[int, ...]]  # adapter names and shapes it must upload
+    tokens: int = 0
+    losses: list[float] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)
+    bytes_up: int = 0
+    bytes_down: int = 0
+    dropped: str | None = None
+    last_grad_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Offline:
+    name: str
+
+
+class Coordinator:
+    """Runs one job to the end; ``await Coordinator(...).run()``."""
+
+    def __init__(
+        self,
+        job: JobConfig,
+        broker: BrokerSettings,
+        out_dir: Path,
+        *,
+        resume: bool = False,
+        device: str = "cpu",
+        join_window_s: float = 2.0,
+        progress: Progress | None = None,
+    ) -> None:
+        self.job = job
+        self.broker = broker
+        self.out = Path(out_dir)
+        self.resume = resume
+        self.device = device
+        self.join_window_s = join_window_s
+        self.progress = progress or (lambda event, data: None)
+        self.topics = Topics(job.job)
+        self.agents: dict[str, AgentInfo] = {}
+        self.server: ServerModel | None = None
+        self.metrics_path = self.out / "metrics.jsonl"
+        self.rejected_bodies: dict[str, int] = {}
+        self._events: asyncio.Queue[Received | _Offline] = asyncio.Queue()
+        self._early: dict[str, Received] = {}
+        self._uploads: dict[tuple[int, str], Received] = {}
+        self._upload_arrived = asyncio.Event()
+        self._joined = asyncio.Event()
+        self._link: Link | None = None
+        self._started = time.monotonic()
+        self._elapsed_before = 0.0  # wall time of the rounds before a resume
+
+    # ------------------------------------------------------------------ main
+
+    async def run(self) -> dict[str, Any]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        subscriptions = [self.topics.all_agents(k) for k in ("status", "join", "act", "adapter")]
+        will = (self.topics.coordinator_status(), {"state": "offline", "role": COORDINATOR})
+        async with Link(
+            self.broker, self.topics, COORDINATOR, subscriptions, will=will, on_connect=self._announce
+        ) as link:
+            self._link = link
+            await self._announce()
+            reader = asyncio.create_task(self._read(), name="coordinator-reader")
+            try:
+                return await self._run_job()
+            finally:
+                reader.cancel()
+                await asyncio.gather(reader, return_exceptions=True)
+                try:
+                    await link.publish(*self._status("offline"), retain=True)
+                except SplitFTError:
+                    log.warning("could not publish the coordinator's offline status")
+
+    async def _run_job(self) -> dict[str, Any]:
+        first_round = 1
+        checkpoint = latest_checkpoint(self.out / "checkpoints") if self.resume else None
+        state: dict[str, Any] = {}
+        if self.resume and checkpoint is None:
+            log.warning("--resume: no checkpoint in %s; starting from round 1", self.out / "checkpoints")
+        if checkpoint is not None:
+            state = read_state(checkpoint)
+            first_round = int(state["round"]) + 1
+            self._elapsed_before = float(state.get("elapsed_s", 0.0))
+        elif self.metrics_path.exists():
+            self.metrics_path.unlink()  # a fresh run starts a fresh metrics file
+
+        await self._admit()
+        cuts = state.get("cuts") or sorted({self.job.cut_of(n) for n in self._online()})
+        self.server = await asyncio.to_thread(ServerModel, self.job, cuts, self.device)
+        self.job.check_cuts(self.server.num_layers)
+        if checkpoint is not None:
+            await asyncio.to_thread(load_checkpoint, checkpoint, self.server)
+            log.info("resumed from %s: continuing at round %d", checkpoint, first_round)
+        eval_batches = await asyncio.to_thread(self._eval_batches)
+        if first_round == 1:
+            result = await asyncio.to_thread(self.server.evaluate, eval_batches)
+            self._write_metrics({"round": 0, "time_s": 0.0, **_eval_fields(result)})
+
+        for round_ in range(first_round, self.job.rounds + 1):
+            record = await self._round(round_, eval_batches)
+            await asyncio.to_thread(
+                save_checkpoint,
+                self.out / "checkpoints",
+                round_,
+                self.server,
+                {"cuts": list(cuts), "elapsed_s": record["time_s"], "job": self.job.job},
+            )
+
+        adapter_dir = await asyncio.to_thread(self.server.export, self.out / "adapter")
+        assert self._link is not None
+        await self._link.publish(self.topics.job_topic("round"), ROUND, {"event": "done"}, round_=self.job.rounds)
+        summary = {"adapter": str(adapter_dir), "metrics": str(self.metrics_path), "rounds": self.job.rounds}
+        self.progress("done", summary)
+        return summary
+
+    # ------------------------------------------------------------------ network input
+
+    def _status(self, state: str) -> tuple[str, str, dict[str, Any]]:
+        return self.topics.coordinator_status(), STATUS, {"state": state, "role": COORDINATOR}
+
+    async def _announce(self) -> None:
+        # Retained: agents that start later, or reconnect, learn that the coordinator is up and (re)join.
+        if self._link is not None:  # None during the first connection: run() announces right after
+            await self._link.publish(*self._status("online"), retain=True)
+
+    async def _read(self) -> None:
+        assert self._link is not None
+        link = self._link
+        while True:
+            received = await link.receive()
+            name, kind, env = received.topic.agent, received.topic.kind, received.envelope
+            assert name is not None
+            try:
+                if kind == "status":
+                    if parse_status(env.body) == "offline":
+                        self._agent_offline(name)
+                elif kind == "join":
+                    self._agent_joined(name, parse_join(env.body))
+                elif kind == "act":
+                    self._events.put_nowait(received)
+                elif kind == "adapter":
+                    self._uploads[(env.round, name)] = received
+                    self._upload_arrived.set()
+            except WireError as exc:
+                self._count_rejection(exc.reason, name, exc.detail)
+
+    def _count_rejection(self, reason: str, agent: str, detail: str) -> None:
+        self.rejected_bodies[reason] = self.rejected_bodies.get(reason, 0) + 1
+        log.warning("rejected a message from %s: %s (%s)", agent, reason, detail)
+
+    def _agent_joined(self, name: str, body: dict[str, Any]) -> None:
+        if body.get("model") != self.job.model:
+            log.warning(
+                "agent %s runs model %r, the job uses %r: not admitted", name, body.get("model"), self.job.model
+            )
+            return
+        info = self.agents.get(name)
+        if info is None:
+            self.agents[name] = info = AgentInfo(name, dict(body.get("profile", {})))
+            log.info("agent %s joined (%d samples)", name, body["data_samples"])
+        info.online = True
+        self._joined.set()
+
+    def _agent_offline(self, name: str) -> None:
+        info = self.agents.get(name)
+        if info is not None and info.online:
+            info.online = False
+            log.warning("agent %s went offline", name)
+            self._events.put_nowait(_Offline(name))
+            self._upload_arrived.set()
+
+    def _online(self) -> list[str]:
+        return sorted(n for n, a in self.agents.items() if a.online)
+
+    # ------------------------------------------------------------------ admission
+
+    async def _admit(self) -> None:
+        """Wait for ``min_agents`` agents, then a short window for more."""
+        deadline = time.monotonic() + self.job.join_timeout_s
+        while len(self._online()) < self.job.min_agents:
+            self.progress("waiting", {"online": self._online(), "needed": self.job.min_agents})
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise CoordinatorError(
+                    f"only {len(self._online())} of the {self.job.min_agents} agents needed joined "
+                    f"within {self.job.join_timeout_s:g} s"
+                )
+            self._joined.clear()
+            try:
+                async with asyncio.timeout(min(remaining, 1.0)):
+                    await self._joined.wait()
+            except TimeoutError:
+                pass
+        await asyncio.sleep(self.join_window_s)
+        self.progress("admitted", {"agents": self._online()})
+
+    # ------------------------------------------------------------------ rounds
+
+    async def _round(self, round_: int, eval_batches: list[Any]) -> dict[str, Any]:
+        assert self.server is not None and self._link is not None
+        server, link, job = self.server, self._link, self.job
+        if len(self._online()) < job.min_agents:
+            await self._admit()
+        started = time.monotonic()
+        plans: dict[str, Participant] = {}
+        for name in self._online():
+            cut = job.cut_of(name)
+            ranks = {j: r for j, r in block_ranks(server.num_layers, [cut], job.lora).items() if j < cut}
+            state = await asyncio.to_thread(server.client_state, cut, ranks)
+            plans[name] = Participant(name, cut, ranks, {n: tuple(t.shape) for n, t in state.items()})
+            body = {
+                "model": job.model,
+                "cut": cut,
+                "ranks": [ranks[j] for j in range(cut)],
+                "lora": {
+                    "r": job.lora.r,
+                    "r_cut": job.lora.r_cut,
+                    "alpha_per_rank": job.lora.alpha_per_rank,
+                    "dropout": job.lora.dropout,
+                },
+                "adapter": encode_state(state, job.adapter_wire_dtype),
+                "local_steps": job.local_steps,
+                "batch_size": job.batch_size,
+                "max_length": job.max_length,
+                "optimizer": {
+                    "name": job.optimizer.name,
+                    "lr": job.optimizer.lr,
+                    "weight_decay": job.optimizer.weight_decay,
+                    "momentum": job.optimizer.momentum,
+                },
+                "wire_dtype": job.wire_dtype,
+                "adapter_wire_dtype": job.adapter_wire_dtype,
+                "step_timeout_s": job.step_timeout_s,
+                "seed": job.seed,
+            }
+            plans[name].bytes_down += await link.publish(self.topics.agent(name, "assign"), ASSIGN, body, round_=round_)
+        self.progress("round_start", {"round": round_, "cuts": {n: p.cut for n, p in plans.items()}})
+        await link.publish(
+            self.topics.job_topic("round"), ROUND, {"event": "start", "agents": sorted(plans)}, round_=round_
+        )
+
+        for step in range(job.local_steps):
+            if not any(p.dropped is None for p in plans.values()):
+                break
+            await self._step(round_, step, plans)
+            await asyncio.to_thread(server.finish_step)
+            self.progress("step", {"round": round_, "step": step + 1, "of": job.local_steps})
+
+        uploads = await self._collect_uploads(round_, plans)
+        live = [p for p in plans.values() if p.dropped is None]
+        if not live:
+            raise CoordinatorError(f"round {round_}: every agent was dropped ({[p.dropped for p in plans.values()]})")
+        await asyncio.to_thread(server.aggregate, uploads)
+        result = await asyncio.to_thread(server.evaluate, eval_batches)
+        now = time.monotonic()
+        train_tokens = sum(p.tokens for p in live)
+        record = {
+            "round": round_,
+            "time_s": round(self._elapsed_before + now - self._started, 3),
+            "round_time_s": round(now - started, 3),
+            **_eval_fields(result),
+            "train_loss": sum(sum(p.losses) for p in live) / max(sum(len(p.losses) for p in live), 1),
+            "train_tokens": train_tokens,
+            "cuts": {p.name: p.cut for p in plans.values()},
+            "agents": {
+                p.name: {
+                    "cut": p.cut,
+                    "tokens": p.tokens,
+                    "step_time_s": sum(p.step_times) / max(len(p.step_times), 1),
+                    "bytes_up": p.bytes_up,
+                    "bytes_down": p.bytes_down,
+                    "dropped": p.dropped,
+                    "timings": self._upload_timings(round_, p.name),
+                }
+                for p in plans.values()
+            },
+            "bytes_up": sum(p.bytes_up for p in plans.values()),
+            "bytes_down": sum(p.bytes_down for p in plans.values()),
+            "rejected": {**dict(link.rejected), **self.rejected_bodies},
+        }
+        self._write_metrics(record)
+        await link.publish(self.topics.job_topic("metrics"), METRICS, _jsonable(record), round_=round_)
+        self.progress("round_end", record)
+        for key in [k for k in self._uploads if k[0] <= round_]:
+            del self._uploads[key]
+        return record
+
+    async def _step(self, round_: int, step: int, plans: dict[str, Participant]) -> None:
+        """Serve one step of every agent still in the round."""
+        assert self.server is not None and self._link is not None
+        server, link, job = self.server, self._link, self.job
+        pending = {n for n, p in plans.items() if p.dropped is None}
+        # Activations that arrived early (an agent a step ahead of the others) go first.
+        ready = [self._early.pop(n) for n in list(self._early) if n in pending]
+        deadline = time.monotonic() + job.step_timeout_s
+        while pending:
+            if ready:
+                item: Received | _Offline = ready.pop()
+            else:
+                try:
+                    async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
+                        item = await self._events.get()
+                except TimeoutError:
+                    for name in pending:
+                        self._drop(plans[name], f"no activations for step {step} within {job.step_timeout_s:g} s")
+                    return
+            if isinstance(item, _Offline):
+                if item.name in pending:
+                    self._drop(plans[item.name], "went offline")
+                    pending.discard(item.name)
+                continue
+            name, env = item.topic.agent, item.envelope
+            assert name is not None
+            plan = plans.get(name)
+            if plan is None or plan.dropped is not None or env.round != round_ or env.step < step:
+                log.info("ignoring stale activations from %s (round %d step %d)", name, env.round, env.step)
+                continue
+            if env.step > step:
+                self._early[name] = item
+                continue
+            if name not in pending:
+                continue
+            try:
+                act = parse_act(env.body, server.hidden_size, job.batch_size, job.max_length)
+            except WireError as exc:
+                self._count_rejection(exc.reason, name, exc.detail)
+                self._drop(plan, f"sent malformed activations ({exc.reason})")
+                pending.discard(name)
+                continue
+            plan.bytes_up += item.size
+            result = await asyncio.to_thread(server.train_on, plan.cut, act)
+            body = grad_body(result.grad, job.wire_dtype, result.loss, result.tokens)
+            plan.bytes_down += await link.publish(self.topics.agent(name, "grad"), GRAD, body, round_=round_, step=step)
+            now = time.monotonic()
+            if plan.last_grad_at:
+                plan.step_times.append(now - plan.last_grad_at)
+            plan.last_grad_at = now
+            plan.tokens += result.tokens
+            plan.losses.append(result.loss)
+            pending.discard(name)
+
+    async def _collect_uploads(
+        self, round_: int, plans: dict[str, Participant]
+    ) -> list[tuple[float, dict[str, torch.Tensor]]]:
+        deadline = time.monotonic() + self.job.upload_timeout_s
+        uploads: dict[str, tuple[float, dict[str, torch.Tensor]]] = {}
+        while True:
+            for name, plan in plans.items():
+                if plan.dropped is not None or name in uploads:
+                    continue
+                if not self.agents[name].online:
+                    self._drop(plan, "went offline before uploading")
+                    continue
+                received = self._uploads.get((round_, name))
+                if received is None:
+                    continue
+                try:
+                    upload = parse_adapter(received.envelope.body, plan.expect)
+                except WireError as exc:
+                    self._count_rejection(exc.reason, name, exc.detail)
+                    self._drop(plan, f"sent a malformed adapter ({exc.reason})")
+                    continue
+                plan.bytes_up += received.size
+                # Weight by the tokens the server counted for this agent, not by what the agent claims.
+                uploads[name] = (float(plan.tokens), upload.state)
+            waiting = [n for n, p in plans.items() if p.dropped is None and n not in uploads]
+            if not waiting:
+                return list(uploads.values())
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                for name in waiting:
+                    self._drop(plans[name], f"no adapter upload within {self.job.upload_timeout_s:g} s")
+                return list(uploads.values())
+            self._upload_arrived.clear()
+            try:
+                async with asyncio.timeout(min(remaining, 1.0)):
+                    await self._upload_arrived.wait()
+            except TimeoutError:
+                pass
+
+    def _upload_timings(self, round_: int, name: str) -> dict[str, float]:
+        received = self._uploads.get((round_, name))
+        timings = received.envelope.body.get("timings") if received is not None else None
+        return dict(timings) if isinstance(timings, dict) else {}
+
+    def _drop(self, plan: Participant, reason: str) -> None:
+        if plan.dropped is None:
+            plan.dropped = reason
+            log.warning("round: dropped agent %s: %s", plan.name, reason)
+
+    # ------------------------------------------------------------------ evaluation and output
+
+    def _eval_batches(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        tokenizer = load_tokenizer(self.job.model)
+        source = Path(self.job.eval_data) if self.job.eval_data else GSM8K / "test.jsonl"
+        pairs = load_records(source, limit=self.job.eval_samples)
+        examples = tokenize(pairs, tokenizer, self.job.max_length)
+        size = self.job.eval_batch_size
+        pad = int(tokenizer.pad_token_id)
+        return [collate(examples[i : i + size], pad) for i in range(0, len(examples), size)]
+
+    def _write_metrics(self, record: dict[str, Any]) -> None:
+        with self.metrics_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(_jsonable(record)) + "\n")
+
+
+def _eval_fields(result: Any) -> dict[str, float]:
+    return {
+        "eval_loss": round(result.loss, 6),
+        "eval_ppl": round(result.perplexity, 4),
+        "eval_acc": round(result.accuracy, 6),
+        "eval_tokens": result.tokens,
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float):
+        return round(value, 6)
+    return value

@@ -1,0 +1,197 @@
+"""The coordinator's model: one whole PEFT model that is the server segment for every device,
+the global adapters, the evaluator and the exporter.
+
+How one server serves devices cut at different layers: the coordinator holds the whole model
+(embeddings and all blocks; it is the GPU host) with one LoRA copy per block. A device cut at
+``c`` sends the activations entering block ``c``; the server runs blocks ``c..L-1`` and the head on
+them (``Segment.forward(..., start=c)``), one device's batch at a time, and accumulates the LoRA
+gradients. The server takes **one optimiser step per global step**, after the activations of every
+device for that step are in: so its update does not depend on the order the devices arrive in.
+
+Normalisation, so that federated split SGD equals centralised SGD on the union batch:
+
+* a device's loss is the mean over its own target tokens ``N_i``; the server sends it
+  ``d(sum CE_i)/dh / N_i``;
+* the server's copy of block ``j`` trained on the tokens of the devices cut at or below ``j``; its
+  gradient is the sum over those devices divided by their tokens ``N_j = sum_{c_i <= j} N_i`` (a
+  mean over the data it saw, like a device's);
+* at aggregation, block ``j`` is averaged over its holders weighted by tokens: the devices cut above
+  ``j`` (weight ``N_i``) and the server (weight ``N_j``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from splitft.shared.config import JobConfig
+from splitft.shared.lora import LoraSettings, block_ranks, load_lora_state, lora_state
+from splitft.shared.models import load_config, num_layers
+from splitft.shared.protocol import Activations
+from splitft.shared.split import IGNORE_INDEX, Segment, SegmentSpec, build_segment, causal_lm_loss
+
+from .aggregation import Contribution, aggregate, convert_state, module_key
+
+log = logging.getLogger(__name__)
+
+
+def global_ranks(total: int, cuts: Sequence[int], lora: LoraSettings) -> dict[int, int]:
+    """LoRA rank of each block of the global (server) copy.
+
+    With one cut for all devices this is the paper's layout: ``r_cut`` on both sides of the cut.
+    With several cuts, a block keeps ``r_cut`` only if it is at the cut of *every* device; elsewhere it
+    gets ``r``, so the global copy can hold what every holder contributes (devices cut at that block
+    hold it at ``r_cut`` and are converted, see ``aggregation``).
+    """
+    if not cuts:
+        return block_ranks(total, [], lora)
+    ranks = dict.fromkeys(range(total), lora.r)
+    for j in range(total):
+        if all(j in (c - 1, c) for c in cuts):
+            ranks[j] = lora.r_cut
+    return ranks
+
+
+def block_of(name: str) -> int:
+    """The block index in a LoRA weight's saved name (``...layers.7.self_attn...`` -> 7)."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part in ("h", "layers") and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    raise ValueError(f"no block index in {name!r}")
+
+
+@dataclass(frozen=True)
+class StepResult:
+    grad: torch.Tensor  # (B, T, C): d(mean loss of this batch) / d(activations), on the CPU
+    loss: float  # mean cross-entropy over the batch's target tokens
+    tokens: int  # target tokens in the batch
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float
+    perplexity: float
+    accuracy: float  # next-token accuracy over target tokens (shifted labels)
+    tokens: int
+
+
+class ServerModel:
+    """The whole model with the global adapters; the server segment of every device."""
+
+    def __init__(self, job: JobConfig, cuts: Sequence[int], device: str | torch.device = "cpu") -> None:
+        self.job = job
+        self.device = torch.device(device)
+        config = load_config(job.model, job.attn_implementation)
+        self.num_layers = num_layers(config)
+        self.hidden_size = int(config.hidden_size)
+        self.ranks = global_ranks(self.num_layers, cuts, job.lora)
+        self.segment: Segment = build_segment(
+            job.model,
+            SegmentSpec.whole(self.num_layers),
+            lora=job.lora,
+            ranks=self.ranks,
+            lora_seed=job.seed,
+            device=self.device,
+            attn_implementation=job.attn_implementation,
+        )
+        self.params = self.segment.lora_parameters()
+        self.optimizer = job.optimizer.build(self.params.values())
+        self._blocks = {name: block_of(name) for name in self.params}
+        self._step_tokens: Counter[int] = Counter()  # block -> tokens it served this step
+        self.round_tokens: Counter[int] = Counter()  # block -> tokens it served this round
+
+    # ------------------------------------------------------------------ adapters
+
+    def module_ranks(self) -> dict[str, int]:
+        return {module_key(n): self.ranks[self._blocks[n]] for n in self.params if ".lora_A." in n}
+
+    def client_state(self, cut: int, ranks: Mapping[int, int]) -> dict[str, torch.Tensor]:
+        """The global adapters of blocks ``0..cut-1``, at the device's ranks."""
+        state = {n: t for n, t in lora_state(self.segment.peft_model).items() if self._blocks[n] < cut}
+        wanted = {module_key(n): ranks[self._blocks[n]] for n in state if ".lora_A." in n}
+        return {n: t.cpu() for n, t in convert_state(state, wanted, seed=self.job.seed).items()}
+
+    def aggregate(self, uploads: Sequence[tuple[float, Mapping[str, torch.Tensor]]]) -> None:
+        """Token-weighted average of every block over its holders: the devices and the server's copy.
+
+        ``uploads`` holds (tokens, client adapters) per device that finished the round.
+        """
+        contributions = [Contribution(weight, state) for weight, state in uploads if weight > 0]
+        server_state = lora_state(self.segment.peft_model)
+        for block, tokens in sorted(self.round_tokens.items()):
+            held = {n: t for n, t in server_state.items() if self._blocks[n] == block}
+            contributions.append(Contribution(float(tokens), held))
+        if contributions:
+            merged = aggregate(contributions, self.module_ranks(), seed=self.job.seed)
+            load_lora_state(self.segment.peft_model, {n: t.to(self.device) for n, t in merged.items()}, strict=False)
+        self.round_tokens.clear()
+
+    # ------------------------------------------------------------------ training
+
+    def train_on(self, cut: int, act: Activations) -> StepResult:
+        """Forward and backward one device's batch from block ``cut``; gradients accumulate."""
+        self.segment.train()
+        hidden = act.hidden.to(self.device).requires_grad_()  # (B, T, C)
+        labels = act.labels.to(self.device)
+        mask = act.attention_mask.to(self.device)
+        logits = self.segment(hidden, mask, start=cut)  # (B, T, V)
+        tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())
+        loss_sum = causal_lm_loss(logits, labels, num_targets=1)
+        loss_sum.backward()
+        for block in range(cut, self.num_layers):
+            self._step_tokens[block] += tokens
+        assert hidden.grad is not None
+        grad = (hidden.grad / max(tokens, 1)).cpu()
+        return StepResult(grad, float(loss_sum.detach()) / max(tokens, 1), tokens)
+
+    def finish_step(self) -> None:
+        """One optimiser step of the server's copy, each block's gradient a mean over its tokens."""
+        with torch.no_grad():
+            for name, p in self.params.items():
+                tokens = self._step_tokens.get(self._blocks[name], 0)
+                if p.grad is not None and tokens > 0:
+                    p.grad /= tokens
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.round_tokens.update(self._step_tokens)
+        self._step_tokens.clear()
+
+    def discard_step(self) -> None:
+        """Drop the gradients of an unfinished step (e.g. the coordinator is stopping)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self._step_tokens.clear()
+
+    # ------------------------------------------------------------------ evaluation and export
+
+    @torch.no_grad()
+    def evaluate(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> EvalResult:
+        """Loss, perplexity and next-token accuracy of the whole model with the global adapters."""
+        self.segment.eval()
+        loss_sum, correct, tokens = 0.0, 0, 0
+        for input_ids, labels, lengths in batches:
+            mask = (torch.arange(input_ids.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)).long()
+            logits = self.segment(input_ids.to(self.device), mask.to(self.device))
+            labels = labels.to(self.device)
+            loss_sum += float(causal_lm_loss(logits, labels, num_targets=1))
+            targets = labels[:, 1:]
+            valid = targets != IGNORE_INDEX
+            correct += int(((logits[:, :-1].argmax(-1) == targets) & valid).sum())
+            tokens += int(valid.sum())
+        loss = loss_sum / max(tokens, 1)
+        return EvalResult(loss, math.exp(min(loss, 50.0)), correct / max(tokens, 1), tokens)
+
+    def export(self, folder: Path) -> Path:
+        """Write a standard PEFT adapter folder (``PeftModel.from_pretrained(base, folder)`` loads it)."""
+        peft_model = self.segment.peft_model
+        peft_model.peft_config["default"].base_model_name_or_path = self.job.model
+        # save_embedding_layers=False: PEFT would otherwise look the base model up on the hub.
+        peft_model.save_pretrained(folder, save_embedding_layers=False)
+        log.info("exported the adapter to %s", folder)
+        return folder

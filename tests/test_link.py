@@ -1,0 +1,94 @@
+"""The MQTT link over a real Mosquitto: envelopes, chunking, refusals, reconnection."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import aiomqtt
+import pytest
+import torch
+from conftest import Broker, start_mosquitto, stop_broker
+
+from splitft.shared.codec import decode_tensor, encode_tensor
+from splitft.shared.link import BrokerSettings, Link
+from splitft.shared.protocol import ACT, JOIN, Envelope, encode_envelope
+from splitft.shared.topics import Topics
+
+TOPICS = Topics("linktest")
+
+
+def settings(broker: Broker, **kw: object) -> BrokerSettings:
+    return BrokerSettings(url=broker.url, **kw)  # type: ignore[arg-type]
+
+
+async def test_small_and_chunked_messages(broker: Broker) -> None:
+    coord_subs = [TOPICS.all_agents("act"), TOPICS.all_agents("join")]
+    async with (
+        Link(settings(broker), TOPICS, "coordinator", coord_subs) as coord,
+        Link(settings(broker, max_payload_bytes=64_000), TOPICS, "a1", []) as agent,
+    ):
+        await agent.publish(TOPICS.agent("a1", "join"), JOIN, {"hello": 1})
+        big = torch.randn(4, 100, 128)  # ~200 kB in fp32: four chunks at 64 kB
+        sent = await agent.publish(TOPICS.agent("a1", "act"), ACT, {"act": encode_tensor(big, "fp32")}, step=3)
+        assert sent > 150_000
+        first = await coord.receive(timeout=10)
+        assert first.topic.kind == "join" and first.envelope.body == {"hello": 1}
+        second = await coord.receive(timeout=10)
+        assert second.topic.kind == "act" and second.topic.agent == "a1" and second.envelope.step == 3
+        assert torch.equal(decode_tensor(second.envelope.body["act"]), big)
+        assert not coord.rejected
+
+
+async def test_garbage_wrong_sender_and_duplicates_are_counted(broker: Broker) -> None:
+    async with Link(settings(broker), TOPICS, "coordinator", [TOPICS.all_agents("act")]) as coord:
+        async with aiomqtt.Client(broker.host, broker.port) as raw:
+            topic = TOPICS.agent("a1", "act")
+            await raw.publish(topic, b"\x00garbage")
+            forged = Envelope(type=ACT, job=TOPICS.job, sender="a2", sid="s", seq=1, body={})
+            await raw.publish(topic, encode_envelope(forged))  # a2 speaking on a1's topic
+            other_job = Envelope(type=ACT, job="other", sender="a1", sid="s", seq=1, body={})
+            await raw.publish(topic, encode_envelope(other_job))
+            good = Envelope(type=ACT, job=TOPICS.job, sender="a1", sid="s", seq=7, body={"n": 1})
+            await raw.publish(topic, encode_envelope(good), qos=1)
+            await raw.publish(topic, encode_envelope(good), qos=1)  # a redelivery
+            await raw.publish(TOPICS.agent("a1", "act") + "x", b"")  # not subscribed: never arrives
+        got = await coord.receive(timeout=10)
+        assert got.envelope.body == {"n": 1}
+        with pytest.raises(TimeoutError):
+            await coord.receive(timeout=0.5)
+        assert coord.rejected == {"bad_compression": 1, "wrong_sender": 1, "wrong_job": 1, "duplicate": 1}
+
+
+async def test_reconnects_after_broker_restart(tmp_path: Path) -> None:
+    broker = start_mosquitto(tmp_path / "b1")
+    try:
+        fast = {"backoff_min_s": 0.05, "backoff_max_s": 0.5}
+        async with (
+            Link(settings(broker, **fast), TOPICS, "coordinator", [TOPICS.all_agents("join")]) as coord,
+            Link(settings(broker, **fast), TOPICS, "a1", []) as agent,
+        ):
+            stop_broker(broker)
+            await asyncio.sleep(0.5)
+            assert not agent.connected
+            broker = _restart_on(tmp_path / "b2", broker.port)
+            await agent.publish(TOPICS.agent("a1", "join"), JOIN, {"after": "restart"})
+            got = await coord.receive(timeout=20)
+            assert got.envelope.body == {"after": "restart"}
+            assert agent.connects >= 2 and coord.connects >= 2
+    finally:
+        stop_broker(broker)
+
+
+def _restart_on(folder: Path, port: int) -> Broker:
+    import subprocess
+    import time
+
+    from conftest import _mosquitto_binary
+
+    folder.mkdir(parents=True)
+    conf = folder / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    process = subprocess.Popen([_mosquitto_binary(), "-c", str(conf)], stderr=subprocess.DEVNULL)
+    time.sleep(0.3)
+    return Broker("127.0.0.1", port, process, folder / "none.log")
