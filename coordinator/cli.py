@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from splitft.shared.codec import FLOAT_WIRE_DTYPES
-from splitft.shared.errors import ConfigError, ModelError
-from splitft.shared.exit_codes import ExitCode
+from splitft.shared.config import JobConfig
+from splitft.shared.errors import ConfigError, ModelError, SplitFTError
+from splitft.shared.exit_codes import ExitCode, exit_code_for
 from splitft.shared.lora import LoraSettings
-from splitft.shared.models import ATTENTION_IMPLEMENTATIONS, PRESETS
+from splitft.shared.models import ATTENTION_IMPLEMENTATIONS, PRESETS, resolve_device
 
 app = typer.Typer(
     help="SplitFT coordinator: runs the server segment of a split model and coordinates the edge agents.",
@@ -34,7 +37,7 @@ CutRankOpt = Annotated[int, typer.Option("--cut-rank", help="LoRA rank of the tw
 
 
 def _fail(exc: Exception) -> typer.Exit:
-    code = ExitCode.MODEL if isinstance(exc, ModelError) else ExitCode.CONFIG
+    code = exit_code_for(exc) if isinstance(exc, SplitFTError) else ExitCode.CONFIG
     _console().print(f"[red]error:[/red] {exc}")
     return typer.Exit(int(code))
 
@@ -108,6 +111,142 @@ def verify_split(
     console.print(f"[green]OK[/green]: split equals whole within {tolerance:g}")
 
 
+# --------------------------------------------------------------------------- running jobs
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="Job TOML file (see README); flags override it.")]
+BrokerOpt = Annotated[str, typer.Option(envvar="SPLITFT_BROKER", help="Broker URL, mqtt://HOST:PORT.")]
+OutOpt = Annotated[Path, typer.Option("--out", help="Output folder: metrics, checkpoints, adapter, plot.")]
+DeviceOpt = Annotated[str, typer.Option(help="Torch device of the server segment: auto, cpu, cuda.")]
+
+
+def _job(config: Path | None, **overrides: Any) -> JobConfig:
+    base = JobConfig.from_toml(config) if config is not None else JobConfig()
+    return base.with_overrides(**overrides)
+
+
+@app.command()
+def run(
+    broker: BrokerOpt,
+    out: OutOpt,
+    config: ConfigOpt = None,
+    job: Annotated[str | None, typer.Option(envvar="SPLITFT_JOB", help="Job name.")] = None,
+    model: Annotated[str | None, typer.Option(help="Preset or local model folder.")] = None,
+    rounds: Annotated[int | None, typer.Option(help="Rounds.")] = None,
+    min_agents: Annotated[int | None, typer.Option(help="Agents needed before a round starts.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in --out.")] = False,
+    username: Annotated[str | None, typer.Option(envvar="SPLITFT_USERNAME", help="Broker user name.")] = None,
+    password: Annotated[str | None, typer.Option(envvar="SPLITFT_PASSWORD", help="Broker password.")] = None,
+    mqtt_protocol: Annotated[str, typer.Option(help="MQTT version: 5, or 3.1.1.")] = "5",
+    device: DeviceOpt = "auto",
+) -> None:
+    """Coordinate a job: admit agents, run the rounds, write metrics, checkpoints and the final adapter."""
+    from splitft.coordinator.runtime import Coordinator
+    from splitft.shared.link import BrokerSettings
+
+    console = _console()
+    try:
+        spec = _job(config, job=job, model=model, rounds=rounds, min_agents=min_agents)
+        settings = BrokerSettings(url=broker, username=username, password=password, protocol=mqtt_protocol)
+        coordinator = Coordinator(
+            spec, settings, out, resume=resume, device=resolve_device(device), progress=_ProgressView(console, spec)
+        )
+        summary = asyncio.run(coordinator.run())
+    except SplitFTError as exc:
+        raise _fail(exc) from exc
+    except KeyboardInterrupt:
+        raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
+    console.print(f"adapter: {summary['adapter']}\nmetrics: {summary['metrics']}")
+
+
+@app.command()
+def local(
+    out: OutOpt = Path("runs/local"),
+    config: ConfigOpt = None,
+    model: Annotated[str | None, typer.Option(help="Preset or local model folder.")] = None,
+    agents: Annotated[int, typer.Option(help="Agent processes to start.")] = 3,
+    cuts: Annotated[str, typer.Option(help="Cut layers, given to the agents in turn.")] = "1,2,3",
+    rounds: Annotated[int, typer.Option(help="Rounds.")] = 6,
+    local_steps: Annotated[int, typer.Option(help="Steps per agent per round.")] = 4,
+    batch_size: Annotated[int, typer.Option(help="Sequences per step per agent.")] = 4,
+    max_length: Annotated[int, typer.Option(help="Tokens per sequence, at most.")] = 192,
+    lr: Annotated[float, typer.Option(help="Learning rate (AdamW).")] = 2e-3,
+    samples_per_agent: Annotated[int, typer.Option(help="Training samples per agent.")] = 96,
+    data: Annotated[Path | None, typer.Option(help="JSONL/CSV to shard (default: vendored GSM8K).")] = None,
+    broker: Annotated[str | None, typer.Option(help="Use this broker instead of the embedded one.")] = None,
+    mqtt_protocol: Annotated[str, typer.Option(help="MQTT version of --broker: 5, or 3.1.1.")] = "5",
+    device: DeviceOpt = "auto",
+) -> None:
+    """One command, one machine: broker, coordinator and several agents with different cut layers
+    fine-tune a model on GSM8K shards; ends with the adapter folder, metrics.jsonl and run.png."""
+    from splitft.coordinator.local import LocalRun, run_local
+    from splitft.shared.config import OptimizerSettings
+
+    console = _console()
+    try:
+        base = _job(config, model=model, rounds=rounds, local_steps=local_steps, batch_size=batch_size)
+        spec = base.with_overrides(
+            job=base.job if config else "local", max_length=max_length,
+            optimizer=OptimizerSettings(**{**vars(base.optimizer), "lr": lr}),
+        )  # fmt: skip
+        cut_list = tuple(int(c) for c in cuts.split(",") if c.strip())
+        plan = LocalRun(
+            spec, out, agents=agents, cuts=cut_list, samples_per_agent=samples_per_agent, data=data,
+            broker_url=broker, mqtt_protocol=mqtt_protocol, device=resolve_device(device),
+        )  # fmt: skip
+        console.print(
+            f"[bold]SplitFT local run[/bold]: {agents} agents (cuts {', '.join(map(str, cut_list))}), "
+            f"model {spec.model}, {spec.rounds} rounds x {spec.local_steps} steps; output in {out}"
+        )
+        summary = asyncio.run(run_local(plan, progress=_ProgressView(console, spec)))
+    except ValueError as exc:  # includes ConfigError, and a malformed --cuts
+        raise _fail(exc) from exc
+    except SplitFTError as exc:
+        raise _fail(exc) from exc
+    except KeyboardInterrupt:
+        raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
+    console.print(f"adapter: {summary['adapter']}\nmetrics: {summary['metrics']}\nplot:    {summary['plot']}")
+
+
+class _ProgressView:
+    """Renders the coordinator's progress events: a bar over all steps and a line per round."""
+
+    def __init__(self, console: Console, job: JobConfig) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.console = console
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+        )
+        self.task = self.progress.add_task("waiting for agents", total=job.rounds * job.local_steps)
+        self.job = job
+        self.started = False
+
+    def __call__(self, event: str, data: dict[str, Any]) -> None:
+        if not self.started:
+            self.progress.start()
+            self.started = True
+        if event == "waiting":
+            self.progress.update(self.task, description=f"waiting for agents ({len(data['online'])}/{data['needed']})")
+        elif event == "round_start":
+            cuts = " ".join(f"{n}:{c}" for n, c in data["cuts"].items())
+            self.progress.update(self.task, description=f"round {data['round']}/{self.job.rounds}  cuts {cuts}")
+        elif event == "step":
+            self.progress.advance(self.task)
+        elif event == "round_end":
+            self.console.print(
+                f"round {data['round']:>3}: eval loss {data['eval_loss']:.4f}  ppl {data['eval_ppl']:.1f}  "
+                f"acc {data['eval_acc']:.3f}  train loss {data['train_loss']:.4f}  "
+                f"round {data['round_time_s']:.1f} s  up {data['bytes_up'] / 1e6:.1f} MB  "
+                f"down {data['bytes_down'] / 1e6:.1f} MB"
+            )
+        elif event == "done":
+            self.progress.stop()
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     app()
+
+
+if __name__ == "__main__":
+    main()

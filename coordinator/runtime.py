@@ -388,8 +388,8 @@ class Coordinator:
                     self._drop(plans[item.name], "went offline")
                     pending.discard(item.name)
                 continue
-            name, env = item.topic.agent, item.envelope
-            assert name is not None
+            env = item.envelope
+            name = env.sender  # the link checked it is the agent named in the topic
             plan = plans.get(name)
             if plan is None or plan.dropped is not None or env.round != round_ or env.step < step:
                 log.info("ignoring stale activations from %s (round %d step %d)", name, env.round, env.step)

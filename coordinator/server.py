@@ -192,6 +192,6 @@ class ServerModel:
         peft_model = self.segment.peft_model
         peft_model.peft_config["default"].base_model_name_or_path = self.job.model
         # save_embedding_layers=False: PEFT would otherwise look the base model up on the hub.
-        peft_model.save_pretrained(folder, save_embedding_layers=False)
+        peft_model.save_pretrained(str(folder), save_embedding_layers=False)
         log.info("exported the adapter to %s", folder)
         return folder

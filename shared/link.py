@@ -244,7 +244,9 @@ class Link:
             if env.job != self.topics.job:
                 raise WireError("wrong_job", f"message for job {env.job!r}")
             if env.sender != topic.publisher:
-                raise WireError("wrong_sender", f"{env.sender!r} published on {topic_name}, reserved to {topic.publisher!r}")
+                raise WireError(
+                    "wrong_sender", f"{env.sender!r} published on {topic_name}, reserved to {topic.publisher!r}"
+                )
             if env.key in self._seen:
                 raise WireError("duplicate", f"message {env.key} seen before")
             self._remember(env.key)

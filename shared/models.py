@@ -24,7 +24,7 @@ from torch import nn
 from transformers import AutoConfig, GPT2Config, LlamaConfig, PretrainedConfig
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from .errors import ModelError
+from .errors import ConfigError, ModelError
 
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
 
@@ -206,3 +206,12 @@ def num_layers(config: PretrainedConfig) -> int:
 
 def hidden_size(config: PretrainedConfig) -> int:
     return int(config.hidden_size)
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is present, else ``cpu``; ``cpu``/``cuda``/``cuda:N`` as given."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ConfigError(f"device must be auto, cpu or cuda[:N], got {device!r}")
+    return device

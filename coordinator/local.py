@@ -1,0 +1,153 @@
+"""The one-command local run: a broker, the coordinator and several agent processes on this machine.
+
+Each agent is a real ``splitft-agent join`` process with its own shard of the data, talking to the
+coordinator through a real MQTT broker: the embedded amqtt broker on 127.0.0.1 (MQTT 3.1.1) unless
+an external broker URL is given. Agent logs go to ``<out>/logs/``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from splitft.shared.config import JobConfig
+from splitft.shared.data import load_records, write_shards
+from splitft.shared.errors import ConfigError, LinkError
+from splitft.shared.link import BrokerSettings
+from splitft.shared.text import GSM8K
+
+from .report import plot_run
+from .runtime import Coordinator, Progress
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LocalRun:
+    job: JobConfig
+    out: Path
+    agents: int = 3
+    cuts: tuple[int, ...] = (1, 2, 3)  # cut layer of agent i is cuts[i % len(cuts)]
+    samples_per_agent: int = 96
+    data: Path | None = None  # JSONL/CSV to shard; default: the vendored GSM8K train split
+    broker_url: str | None = None  # an external broker; default: the embedded one
+    mqtt_protocol: str = "5"  # for an external broker
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.agents < 1:
+            raise ConfigError(f"agents must be at least 1, got {self.agents}")
+        if not self.cuts:
+            raise ConfigError("cuts must list at least one cut layer")
+        if self.samples_per_agent < 1:
+            raise ConfigError(f"samples_per_agent must be at least 1, got {self.samples_per_agent}")
+
+    def agent_names(self) -> list[str]:
+        return [f"agent-{i + 1}" for i in range(self.agents)]
+
+
+async def run_local(run: LocalRun, progress: Progress | None = None) -> dict[str, Any]:
+    """Shard the data, start the broker and the agents, run the job; returns the coordinator's summary
+    plus the plot's path."""
+    run.out.mkdir(parents=True, exist_ok=True)
+    names = run.agent_names()
+    source = run.data or GSM8K / "train.jsonl"
+    pairs = load_records(source, limit=run.agents * run.samples_per_agent)
+    shards = write_shards(pairs, run.agents, run.out / "data", seed=run.job.seed, prefix="agent")
+    cuts = {name: run.cuts[i % len(run.cuts)] for i, name in enumerate(names)}
+    job = replace(run.job, cuts={**run.job.cuts, **cuts}, min_agents=run.agents)
+
+    async with _broker(run) as (url, protocol):
+        settings = BrokerSettings(url=url, protocol=protocol)
+        processes = [
+            _start_agent(run, job, name, shard, url, protocol) for name, shard in zip(names, shards, strict=True)
+        ]
+        try:
+            coordinator = Coordinator(job, settings, run.out, device=run.device, progress=progress)
+            summary = await coordinator.run()
+            await _wait_agents(processes, timeout_s=60)
+        finally:
+            _stop(processes)
+    summary["plot"] = str(
+        plot_run(run.out / "metrics.jsonl", run.out / "run.png", title=f"SplitFT local run: {job.job}")
+    )
+    summary["agents"] = {name: cuts[name] for name in names}
+    return summary
+
+
+@contextlib.asynccontextmanager
+async def _broker(run: LocalRun) -> AsyncIterator[tuple[str, str]]:
+    if run.broker_url is not None:
+        yield run.broker_url, run.mqtt_protocol
+        return
+    from amqtt.broker import Broker
+
+    port = _free_port()
+    config = {
+        "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
+        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+    }
+    broker = Broker(config)
+    try:
+        await broker.start()
+    except Exception as exc:  # amqtt raises its own and OS errors alike
+        raise LinkError(f"could not start the embedded broker on 127.0.0.1:{port}: {exc}") from exc
+    log.info("embedded MQTT broker on 127.0.0.1:%d", port)
+    try:
+        yield f"mqtt://127.0.0.1:{port}", "3.1.1"
+    finally:
+        await broker.shutdown()
+
+
+def _start_agent(
+    run: LocalRun, job: JobConfig, name: str, data: Path, url: str, protocol: str
+) -> subprocess.Popen[bytes]:
+    logs = run.out / "logs"
+    logs.mkdir(exist_ok=True)
+    command = [
+        sys.executable, "-m", "splitft.agent.cli", "--verbose", "join",
+        "--broker", url, "--mqtt-protocol", protocol, "--job", job.job, "--id", name,
+        "--data", str(data), "--model", job.model, "--device", run.device,
+    ]  # fmt: skip
+    with (logs / f"{name}.log").open("wb") as log_file:
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        return subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+
+
+async def _wait_agents(processes: list[subprocess.Popen[bytes]], timeout_s: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while any(p.poll() is None for p in processes) and loop.time() < deadline:
+        await asyncio.sleep(0.2)
+    failed = [p.args for p in processes if p.returncode not in (0, None)]
+    if failed:
+        log.warning("%d agent process(es) exited with an error; see the logs folder", len(failed))
+
+
+def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
+    """End the agent processes this run started (by their pids), politely first."""
+    for p in processes:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in processes:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

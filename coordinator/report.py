@@ -1,0 +1,44 @@
+"""The run's plot: eval loss against time, and each agent's cut layer per round (from metrics.jsonl)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_run(metrics_path: Path, out_png: Path, title: str = "SplitFT run") -> Path:
+    """Write a two-panel PNG; returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display needed
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    fig, (ax_loss, ax_cut) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_loss.plot([r["time_s"] for r in records], [r["eval_loss"] for r in records], marker="o")
+    ax_loss.set_xlabel("wall time (s)")
+    ax_loss.set_ylabel("eval loss")
+    ax_loss.set_title("Eval loss (GSM8K test subset)")
+    ax_loss.grid(alpha=0.3)
+    rounds = [r for r in records if r.get("cuts")]
+    agents = sorted({name for r in rounds for name in r["cuts"]})
+    for i, name in enumerate(agents):
+        xs = [r["round"] for r in rounds if name in r["cuts"]]
+        ys = [r["cuts"][name] + 0.04 * (i - len(agents) / 2) for r in rounds if name in r["cuts"]]
+        ax_cut.plot(xs, ys, marker="s", label=name)
+    ax_cut.set_xlabel("round")
+    ax_cut.set_ylabel("cut layer (blocks on the device)")
+    ax_cut.set_title("Cut layer per agent")
+    if agents:
+        ax_cut.legend(fontsize="small")
+    ax_cut.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
