@@ -55,6 +55,7 @@ def join(
     response_field: Annotated[str | None, typer.Option(help="Response field (default: detected).")] = None,
     max_samples: Annotated[int | None, typer.Option(help="Use at most this many samples.")] = None,
     device: Annotated[str, typer.Option(help="Torch device for the client segment: auto, cpu, cuda.")] = "auto",
+    connect_timeout: Annotated[float, typer.Option(help="Seconds to reach the broker at start-up.")] = 30.0,
 ) -> None:
     """Join a job: train the client segment when assigned, until the coordinator says the job is done."""
     from splitft.agent.runtime import Agent, AgentSettings
@@ -74,7 +75,9 @@ def join(
             device=resolve_device(device),
             profile=profile,
         )
-        link = BrokerSettings(url=broker, username=username, password=password, protocol=mqtt_protocol)
+        link = BrokerSettings(
+            url=broker, username=username, password=password, protocol=mqtt_protocol, connect_timeout_s=connect_timeout
+        )
         agent = Agent(settings, link)
         typer.echo(f"agent {name}: {len(agent.pairs)} samples from {data}; joining job {job} at {broker}")
         asyncio.run(agent.run())

@@ -17,10 +17,11 @@ import asyncio
 import logging
 import time
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 import torch
@@ -50,6 +51,7 @@ from splitft.shared.topics import Topics
 from .profile import device_profile
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,8 @@ class Agent:
         self._stashed: list[Received] = []
         self._link: Link | None = None
         self._done = False
+        # All model work on one thread (see the coordinator): one OpenMP pool, no model shared across threads.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitft-compute")
 
         # Fail before connecting if the data or the model cannot be used.
         self.pairs = load_records(settings.data, settings.prompt_field, settings.response_field, settings.max_samples)
@@ -125,6 +129,10 @@ class Agent:
             await link.publish(
                 self.topics.agent(self.name, "status"), STATUS, {"state": "offline", "role": "agent"}, retain=True
             )
+        self._executor.shutdown(wait=False)
+
+    async def _compute(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def _hello(self) -> None:
         link = self._link
@@ -171,7 +179,7 @@ class Agent:
     async def _train(self, a: Assignment) -> None:
         assert self._link is not None
         link = self._link
-        segment = await asyncio.to_thread(self._segment_for, a)
+        segment = await self._compute(self._segment_for, a)
         expect = {n: tuple(p.shape) for n, p in segment.lora_parameters().items()}
         state = decode_state(a.adapter, expect={n: list(s) for n, s in expect.items()})
         load_lora_state(segment.peft_model, {n: t.to(segment.device) for n, t in state.items()})
@@ -184,7 +192,7 @@ class Agent:
             started = time.perf_counter()
             input_ids, labels, lengths = batches.next()
 
-            hidden, body, forward_s = await asyncio.to_thread(
+            hidden, body, forward_s = await self._compute(
                 _forward, segment, input_ids, labels, lengths, a.wire_dtype, timings
             )
             encode_s = time.perf_counter() - started - forward_s
@@ -200,7 +208,7 @@ class Agent:
                 raise RoundAborted(f"malformed gradient for step {step}: {exc}") from exc
             decode_s = time.perf_counter() - t_dec
 
-            backward_s = await asyncio.to_thread(_backward, hidden, grad, optimizer)
+            backward_s = await self._compute(_backward, hidden, grad, optimizer)
             timings = {
                 "forward_s": forward_s,
                 "encode_s": encode_s,

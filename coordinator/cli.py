@@ -111,6 +111,25 @@ def verify_split(
     console.print(f"[green]OK[/green]: split equals whole within {tolerance:g}")
 
 
+@app.command("save-base")
+def save_base(
+    model: ModelOpt,
+    out: Annotated[Path, typer.Option("--out", help="Folder to write (a normal Hugging Face model folder).")],
+) -> None:
+    """Write a preset's base model (weights, config, tokenizer) as a normal Hugging Face folder."""
+    from splitft.shared.split import load_base_model
+    from splitft.shared.text import load_tokenizer
+
+    try:
+        base = load_base_model(model)
+        tokenizer = load_tokenizer(model)
+    except (ConfigError, ModelError) as exc:
+        raise _fail(exc) from exc
+    base.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    _console().print(f"wrote {model} to {out}")
+
+
 # --------------------------------------------------------------------------- running jobs
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="Job TOML file (see README); flags override it.")]

@@ -63,7 +63,12 @@ async def run_local(run: LocalRun, progress: Progress | None = None) -> dict[str
     names = run.agent_names()
     source = run.data or GSM8K / "train.jsonl"
     pairs = load_records(source, limit=run.agents * run.samples_per_agent)
-    shards = write_shards(pairs, run.agents, run.out / "data", seed=run.job.seed, prefix="agent")
+    shards = [
+        shard.replace(shard.with_name(f"{name}.jsonl"))  # agent-1 trains on data/agent-1.jsonl
+        for name, shard in zip(
+            names, write_shards(pairs, run.agents, run.out / "data", seed=run.job.seed, prefix="shard"), strict=True
+        )
+    ]
     cuts = {name: run.cuts[i % len(run.cuts)] for i, name in enumerate(names)}
     job = replace(run.job, cuts={**run.job.cuts, **cuts}, min_agents=run.agents)
 

@@ -22,9 +22,10 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -53,6 +54,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, read_state, save_che
 from .server import ServerModel
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: progress callback: (event, data) with events "waiting", "admitted", "round_start", "step", "round_end", "done"
 Progress = Callable[[str, dict[str, Any]], None]
@@ -82,10 +84,12 @@ class Participant:
     tokens: int = 0
     losses: list[float] = field(default_factory=list)
     step_times: list[float] = field(default_factory=list)
+    server_times: list[float] = field(default_factory=list)  # the server's compute for each of its steps
     bytes_up: int = 0
     bytes_down: int = 0
     dropped: str | None = None
     last_grad_at: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)  # the agent's mean per-step timings
 
 
 @dataclass(frozen=True)
@@ -120,12 +124,15 @@ class Coordinator:
         self.metrics_path = self.out / "metrics.jsonl"
         self.rejected_bodies: dict[str, int] = {}
         self._events: asyncio.Queue[Received | _Offline] = asyncio.Queue()
-        self._early: dict[str, Received] = {}
-        self._uploads: dict[tuple[int, str], Received] = {}
+        self._early: dict[str, list[Received]] = {}
+        self._uploads: dict[tuple[int, str], list[Received]] = {}
         self._upload_arrived = asyncio.Event()
         self._joined = asyncio.Event()
         self._link: Link | None = None
         self._started = time.monotonic()
+        # All model work runs on one thread: the model is not shared between threads, and torch keeps one
+        # OpenMP pool per calling thread (several pools on few cores spin against each other).
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitft-compute")
         self._elapsed_before = 0.0  # wall time of the rounds before a resume
 
     # ------------------------------------------------------------------ main
@@ -143,6 +150,7 @@ class Coordinator:
             try:
                 return await self._run_job()
             finally:
+                self._executor.shutdown(wait=False, cancel_futures=True)
                 reader.cancel()
                 await asyncio.gather(reader, return_exceptions=True)
                 try:
@@ -165,19 +173,19 @@ class Coordinator:
 
         await self._admit()
         cuts = state.get("cuts") or sorted({self.job.cut_of(n) for n in self._online()})
-        self.server = await asyncio.to_thread(ServerModel, self.job, cuts, self.device)
+        self.server = await self._compute(ServerModel, self.job, cuts, self.device)
         self.job.check_cuts(self.server.num_layers)
         if checkpoint is not None:
-            await asyncio.to_thread(load_checkpoint, checkpoint, self.server)
+            await self._compute(load_checkpoint, checkpoint, self.server)
             log.info("resumed from %s: continuing at round %d", checkpoint, first_round)
-        eval_batches = await asyncio.to_thread(self._eval_batches)
+        eval_batches = await self._compute(self._eval_batches)
         if first_round == 1:
-            result = await asyncio.to_thread(self.server.evaluate, eval_batches)
+            result = await self._compute(self.server.evaluate, eval_batches)
             self._write_metrics({"round": 0, "time_s": 0.0, **_eval_fields(result)})
 
         for round_ in range(first_round, self.job.rounds + 1):
             record = await self._round(round_, eval_batches)
-            await asyncio.to_thread(
+            await self._compute(
                 save_checkpoint,
                 self.out / "checkpoints",
                 round_,
@@ -185,12 +193,15 @@ class Coordinator:
                 {"cuts": list(cuts), "elapsed_s": record["time_s"], "job": self.job.job},
             )
 
-        adapter_dir = await asyncio.to_thread(self.server.export, self.out / "adapter")
+        adapter_dir = await self._compute(self.server.export, self.out / "adapter")
         assert self._link is not None
         await self._link.publish(self.topics.job_topic("round"), ROUND, {"event": "done"}, round_=self.job.rounds)
         summary = {"adapter": str(adapter_dir), "metrics": str(self.metrics_path), "rounds": self.job.rounds}
         self.progress("done", summary)
         return summary
+
+    async def _compute(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     # ------------------------------------------------------------------ network input
 
@@ -218,7 +229,7 @@ class Coordinator:
                 elif kind == "act":
                     self._events.put_nowait(received)
                 elif kind == "adapter":
-                    self._uploads[(env.round, name)] = received
+                    self._uploads.setdefault((env.round, name), []).append(received)
                     self._upload_arrived.set()
             except WireError as exc:
                 self._count_rejection(exc.reason, name, exc.detail)
@@ -285,7 +296,7 @@ class Coordinator:
         for name in self._online():
             cut = job.cut_of(name)
             ranks = {j: r for j, r in block_ranks(server.num_layers, [cut], job.lora).items() if j < cut}
-            state = await asyncio.to_thread(server.client_state, cut, ranks)
+            state = await self._compute(server.client_state, cut, ranks)
             plans[name] = Participant(name, cut, ranks, {n: tuple(t.shape) for n, t in state.items()})
             body = {
                 "model": job.model,
@@ -322,15 +333,15 @@ class Coordinator:
             if not any(p.dropped is None for p in plans.values()):
                 break
             await self._step(round_, step, plans)
-            await asyncio.to_thread(server.finish_step)
+            await self._compute(server.finish_step)
             self.progress("step", {"round": round_, "step": step + 1, "of": job.local_steps})
 
         uploads = await self._collect_uploads(round_, plans)
         live = [p for p in plans.values() if p.dropped is None]
         if not live:
             raise CoordinatorError(f"round {round_}: every agent was dropped ({[p.dropped for p in plans.values()]})")
-        await asyncio.to_thread(server.aggregate, uploads)
-        result = await asyncio.to_thread(server.evaluate, eval_batches)
+        await self._compute(server.aggregate, uploads)
+        result = await self._compute(server.evaluate, eval_batches)
         now = time.monotonic()
         train_tokens = sum(p.tokens for p in live)
         record = {
@@ -346,10 +357,11 @@ class Coordinator:
                     "cut": p.cut,
                     "tokens": p.tokens,
                     "step_time_s": sum(p.step_times) / max(len(p.step_times), 1),
+                    "server_s": sum(p.server_times) / max(len(p.server_times), 1),
                     "bytes_up": p.bytes_up,
                     "bytes_down": p.bytes_down,
                     "dropped": p.dropped,
-                    "timings": self._upload_timings(round_, p.name),
+                    "timings": p.timings,
                 }
                 for p in plans.values()
             },
@@ -370,7 +382,8 @@ class Coordinator:
         server, link, job = self.server, self._link, self.job
         pending = {n for n, p in plans.items() if p.dropped is None}
         # Activations that arrived early (an agent a step ahead of the others) go first.
-        ready = [self._early.pop(n) for n in list(self._early) if n in pending]
+        ready = [item for n in list(self._early) if n in pending for item in self._early.pop(n)]
+        ready.reverse()  # popped from the end: oldest first
         deadline = time.monotonic() + job.step_timeout_s
         while pending:
             if ready:
@@ -395,19 +408,20 @@ class Coordinator:
                 log.info("ignoring stale activations from %s (round %d step %d)", name, env.round, env.step)
                 continue
             if env.step > step:
-                self._early[name] = item
+                self._early.setdefault(name, []).append(item)
                 continue
             if name not in pending:
                 continue
             try:
                 act = parse_act(env.body, server.hidden_size, job.batch_size, job.max_length)
             except WireError as exc:
+                # Counted and ignored; the agent's real activations may still come before the deadline.
                 self._count_rejection(exc.reason, name, exc.detail)
-                self._drop(plan, f"sent malformed activations ({exc.reason})")
-                pending.discard(name)
                 continue
             plan.bytes_up += item.size
-            result = await asyncio.to_thread(server.train_on, plan.cut, act)
+            t0 = time.perf_counter()
+            result = await self._compute(server.train_on, plan.cut, act)
+            plan.server_times.append(time.perf_counter() - t0)
             body = grad_body(result.grad, job.wire_dtype, result.loss, result.tokens)
             plan.bytes_down += await link.publish(self.topics.agent(name, "grad"), GRAD, body, round_=round_, step=step)
             now = time.monotonic()
@@ -430,18 +444,18 @@ class Coordinator:
                 if not self.agents[name].online:
                     self._drop(plan, "went offline before uploading")
                     continue
-                received = self._uploads.get((round_, name))
-                if received is None:
-                    continue
-                try:
-                    upload = parse_adapter(received.envelope.body, plan.expect)
-                except WireError as exc:
-                    self._count_rejection(exc.reason, name, exc.detail)
-                    self._drop(plan, f"sent a malformed adapter ({exc.reason})")
-                    continue
-                plan.bytes_up += received.size
-                # Weight by the tokens the server counted for this agent, not by what the agent claims.
-                uploads[name] = (float(plan.tokens), upload.state)
+                arrived = self._uploads.get((round_, name), [])
+                while arrived and name not in uploads:
+                    received = arrived.pop(0)
+                    try:
+                        upload = parse_adapter(received.envelope.body, plan.expect)
+                    except WireError as exc:
+                        self._count_rejection(exc.reason, name, exc.detail)  # and wait for a valid one
+                        continue
+                    plan.bytes_up += received.size
+                    plan.timings = upload.timings
+                    # Weight by the tokens the server counted for this agent, not by what it claims.
+                    uploads[name] = (float(plan.tokens), upload.state)
             waiting = [n for n, p in plans.items() if p.dropped is None and n not in uploads]
             if not waiting:
                 return list(uploads.values())
@@ -456,11 +470,6 @@ class Coordinator:
                     await self._upload_arrived.wait()
             except TimeoutError:
                 pass
-
-    def _upload_timings(self, round_: int, name: str) -> dict[str, float]:
-        received = self._uploads.get((round_, name))
-        timings = received.envelope.body.get("timings") if received is not None else None
-        return dict(timings) if isinstance(timings, dict) else {}
 
     def _drop(self, plan: Participant, reason: str) -> None:
         if plan.dropped is None:

@@ -1,16 +1,9 @@
 #!/usr/bin/env bash
-# The main job, for now: show the split plan of the presets and check, step by step, that a split
-# training step equals the unsplit model (loss and every LoRA gradient) through the real codec.
-# The complete local federated run arrives with the runtime.
+# The main job: a complete local federated split fine-tuning. An embedded MQTT broker, the
+# coordinator and three agent processes cut at layers 1, 2 and 3 fine-tune the tiny-gpt2 preset
+# with LoRA on GSM8K shards; the output (adapter folder, metrics.jsonl, run.png) goes to runs/demo.
+#   bash scripts/demo.sh [more splitft-coordinator local options]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-BIN=${SPLITFT_VENV:-.venv}/bin
-
-"$BIN/splitft-coordinator" inspect --model tiny-llama --cut 4
-for model in tiny-gpt2 tiny-llama; do
-    for cut in 1 6 11; do
-        "$BIN/splitft-coordinator" verify-split --model "$model" --cut "$cut"
-    done
-done
-"$BIN/splitft-coordinator" verify-split --model tiny-llama --cut 4 --wire int8
+"${SPLITFT_VENV:-.venv}/bin/splitft-coordinator" local --out runs/demo "$@"

@@ -1,9 +1,21 @@
 #!/usr/bin/env bash
 # Lint, type-check and run the test suite.   bash scripts/test.sh [pytest args]
+# The broker tests need Mosquitto: it is installed here when missing (apt-get, as root); the tests
+# start their own broker on a free 127.0.0.1 port. They never skip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 PY=${SPLITFT_VENV:-.venv}/bin
+
+if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "== installing mosquitto"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null
+    else
+        echo "mosquitto is needed by the tests: install it (e.g. sudo apt-get install mosquitto)" >&2
+        exit 1
+    fi
+fi
 
 echo "== ruff"
 "$PY/ruff" check .

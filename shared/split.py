@@ -31,7 +31,7 @@ from accelerate import init_empty_weights
 from peft import PeftModel, get_peft_model
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from .errors import ConfigError, ModelError
 from .lora import LoraSettings, block_ranks, init_lora, lora_parameters, peft_config
@@ -235,6 +235,28 @@ def _build(
     dtype: torch.dtype,
     load_weights: bool,
 ) -> Segment:
+    model = _frozen_part(source, spec, config, family, total, device, dtype, load_weights)
+    with warnings.catch_warnings():
+        # transformers 5 deprecates a name that PEFT still calls; nothing for our users to act on.
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        peft_model = get_peft_model(model, peft_config(family, held, lora))
+    if load_weights:
+        init_lora(peft_model, lora_seed)
+        peft_model.to(device)
+    return Segment(peft_model, config, family, spec, dict(held))
+
+
+def _frozen_part(
+    source: str | Path,
+    spec: SegmentSpec,
+    config: PretrainedConfig,
+    family: Family,
+    total: int,
+    device: str | torch.device,
+    dtype: torch.dtype,
+    load_weights: bool,
+) -> nn.Module:
+    """The ``*ForCausalLM`` model holding only ``spec``'s modules, with their frozen weights."""
     # Parameters on the meta device until materialised; buffers (rotary frequencies) stay real.
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config)
@@ -244,17 +266,29 @@ def _build(
             _materialize(model, _PresetWeights(model, config), f"preset {source}")
         else:
             _materialize(model, _FolderWeights(model, Path(source)), str(source))
-    if load_weights:
         model.to(device=device, dtype=dtype)
     model.requires_grad_(False)
-    with warnings.catch_warnings():
-        # transformers 5 deprecates a name that PEFT still calls; nothing for our users to act on.
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-        peft_model = get_peft_model(model, peft_config(family, held, lora))
-    if load_weights:
-        init_lora(peft_model, lora_seed)
-        peft_model.to(device)
-    return Segment(peft_model, config, family, spec, dict(held))
+    return model
+
+
+def load_base_model(
+    source: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str | None = None,
+) -> PreTrainedModel:
+    """The whole base model without LoRA: a plain ``*ForCausalLM`` (``PeftModel.from_pretrained`` takes it).
+
+    For a preset this is the only way to get its weights outside SplitFT; ``save_pretrained`` makes it
+    an ordinary Hugging Face folder.
+    """
+    config = load_config(source, attn_implementation)
+    family = family_of(config)
+    total = num_layers(config)
+    with _BUILD_LOCK:
+        model = _frozen_part(source, SegmentSpec.whole(total), config, family, total, device, dtype, True)
+    return cast(PreTrainedModel, model)
 
 
 def _prune(model: nn.Module, family: Family, spec: SegmentSpec, total: int) -> None:

@@ -81,3 +81,48 @@ def test_console_scripts_are_installed() -> None:
         done = subprocess.run([str(path), "--help"], capture_output=True, text=True, timeout=120, check=False)
         assert done.returncode == 0, done.stderr
         assert "SplitFT" in done.stdout
+
+
+def _agent(*args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "splitft.agent.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=180, check=False)
+
+
+def test_agent_join_errors_have_named_exit_codes(tmp_path: Path) -> None:
+    base = ["join", "--broker", "mqtt://127.0.0.1:1", "--job", "j", "--model", "tiny-gpt2", "--id", "a1"]
+    done = _agent(*base, "--data", str(tmp_path / "missing.jsonl"))
+    assert done.returncode == ExitCode.DATA and "missing.jsonl" in done.stderr
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "2+2?", "response": "4"}\n')
+    done = _agent(*base, "--data", str(data), "--connect-timeout", "1")
+    assert done.returncode == ExitCode.BROKER and "cannot reach the MQTT broker" in done.stderr
+    done = _agent(*base[:-1], "bad/name", "--data", str(data))
+    assert done.returncode == ExitCode.CONFIG and "agent name" in done.stderr
+    done = _agent(*base[:5], "--model", "no-such-model", "--id", "a1", "--data", str(data))
+    assert done.returncode == ExitCode.MODEL
+
+
+def test_run_refuses_a_broken_job_file(tmp_path: Path) -> None:
+    job = tmp_path / "job.toml"
+    job.write_text('rounds = 0\n[optimizer]\nname = "adamw"\n')
+    result = runner.invoke(app, ["run", "--broker", "mqtt://127.0.0.1:1", "--out", str(tmp_path), "--config", str(job)])
+    assert result.exit_code == ExitCode.CONFIG and "rounds must be a positive integer" in result.output
+    job.write_text("roundz = 3\n")
+    result = runner.invoke(app, ["run", "--broker", "mqtt://127.0.0.1:1", "--out", str(tmp_path), "--config", str(job)])
+    assert result.exit_code == ExitCode.CONFIG and "unknown setting(s) roundz" in result.output
+
+
+def test_local_run_end_to_end(tmp_path: Path) -> None:
+    """The README's main job, small: embedded broker, two agent processes, adapter + metrics + plot."""
+    out = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "splitft.coordinator.cli", "local", "--out", str(out), "--agents", "2",
+        "--cuts", "1,3", "--rounds", "2", "--local-steps", "2", "--samples-per-agent", "8", "--max-length", "96",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "round   2: eval loss" in done.stdout
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "run.png").stat().st_size > 10_000
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and '"agent-1": 1' in lines[-1] and '"agent-2": 3' in lines[-1]

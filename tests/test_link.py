@@ -8,12 +8,13 @@ from pathlib import Path
 import aiomqtt
 import pytest
 import torch
-from conftest import Broker, start_mosquitto, stop_broker
 
 from splitft.shared.codec import decode_tensor, encode_tensor
 from splitft.shared.link import BrokerSettings, Link
 from splitft.shared.protocol import ACT, JOIN, Envelope, encode_envelope
 from splitft.shared.topics import Topics
+
+from conftest import Broker, start_mosquitto, stop_broker
 
 TOPICS = Topics("linktest")
 
@@ -81,14 +82,4 @@ async def test_reconnects_after_broker_restart(tmp_path: Path) -> None:
 
 
 def _restart_on(folder: Path, port: int) -> Broker:
-    import subprocess
-    import time
-
-    from conftest import _mosquitto_binary
-
-    folder.mkdir(parents=True)
-    conf = folder / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-    process = subprocess.Popen([_mosquitto_binary(), "-c", str(conf)], stderr=subprocess.DEVNULL)
-    time.sleep(0.3)
-    return Broker("127.0.0.1", port, process, folder / "none.log")
+    return start_mosquitto(folder, port)
