@@ -47,6 +47,7 @@ def join(
     ] = None,
     username: Annotated[str | None, typer.Option(envvar="SPLITFT_USERNAME", help="Broker user name.")] = None,
     password: Annotated[str | None, typer.Option(envvar="SPLITFT_PASSWORD", help="Broker password.")] = None,
+    client_id: Annotated[str | None, typer.Option(help="MQTT client id (default: the agent id + a suffix).")] = None,
     mqtt_protocol: Annotated[str, typer.Option(help="MQTT version: 5, or 3.1.1 for brokers without v5.")] = "5",
     profile: Annotated[
         str | None, typer.Option(help="Device class this agent reports (e.g. jetson-orin-nano).")
@@ -76,7 +77,12 @@ def join(
             profile=profile,
         )
         link = BrokerSettings(
-            url=broker, username=username, password=password, protocol=mqtt_protocol, connect_timeout_s=connect_timeout
+            url=broker,
+            username=username,
+            password=password,
+            client_id=client_id,
+            protocol=mqtt_protocol,
+            connect_timeout_s=connect_timeout,
         )
         agent = Agent(settings, link)
         typer.echo(f"agent {name}: {len(agent.pairs)} samples from {data}; joining job {job} at {broker}")

@@ -108,7 +108,6 @@ class Coordinator:
         *,
         resume: bool = False,
         device: str = "cpu",
-        join_window_s: float = 2.0,
         progress: Progress | None = None,
     ) -> None:
         self.job = job
@@ -116,7 +115,6 @@ class Coordinator:
         self.out = Path(out_dir)
         self.resume = resume
         self.device = device
-        self.join_window_s = join_window_s
         self.progress = progress or (lambda event, data: None)
         self.topics = Topics(job.job)
         self.agents: dict[str, AgentInfo] = {}
@@ -281,7 +279,7 @@ class Coordinator:
                     await self._joined.wait()
             except TimeoutError:
                 pass
-        await asyncio.sleep(self.join_window_s)
+        await asyncio.sleep(self.job.join_window_s)
         self.progress("admitted", {"agents": self._online()})
 
     # ------------------------------------------------------------------ rounds

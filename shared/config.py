@@ -82,6 +82,7 @@ class JobConfig:
     max_length: int = 256  # tokens per sequence, at most
     min_agents: int = 1  # a round starts only with this many agents online
     join_timeout_s: float = 300.0  # how long to wait for min_agents before giving up
+    join_window_s: float = 2.0  # once min_agents are in, how long more agents may still join the first round
     step_timeout_s: float = 300.0  # an agent that sends no activations within this is dropped from the round
     upload_timeout_s: float = 300.0  # likewise for the adapter upload at the end of a round
     cut: int = 2  # cut layer of agents not named in `cuts`
@@ -105,6 +106,8 @@ class JobConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if type(self.max_length) is not int or self.max_length < 8:
             raise ConfigError(f"max_length must be an integer >= 8, got {self.max_length!r}")
+        if not (isinstance(self.join_window_s, (int, float)) and 0 <= self.join_window_s < 1e6):
+            raise ConfigError(f"join_window_s must be a number of seconds >= 0, got {self.join_window_s!r}")
         for name in ("join_timeout_s", "step_timeout_s", "upload_timeout_s"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):

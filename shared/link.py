@@ -46,6 +46,7 @@ class BrokerSettings:
     url: str = "mqtt://127.0.0.1:1883"
     username: str | None = None
     password: str | None = None
+    client_id: str | None = None  # MQTT client id (for broker ACLs on %c); default: the member name + a session suffix
     protocol: str = "5"  # "5", or "3.1.1" for brokers without v5 (the embedded amqtt)
     keepalive_s: int = 30
     connect_timeout_s: float = 30.0  # first connection; later ones retry until the link closes
@@ -320,7 +321,7 @@ class Link:
             self.settings.port,
             username=self.settings.username,
             password=self.settings.password,
-            identifier=f"{self.name}-{self.sid[:6]}",
+            identifier=self.settings.client_id or f"{self.name}-{self.sid[:6]}",
             protocol=_PROTOCOLS[self.settings.protocol],
             will=will,
             keepalive=self.settings.keepalive_s,

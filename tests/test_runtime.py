@@ -38,7 +38,7 @@ def shards(tmp_path: Path, n: int = 3, samples: int = 48) -> dict[str, Path]:
 
 async def run_job(broker: Broker, out: Path, job: JobConfig, data: dict[str, Path]) -> Coordinator:
     settings = BrokerSettings(url=broker.url)
-    coordinator = Coordinator(job, settings, out, join_window_s=0.2)
+    coordinator = Coordinator(job, settings, out)
     agents = [Agent(AgentSettings(name, job.job, job.model, path), settings) for name, path in data.items()]
     tasks = [asyncio.create_task(a.run(), name=a.name) for a in agents]
     try:
@@ -70,6 +70,7 @@ async def test_three_agents_different_cuts_loss_falls(broker: Broker, tmp_path: 
         eval_samples=16,
         step_timeout_s=60,
         upload_timeout_s=60,
+        join_window_s=0.2,
     )
     out = tmp_path / "out"
     coordinator = await run_job(broker, out, job, shards(tmp_path))
@@ -116,6 +117,7 @@ async def test_federated_split_equals_centralised(broker: Broker, tmp_path: Path
         eval_samples=4,
         step_timeout_s=60,
         upload_timeout_s=60,
+        join_window_s=0.2,
     )
     data = shards(tmp_path)
     coordinator = await run_job(broker, tmp_path / "out", job, data)
@@ -168,6 +170,7 @@ def small_job(name: str, rounds: int) -> JobConfig:
         eval_samples=4,
         step_timeout_s=60,
         upload_timeout_s=60,
+        join_window_s=0.2,
     )
 
 
@@ -217,7 +220,7 @@ async def test_resume_continues_from_the_last_checkpoint(broker: Broker, tmp_pat
     assert first.server is not None
     saved = lora_state(first.server.segment.peft_model)
     settings = BrokerSettings(url=broker.url)
-    resumed = Coordinator(small_job("resume", rounds=3), settings, out, resume=True, join_window_s=0.2)
+    resumed = Coordinator(small_job("resume", rounds=3), settings, out, resume=True)
     agents = [Agent(AgentSettings(n, "resume", "tiny-gpt2", p), settings) for n, p in data.items()]
     tasks = [asyncio.create_task(a.run()) for a in agents]
 
