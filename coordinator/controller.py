@@ -1,0 +1,263 @@
+"""The cut-layer controller: which block each device's segment ends at, revised every round.
+
+The cost model of one global step (the server takes one optimiser step per global step, after every
+device's batch is in, so a step lasts as long as its slowest part):
+
+    device i at cut c:   d_i(c) = fixed_i + c * block_i + up_i / uplink_i + down_i / downlink_i + rtt_i
+    server:              S(c)   = sum_i ((L - c_i) * server_block + server_head)
+    step time:           M(c)   = max(max_i d_i(c_i), S(c))
+
+A deeper cut moves work from the shared server to the device; activation bytes do not depend on
+the cut. So when the server is far faster than every device, the latency-optimal cut is ``c_min``
+for all: adaptation pays when the server's shared load matters (many devices or a modest server),
+when memory or a privacy floor bounds the cuts, and under the paper's performance rule.
+
+Policies (``POLICIES``):
+
+* ``fixed``   one cut for all (the SplitLoRA / SFL baseline), capped by each device's memory;
+* ``paper``   the SplitFT paper's rule: devices whose local accuracy is above the mean take more
+  blocks, the others fewer, by ``gamma`` times their deviation in standard deviations;
+* ``latency`` the cuts that minimise M. For a candidate step time T every device takes the deepest
+  cut it can finish within T (and hold in memory); deeper cuts only lower S, so the optimum is one
+  of these "deepest within T" assignments, with T one of the devices' step times. We evaluate them
+  all (exact; the candidates are sorted so the feasible ones are found by bisection on T first);
+* ``splitft`` ``latency``, then the performance term applied only where it costs at most
+  ``perf_slack`` of the makespan, then hysteresis: the previous cuts are kept unless the new ones
+  are predicted at least ``hysteresis`` faster, so cuts do not flap on noisy reports.
+
+:func:`ideal_bound` is the balanced lower bound: the same problem with fractional cuts (work split
+perfectly between each device and the server), so ``achieved / ideal >= 1`` reads how close a
+round came to the best any cut assignment could do.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from splitft.shared.errors import ConfigError
+
+POLICIES = ("fixed", "paper", "latency", "splitft")
+
+
+@dataclass(frozen=True)
+class DeviceEstimate:
+    """What the controller knows of one device (EWMA-smoothed measurements, or a profile's figures)."""
+
+    name: str
+    block_s: float  # device seconds per block per step (forward + backward)
+    fixed_s: float = 0.0  # per-step device time that does not depend on the cut (embeddings, optimiser)
+    up_bytes: float = 0.0  # bytes sent up per step (activations, labels)
+    down_bytes: float = 0.0  # bytes received per step (the activation gradient)
+    uplink_bps: float = math.inf  # bits per second
+    downlink_bps: float = math.inf
+    rtt_s: float = 0.0
+    max_blocks: int = 1 << 30  # the most blocks its memory holds
+    accuracy: float | None = None  # local next-token accuracy, for the performance rule
+
+    def step_s(self, cut: float) -> float:
+        link = self.up_bytes * 8 / self.uplink_bps + self.down_bytes * 8 / self.downlink_bps + self.rtt_s
+        return self.fixed_s + cut * self.block_s + link
+
+
+@dataclass(frozen=True)
+class ServerEstimate:
+    block_s: float  # server seconds per block per device batch (forward + backward)
+    head_s: float = 0.0  # per device batch: final norm, LM head and loss
+
+    def step_s(self, num_layers: int, cuts: Sequence[float]) -> float:
+        return sum((num_layers - c) * self.block_s + self.head_s for c in cuts)
+
+
+@dataclass(frozen=True)
+class ControllerSettings:
+    policy: str = "splitft"
+    num_layers: int = 12
+    c_min: int = 1  # a privacy floor as much as a performance bound: shallow activations are easier to invert
+    c_max: int | None = None  # default num_layers - 1
+    fixed_cut: int = 2  # the `fixed` policy's cut
+    gamma: float = 1.0  # weight of the performance term
+    perf_slack: float = 0.05  # splitft: the performance term may cost this share of the makespan
+    hysteresis: float = 0.1  # splitft: new cuts must be predicted this much faster to replace the old
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ConfigError(f"controller policy must be one of {list(POLICIES)}, got {self.policy!r}")
+        if not 1 <= self.c_min <= self.upper <= self.num_layers - 1:
+            raise ConfigError(f"need 1 <= c_min ({self.c_min}) <= c_max ({self.upper}) <= {self.num_layers - 1}")
+        for name in ("gamma", "perf_slack", "hysteresis"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ConfigError(f"controller.{name} must be a finite number >= 0")
+
+    @property
+    def upper(self) -> int:
+        return self.num_layers - 1 if self.c_max is None else self.c_max
+
+
+@dataclass(frozen=True)
+class Decision:
+    cuts: dict[str, int]
+    device_s: dict[str, float]  # predicted step time of each device at its cut
+    server_s: float  # predicted server time per step
+    makespan_s: float  # predicted step time: max(devices, server)
+    ideal_s: float  # the balanced lower bound
+    reason: str = ""
+    kept: bool = False  # hysteresis kept the previous cuts
+
+    @property
+    def ratio(self) -> float:
+        return self.makespan_s / self.ideal_s if self.ideal_s > 0 else math.inf
+
+
+@dataclass
+class Controller:
+    """Chooses cuts each round; :meth:`decide` is pure apart from remembering the last decision."""
+
+    settings: ControllerSettings
+    history: list[Decision] = field(default_factory=list)
+
+    def decide(self, devices: Sequence[DeviceEstimate], server: ServerEstimate) -> Decision:
+        if not devices:
+            raise ConfigError("the controller needs at least one device")
+        s = self.settings
+        previous = self.history[-1].cuts if self.history else None
+        if s.policy == "fixed":
+            cuts = {d.name: self._clamp(d, s.fixed_cut) for d in devices}
+            reason = f"fixed cut {s.fixed_cut}"
+        elif s.policy == "paper":
+            start = previous or {d.name: self._clamp(d, s.fixed_cut) for d in devices}
+            cuts = self._performance(devices, {d.name: start.get(d.name, s.fixed_cut) for d in devices})
+            reason = "performance rule"
+        else:
+            cuts = latency_cuts(devices, server, s.num_layers, s.c_min, s.upper)
+            reason = "minimum predicted makespan"
+            if s.policy == "splitft":
+                base = self._makespan(devices, server, cuts)
+                shifted = self._performance(devices, cuts)
+                if self._makespan(devices, server, shifted) <= base * (1 + s.perf_slack):
+                    cuts, reason = shifted, "minimum makespan, then the performance rule"
+        decision = self._predict(devices, server, cuts, reason)
+        if s.policy == "splitft" and previous is not None and set(previous) == {d.name for d in devices}:
+            kept = {d.name: self._clamp(d, previous[d.name]) for d in devices}
+            kept_decision = self._predict(devices, server, kept, "kept: the change would not pay", kept=True)
+            if kept != cuts and decision.makespan_s > kept_decision.makespan_s * (1 - s.hysteresis):
+                decision = kept_decision
+        self.history.append(decision)
+        return decision
+
+    # ------------------------------------------------------------------ helpers
+
+    def _clamp(self, device: DeviceEstimate, cut: int) -> int:
+        s = self.settings
+        return max(s.c_min, min(cut, s.upper, device.max_blocks))
+
+    def _performance(self, devices: Sequence[DeviceEstimate], cuts: Mapping[str, int]) -> dict[str, int]:
+        scored = [d for d in devices if d.accuracy is not None]
+        if len(scored) < 2:
+            return dict(cuts)
+        accs = [float(d.accuracy) for d in scored if d.accuracy is not None]
+        mean, spread = statistics.fmean(accs), statistics.pstdev(accs) or 1.0
+        out = dict(cuts)
+        for d in scored:
+            assert d.accuracy is not None
+            shift = self.settings.gamma * (d.accuracy - mean) / spread
+            out[d.name] = self._clamp(d, round(cuts[d.name] + shift))
+        return out
+
+    def _makespan(self, devices: Sequence[DeviceEstimate], server: ServerEstimate, cuts: Mapping[str, int]) -> float:
+        return self._predict(devices, server, cuts, "").makespan_s
+
+    def _predict(
+        self,
+        devices: Sequence[DeviceEstimate],
+        server: ServerEstimate,
+        cuts: Mapping[str, int],
+        reason: str,
+        kept: bool = False,
+    ) -> Decision:
+        s = self.settings
+        device_s = {d.name: d.step_s(cuts[d.name]) for d in devices}
+        server_s = server.step_s(s.num_layers, [cuts[d.name] for d in devices])
+        return Decision(
+            cuts=dict(cuts),
+            device_s=device_s,
+            server_s=server_s,
+            makespan_s=max(max(device_s.values()), server_s),
+            ideal_s=ideal_bound(devices, server, s.num_layers, s.c_min, s.upper),
+            reason=reason,
+            kept=kept,
+        )
+
+
+def _deepest_within(device: DeviceEstimate, limit_s: float, c_min: int, c_max: int) -> int | None:
+    """The deepest cut this device finishes within ``limit_s`` (None if not even ``c_min`` does)."""
+    cap = min(c_max, device.max_blocks)
+    if cap < c_min or device.step_s(c_min) > limit_s + 1e-12:
+        return None
+    if device.block_s <= 0:
+        return cap
+    room = (limit_s - device.step_s(0)) / device.block_s
+    return max(c_min, min(cap, math.floor(room + 1e-9)))
+
+
+def latency_cuts(
+    devices: Sequence[DeviceEstimate], server: ServerEstimate, num_layers: int, c_min: int, c_max: int
+) -> dict[str, int]:
+    """Cuts minimising the predicted step time ``max(max_i d_i(c_i), S(c))`` (exact for this model)."""
+    for d in devices:
+        if min(c_max, d.max_blocks) < c_min:
+            raise ConfigError(f"device {d.name} holds at most {d.max_blocks} blocks, below c_min = {c_min}")
+    floor = max(d.step_s(c_min) for d in devices)  # no T below this is feasible for every device
+    candidates = sorted(
+        {floor} | {d.step_s(c) for d in devices for c in range(c_min, c_max + 1) if d.step_s(c) >= floor}
+    )
+    best: tuple[float, dict[str, int]] | None = None
+    for limit in candidates:
+        picked = {d.name: _deepest_within(d, limit, c_min, c_max) for d in devices}
+        cuts = {name: int(c) for name, c in picked.items() if c is not None}
+        makespan = max(max(d.step_s(cuts[d.name]) for d in devices), server.step_s(num_layers, list(cuts.values())))
+        if best is None or makespan < best[0] - 1e-12:
+            best = (makespan, cuts)
+        if server.step_s(num_layers, list(cuts.values())) <= limit:
+            break  # larger T only lengthens the devices' part: this is the optimum
+    assert best is not None
+    target, cuts = best
+    # Ties: any device finishing within the makespan is as good for the step time. Hand blocks back to
+    # the server while it still finishes in time, slowest device first: each device's own step is as
+    # short as the makespan allows (with a fast server, every device gets c_min).
+    by_name = {d.name: d for d in devices}
+    while True:
+        slack = target - server.step_s(num_layers, list(cuts.values()))
+        movable = [n for n, c in cuts.items() if c > c_min and server.block_s <= slack + 1e-12]
+        if not movable:
+            return cuts
+        slowest = max(movable, key=lambda n: by_name[n].step_s(cuts[n]))
+        cuts[slowest] -= 1
+
+
+def ideal_bound(
+    devices: Sequence[DeviceEstimate], server: ServerEstimate, num_layers: int, c_min: int, c_max: int
+) -> float:
+    """The balanced lower bound: the least step time with fractional cuts (bisection on T)."""
+
+    def fractional(limit: float) -> list[float]:
+        out = []
+        for d in devices:
+            cap = min(c_max, d.max_blocks)
+            x = cap if d.block_s <= 0 else (limit - d.step_s(0)) / d.block_s
+            out.append(min(max(x, c_min), cap))
+        return out
+
+    lo = max(d.step_s(c_min) for d in devices)
+    if server.step_s(num_layers, fractional(lo)) <= lo:
+        return lo
+    hi = max(lo, server.step_s(num_layers, [c_min] * len(devices)))
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if server.step_s(num_layers, fractional(mid)) <= mid:
+            hi = mid
+        else:
+            lo = mid
+    return hi
