@@ -30,7 +30,7 @@ from splitft.shared import __version__
 from splitft.shared.codec import FLOAT_WIRE_DTYPES, decode_state
 from splitft.shared.config import OptimizerSettings
 from splitft.shared.data import Batches, Example, load_records, tokenize
-from splitft.shared.errors import ConfigError, WireError
+from splitft.shared.errors import ConfigError, LinkError, SplitFTError, WireError
 from splitft.shared.link import BrokerSettings, Link, Received
 from splitft.shared.lora import LoraSettings, load_lora_state, lora_state
 from splitft.shared.models import load_config, num_layers
@@ -169,7 +169,9 @@ class Agent:
                 log.debug("%s: ignoring a gradient outside a step (round %d step %d)", self.name, env.round, env.step)
         except (WireError, ConfigError) as exc:
             log.warning("%s: refused a %s message: %s", self.name, kind, exc)
-        except (OSError, RuntimeError, ValueError) as exc:
+        except LinkError:
+            raise  # the broker is gone for longer than the link waits: the agent cannot go on
+        except (SplitFTError, OSError, RuntimeError, ValueError, TypeError, KeyError) as exc:
             # A failure in one round (out of memory, a model error) must not end the agent: log it in
             # full, let the coordinator drop us from this round, and take the next assignment.
             log.exception("%s: %s message failed: %s", self.name, kind, exc)
@@ -238,7 +240,9 @@ class Agent:
 
     async def _wait_grad(self, a: Assignment, step: int) -> Any:
         assert self._link is not None
-        deadline = time.monotonic() + a.step_timeout_s
+        # The coordinator's deadline runs from the start of its step and it serves agents one after the
+        # other: wait twice as long, so that it is always the coordinator that gives up first.
+        deadline = time.monotonic() + 2 * a.step_timeout_s
         while True:
             try:
                 received = await self._link.receive(timeout=max(deadline - time.monotonic(), 0.0))
@@ -335,7 +339,10 @@ def parse_assignment(round_: int, body: Mapping[str, Any], model: str, total_lay
     if wire not in FLOAT_WIRE_DTYPES or adapter_wire not in FLOAT_WIRE_DTYPES:
         raise WireError("bad_dtype", f"unknown wire dtype {wire!r} / {adapter_wire!r}")
     try:
-        lora = LoraSettings(**get("lora", dict))
+        lora_fields = dict(get("lora", dict))
+        if "targets" in lora_fields and isinstance(lora_fields["targets"], list):
+            lora_fields["targets"] = tuple(lora_fields["targets"])
+        lora = LoraSettings(**lora_fields)
         optimizer = OptimizerSettings(**get("optimizer", dict))
     except (TypeError, ConfigError) as exc:
         raise WireError("bad_schema", f"assignment settings: {exc}") from exc

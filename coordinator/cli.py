@@ -111,6 +111,56 @@ def verify_split(
     console.print(f"[green]OK[/green]: split equals whole within {tolerance:g}")
 
 
+@app.command()
+def partition(
+    data: Annotated[Path, typer.Option(help="JSONL/CSV of prompt/response pairs to split.")],
+    clients: Annotated[int, typer.Option(help="Number of shards.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the shards, the table and the PNG.")],
+    alpha: Annotated[float, typer.Option(help="Dirichlet concentration: 0.1 very skewed, 1000 close to IID.")] = 0.5,
+    buckets: Annotated[int, typer.Option(help="Length buckets (quantiles).")] = 4,
+    min_samples: Annotated[int, typer.Option(help="Samples every client gets at least.")] = 2,
+    model: Annotated[str, typer.Option("--model", "-m", help="Whose tokenizer measures the lengths.")] = "tiny-gpt2",
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    limit: Annotated[int | None, typer.Option(help="Use only the first N records.")] = None,
+) -> None:
+    """Split a data set across clients by a length-based Dirichlet partition; shards, a table and a PNG."""
+    from rich.table import Table
+
+    from splitft.shared.data import load_records
+    from splitft.shared.partition import (
+        describe,
+        length_dirichlet_partition,
+        plot_partition,
+        token_lengths,
+        write_partition,
+    )
+    from splitft.shared.text import load_tokenizer
+
+    console = _console()
+    try:
+        pairs = load_records(data, limit=limit)
+        lengths = token_lengths(pairs, load_tokenizer(model))
+        split = length_dirichlet_partition(
+            lengths, clients, alpha, num_buckets=buckets, min_samples=min_samples, seed=seed
+        )
+        paths = write_partition(pairs, split, out)
+        png = plot_partition(
+            split, lengths, out / "partition.png", title=f"{data.name}: alpha={alpha}, {clients} clients"
+        )
+    except SplitFTError as exc:
+        raise _fail(exc) from exc
+    table = Table(title=f"Length-Dirichlet partition (alpha={alpha}, skew {split.skew():.3f})")
+    for column in ("client", "file", "samples", "mean len", "median", "p90", "per bucket (short..long)"):
+        table.add_column(column)
+    for row, path in zip(describe(split, lengths), paths, strict=True):
+        table.add_row(
+            str(row["client"]), path.name, str(row["samples"]), f"{row['mean']:.0f}", f"{row['median']:.0f}",
+            f"{row['p90']:.0f}", " ".join(map(str, row["buckets"])),
+        )  # fmt: skip
+    console.print(table)
+    console.print(f"shards in {out}; histogram {png}")
+
+
 @app.command("save-base")
 def save_base(
     model: ModelOpt,
@@ -190,6 +240,9 @@ def local(
     max_length: Annotated[int, typer.Option(help="Tokens per sequence, at most.")] = 192,
     lr: Annotated[float, typer.Option(help="Learning rate (AdamW).")] = 2e-3,
     samples_per_agent: Annotated[int, typer.Option(help="Training samples per agent.")] = 96,
+    alpha: Annotated[
+        float, typer.Option(help="Length-based Dirichlet partition of the data (0.1 very skewed; 0 = IID split).")
+    ] = 1.0,
     data: Annotated[Path | None, typer.Option(help="JSONL/CSV to shard (default: vendored GSM8K).")] = None,
     broker: Annotated[str | None, typer.Option(help="Use this broker instead of the embedded one.")] = None,
     mqtt_protocol: Annotated[str, typer.Option(help="MQTT version of --broker: 5, or 3.1.1.")] = "5",
@@ -209,7 +262,7 @@ def local(
         )  # fmt: skip
         cut_list = tuple(int(c) for c in cuts.split(",") if c.strip())
         plan = LocalRun(
-            spec, out, agents=agents, cuts=cut_list, samples_per_agent=samples_per_agent, data=data,
+            spec, out, agents=agents, cuts=cut_list, samples_per_agent=samples_per_agent, data=data, alpha=alpha or None,
             broker_url=broker, mqtt_protocol=mqtt_protocol, device=resolve_device(device),
         )  # fmt: skip
         console.print(

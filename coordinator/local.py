@@ -24,7 +24,8 @@ from splitft.shared.config import JobConfig
 from splitft.shared.data import load_records, write_shards
 from splitft.shared.errors import ConfigError, LinkError
 from splitft.shared.link import BrokerSettings
-from splitft.shared.text import GSM8K
+from splitft.shared.partition import length_dirichlet_partition, plot_partition, token_lengths, write_partition
+from splitft.shared.text import GSM8K, load_tokenizer
 
 from .report import plot_run
 from .runtime import Coordinator, Progress
@@ -39,6 +40,7 @@ class LocalRun:
     agents: int = 3
     cuts: tuple[int, ...] = (1, 2, 3)  # cut layer of agent i is cuts[i % len(cuts)]
     samples_per_agent: int = 96
+    alpha: float | None = 1.0  # length-based Dirichlet partition; None: an IID split
     data: Path | None = None  # JSONL/CSV to shard; default: the vendored GSM8K train split
     broker_url: str | None = None  # an external broker; default: the embedded one
     mqtt_protocol: str = "5"  # for an external broker
@@ -63,26 +65,29 @@ async def run_local(run: LocalRun, progress: Progress | None = None) -> dict[str
     names = run.agent_names()
     source = run.data or GSM8K / "train.jsonl"
     pairs = load_records(source, limit=run.agents * run.samples_per_agent)
-    shards = [
-        shard.replace(shard.with_name(f"{name}.jsonl"))  # agent-1 trains on data/agent-1.jsonl
-        for name, shard in zip(
-            names, write_shards(pairs, run.agents, run.out / "data", seed=run.job.seed, prefix="shard"), strict=True
-        )
-    ]
+    if run.alpha is None:
+        written = write_shards(pairs, run.agents, run.out / "data", seed=run.job.seed, prefix="shard")
+    else:
+        # Devices differ in how long their sequences are, as in a real fleet (see shared/partition.py).
+        lengths = token_lengths(pairs, load_tokenizer(run.job.model))
+        partition = length_dirichlet_partition(lengths, run.agents, run.alpha, seed=run.job.seed)
+        written = write_partition(pairs, partition, run.out / "data", prefix="shard")
+        plot_partition(partition, lengths, run.out / "partition.png", title=f"Length-Dirichlet alpha={run.alpha}")
+    shards = [shard.replace(shard.with_name(f"{name}.jsonl")) for name, shard in zip(names, written, strict=True)]
     cuts = {name: run.cuts[i % len(run.cuts)] for i, name in enumerate(names)}
     job = replace(run.job, cuts={**run.job.cuts, **cuts}, min_agents=run.agents)
 
     async with _broker(run) as (url, protocol):
         settings = BrokerSettings(url=url, protocol=protocol)
-        processes = [
-            _start_agent(run, job, name, shard, url, protocol) for name, shard in zip(names, shards, strict=True)
-        ]
+        processes: list[subprocess.Popen[bytes]] = []
         try:
+            for name, shard in zip(names, shards, strict=True):
+                processes.append(_start_agent(run, job, name, shard, url, protocol))
             coordinator = Coordinator(job, settings, run.out, device=run.device, progress=progress)
             summary = await coordinator.run()
             await _wait_agents(processes, timeout_s=60)
         finally:
-            _stop(processes)
+            await asyncio.to_thread(_stop, processes)  # the embedded broker keeps serving meanwhile
     summary["plot"] = str(
         plot_run(run.out / "metrics.jsonl", run.out / "run.png", title=f"SplitFT local run: {job.job}")
     )

@@ -69,6 +69,7 @@ class AgentInfo:
     name: str
     profile: dict[str, Any]
     online: bool = True
+    sid: str = ""  # the session (process) that joined last
     bytes_up: int = 0
     bytes_down: int = 0
 
@@ -125,6 +126,7 @@ class Coordinator:
         self._early: dict[str, list[Received]] = {}
         self._uploads: dict[tuple[int, str], list[Received]] = {}
         self._upload_arrived = asyncio.Event()
+        self._round_now = 0
         self._joined = asyncio.Event()
         self._link: Link | None = None
         self._started = time.monotonic()
@@ -166,6 +168,7 @@ class Coordinator:
             state = read_state(checkpoint)
             first_round = int(state["round"]) + 1
             self._elapsed_before = float(state.get("elapsed_s", 0.0))
+            self._truncate_metrics(after=first_round - 1)
         elif self.metrics_path.exists():
             self.metrics_path.unlink()  # a fresh run starts a fresh metrics file
 
@@ -220,23 +223,32 @@ class Coordinator:
             assert name is not None
             try:
                 if kind == "status":
-                    if parse_status(env.body) == "offline":
+                    # A Last Will can arrive after the same agent's new process joined: only the
+                    # session that joined may take the agent offline.
+                    info = self.agents.get(name)
+                    if parse_status(env.body) == "offline" and (info is None or info.sid == env.sid):
                         self._agent_offline(name)
                 elif kind == "join":
-                    self._agent_joined(name, parse_join(env.body))
+                    self._agent_joined(name, env.sid, parse_join(env.body))
                 elif kind == "act":
                     self._events.put_nowait(received)
-                elif kind == "adapter":
-                    self._uploads.setdefault((env.round, name), []).append(received)
-                    self._upload_arrived.set()
+                elif kind == "adapter" and env.round == self._round_now:
+                    # Only this round's uploads are kept, a few per agent: garbage cannot pile up.
+                    arrived = self._uploads.setdefault((env.round, name), [])
+                    if len(arrived) < 4:
+                        arrived.append(received)
+                        self._upload_arrived.set()
             except WireError as exc:
                 self._count_rejection(exc.reason, name, exc.detail)
+            except Exception as exc:  # never let one message end the reader
+                log.exception("unexpected error handling a %s message from %s", kind, name)
+                self._count_rejection("handler_error", name, f"{type(exc).__name__}: {exc}")
 
     def _count_rejection(self, reason: str, agent: str, detail: str) -> None:
         self.rejected_bodies[reason] = self.rejected_bodies.get(reason, 0) + 1
         log.warning("rejected a message from %s: %s (%s)", agent, reason, detail)
 
-    def _agent_joined(self, name: str, body: dict[str, Any]) -> None:
+    def _agent_joined(self, name: str, sid: str, body: dict[str, Any]) -> None:
         if body.get("model") != self.job.model:
             log.warning(
                 "agent %s runs model %r, the job uses %r: not admitted", name, body.get("model"), self.job.model
@@ -247,6 +259,7 @@ class Coordinator:
             self.agents[name] = info = AgentInfo(name, dict(body.get("profile", {})))
             log.info("agent %s joined (%d samples)", name, body["data_samples"])
         info.online = True
+        info.sid = sid
         self._joined.set()
 
     def _agent_offline(self, name: str) -> None:
@@ -290,6 +303,7 @@ class Coordinator:
         if len(self._online()) < job.min_agents:
             await self._admit()
         started = time.monotonic()
+        self._round_now = round_
         plans: dict[str, Participant] = {}
         for name in self._online():
             cut = job.cut_of(name)
@@ -395,8 +409,10 @@ class Coordinator:
                         self._drop(plans[name], f"no activations for step {step} within {job.step_timeout_s:g} s")
                     return
             if isinstance(item, _Offline):
-                if item.name in pending:
-                    self._drop(plans[item.name], "went offline")
+                plan = plans.get(item.name)
+                # Stale if the agent came back since (it re-joined); otherwise it is out of this round.
+                if plan is not None and plan.dropped is None and not self.agents[item.name].online:
+                    self._drop(plan, "went offline")
                     pending.discard(item.name)
                 continue
             env = item.envelope
@@ -411,14 +427,20 @@ class Coordinator:
             if name not in pending:
                 continue
             try:
-                act = parse_act(env.body, server.hidden_size, job.batch_size, job.max_length)
+                act = parse_act(env.body, server.hidden_size, job.batch_size, job.max_length, server.vocab_size)
             except WireError as exc:
                 # Counted and ignored; the agent's real activations may still come before the deadline.
                 self._count_rejection(exc.reason, name, exc.detail)
                 continue
             plan.bytes_up += item.size
             t0 = time.perf_counter()
-            result = await self._compute(server.train_on, plan.cut, act)
+            try:
+                result = await self._compute(server.train_on, plan.cut, act)
+            except RuntimeError as exc:  # e.g. out of memory on this batch: lose the agent's round, not the job
+                log.exception("server step for %s failed", name)
+                self._drop(plan, f"the server could not process its batch ({exc})")
+                pending.discard(name)
+                continue
             plan.server_times.append(time.perf_counter() - t0)
             body = grad_body(result.grad, job.wire_dtype, result.loss, result.tokens)
             plan.bytes_down += await link.publish(self.topics.agent(name, "grad"), GRAD, body, round_=round_, step=step)
@@ -439,9 +461,6 @@ class Coordinator:
             for name, plan in plans.items():
                 if plan.dropped is not None or name in uploads:
                     continue
-                if not self.agents[name].online:
-                    self._drop(plan, "went offline before uploading")
-                    continue
                 arrived = self._uploads.get((round_, name), [])
                 while arrived and name not in uploads:
                     received = arrived.pop(0)
@@ -454,6 +473,8 @@ class Coordinator:
                     plan.timings = upload.timings
                     # Weight by the tokens the server counted for this agent, not by what it claims.
                     uploads[name] = (float(plan.tokens), upload.state)
+                if name not in uploads and not self.agents[name].online:
+                    self._drop(plan, "went offline before uploading")
             waiting = [n for n, p in plans.items() if p.dropped is None and n not in uploads]
             if not waiting:
                 return list(uploads.values())
@@ -484,6 +505,13 @@ class Coordinator:
         size = self.job.eval_batch_size
         pad = int(tokenizer.pad_token_id)
         return [collate(examples[i : i + size], pad) for i in range(0, len(examples), size)]
+
+    def _truncate_metrics(self, after: int) -> None:
+        """Drop metrics lines of rounds after the checkpoint (written before a crash, redone now)."""
+        if not self.metrics_path.exists():
+            return
+        kept = [line for line in self.metrics_path.read_text().splitlines() if json.loads(line)["round"] <= after]
+        self.metrics_path.write_text("".join(line + "\n" for line in kept))
 
     def _write_metrics(self, record: dict[str, Any]) -> None:
         with self.metrics_path.open("a", encoding="utf-8") as f:

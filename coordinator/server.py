@@ -91,6 +91,7 @@ class ServerModel:
         config = load_config(job.model, job.attn_implementation)
         self.num_layers = num_layers(config)
         self.hidden_size = int(config.hidden_size)
+        self.vocab_size = int(config.vocab_size)
         self.ranks = global_ranks(self.num_layers, cuts, job.lora)
         self.segment: Segment = build_segment(
             job.model,

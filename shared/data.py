@@ -225,7 +225,8 @@ class Batches:
         self._order = self._permutation(epoch)
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file so that a reader never sees it half-written."""
     # A temp file in the same folder, then os.replace: a reader never sees a half-written file.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -250,18 +251,22 @@ def write_shards(
         raise ConfigError(f"num_shards must be at least 1, got {num_shards}")
     if num_shards > len(pairs):
         raise ConfigError(f"num_shards ({num_shards}) exceeds the number of records ({len(pairs)})")
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
+    return write_parts(pairs, [order[shard::num_shards] for shard in range(num_shards)], out_dir, prefix)
+
+
+def write_parts(
+    pairs: Sequence[tuple[str, str]], parts: Sequence[Sequence[int]], out_dir: str | Path, prefix: str
+) -> list[Path]:
+    """Write ``pairs[i] for i in parts[k]`` to ``out_dir/{prefix}-{k}.jsonl`` (prompt/response), atomically."""
     if not prefix or os.sep in prefix or "/" in prefix:
         raise ConfigError(f"prefix must be a plain file name prefix, got {prefix!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
     paths = []
-    for shard in range(num_shards):
-        lines = [
-            json.dumps({"prompt": pairs[i][0], "response": pairs[i][1]}, ensure_ascii=False) + "\n"
-            for i in order[shard::num_shards]
-        ]
-        path = out / f"{prefix}-{shard}.jsonl"
-        _write_atomic(path, "".join(lines))
+    for k, part in enumerate(parts):
+        lines = [json.dumps({"prompt": pairs[i][0], "response": pairs[i][1]}, ensure_ascii=False) + "\n" for i in part]
+        path = out / f"{prefix}-{k}.jsonl"
+        write_text_atomic(path, "".join(lines))
         paths.append(path)
     return paths

@@ -214,8 +214,9 @@ class Link:
             except aiomqtt.MqttError as exc:
                 if time.monotonic() > deadline:
                     raise LinkError(f"publish to {topic} failed: {exc}") from exc
-                log.info("publish to %s failed (%s); retrying after reconnect", topic, exc)
-                self._connected.clear()
+                # A timed-out publish leaves the connection up; a real disconnect is the connection
+                # task's to notice (it clears `_connected` and reconnects). Either way: try again.
+                log.info("publish to %s failed (%s); retrying", topic, exc)
                 await asyncio.sleep(self.settings.backoff_min_s)
 
     # ------------------------------------------------------------------ receiving
@@ -265,6 +266,10 @@ class Link:
                 self._remember(env.key)
         except WireError as exc:
             self._reject(exc.reason, topic_name, exc.detail)
+            return
+        except Exception as exc:  # a decoder bug must not end the link: count it like any refusal
+            log.exception("%s: unexpected error decoding a message on %s", self.name, topic_name)
+            self._reject("decode_error", topic_name, f"{type(exc).__name__}: {exc}")
             return
         self._queue.put_nowait(Received(topic, env, size))
 

@@ -98,9 +98,9 @@ def decode_envelope(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> Envelope
         raise WireError("bad_schema", f"envelope must be a map, got {type(obj).__name__}")
     if set(obj) != _ENVELOPE_KEYS:
         raise WireError("bad_schema", f"envelope keys {sorted(map(str, obj))} != {sorted(_ENVELOPE_KEYS)}")
-    if obj["v"] != PROTOCOL_VERSION:
+    if type(obj["v"]) is not int or obj["v"] != PROTOCOL_VERSION:
         raise WireError("bad_version", f"protocol version {obj['v']!r}, this build speaks {PROTOCOL_VERSION}")
-    if obj["type"] not in MESSAGE_TYPES:
+    if not isinstance(obj["type"], str) or obj["type"] not in MESSAGE_TYPES:
         raise WireError("bad_schema", f"unknown message type {obj['type']!r}")
     for name in ("job", "sender", "sid"):
         if not isinstance(obj[name], str) or not obj[name]:
@@ -199,7 +199,9 @@ def act_body(
     }
 
 
-def parse_act(body: Mapping[str, Any], hidden_size: int, max_batch: int, max_length: int) -> Activations:
+def parse_act(
+    body: Mapping[str, Any], hidden_size: int, max_batch: int, max_length: int, vocab_size: int
+) -> Activations:
     hidden = decode_tensor(_get(body, "act", dict), expect_shape=[None, None, hidden_size])
     batch, width = hidden.shape[:2]
     if not (1 <= batch <= max_batch and 1 <= width <= max_length):
@@ -208,6 +210,8 @@ def parse_act(body: Mapping[str, Any], hidden_size: int, max_batch: int, max_len
     lengths = decode_tensor(_get(body, "lengths", dict), expect_shape=[batch], expect_dtypes=["int32"])
     if bool((lengths < 1).any()) or bool((lengths > width).any()):
         raise WireError("bad_shape", f"lengths must lie in [1, {width}]")
+    if bool(((labels != -100) & ((labels < 0) | (labels >= vocab_size))).any()):
+        raise WireError("bad_schema", f"labels must be -100 or token ids in [0, {vocab_size})")
     return Activations(hidden, labels, lengths, _timings(body))
 
 
@@ -325,14 +329,19 @@ class _Partial:
 class Reassembler:
     """Collects chunks into whole payloads, within bounds.
 
-    At most ``max_pending`` messages are in flight (the oldest is dropped beyond that), a message may
-    total at most ``max_message_bytes``, and a message not completed within ``timeout_s`` is dropped.
+    A sender may have at most ``per_sender`` messages in flight and all senders together
+    ``max_pending`` (the oldest is dropped beyond either), a message may total at most
+    ``max_message_bytes``, and a message that receives no chunk for ``timeout_s`` is dropped (an
+    inactivity timeout: a large message on a slow link keeps going as long as chunks keep coming).
     ``dropped`` counts the messages given up.
     """
 
-    def __init__(self, max_message_bytes: int, max_pending: int = 64, timeout_s: float = 60.0) -> None:
+    def __init__(
+        self, max_message_bytes: int, max_pending: int = 256, timeout_s: float = 60.0, per_sender: int = 2
+    ) -> None:
         self.max_message_bytes = max_message_bytes
         self.max_pending = max_pending
+        self.per_sender = per_sender
         self.timeout_s = timeout_s
         self.dropped = 0
         self._pending: OrderedDict[tuple[str, str], _Partial] = OrderedDict()
@@ -348,10 +357,15 @@ class Reassembler:
         key = (sender, chunk_id)
         partial = self._pending.get(key)
         if partial is None:
-            if len(self._pending) >= self.max_pending:
+            mine = [k for k in self._pending if k[0] == sender]
+            if len(mine) >= self.per_sender:
+                del self._pending[mine[0]]
+                self.dropped += 1
+            elif len(self._pending) >= self.max_pending:
                 self._pending.popitem(last=False)
                 self.dropped += 1
             partial = self._pending[key] = _Partial(count, {}, 0, now)
+        partial.started = now  # the inactivity clock restarts with every chunk
         if partial.count != count:
             raise WireError("bad_chunk", f"chunk {chunk_id} announces {count} parts, earlier {partial.count}")
         if index in partial.parts:

@@ -35,7 +35,7 @@ _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 def check_name(kind: str, value: str) -> str:
     """Job and agent names: 1-64 of ``A-Z a-z 0-9 _ . -`` (no MQTT wildcards or separators)."""
-    if not isinstance(value, str) or not _NAME.match(value):
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
         raise ConfigError(f"{kind} name must be 1-64 characters of A-Z a-z 0-9 _ . -, got {value!r}")
     return value
 
@@ -96,6 +96,6 @@ class Topics:
             return Topic(self.job, rest[0])
         if rest == ["coordinator", "status"]:
             return Topic(self.job, "coordinator_status")
-        if len(rest) == 3 and rest[0] == "agents" and rest[2] in AGENT_KINDS and _NAME.match(rest[1]):
+        if len(rest) == 3 and rest[0] == "agents" and rest[2] in AGENT_KINDS and _NAME.fullmatch(rest[1]):
             return Topic(self.job, rest[2], rest[1])
         return None

@@ -126,3 +126,17 @@ def test_local_run_end_to_end(tmp_path: Path) -> None:
     assert (out / "run.png").stat().st_size > 10_000
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3 and '"agent-1": 1' in lines[-1] and '"agent-2": 3' in lines[-1]
+
+
+def test_partition_command_writes_shards_table_and_png(tmp_path: Path) -> None:
+    from splitft.shared.text import GSM8K
+
+    out = tmp_path / "parts"
+    args = ["partition", "--data", str(GSM8K / "train.jsonl"), "--clients", "3", "--alpha", "0.1", "--limit", "120"]
+    result = runner.invoke(app, [*args, "--out", str(out)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "Length-Dirichlet partition (alpha=0.1" in result.output
+    lines = sum(len((out / f"client-{i}.jsonl").read_text().splitlines()) for i in range(3))
+    assert lines == 120 and (out / "partition.png").stat().st_size > 5000
+    result = runner.invoke(app, [*args[:-2], "--limit", "4", "--min-samples", "2", "--out", str(out)])
+    assert result.exit_code == ExitCode.CONFIG and "min_samples" in result.output

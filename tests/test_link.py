@@ -73,6 +73,11 @@ async def test_reconnects_after_broker_restart(tmp_path: Path) -> None:
             await asyncio.sleep(0.5)
             assert not agent.connected
             broker = _restart_on(tmp_path / "b2", broker.port)
+            # A restarted broker without persistence has forgotten every subscription: publish only once
+            # the coordinator has reconnected and subscribed again (its `connected` is set after that).
+            async with asyncio.timeout(20):
+                while not (coord.connected and coord.connects >= 2 and agent.connected):
+                    await asyncio.sleep(0.05)
             await agent.publish(TOPICS.agent("a1", "join"), JOIN, {"after": "restart"})
             got = await coord.receive(timeout=20)
             assert got.envelope.body == {"after": "restart"}

@@ -1,0 +1,168 @@
+"""Device profiles: what one class of edge device can compute, hold and send.
+
+A profile is a TOML file, one per device class, in the top-level ``firmware_profiles/`` folder::
+
+    name = "jetson-nano"
+    description = "NVIDIA Jetson Nano Developer Kit (4 GB)"
+
+    [compute]
+    peak_gflops = 472.0      # datasheet peak, in the dtype below
+    efficiency = 0.25        # sustained fraction of the peak for small-batch transformer training
+    dtype = "fp16"           # fp32 | fp16 | bf16
+
+    [memory]
+    total_mb = 4096
+    usable_mb = 2800         # what one training process can use
+
+    [link]
+    uplink_mbps = 100.0      # megabits (10^6 bit) per second
+    downlink_mbps = 150.0
+    rtt_ms = 5.0
+
+Every figure in a shipped file carries a comment naming its source. The sustained throughput is
+not stored: it is ``peak_gflops * efficiency``. The profiles seed the cut-layer controller before
+measurements arrive, and let one machine emulate a device.
+
+Where the files are found: ``firmware_profiles/`` is not package data of ``splitft.shared``; it is
+looked up next to the package folder, at ``Path(__file__).resolve().parent.parent /
+"firmware_profiles"``, which is the repository root in a checkout or an editable install. Elsewhere
+(a wheel install), pass the path of a ``.toml`` file to :func:`load_profile` instead of a name.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from .errors import ConfigError
+
+DTYPES = ("fp32", "fp16", "bf16")
+# table -> key -> kind ("str", "float" or "int"); "" is the top level
+_SCHEMA: dict[str, dict[str, str]] = {
+    "": {"name": "str", "description": "str"},
+    "compute": {"peak_gflops": "float", "efficiency": "float", "dtype": "str"},
+    "memory": {"total_mb": "int", "usable_mb": "int"},
+    "link": {"uplink_mbps": "float", "downlink_mbps": "float", "rtt_ms": "float"},
+}
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """One device class: peak compute and its sustained fraction, memory, and network link."""
+
+    name: str
+    description: str
+    peak_gflops: float
+    efficiency: float
+    dtype: str
+    total_mb: int
+    usable_mb: int
+    uplink_mbps: float
+    downlink_mbps: float
+    rtt_ms: float
+    source: Path | None = None
+
+    @property
+    def throughput_gflops(self) -> float:
+        """Sustained training throughput in GFLOP/s: ``peak_gflops * efficiency``."""
+        return self.peak_gflops * self.efficiency
+
+    def compute_seconds(self, flops: float) -> float:
+        """Seconds this device needs for ``flops`` floating-point operations at sustained throughput."""
+        if flops < 0:
+            raise ValueError(f"flops must be >= 0, got {flops}")
+        return flops / (self.throughput_gflops * 1e9)
+
+    def transfer_seconds(self, up_bytes: int, down_bytes: int) -> float:
+        """Seconds to send ``up_bytes`` and receive ``down_bytes``, plus one round trip."""
+        if up_bytes < 0 or down_bytes < 0:
+            raise ValueError(f"byte counts must be >= 0, got {up_bytes} up, {down_bytes} down")
+        up = up_bytes * 8 / (self.uplink_mbps * 1e6)
+        down = down_bytes * 8 / (self.downlink_mbps * 1e6)
+        return up + down + self.rtt_ms / 1000
+
+
+def profiles_dir() -> Path:
+    """The folder of shipped profiles: ``firmware_profiles/`` beside the package folder (repository root)."""
+    return Path(__file__).resolve().parent.parent / "firmware_profiles"
+
+
+def list_profiles() -> list[str]:
+    """Names (file stems) of the shipped profiles, sorted; empty when the folder is absent."""
+    folder = profiles_dir()
+    return sorted(p.stem for p in folder.glob("*.toml")) if folder.is_dir() else []
+
+
+def load_profile(name_or_path: str | Path) -> DeviceProfile:
+    """Load a profile by name from :func:`profiles_dir`, or from a ``.toml`` file path.
+
+    A :class:`~pathlib.Path`, or a string ending in ``.toml`` or holding a path separator, is a path.
+    """
+    text = str(name_or_path)
+    if isinstance(name_or_path, Path) or text.endswith(".toml") or "/" in text or "\\" in text:
+        path = Path(name_or_path)
+    else:
+        path = profiles_dir() / f"{text}.toml"
+        if not path.is_file():
+            available = ", ".join(list_profiles()) or "none"
+            raise ConfigError(f"unknown device profile {text!r}; available: {available}")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"device profile file {path} does not exist") from exc
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read device profile: {exc}") from exc
+    return parse_profile(data, source=path)
+
+
+def parse_profile(data: Mapping[str, Any], source: Path | None = None) -> DeviceProfile:
+    """Check a parsed profile against the schema and build it; every error names the file and the field."""
+    where = f"{source}: " if source is not None else ""
+    values: dict[str, Any] = {}
+    for table, keys in _SCHEMA.items():
+        section: Any = data.get(table) if table else data
+        if section is None:
+            raise ConfigError(f"{where}{table} is missing (a [{table}] table)")
+        if not isinstance(section, Mapping):
+            raise ConfigError(f"{where}{table} must be a table")
+        prefix = f"{table}." if table else ""
+        allowed = set(keys) | ({t for t in _SCHEMA if t} if not table else set())
+        unknown = sorted(set(section) - allowed)
+        if unknown:
+            hint = " (derived: peak_gflops * efficiency)" if "throughput_gflops" in unknown else ""
+            raise ConfigError(
+                f"{where}unknown key(s) {', '.join(prefix + k for k in unknown)}{hint}; "
+                f"allowed: {', '.join(sorted(prefix + k for k in allowed))}"
+            )
+        for key, kind in keys.items():
+            if key not in section:
+                raise ConfigError(f"{where}{prefix}{key} is missing")
+            values[key] = _check(section[key], kind, f"{where}{prefix}{key}")
+    if values["efficiency"] > 1:
+        raise ConfigError(f"{where}compute.efficiency must be in (0, 1], got {values['efficiency']}")
+    if values["dtype"] not in DTYPES:
+        raise ConfigError(f"{where}compute.dtype must be one of {', '.join(DTYPES)}, got {values['dtype']!r}")
+    if values["usable_mb"] > values["total_mb"]:
+        raise ConfigError(
+            f"{where}memory.usable_mb ({values['usable_mb']}) must not exceed memory.total_mb ({values['total_mb']})"
+        )
+    return DeviceProfile(**values, source=source)
+
+
+def _check(value: Any, kind: str, field: str) -> Any:
+    """``value`` as a non-empty string, or a finite number > 0 (an integer for ``int``)."""
+    if kind == "str":
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"{field} must be a non-empty string, got {value!r}")
+        return value
+    numeric = (int,) if kind == "int" else (int, float)
+    if isinstance(value, bool) or not isinstance(value, numeric):
+        raise ConfigError(f"{field} must be {'an integer' if kind == 'int' else 'a number'}, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{field} must be finite and > 0, got {value!r}")
+    return float(value) if kind == "float" else value
