@@ -52,6 +52,10 @@ def join(
     profile: Annotated[
         str | None, typer.Option(help="Device class this agent reports (e.g. jetson-orin-nano).")
     ] = None,
+    emulate: Annotated[
+        str | None, typer.Option(help="Behave like this device profile (firmware_profiles/NAME.toml, or a file).")
+    ] = None,
+    emulate_scale: Annotated[float, typer.Option(help="Multiply the emulated device's compute throughput.")] = 1.0,
     prompt_field: Annotated[str | None, typer.Option(help="Prompt field (default: detected).")] = None,
     response_field: Annotated[str | None, typer.Option(help="Response field (default: detected).")] = None,
     max_samples: Annotated[int | None, typer.Option(help="Use at most this many samples.")] = None,
@@ -75,6 +79,8 @@ def join(
             max_samples=max_samples,
             device=resolve_device(device),
             profile=profile,
+            emulate=emulate,
+            emulate_scale=emulate_scale,
         )
         link = BrokerSettings(
             url=broker,

@@ -34,6 +34,7 @@ from splitft.shared.errors import ConfigError, LinkError, SplitFTError, WireErro
 from splitft.shared.link import BrokerSettings, Link, Received
 from splitft.shared.lora import LoraSettings, load_lora_state, lora_state
 from splitft.shared.models import load_config, num_layers
+from splitft.shared.profiles import load_profile
 from splitft.shared.protocol import (
     ACT,
     ADAPTER,
@@ -48,6 +49,7 @@ from splitft.shared.split import Segment, SegmentSpec, build_segment
 from splitft.shared.text import load_tokenizer
 from splitft.shared.topics import Topics
 
+from .emulation import Emulation, block_flops
 from .profile import device_profile
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,8 @@ class AgentSettings:
     max_samples: int | None = None
     device: str = "cpu"
     profile: str | None = None  # the device class this agent says it is (e.g. "jetson-orin-nano")
+    emulate: str | None = None  # a profile name or file: behave like that device (see agent/emulation.py)
+    emulate_scale: float = 1.0  # multiplies the emulated profile's compute throughput
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,9 @@ class Agent:
         self.pairs = load_records(settings.data, settings.prompt_field, settings.response_field, settings.max_samples)
         self.model_config = load_config(settings.model)
         self.tokenizer = load_tokenizer(settings.model)
+        if settings.emulate_scale <= 0:
+            raise ConfigError(f"emulate_scale must be positive, got {settings.emulate_scale}")
+        self.emulation = Emulation(load_profile(settings.emulate), settings.emulate_scale) if settings.emulate else None
 
     async def run(self) -> None:
         subscriptions = [
@@ -142,13 +149,21 @@ class Agent:
             self.topics.agent(self.name, "status"), STATUS, {"state": "online", "role": "agent"}, retain=True
         )
         body = {
-            "profile": {**device_profile(), "class": self.settings.profile or "unknown"},
+            "profile": {**device_profile(), **self._link_profile()},
             "data_samples": len(self.pairs),
             "data_tokens": max(sum(len(p) + len(r) for p, r in self.pairs) // 4, 1),  # rough, for planning
             "model": self.settings.model,
             "version": __version__,
         }
         await link.publish(self.topics.agent(self.name, "join"), JOIN, body)
+
+    def _link_profile(self) -> dict[str, Any]:
+        """The device class and its link, as far as this agent knows them (an emulated profile's own)."""
+        if self.emulation is None:
+            return {"class": self.settings.profile or "unknown"}
+        p = self.emulation.profile
+        return {"class": p.name, "emulated": True, "uplink_mbps": p.uplink_mbps, "downlink_mbps": p.downlink_mbps,
+                "rtt_ms": p.rtt_ms, "usable_mb": p.usable_mb, "throughput_gflops": p.throughput_gflops}  # fmt: skip
 
     async def _handle(self, received: Received) -> None:
         kind, env = received.topic.kind, received.envelope
@@ -194,15 +209,21 @@ class Agent:
             started = time.perf_counter()
             input_ids, labels, lengths = batches.next()
 
+            flops = a.cut * block_flops(self.model_config, input_ids.shape[0], input_ids.shape[1])
             hidden, body, forward_s = await self._compute(
-                _forward, segment, input_ids, labels, lengths, a.wire_dtype, timings
+                _forward, segment, input_ids, labels, lengths, a.wire_dtype, timings, self.emulation, flops
             )
             encode_s = time.perf_counter() - started - forward_s
             t_up = time.perf_counter()
             bytes_up = await link.publish(self.topics.agent(self.name, "act"), ACT, body, round_=a.round, step=step)
+            if self.emulation is not None:
+                await asyncio.sleep(self.emulation.uplink_s(bytes_up))
             upload_s = time.perf_counter() - t_up
-            grad_env = await self._wait_grad(a, step)
+            received = await self._wait_grad(a, step)
+            grad_env = received.envelope
             wait_s = time.perf_counter() - t_up - upload_s
+            if self.emulation is not None:
+                await asyncio.sleep(self.emulation.downlink_s(received.size))
             t_dec = time.perf_counter()
             try:
                 grad, loss, step_tokens = parse_grad(grad_env.body, tuple(hidden.shape))
@@ -210,7 +231,7 @@ class Agent:
                 raise RoundAborted(f"malformed gradient for step {step}: {exc}") from exc
             decode_s = time.perf_counter() - t_dec
 
-            backward_s = await self._compute(_backward, hidden, grad, optimizer)
+            backward_s = await self._compute(_backward, hidden, grad, optimizer, self.emulation, flops)
             timings = {
                 "forward_s": forward_s,
                 "encode_s": encode_s,
@@ -220,6 +241,8 @@ class Agent:
                 "backward_s": backward_s,
                 "step_s": time.perf_counter() - started,
                 "bytes_up": float(bytes_up),
+                "bytes_down": float(received.size),
+                "block_s": (forward_s + backward_s) / a.cut,  # this device's cost of one block, forward + backward
                 "rss_mb": psutil.Process().memory_info().rss / 2**20,
             }
             for key, value in timings.items():
@@ -238,7 +261,7 @@ class Agent:
         )
         await link.publish(self.topics.agent(self.name, "adapter"), ADAPTER, body, round_=a.round)
 
-    async def _wait_grad(self, a: Assignment, step: int) -> Any:
+    async def _wait_grad(self, a: Assignment, step: int) -> Received:
         assert self._link is not None
         # The coordinator's deadline runs from the start of its step and it serves agents one after the
         # other: wait twice as long, so that it is always the coordinator that gives up first.
@@ -250,7 +273,7 @@ class Agent:
                 raise RoundAborted(f"no gradient for step {step} within {a.step_timeout_s:g} s") from exc
             kind, env = received.topic.kind, received.envelope
             if kind == "grad" and env.round == a.round and env.step == step:
-                return env
+                return received
             if kind == "grad":
                 continue  # a stale gradient (an earlier, abandoned round)
             if kind == "assign" or (kind == "round" and env.body.get("event") == "done"):
@@ -294,6 +317,8 @@ def _forward(
     lengths: torch.Tensor,
     wire_dtype: str,
     timings: Mapping[str, float],
+    emulation: Emulation | None,
+    flops: float,
 ) -> tuple[torch.Tensor, dict[str, Any], float]:
     """Client forward (B, T) -> (B, T, C) and the encoded activation message; returns the forward time too."""
     t0 = time.perf_counter()
@@ -301,16 +326,25 @@ def _forward(
     segment.train()
     hidden = segment(input_ids.to(segment.device), mask.to(segment.device))  # (B, T, C)
     forward_s = time.perf_counter() - t0
+    if emulation is not None:
+        forward_s = emulation.pad_compute(forward_s, flops)
     return hidden, act_body(hidden, labels, lengths, wire_dtype, timings), forward_s
 
 
-def _backward(hidden: torch.Tensor, grad: torch.Tensor, optimizer: torch.optim.Optimizer) -> float:
+def _backward(
+    hidden: torch.Tensor,
+    grad: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    emulation: Emulation | None,
+    flops: float,
+) -> float:
     """Finish the backward pass from the server's activation gradient and step; returns the time."""
     t0 = time.perf_counter()
     hidden.backward(grad.to(hidden.device))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return time.perf_counter() - t0
+    backward_s = time.perf_counter() - t0
+    return emulation.pad_compute(backward_s, flops) if emulation is not None else backward_s
 
 
 def batch_seed(job_seed: int, agent: str) -> int:

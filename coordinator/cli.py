@@ -233,7 +233,7 @@ def local(
     config: ConfigOpt = None,
     model: Annotated[str | None, typer.Option(help="Preset or local model folder.")] = None,
     agents: Annotated[int, typer.Option(help="Agent processes to start.")] = 3,
-    cuts: Annotated[str, typer.Option(help="Cut layers, given to the agents in turn.")] = "1,2,3",
+    cuts: Annotated[str, typer.Option(help="First-round cut layers, given to the agents in turn.")] = "1,2,3",
     rounds: Annotated[int, typer.Option(help="Rounds.")] = 6,
     local_steps: Annotated[int, typer.Option(help="Steps per agent per round.")] = 4,
     batch_size: Annotated[int, typer.Option(help="Sequences per step per agent.")] = 4,
@@ -244,6 +244,13 @@ def local(
         float, typer.Option(help="Length-based Dirichlet partition of the data (0.1 very skewed; 0 = IID split).")
     ] = 1.0,
     data: Annotated[Path | None, typer.Option(help="JSONL/CSV to shard (default: vendored GSM8K).")] = None,
+    policy: Annotated[str, typer.Option(help="Cut policy: fixed, paper, latency, splitft.")] = "splitft",
+    emulate: Annotated[
+        str, typer.Option(help="Device profiles the agents emulate, in turn ('' for none).")
+    ] = "jetson-nano,jetson-orin-nano,laptop",
+    emulate_scale: Annotated[
+        float, typer.Option(help="Scale the emulated devices' compute (the tiny preset outruns real figures).")
+    ] = 0.01,
     broker: Annotated[str | None, typer.Option(help="Use this broker instead of the embedded one.")] = None,
     mqtt_protocol: Annotated[str, typer.Option(help="MQTT version of --broker: 5, or 3.1.1.")] = "5",
     device: DeviceOpt = "auto",
@@ -257,13 +264,14 @@ def local(
     try:
         base = _job(config, model=model, rounds=rounds, local_steps=local_steps, batch_size=batch_size)
         spec = base.with_overrides(
-            job=base.job if config else "local", max_length=max_length,
+            job=base.job if config else "local", max_length=max_length, policy=policy,
             optimizer=OptimizerSettings(**{**vars(base.optimizer), "lr": lr}),
         )  # fmt: skip
         cut_list = tuple(int(c) for c in cuts.split(",") if c.strip())
         plan = LocalRun(
             spec, out, agents=agents, cuts=cut_list, samples_per_agent=samples_per_agent, data=data, alpha=alpha or None,
             broker_url=broker, mqtt_protocol=mqtt_protocol, device=resolve_device(device),
+            emulate=tuple(p for p in emulate.split(",") if p), emulate_scale=emulate_scale,
         )  # fmt: skip
         console.print(
             f"[bold]SplitFT local run[/bold]: {agents} agents (cuts {', '.join(map(str, cut_list))}), "

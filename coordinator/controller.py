@@ -1,11 +1,13 @@
 """The cut-layer controller: which block each device's segment ends at, revised every round.
 
-The cost model of one global step (the server takes one optimiser step per global step, after every
-device's batch is in, so a step lasts as long as its slowest part):
+The cost model of one global step. A device cannot start its next step before the server has
+answered this one, and the server serves one device batch at a time and steps its optimiser once
+every batch of the step is in, so a step lasts as long as the longer of the server's total work and
+any one device's round trip (its own compute and link, plus the server's work on its batch):
 
     device i at cut c:   d_i(c) = fixed_i + c * block_i + up_i / uplink_i + down_i / downlink_i + rtt_i
-    server:              S(c)   = sum_i ((L - c_i) * server_block + server_head)
-    step time:           M(c)   = max(max_i d_i(c_i), S(c))
+    server, one batch:   s(c)   = (L - c) * server_block + server_head
+    step time:           M(c)   = max(max_i (d_i(c_i) + s(c_i)), sum_i s(c_i))
 
 A deeper cut moves work from the shared server to the device; activation bytes do not depend on
 the cut. So when the server is far faster than every device, the latency-optimal cut is ``c_min``
@@ -18,12 +20,16 @@ Policies (``POLICIES``):
 * ``paper``   the SplitFT paper's rule: devices whose local accuracy is above the mean take more
   blocks, the others fewer, by ``gamma`` times their deviation in standard deviations;
 * ``latency`` the cuts that minimise M. For a candidate step time T every device takes the deepest
-  cut it can finish within T (and hold in memory); deeper cuts only lower S, so the optimum is one
-  of these "deepest within T" assignments, with T one of the devices' step times. We evaluate them
-  all (exact; the candidates are sorted so the feasible ones are found by bisection on T first);
+  cut whose round trip fits within T (and that it can hold in memory); deeper cuts only lower the
+  server's total, so the optimum is one of these "deepest within T" assignments, with T one of the
+  devices' round-trip times. The candidates are tried in increasing order until the server's total
+  fits too (exact for this model);
 * ``splitft`` ``latency``, then the performance term applied only where it costs at most
   ``perf_slack`` of the makespan, then hysteresis: the previous cuts are kept unless the new ones
   are predicted at least ``hysteresis`` faster, so cuts do not flap on noisy reports.
+
+The model is a simplification: the server is idle at the start of a step until the first device's
+activations arrive, which M ignores; the metrics put the measured step time beside the prediction.
 
 :func:`ideal_bound` is the balanced lower bound: the same problem with fractional cuts (work split
 perfectly between each device and the server), so ``achieved / ideal >= 1`` reads how close a
@@ -37,9 +43,8 @@ import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from splitft.shared.config import POLICIES
 from splitft.shared.errors import ConfigError
-
-POLICIES = ("fixed", "paper", "latency", "splitft")
 
 
 @dataclass(frozen=True)
@@ -99,7 +104,7 @@ class ControllerSettings:
 @dataclass(frozen=True)
 class Decision:
     cuts: dict[str, int]
-    device_s: dict[str, float]  # predicted step time of each device at its cut
+    device_s: dict[str, float]  # predicted round trip of each device at its cut (its work + the server's on it)
     server_s: float  # predicted server time per step
     makespan_s: float  # predicted step time: max(devices, server)
     ideal_s: float  # the balanced lower bound
@@ -178,7 +183,7 @@ class Controller:
         kept: bool = False,
     ) -> Decision:
         s = self.settings
-        device_s = {d.name: d.step_s(cuts[d.name]) for d in devices}
+        device_s = {d.name: turnaround_s(d, server, s.num_layers, cuts[d.name]) for d in devices}
         server_s = server.step_s(s.num_layers, [cuts[d.name] for d in devices])
         return Decision(
             cuts=dict(cuts),
@@ -191,46 +196,67 @@ class Controller:
         )
 
 
-def _deepest_within(device: DeviceEstimate, limit_s: float, c_min: int, c_max: int) -> int | None:
-    """The deepest cut this device finishes within ``limit_s`` (None if not even ``c_min`` does)."""
+def turnaround_s(device: DeviceEstimate, server: ServerEstimate, num_layers: int, cut: float) -> float:
+    """One device's round trip in a step: its compute and link, and the server's work on its batch."""
+    return device.step_s(cut) + server.step_s(num_layers, [cut])
+
+
+def makespan_s(
+    devices: Sequence[DeviceEstimate], server: ServerEstimate, num_layers: int, cuts: Mapping[str, float]
+) -> float:
+    """The predicted step time M of the module docstring."""
+    trips = max(turnaround_s(d, server, num_layers, cuts[d.name]) for d in devices)
+    return max(trips, server.step_s(num_layers, [cuts[d.name] for d in devices]))
+
+
+def _deepest_within(
+    device: DeviceEstimate, server: ServerEstimate, num_layers: int, limit_s: float, c_min: int, c_max: int
+) -> int | None:
+    """The deepest cut whose round trip fits within ``limit_s`` (None if none does)."""
     cap = min(c_max, device.max_blocks)
-    if cap < c_min or device.step_s(c_min) > limit_s + 1e-12:
-        return None
-    if device.block_s <= 0:
-        return cap
-    room = (limit_s - device.step_s(0)) / device.block_s
-    return max(c_min, min(cap, math.floor(room + 1e-9)))
+    for cut in range(cap, c_min - 1, -1):
+        if turnaround_s(device, server, num_layers, cut) <= limit_s + 1e-12:
+            return cut
+    return None
 
 
 def latency_cuts(
     devices: Sequence[DeviceEstimate], server: ServerEstimate, num_layers: int, c_min: int, c_max: int
 ) -> dict[str, int]:
-    """Cuts minimising the predicted step time ``max(max_i d_i(c_i), S(c))`` (exact for this model)."""
+    """Cuts minimising the predicted step time M (exact for this model)."""
     for d in devices:
         if min(c_max, d.max_blocks) < c_min:
             raise ConfigError(f"device {d.name} holds at most {d.max_blocks} blocks, below c_min = {c_min}")
-    floor = max(d.step_s(c_min) for d in devices)  # no T below this is feasible for every device
-    candidates = sorted(
-        {floor} | {d.step_s(c) for d in devices for c in range(c_min, c_max + 1) if d.step_s(c) >= floor}
-    )
+    trips = {
+        d.name: [turnaround_s(d, server, num_layers, c) for c in range(c_min, min(c_max, d.max_blocks) + 1)]
+        for d in devices
+    }
+    floor = max(min(t) for t in trips.values())  # no T below this fits every device
+    candidates = sorted({t for ts in trips.values() for t in ts if t >= floor})
     best: tuple[float, dict[str, int]] | None = None
     for limit in candidates:
-        picked = {d.name: _deepest_within(d, limit, c_min, c_max) for d in devices}
+        picked = {d.name: _deepest_within(d, server, num_layers, limit, c_min, c_max) for d in devices}
         cuts = {name: int(c) for name, c in picked.items() if c is not None}
-        makespan = max(max(d.step_s(cuts[d.name]) for d in devices), server.step_s(num_layers, list(cuts.values())))
-        if best is None or makespan < best[0] - 1e-12:
-            best = (makespan, cuts)
+        if len(cuts) < len(devices):
+            continue
+        span = makespan_s(devices, server, num_layers, cuts)
+        if best is None or span < best[0] - 1e-12:
+            best = (span, cuts)
         if server.step_s(num_layers, list(cuts.values())) <= limit:
-            break  # larger T only lengthens the devices' part: this is the optimum
+            break  # a larger T can only lengthen the devices' part: this is the optimum
     assert best is not None
     target, cuts = best
-    # Ties: any device finishing within the makespan is as good for the step time. Hand blocks back to
-    # the server while it still finishes in time, slowest device first: each device's own step is as
-    # short as the makespan allows (with a fast server, every device gets c_min).
+    # Ties: hand blocks back to the server while the step time stays the same, slowest device first,
+    # so each device's own work is as small as the step allows (with a fast server, every device
+    # gets c_min; the privacy floor is then what bounds the cut).
     by_name = {d.name: d for d in devices}
     while True:
-        slack = target - server.step_s(num_layers, list(cuts.values()))
-        movable = [n for n, c in cuts.items() if c > c_min and server.block_s <= slack + 1e-12]
+        movable = []
+        for name, cut in cuts.items():
+            if cut > c_min:
+                trial = {**cuts, name: cut - 1}
+                if makespan_s(devices, server, num_layers, trial) <= target + 1e-12:
+                    movable.append(name)
         if not movable:
             return cuts
         slowest = max(movable, key=lambda n: by_name[n].step_s(cuts[n]))
@@ -240,24 +266,25 @@ def latency_cuts(
 def ideal_bound(
     devices: Sequence[DeviceEstimate], server: ServerEstimate, num_layers: int, c_min: int, c_max: int
 ) -> float:
-    """The balanced lower bound: the least step time with fractional cuts (bisection on T)."""
+    """The balanced lower bound: the least step time M with fractional cuts (bisection on T)."""
 
-    def fractional(limit: float) -> list[float]:
-        out = []
-        for d in devices:
-            cap = min(c_max, d.max_blocks)
-            x = cap if d.block_s <= 0 else (limit - d.step_s(0)) / d.block_s
-            out.append(min(max(x, c_min), cap))
-        return out
+    def deepest(d: DeviceEstimate, limit: float) -> float | None:
+        cap = float(min(c_max, d.max_blocks))
+        slope = d.block_s - server.block_s  # what one more block on the device does to its round trip
+        if slope <= 0:
+            return cap if turnaround_s(d, server, num_layers, cap) <= limit else None
+        x = (limit - turnaround_s(d, server, num_layers, 0.0)) / slope
+        return min(x, cap) if x >= c_min else None
 
-    lo = max(d.step_s(c_min) for d in devices)
-    if server.step_s(num_layers, fractional(lo)) <= lo:
-        return lo
-    hi = max(lo, server.step_s(num_layers, [c_min] * len(devices)))
+    def feasible(limit: float) -> bool:
+        cuts = [deepest(d, limit) for d in devices]
+        return (
+            all(c is not None for c in cuts) and server.step_s(num_layers, [c for c in cuts if c is not None]) <= limit
+        )
+
+    lo = 0.0
+    hi = makespan_s(devices, server, num_layers, latency_cuts(devices, server, num_layers, c_min, c_max))
     for _ in range(100):
         mid = (lo + hi) / 2
-        if server.step_s(num_layers, fractional(mid)) <= mid:
-            hi = mid
-        else:
-            lo = mid
+        lo, hi = (lo, mid) if feasible(mid) else (mid, hi)
     return hi

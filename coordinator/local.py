@@ -45,6 +45,8 @@ class LocalRun:
     broker_url: str | None = None  # an external broker; default: the embedded one
     mqtt_protocol: str = "5"  # for an external broker
     device: str = "cpu"
+    emulate: tuple[str, ...] = ()  # device profiles, given to the agents in turn (none: run at host speed)
+    emulate_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.agents < 1:
@@ -129,6 +131,9 @@ def _start_agent(
         "--broker", url, "--mqtt-protocol", protocol, "--job", job.job, "--id", name,
         "--data", str(data), "--model", job.model, "--device", run.device,
     ]  # fmt: skip
+    if run.emulate:
+        index = run.agent_names().index(name)
+        command += ["--emulate", run.emulate[index % len(run.emulate)], "--emulate-scale", str(run.emulate_scale)]
     with (logs / f"{name}.log").open("wb") as log_file:
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         return subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)

@@ -34,6 +34,7 @@ from splitft.shared.data import collate, load_records, tokenize
 from splitft.shared.errors import SplitFTError, WireError
 from splitft.shared.link import BrokerSettings, Link, Received
 from splitft.shared.lora import block_ranks
+from splitft.shared.models import block_params
 from splitft.shared.protocol import (
     ASSIGN,
     GRAD,
@@ -51,6 +52,8 @@ from splitft.shared.text import GSM8K, load_tokenizer
 from splitft.shared.topics import COORDINATOR, Topics
 
 from .checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
+from .controller import Controller, ControllerSettings, Decision
+from .estimates import FleetEstimates
 from .server import ServerModel
 
 log = logging.getLogger(__name__)
@@ -84,6 +87,7 @@ class Participant:
     expect: dict[str, tuple[int, ...]]  # adapter names and shapes it must upload
     tokens: int = 0
     losses: list[float] = field(default_factory=list)
+    accuracies: list[float] = field(default_factory=list)
     step_times: list[float] = field(default_factory=list)
     server_times: list[float] = field(default_factory=list)  # the server's compute for each of its steps
     bytes_up: int = 0
@@ -127,6 +131,9 @@ class Coordinator:
         self._uploads: dict[tuple[int, str], list[Received]] = {}
         self._upload_arrived = asyncio.Event()
         self._round_now = 0
+        self.controller: Controller | None = None
+        self.estimates: FleetEstimates | None = None
+        self._cuts: dict[str, int] = {}  # the controller's latest decision
         self._joined = asyncio.Event()
         self._link: Link | None = None
         self._started = time.monotonic()
@@ -180,6 +187,26 @@ class Coordinator:
             await self._compute(load_checkpoint, checkpoint, self.server)
             log.info("resumed from %s: continuing at round %d", checkpoint, first_round)
         eval_batches = await self._compute(self._eval_batches)
+        if self.job.policy != "fixed":
+            calibration = await self._compute(
+                self.server.calibrate, self.job.batch_size, self.job.max_length, self.job.c_min
+            )
+            log.info(
+                "server calibration: %.4f s per block, %.4f s head, per device batch",
+                calibration.block_s,
+                calibration.head_s,
+            )
+            block_mb = (
+                block_params(self.server.segment.config) * 4
+                + self.job.batch_size * self.job.max_length * self.server.hidden_size * 64
+            ) / 2**20
+            self.estimates = FleetEstimates(self.job.ewma, calibration, block_mb)
+            self.controller = Controller(
+                ControllerSettings(
+                    policy=self.job.policy, num_layers=self.server.num_layers, c_min=self.job.c_min,
+                    c_max=self.job.c_max, fixed_cut=self.job.cut, gamma=self.job.gamma, hysteresis=self.job.hysteresis,
+                )
+            )  # fmt: skip
         if first_round == 1:
             result = await self._compute(self.server.evaluate, eval_batches)
             self._write_metrics({"round": 0, "time_s": 0.0, **_eval_fields(result)})
@@ -304,9 +331,10 @@ class Coordinator:
             await self._admit()
         started = time.monotonic()
         self._round_now = round_
+        decision = self._decide()
         plans: dict[str, Participant] = {}
         for name in self._online():
-            cut = job.cut_of(name)
+            cut = self._cuts.get(name, job.cut_of(name))
             ranks = {j: r for j, r in block_ranks(server.num_layers, [cut], job.lora).items() if j < cut}
             state = await self._compute(server.client_state, cut, ranks)
             plans[name] = Participant(name, cut, ranks, {n: tuple(t.shape) for n, t in state.items()})
@@ -356,7 +384,7 @@ class Coordinator:
         result = await self._compute(server.evaluate, eval_batches)
         now = time.monotonic()
         train_tokens = sum(p.tokens for p in live)
-        record = {
+        record: dict[str, Any] = {
             "round": round_,
             "time_s": round(self._elapsed_before + now - self._started, 3),
             "round_time_s": round(now - started, 3),
@@ -381,12 +409,49 @@ class Coordinator:
             "bytes_down": sum(p.bytes_down for p in plans.values()),
             "rejected": {**dict(link.rejected), **self.rejected_bodies},
         }
+        record["step_time_s"] = max(a["step_time_s"] for a in record["agents"].values())
+        if decision is not None:
+            record["controller"] = {
+                "policy": job.policy,
+                "reason": decision.reason,
+                "kept": decision.kept,
+                "predicted_step_s": decision.makespan_s,
+                "predicted_server_s": decision.server_s,
+                "predicted_device_s": decision.device_s,
+                "ideal_step_s": decision.ideal_s,
+                "achieved_over_ideal": record["step_time_s"] / decision.ideal_s if decision.ideal_s > 0 else None,
+            }
+        self._observe(live)
         self._write_metrics(record)
         await link.publish(self.topics.job_topic("metrics"), METRICS, _jsonable(record), round_=round_)
         self.progress("round_end", record)
         for key in [k for k in self._uploads if k[0] <= round_]:
             del self._uploads[key]
         return record
+
+    def _decide(self) -> Decision | None:
+        """The controller's cuts for this round, once every online agent has been measured."""
+        if self.controller is None or self.estimates is None:
+            return None
+        devices = [self.estimates.device(name) for name in self._online()]
+        if not devices or any(d is None for d in devices):
+            return None  # first round (or a new agent): the configured cuts, and measure
+        decision = self.controller.decide([d for d in devices if d is not None], self.estimates.server())
+        self._cuts = dict(decision.cuts)
+        log.info(
+            "cuts %s (%s): predicted step %.3f s (server %.3f s), ideal %.3f s",
+            decision.cuts, decision.reason, decision.makespan_s, decision.server_s, decision.ideal_s,
+        )  # fmt: skip
+        return decision
+
+    def _observe(self, live: list[Participant]) -> None:
+        if self.estimates is None or self.server is None:
+            return
+        for plan in live:
+            accuracy = sum(plan.accuracies) / len(plan.accuracies) if plan.accuracies else None
+            self.estimates.observe_device(plan.name, plan.timings, self.agents[plan.name].profile, accuracy)
+            for seconds in plan.server_times:
+                self.estimates.observe_server(self.server.num_layers, plan.cut, seconds)
 
     async def _step(self, round_: int, step: int, plans: dict[str, Participant]) -> None:
         """Serve one step of every agent still in the round."""
@@ -450,6 +515,7 @@ class Coordinator:
             plan.last_grad_at = now
             plan.tokens += result.tokens
             plan.losses.append(result.loss)
+            plan.accuracies.append(result.accuracy)
             pending.discard(name)
 
     async def _collect_uploads(

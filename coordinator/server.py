@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from splitft.shared.protocol import Activations
 from splitft.shared.split import IGNORE_INDEX, Segment, SegmentSpec, build_segment, causal_lm_loss
 
 from .aggregation import Contribution, aggregate, convert_state, module_key
+from .controller import ServerEstimate
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,7 @@ class StepResult:
     grad: torch.Tensor  # (B, T, C): d(mean loss of this batch) / d(activations), on the CPU
     loss: float  # mean cross-entropy over the batch's target tokens
     tokens: int  # target tokens in the batch
+    accuracy: float  # next-token accuracy over the batch's target tokens
 
 
 @dataclass(frozen=True)
@@ -146,11 +149,32 @@ class ServerModel:
         tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())
         loss_sum = causal_lm_loss(logits, labels, num_targets=1)
         loss_sum.backward()
+        with torch.no_grad():
+            targets = labels[:, 1:]
+            correct = int(((logits[:, :-1].argmax(-1) == targets) & (targets != IGNORE_INDEX)).sum())
         for block in range(cut, self.num_layers):
             self._step_tokens[block] += tokens
         assert hidden.grad is not None
         grad = (hidden.grad / max(tokens, 1)).cpu()
-        return StepResult(grad, float(loss_sum.detach()) / max(tokens, 1), tokens)
+        return StepResult(grad, float(loss_sum.detach()) / max(tokens, 1), tokens, correct / max(tokens, 1))
+
+    def calibrate(self, batch: int, length: int, c_min: int) -> ServerEstimate:
+        """Time one device batch from the shallowest and from the deepest cut: per-block and head cost.
+
+        The gradients are thrown away; the adapters do not change.
+        """
+        times = {}
+        gen = torch.Generator().manual_seed(0)
+        deepest = self.num_layers - 1
+        for cut in (c_min, deepest, c_min, deepest):  # the first pass of each warms up
+            hidden = torch.randn(batch, length, self.hidden_size, generator=gen)
+            labels = torch.randint(0, self.vocab_size, (batch, length), generator=gen)
+            start = time.perf_counter()
+            self.train_on(cut, Activations(hidden, labels, torch.full((batch,), length), {}))
+            times[cut] = time.perf_counter() - start
+        self.discard_step()
+        block = max((times[c_min] - times[deepest]) / max(deepest - c_min, 1), 1e-6)
+        return ServerEstimate(block_s=block, head_s=max(times[deepest] - block, 0.0))
 
     def finish_step(self) -> None:
         """One optimiser step of the server's copy, each block's gradient a mean over its tokens."""

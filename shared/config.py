@@ -43,6 +43,8 @@ from .models import ATTENTION_IMPLEMENTATIONS
 from .topics import check_name
 
 OPTIMIZERS = ("adamw", "sgd")
+#: cut-layer policies of the controller (coordinator/controller.py)
+POLICIES = ("fixed", "paper", "latency", "splitft")
 
 
 @dataclass(frozen=True)
@@ -85,8 +87,14 @@ class JobConfig:
     join_window_s: float = 2.0  # once min_agents are in, how long more agents may still join the first round
     step_timeout_s: float = 300.0  # an agent that sends no activations within this is dropped from the round
     upload_timeout_s: float = 300.0  # likewise for the adapter upload at the end of a round
-    cut: int = 2  # cut layer of agents not named in `cuts`
+    cut: int = 2  # cut layer of agents not named in `cuts` (and every agent's first round)
     cuts: Mapping[str, int] = field(default_factory=dict)
+    policy: str = "fixed"  # how cuts change between rounds: fixed, paper, latency, splitft
+    c_min: int = 1  # the shallowest cut allowed (a privacy floor as well as a bound)
+    c_max: int | None = None  # the deepest (default: num_layers - 1)
+    gamma: float = 1.0  # weight of the accuracy term (paper, splitft)
+    hysteresis: float = 0.1  # splitft: new cuts must be predicted this much faster to replace the old
+    ewma: float = 0.3  # weight of the newest measurement in the latency estimates
     wire_dtype: str = "fp16"  # activations and gradients
     adapter_wire_dtype: str = "fp32"  # adapters are small: keep them exact
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -121,6 +129,12 @@ class JobConfig:
                 raise ConfigError(f"{name} must be one of {list(FLOAT_WIRE_DTYPES)}, got {getattr(self, name)!r}")
         if self.attn_implementation not in ATTENTION_IMPLEMENTATIONS:
             raise ConfigError(f"attn_implementation must be one of {list(ATTENTION_IMPLEMENTATIONS)}")
+        if self.policy not in POLICIES:
+            raise ConfigError(f"policy must be one of {list(POLICIES)}, got {self.policy!r}")
+        if type(self.c_min) is not int or self.c_min < 1 or (self.c_max is not None and self.c_max < self.c_min):
+            raise ConfigError(f"need 1 <= c_min <= c_max, got c_min={self.c_min!r}, c_max={self.c_max!r}")
+        if not 0 < self.ewma <= 1:
+            raise ConfigError(f"ewma must be in (0, 1], got {self.ewma!r}")
         if type(self.seed) is not int:
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
 

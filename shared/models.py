@@ -215,3 +215,24 @@ def resolve_device(device: str) -> str:
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise ConfigError(f"device must be auto, cpu or cuda[:N], got {device!r}")
     return device
+
+
+def block_params(config: PretrainedConfig) -> int:
+    """Weights in one transformer block (the matrices; norms and biases are negligible)."""
+    h = int(config.hidden_size)
+    if config.model_type == "gpt2":
+        inner = int(getattr(config, "n_inner", None) or 4 * h)
+        return 4 * h * h + 2 * h * inner
+    heads, kv = (
+        int(config.num_attention_heads),
+        int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads),
+    )
+    head_dim = int(getattr(config, "head_dim", None) or h // heads)
+    attention = 2 * h * heads * head_dim + 2 * h * kv * head_dim
+    return attention + 3 * h * int(config.intermediate_size)
+
+
+def block_flops(config: PretrainedConfig, batch: int, length: int) -> float:
+    """Forward FLOPs of one block for a (batch, length) step; the backward costs about the same."""
+    tokens = batch * length
+    return 2.0 * block_params(config) * tokens + 4.0 * tokens * length * int(config.hidden_size)

@@ -118,6 +118,7 @@ def test_local_run_end_to_end(tmp_path: Path) -> None:
     command = [
         sys.executable, "-m", "splitft.coordinator.cli", "local", "--out", str(out), "--agents", "2",
         "--cuts", "1,3", "--rounds", "2", "--local-steps", "2", "--samples-per-agent", "8", "--max-length", "96",
+        "--policy", "fixed", "--emulate", "",
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout + done.stderr

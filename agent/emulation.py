@@ -1,0 +1,52 @@
+"""Making this machine behave like another device class (a profile in ``firmware_profiles/``).
+
+Compute: each phase of a step (forward, backward) takes at least the time the profile needs for its
+floating-point work (``flops / sustained throughput``); when this host is faster, the agent sleeps the
+difference. A host slower than the profile cannot be sped up: the agent then runs at host speed and
+says so in its log. Link: every message up waits ``bytes * 8 / uplink + rtt / 2`` before it is sent,
+every message down ``bytes * 8 / downlink + rtt / 2`` after it arrives.
+
+The FLOP count of a block (``splitft.shared.models.block_flops``) is the usual estimate for training with frozen base
+weights: the forward pass costs ``2 P n`` for the block's ``P`` weights over ``n`` tokens plus
+``4 n T C`` for attention over sequences of ``T``; the backward pass computes input gradients only
+(the base weights are frozen; LoRA's own are negligible), about as much again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from splitft.shared.models import block_flops, block_params
+from splitft.shared.profiles import DeviceProfile
+
+__all__ = ["Emulation", "block_flops", "block_params"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Emulation:
+    """Stretches compute and shapes the link to ``profile``; all waits are real sleeps."""
+
+    profile: DeviceProfile
+    #: multiplies the profile's throughput: tiny test models on a laptop-class host outrun real
+    #: devices' figures, so a demo scales the whole fleet down (0.01) to keep their ratios visible
+    scale: float = 1.0
+
+    def pad_compute(self, measured_s: float, flops: float) -> float:
+        """Sleep until ``flops`` took as long as on the profile; returns the emulated duration."""
+        target = self.profile.compute_seconds(flops) / self.scale
+        if target > measured_s:
+            time.sleep(target - measured_s)
+            return target
+        if measured_s > 1.2 * target:
+            log.debug("this host is slower than %s for this work: running at host speed", self.profile.name)
+        return measured_s
+
+    def uplink_s(self, nbytes: int) -> float:
+        return nbytes * 8 / (self.profile.uplink_mbps * 1e6) + self.profile.rtt_ms / 2000
+
+    def downlink_s(self, nbytes: int) -> float:
+        return nbytes * 8 / (self.profile.downlink_mbps * 1e6) + self.profile.rtt_ms / 2000
