@@ -35,9 +35,13 @@ class Emulation:
     #: devices' figures, so a demo scales the whole fleet down (0.01) to keep their ratios visible
     scale: float = 1.0
 
+    def compute_s(self, flops: float) -> float:
+        """Seconds the emulated device needs for ``flops``."""
+        return self.profile.compute_seconds(flops) / self.scale
+
     def pad_compute(self, measured_s: float, flops: float) -> float:
         """Sleep until ``flops`` took as long as on the profile; returns the emulated duration."""
-        target = self.profile.compute_seconds(flops) / self.scale
+        target = self.compute_s(flops)
         if target > measured_s:
             time.sleep(target - measured_s)
             return target

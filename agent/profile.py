@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import psutil
 import torch
+
+from splitft.shared.models import block_flops, load_config
+from splitft.shared.split import SegmentSpec, build_segment
 
 
 def device_profile() -> dict[str, Any]:
@@ -27,3 +31,21 @@ def device_profile() -> dict[str, Any]:
         props = torch.cuda.get_device_properties(0)
         profile.update(accelerator=props.name, accelerator_memory_mb=props.total_memory // 2**20)
     return profile
+
+
+def measure_block(model: str, batch: int = 4, length: int = 128, device: str = "cpu") -> tuple[float, float]:
+    """Time one block's forward and backward at a (batch, length) step: (seconds, forward FLOPs).
+
+    Builds a one-block client segment (the embeddings and block 0 only), runs two warm-up passes and
+    takes the best of three timed ones.
+    """
+    segment = build_segment(model, SegmentSpec.client(1), device=device)
+    ids = torch.randint(0, int(segment.config.vocab_size), (batch, length))
+    mask = torch.ones_like(ids)
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        hidden = segment(ids.to(segment.device), mask.to(segment.device))
+        hidden.float().square().mean().backward()
+        times.append(time.perf_counter() - start)
+    return min(times[2:]), block_flops(load_config(model), batch, length)

@@ -50,7 +50,7 @@ from splitft.shared.text import load_tokenizer
 from splitft.shared.topics import Topics
 
 from .emulation import Emulation, block_flops
-from .profile import device_profile
+from .profile import device_profile, measure_block
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -118,6 +118,10 @@ class Agent:
         if settings.emulate_scale <= 0:
             raise ConfigError(f"emulate_scale must be positive, got {settings.emulate_scale}")
         self.emulation = Emulation(load_profile(settings.emulate), settings.emulate_scale) if settings.emulate else None
+        # The per-block cost, measured once at start (an emulated device's from its profile), so that the
+        # controller can place this agent before its first round's reports.
+        seconds, flops = measure_block(settings.model, device=settings.device)
+        self.block_s = 2 * self.emulation.compute_s(flops) if self.emulation is not None else seconds
 
     async def run(self) -> None:
         subscriptions = [
@@ -149,7 +153,7 @@ class Agent:
             self.topics.agent(self.name, "status"), STATUS, {"state": "online", "role": "agent"}, retain=True
         )
         body = {
-            "profile": {**device_profile(), **self._link_profile()},
+            "profile": {**device_profile(), **self._link_profile(), "block_s": self.block_s, "block_tokens": 4 * 128},
             "data_samples": len(self.pairs),
             "data_tokens": max(sum(len(p) + len(r) for p, r in self.pairs) // 4, 1),  # rough, for planning
             "model": self.settings.model,

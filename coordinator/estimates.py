@@ -56,6 +56,17 @@ class FleetEstimates:
         d.down.update(float(timings.get("bytes_down", 0.0)))
         d.accuracy = accuracy
 
+    def observe_join(self, name: str, profile: Mapping[str, Any], job_tokens: int) -> None:
+        """A joining device's own measurement seeds its estimate until its first report.
+
+        The device timed one block at ``block_tokens`` tokens per step; the cost scales with tokens.
+        """
+        d = self._devices.setdefault(name, _Device(Ewma(self.weight), Ewma(self.weight), Ewma(self.weight)))
+        d.profile = dict(profile)
+        block, tokens = profile.get("block_s"), profile.get("block_tokens")
+        if d.block.value is None and isinstance(block, (int, float)) and isinstance(tokens, int) and block > 0 < tokens:
+            d.block.update(float(block) * job_tokens / tokens)
+
     def observe_server(self, num_layers: int, cut: int, seconds: float) -> None:
         predicted = self.base_server.step_s(num_layers, [cut])
         if predicted > 0 and seconds > 0:

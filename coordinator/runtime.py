@@ -131,6 +131,7 @@ class Coordinator:
         self._uploads: dict[tuple[int, str], list[Received]] = {}
         self._upload_arrived = asyncio.Event()
         self._round_now = 0
+        self._first_round = 1
         self.controller: Controller | None = None
         self.estimates: FleetEstimates | None = None
         self._cuts: dict[str, int] = {}  # the controller's latest decision
@@ -174,6 +175,7 @@ class Coordinator:
         if checkpoint is not None:
             state = read_state(checkpoint)
             first_round = int(state["round"]) + 1
+            self._first_round = first_round
             self._elapsed_before = float(state.get("elapsed_s", 0.0))
             self._truncate_metrics(after=first_round - 1)
         elif self.metrics_path.exists():
@@ -433,6 +435,10 @@ class Coordinator:
         """The controller's cuts for this round, once every online agent has been measured."""
         if self.controller is None or self.estimates is None:
             return None
+        if self._round_now == self._first_round:
+            return None  # the configured cuts first; decisions rest on this run's own measurements
+        for name in self._online():  # a device that joined since the last round has only its own measurement
+            self.estimates.observe_join(name, self.agents[name].profile, self.job.batch_size * self.job.max_length)
         devices = [self.estimates.device(name) for name in self._online()]
         if not devices or any(d is None for d in devices):
             return None  # first round (or a new agent): the configured cuts, and measure

@@ -42,7 +42,7 @@ async def test_cuts_adapt_and_the_step_time_falls(broker: Broker, tmp_path: Path
         batch_size=2,
         max_length=96,
         min_agents=3,
-        cut=1,  # every device starts at the shallowest cut: the server does nearly all the work
+        cut=11,  # every device starts at the deepest cut: far too much for the slow ones
         policy="splitft",
         eval_samples=2,
         step_timeout_s=120,
@@ -62,7 +62,7 @@ async def test_cuts_adapt_and_the_step_time_falls(broker: Broker, tmp_path: Path
     await asyncio.wait_for(asyncio.gather(*tasks), timeout=60)
 
     rounds = read_metrics(tmp_path / "out")[1:]
-    assert rounds[0]["cuts"] == {"a1": 1, "a2": 1, "a3": 1} and "controller" not in rounds[0]
+    assert rounds[0]["cuts"] == {"a1": 11, "a2": 11, "a3": 11} and "controller" not in rounds[0]
     later = rounds[-1]
     assert later["cuts"] != rounds[0]["cuts"], [r["cuts"] for r in rounds]
     assert later["cuts"]["a3"] > later["cuts"]["a1"]  # the faster device takes more blocks
@@ -70,5 +70,5 @@ async def test_cuts_adapt_and_the_step_time_falls(broker: Broker, tmp_path: Path
     assert control["policy"] == "splitft" and control["ideal_step_s"] > 0
     # The prediction the decision was made on is close to what the round then measured.
     assert 0.7 <= control["achieved_over_ideal"] <= 1.5, control
-    # Moving blocks to the devices shortened the step the server bottlenecked.
-    assert later["step_time_s"] < rounds[0]["step_time_s"], [r["step_time_s"] for r in rounds]
+    # Moving blocks off the slow devices shortened the step they bottlenecked (by far more than noise).
+    assert later["step_time_s"] < 0.7 * rounds[0]["step_time_s"], [r["step_time_s"] for r in rounds]
