@@ -29,7 +29,7 @@ from splitft.coordinator.local import LocalRun, run_local
 from splitft.shared.config import JobConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_codec import cpu_name
+from bench_report import cpu_name, write_section
 
 FLEET = ("jetson-nano", "jetson-orin-nano", "laptop")
 
@@ -83,24 +83,19 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.write:
-        begin, end = f"<!-- adaptive-{args.scale}:begin -->", f"<!-- adaptive-{args.scale}:end -->"
         command = (
             f"python scripts/bench_adaptive.py --rounds {args.rounds} --local-steps {args.local_steps} "
             f"--batch {args.batch} --length {args.length} --cut {args.cut} --scale {args.scale}"
         )
-        section = (
-            f"{begin}\n## Adaptive cuts: fixed vs. splitft (device compute x {args.scale})\n\n"
+        write_section(
+            args.write,
+            f"adaptive-{args.scale}",
+            f"## Adaptive cuts: fixed vs. splitft (device compute x {args.scale})\n\n"
             f"Regime: the server is this host ({cpu_name()}, {torch.get_num_threads()} threads) running tiny-gpt2 "
             f"(12 blocks, hidden 128, a 50,257-token head); the fleet is N=3 emulated devices ({', '.join(FLEET)}; "
             f"profile compute x {args.scale}), B={args.batch}, T<={args.length}, cuts listed agent 1/2/3. "
-            f"{date.today().isoformat()}.\n\n`{command} --write BENCHMARKS.md`\n\n{text}\n{end}"
+            f"{date.today().isoformat()}.\n\n`{command} --write BENCHMARKS.md`\n\n{text}",
         )
-        old = args.write.read_text() if args.write.exists() else "# Benchmarks\n"
-        if begin in old and end in old:
-            new = old[: old.index(begin)] + section + old[old.index(end) + len(end) :]
-        else:
-            new = old.rstrip("\n") + "\n\n" + section + "\n"
-        args.write.write_text(new)
 
 
 if __name__ == "__main__":

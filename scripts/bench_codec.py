@@ -12,8 +12,8 @@ scale. One thread (torch.set_num_threads(1)): a device has one core to spare for
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
+import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -24,7 +24,8 @@ from splitft.shared.codec import FLOAT_WIRE_DTYPES, decode_tensor, encode_tensor
 from splitft.shared.split import SegmentSpec, build_segment
 from splitft.shared.text import gsm8k_records, load_tokenizer
 
-BEGIN, END = "<!-- codec:begin -->", "<!-- codec:end -->"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_report import cpu_name, write_section
 
 
 def real_activations(preset: str, cut: int, batch: int, length: int) -> torch.Tensor:
@@ -38,16 +39,6 @@ def real_activations(preset: str, cut: int, batch: int, length: int) -> torch.Te
     client = build_segment(preset, SegmentSpec.client(cut))
     with torch.no_grad():
         return client(input_ids, torch.ones_like(input_ids))  # (B, T, C)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def timed(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
@@ -117,22 +108,16 @@ def main() -> None:
     text = table(rows)
     print(text)
     if args.write:
-        cpu = cpu_name()
-        section = (
-            f"{BEGIN}\n## Tensor codec\n\n"
+        write_section(
+            args.write,
+            "codec",
+            f"## Tensor codec\n\n"
             f"Activations of `{args.model}` blocks 0..{args.cut - 1} on GSM8K text, B={args.batch}, "
             f"T={args.length}; msgpack + zstd level {args.level}; median of {args.repeats}; one thread; "
-            f"{cpu}, {date.today().isoformat()}.\n\n`{command} --write BENCHMARKS.md`\n\n{text}\n\n"
+            f"{cpu_name()}, {date.today().isoformat()}.\n\n`{command} --write BENCHMARKS.md`\n\n{text}\n\n"
             "Throughput is in MB/s of the fp16 form of the tensor for every row, so rows compare directly; "
-            "'smaller than raw fp32' divides the raw fp32 tensor by the compressed payload.\n"
-            f"{END}"
+            "'smaller than raw fp32' divides the raw fp32 tensor by the compressed payload.",
         )
-        old = args.write.read_text() if args.write.exists() else "# Benchmarks\n"
-        if BEGIN in old and END in old:
-            new = old[: old.index(BEGIN)] + section + old[old.index(END) + len(END) :]
-        else:
-            new = old.rstrip("\n") + "\n\n" + section + "\n"
-        args.write.write_text(new)
 
 
 if __name__ == "__main__":

@@ -39,10 +39,8 @@ from splitft.shared.split import SegmentSpec, build_segment, causal_lm_loss
 from splitft.shared.text import load_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_codec import cpu_name
+from bench_report import cpu_name, write_section
 from local_broker import start_mosquitto, stop_broker
-
-BEGIN, END = "<!-- runtime:begin -->", "<!-- runtime:end -->"
 
 
 def union_step_batches(data: dict[str, Path], batch: int, length: int, steps: int) -> list[tuple[torch.Tensor, ...]]:
@@ -145,19 +143,15 @@ def main() -> None:
             f"python scripts/bench_runtime.py --batch {args.batch} --length {args.length} --rounds {args.rounds} "
             f"--local-steps {args.local_steps} --wire {args.wire}"
         )
-        section = (
-            f"{BEGIN}\n## Runtime overhead of the split\n\n"
+        write_section(
+            args.write,
+            "runtime",
+            f"## Runtime overhead of the split\n\n"
             f"tiny-gpt2 (12 blocks, hidden 128), LoRA r=16 / r_cut=8, B={args.batch} per agent, T<={args.length}, "
             f"{steps} global steps; agents cut at 1, 2, 3; coordinator, agents and Mosquitto on one machine "
             f"({cpu_name()}, {torch.get_num_threads()} threads), {date.today().isoformat()}.\n\n"
-            f"`{command} --write BENCHMARKS.md`\n\n{text}\n{END}"
+            f"`{command} --write BENCHMARKS.md`\n\n{text}",
         )
-        old = args.write.read_text() if args.write.exists() else "# Benchmarks\n"
-        if BEGIN in old and END in old:
-            new = old[: old.index(BEGIN)] + section + old[old.index(END) + len(END) :]
-        else:
-            new = old.rstrip("\n") + "\n\n" + section + "\n"
-        args.write.write_text(new)
 
 
 if __name__ == "__main__":

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
-from test_runtime import read_metrics, shards
+from test_runtime import read_metrics, run_job, shards
 
-from splitft.agent.runtime import Agent, AgentSettings
-from splitft.coordinator.runtime import Coordinator
 from splitft.shared.config import JobConfig
-from splitft.shared.link import BrokerSettings
 
 from conftest import Broker
 
@@ -49,17 +45,11 @@ async def test_cuts_adapt_and_the_step_time_falls(broker: Broker, tmp_path: Path
         upload_timeout_s=120,
         join_window_s=0.2,
     )
-    settings = BrokerSettings(url=broker.url)
-    data = shards(tmp_path)
-    coordinator = Coordinator(job, settings, tmp_path / "out")
     profiles = {}
     for agent, (name, gflops, mbps) in FLEET.items():
         profiles[agent] = tmp_path / f"{name}.toml"
         profiles[agent].write_text(BOARD.format(name=name, gflops=gflops, mbps=mbps))
-    agents = [Agent(AgentSettings(n, job.job, job.model, data[n], emulate=str(profiles[n])), settings) for n in FLEET]
-    tasks = [asyncio.create_task(a.run()) for a in agents]
-    await asyncio.wait_for(coordinator.run(), timeout=600)
-    await asyncio.wait_for(asyncio.gather(*tasks), timeout=60)
+    await run_job(broker, tmp_path / "out", job, shards(tmp_path), emulate=profiles)
 
     rounds = read_metrics(tmp_path / "out")[1:]
     assert rounds[0]["cuts"] == {"a1": 11, "a2": 11, "a3": 11} and "controller" not in rounds[0]

@@ -36,10 +36,19 @@ def shards(tmp_path: Path, n: int = 3, samples: int = 48) -> dict[str, Path]:
     return {f"a{i + 1}": p for i, p in enumerate(paths)}
 
 
-async def run_job(broker: Broker, out: Path, job: JobConfig, data: dict[str, Path]) -> Coordinator:
+async def run_job(
+    broker: Broker, out: Path, job: JobConfig, data: dict[str, Path], emulate: dict[str, Path] | None = None
+) -> Coordinator:
+    """Run ``job`` to the end: a coordinator and one in-process agent per data shard (emulating a profile)."""
     settings = BrokerSettings(url=broker.url)
     coordinator = Coordinator(job, settings, out)
-    agents = [Agent(AgentSettings(name, job.job, job.model, path), settings) for name, path in data.items()]
+    agents = [
+        Agent(
+            AgentSettings(name, job.job, job.model, path, emulate=str((emulate or {})[name]) if emulate else None),
+            settings,
+        )
+        for name, path in data.items()
+    ]
     tasks = [asyncio.create_task(a.run(), name=a.name) for a in agents]
     try:
         await asyncio.wait_for(coordinator.run(), timeout=600)
