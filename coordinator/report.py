@@ -27,10 +27,12 @@ def plot_run(metrics_path: Path, out_png: Path, title: str = "SplitFT run") -> P
     ax_loss.grid(alpha=0.3)
     rounds = [r for r in records if r.get("cuts")]
     agents = sorted({name for r in rounds for name in r["cuts"]})
+    classes = {name: a.get("class") for r in rounds for name, a in r.get("agents", {}).items()}
     for i, name in enumerate(agents):
         xs = [r["round"] for r in rounds if name in r["cuts"]]
         ys = [r["cuts"][name] + 0.04 * (i - len(agents) / 2) for r in rounds if name in r["cuts"]]
-        ax_cut.plot(xs, ys, marker="s", label=name)
+        device = classes.get(name)
+        ax_cut.plot(xs, ys, marker="s", label=f"{name} ({device})" if device and device != "unknown" else name)
     ax_cut.set_xlabel("round")
     ax_cut.set_ylabel("cut layer (blocks on the device)")
     ax_cut.set_title("Cut layer per agent")

@@ -396,6 +396,7 @@ class Coordinator:
             "cuts": {p.name: p.cut for p in plans.values()},
             "agents": {
                 p.name: {
+                    "class": self.agents[p.name].profile.get("class", "unknown"),
                     "cut": p.cut,
                     "tokens": p.tokens,
                     "step_time_s": sum(p.step_times) / max(len(p.step_times), 1),
