@@ -17,6 +17,7 @@ def plot_run(metrics_path: Path, out_png: Path, title: str = "SplitFT run") -> P
 
     matplotlib.use("Agg")  # files only; no display needed
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     records = read_metrics(metrics_path)
     fig, (ax_loss, ax_cut) = plt.subplots(1, 2, figsize=(11, 4))
@@ -33,6 +34,7 @@ def plot_run(metrics_path: Path, out_png: Path, title: str = "SplitFT run") -> P
         ys = [r["cuts"][name] + 0.04 * (i - len(agents) / 2) for r in rounds if name in r["cuts"]]
         device = classes.get(name)
         ax_cut.plot(xs, ys, marker="s", label=f"{name} ({device})" if device and device != "unknown" else name)
+    ax_cut.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_cut.set_xlabel("round")
     ax_cut.set_ylabel("cut layer (blocks on the device)")
     ax_cut.set_title("Cut layer per agent")
