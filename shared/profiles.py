@@ -23,14 +23,14 @@ Every figure in a shipped file carries a comment naming its source. The sustaine
 not stored: it is ``peak_gflops * efficiency``. The profiles seed the cut-layer controller before
 measurements arrive, and let one machine emulate a device.
 
-Where the files are found: ``firmware_profiles/`` is not package data of ``splitft.shared``; it is
-looked up next to the package folder, at ``Path(__file__).resolve().parent.parent /
-"firmware_profiles"``, which is the repository root in a checkout or an editable install. Elsewhere
-(a wheel install), pass the path of a ``.toml`` file to :func:`load_profile` instead of a name.
+Where the files are found: ``firmware_profiles/`` at the repository root in a checkout or an
+editable install; a wheel installs the same files as the data package ``splitft.firmware_profiles``.
+:func:`load_profile` also takes the path of any ``.toml`` file.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -88,8 +88,14 @@ class DeviceProfile:
 
 
 def profiles_dir() -> Path:
-    """The folder of shipped profiles: ``firmware_profiles/`` beside the package folder (repository root)."""
-    return Path(__file__).resolve().parent.parent / "firmware_profiles"
+    """The folder of shipped profiles: ``firmware_profiles/`` of the source tree, or the copy a wheel installs
+    as the data package ``splitft.firmware_profiles``."""
+    source = Path(__file__).resolve().parent.parent / "firmware_profiles"
+    if source.is_dir():
+        return source
+    spec = importlib.util.find_spec("splitft.firmware_profiles")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    return Path(locations[0]) if locations else source
 
 
 def list_profiles() -> list[str]:
