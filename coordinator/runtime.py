@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from splitft.shared.codec import encode_state
 from splitft.shared.config import JobConfig
 from splitft.shared.data import collate, load_records, tokenize
 from splitft.shared.errors import SplitFTError, WireError
@@ -41,7 +42,6 @@ from splitft.shared.protocol import (
     METRICS,
     ROUND,
     STATUS,
-    encode_state,
     grad_body,
     parse_act,
     parse_adapter,
@@ -315,12 +315,7 @@ class Coordinator:
                     f"only {len(self._online())} of the {self.job.min_agents} agents needed joined "
                     f"within {self.job.join_timeout_s:g} s"
                 )
-            self._joined.clear()
-            try:
-                async with asyncio.timeout(min(remaining, 1.0)):
-                    await self._joined.wait()
-            except TimeoutError:
-                pass
+            await _wait_briefly(self._joined, remaining)
         await asyncio.sleep(self.job.join_window_s)
         self.progress("admitted", {"agents": self._online()})
 
@@ -556,12 +551,7 @@ class Coordinator:
                 for name in waiting:
                     self._drop(plans[name], f"no adapter upload within {self.job.upload_timeout_s:g} s")
                 return list(uploads.values())
-            self._upload_arrived.clear()
-            try:
-                async with asyncio.timeout(min(remaining, 1.0)):
-                    await self._upload_arrived.wait()
-            except TimeoutError:
-                pass
+            await _wait_briefly(self._upload_arrived, remaining)
 
     def _drop(self, plan: Participant, reason: str) -> None:
         if plan.dropped is None:
@@ -589,6 +579,16 @@ class Coordinator:
     def _write_metrics(self, record: dict[str, Any]) -> None:
         with self.metrics_path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(_jsonable(record)) + "\n")
+
+
+async def _wait_briefly(event: asyncio.Event, remaining_s: float) -> None:
+    """Wait for ``event`` (cleared first) at most ``remaining_s`` and at most 1 s, so the caller re-checks."""
+    event.clear()
+    try:
+        async with asyncio.timeout(min(remaining_s, 1.0)):
+            await event.wait()
+    except TimeoutError:
+        pass
 
 
 def _eval_fields(result: Any) -> dict[str, float]:

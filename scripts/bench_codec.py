@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 from splitft.shared.codec import FLOAT_WIRE_DTYPES, decode_tensor, encode_tensor, pack, unpack
+from splitft.shared.data import load_records
 from splitft.shared.split import SegmentSpec, build_segment
-from splitft.shared.text import gsm8k_records, load_tokenizer
+from splitft.shared.text import GSM8K, load_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_report import cpu_name, write_section
@@ -31,8 +32,8 @@ from bench_report import cpu_name, write_section
 def real_activations(preset: str, cut: int, batch: int, length: int) -> torch.Tensor:
     tokenizer = load_tokenizer(preset)
     ids: list[int] = []
-    for record in gsm8k_records("train"):
-        ids += tokenizer(record["question"] + "\n" + record["answer"] + "\n").input_ids
+    for question, answer in load_records(GSM8K / "train.jsonl"):
+        ids += tokenizer(question + "\n" + answer + "\n").input_ids
         if len(ids) >= batch * length:
             break
     input_ids = torch.tensor(ids[: batch * length]).view(batch, length)

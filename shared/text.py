@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
 from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -35,12 +33,3 @@ def load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     return tokenizer
-
-
-def gsm8k_records(split: str = "train") -> Iterator[dict[str, str]]:
-    """GSM8K problems as ``{"question", "answer"}`` records from the vendored copy."""
-    if split not in ("train", "test"):
-        raise ValueError(f"GSM8K split must be 'train' or 'test', got {split!r}")
-    with (GSM8K / f"{split}.jsonl").open(encoding="utf-8") as f:
-        for line in f:
-            yield json.loads(line)
