@@ -5,7 +5,9 @@ Pure and synchronous; no network here. Everything that decodes treats its input 
 * Never pickle and never ``torch.load`` wire bytes: both execute code chosen by the sender.
 * Sizes are bounded before anything is allocated: the compressed length, the size a zstd frame
   declares (``zstandard``'s one-shot ``max_output_size`` is ignored when the frame declares its own
-  content size, so the declared size itself is checked), and every msgpack length.
+  content size, so the declared size itself is checked), and every msgpack length. A frame that
+  declares far more than its compressed size suggests must prove it by streaming (1 MiB at a time)
+  before that much is allocated: a flipped bit in a size field must not cost hundreds of megabytes.
 * Tensors are checked against a dtype whitelist, their byte length against their declared shape,
   and that shape against the one the caller expects. Non-finite values are refused by default.
 
@@ -47,6 +49,9 @@ _ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "int32": 4, "int64": 8}
 _TENSOR_KEYS = frozenset({"dtype", "shape", "data"})
 _INT8_KEYS = _TENSOR_KEYS | {"scale"}
 _MAX_DIMS = 8
+#: Larger than any real dimension (256 MiB hold 2**28 one-byte values); bounds the dims of empty
+#: tensors, which no data length checks (``[0, 2**64 - 1]`` overflowed torch's reshape).
+_MAX_DIM = 1 << 31
 
 
 @dataclass(frozen=True)
@@ -123,7 +128,7 @@ def decode_tensor(
         raise WireError("bad_schema", f"tensor must be a map, got {type(obj).__name__}")
     wire = obj.get("dtype")
     if not isinstance(wire, str) or wire not in WIRE_DTYPES:
-        raise WireError("bad_dtype", f"unknown wire dtype {wire!r}")
+        raise WireError("bad_dtype", f"unknown wire dtype {_brief(wire)}")
     if expect_dtypes is not None and wire not in expect_dtypes:
         raise WireError("bad_dtype", f"wire dtype {wire} not accepted here (expected one of {list(expect_dtypes)})")
     keys = set(obj)
@@ -193,12 +198,14 @@ def decode_state(
     obj: Any,
     *,
     expect: Mapping[str, Sequence[int]] | None = None,
-    expect_dtypes: Sequence[str] | None = None,
+    expect_dtypes: Sequence[str] | None = FLOAT_WIRE_DTYPES,
     out_dtype: torch.dtype = torch.float32,
 ) -> dict[str, torch.Tensor]:
     """Decode :func:`encode_state` output.
 
-    With ``expect`` (name -> shape) the names must match exactly and every shape must agree.
+    With ``expect`` (name -> shape) the names must match exactly and every shape must agree. States
+    are floating tensors (adapter weights): integer wire dtypes are refused unless ``expect_dtypes``
+    says otherwise (``None`` accepts any).
     """
     if not isinstance(obj, dict):
         raise WireError("bad_schema", f"state must be a map, got {type(obj).__name__}")
@@ -222,9 +229,13 @@ def decode_state(
 
 
 def pack(obj: Any, level: int = 1) -> bytes:
-    """msgpack + zstd. The zstd frame always declares its content size (:func:`unpack` needs it)."""
-    raw = msgpack.packb(obj, use_bin_type=True)
-    return zstandard.ZstdCompressor(level=level, write_content_size=True).compress(raw)
+    """msgpack + zstd. The zstd frame always declares its content size (:func:`unpack` needs it) and
+    carries a checksum of the content, so that a corrupted frame is refused rather than misread."""
+    return compress(msgpack.packb(obj, use_bin_type=True), level)
+
+
+def compress(raw: bytes, level: int = 1) -> bytes:
+    return zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=True).compress(raw)
 
 
 def unpack(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
@@ -242,8 +253,12 @@ def unpack(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
         raise WireError("bad_compression", "zstd frame does not declare its content size")
     if declared > limits.max_decoded_bytes:
         raise WireError("too_large", f"frame declares {declared} bytes > limit {limits.max_decoded_bytes}")
+    if declared > _PLAUSIBLE_RATIO * len(data) + _STREAM_STEP:
+        _check_expands_to(data, declared)
     try:
-        raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=declared)
+        # One frame and nothing after it: bytes appended to a frame (another frame, a skippable frame,
+        # garbage, or a checksum whose flag a flipped bit cleared) would otherwise pass unnoticed.
+        raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=declared, allow_extra_data=False)
     except zstandard.ZstdError as exc:
         raise WireError("bad_compression", f"corrupt or truncated zstd frame ({exc})") from exc
     if len(raw) != declared:
@@ -258,6 +273,7 @@ def unpack(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
             max_array_len=limits.max_items,
             max_map_len=limits.max_items,
             max_ext_len=0,
+            ext_hook=_refuse_ext,  # max_ext_len=0 still lets an ext of length 0 through
         )
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
         raise WireError("bad_msgpack", f"malformed msgpack ({type(exc).__name__}: {exc})") from exc
@@ -271,11 +287,53 @@ def _check_wire_dtype(wire_dtype: str) -> None:
         raise ConfigError(f"wire dtype must be one of {list(WIRE_DTYPES)}, got {wire_dtype!r}")
 
 
+#: Frames that declare more than this many times their compressed size (plus one step) are streamed first.
+_PLAUSIBLE_RATIO = 16
+_STREAM_STEP = 1 << 20
+
+
+def _check_expands_to(data: bytes | bytearray | memoryview, declared: int) -> None:
+    """Decompress ``data`` holding at most one step at a time: does it hold the ``declared`` bytes?
+
+    The one-shot decompressor allocates the declared size up front, whatever the frame holds.
+    """
+    total = 0
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=False)
+        while total < declared:
+            step = reader.read(min(_STREAM_STEP, declared - total))
+            if not step:
+                break
+            total += len(step)
+    except zstandard.ZstdError as exc:
+        raise WireError("bad_compression", f"corrupt zstd frame ({exc})") from exc
+    if total < declared:
+        raise WireError("bad_compression", f"frame declared {declared} bytes but held {total}")
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"msgpack ext type {code} is not allowed")
+
+
+def _brief(value: Any) -> str:
+    """A short description of an untrusted value for an error message, in bounded time and memory:
+    ``repr`` of hostile input can be megabytes long, or recurse deeper than Python allows."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return repr(value)
+    if isinstance(value, (str, bytes, bytearray)):
+        return repr(value[:40]) + ("..." if len(value) > 40 else "")
+    if isinstance(value, (list, tuple)) and len(value) <= 16 and all(type(v) in (bool, int, float) for v in value):
+        return repr(value)
+    if isinstance(value, (list, tuple, dict)):
+        return f"<{type(value).__name__} of {len(value)}>"
+    return f"<{type(value).__name__}>"
+
+
 def _check_shape(shape: Any, expect: Sequence[int | None] | None) -> list[int]:
     if not isinstance(shape, list) or len(shape) > _MAX_DIMS:
-        raise WireError("bad_shape", f"shape must be a list of at most {_MAX_DIMS} ints, got {shape!r:.80}")
-    if not all(type(d) is int and d >= 0 for d in shape):
-        raise WireError("bad_shape", f"shape must hold non-negative ints, got {shape!r:.80}")
+        raise WireError("bad_shape", f"shape must be a list of at most {_MAX_DIMS} ints, got {_brief(shape)}")
+    if not all(type(d) is int and 0 <= d < _MAX_DIM for d in shape):
+        raise WireError("bad_shape", f"shape must hold ints in [0, 2**31), got {_brief(shape)}")
     if expect is not None and (
         len(expect) != len(shape) or any(e is not None and e != d for e, d in zip(expect, shape, strict=True))
     ):

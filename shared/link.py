@@ -23,6 +23,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -31,7 +32,18 @@ from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
 
 from .codec import Limits
 from .errors import ConfigError, LinkError, WireError
-from .protocol import CHUNK, Envelope, Reassembler, chunk_payload, decode_envelope, encode_envelope, new_session_id
+from .protocol import (
+    CHUNK,
+    MIN_KEY_BYTES,
+    STATUS,
+    Envelope,
+    Reassembler,
+    check_auth,
+    chunk_payload,
+    decode_envelope,
+    encode_envelope,
+    new_session_id,
+)
 from .topics import Topic, Topics
 
 log = logging.getLogger(__name__)
@@ -39,13 +51,41 @@ log = logging.getLogger(__name__)
 _PROTOCOLS = {"5": aiomqtt.ProtocolVersion.V5, "3.1.1": aiomqtt.ProtocolVersion.V311}
 
 
+_SCHEMES = {"mqtt": 1883, "tcp": 1883, "mqtts": 8883, "ssl": 8883}
+#: CONNACK reason codes that retrying will not change: bad user name or password, not authorized, banned,
+#: bad authentication method (Mosquitto 2.0 answers a wrong password with 135, "not authorized")
+_REFUSED_CODES = frozenset({134, 135, 138, 140})
+
+
+def _refusal(exc: BaseException) -> str | None:
+    """What to tell the operator when the broker refused this member for good (None: worth retrying)."""
+    text = str(exc)
+    if isinstance(exc, aiomqtt.MqttCodeError) and getattr(exc.rc, "value", exc.rc) in _REFUSED_CODES:
+        return "check the user name and password this member connects with"
+    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
+        return "the broker's certificate does not verify: give the CA that signed it (--ca-file) and a host it names"
+    return None
+
+
 @dataclass(frozen=True)
 class BrokerSettings:
-    """How to reach the broker, and the limits of this end of the link."""
+    """How to reach the broker, how messages are authenticated, and the limits of this end of the link.
+
+    ``mqtts://`` URLs connect over TLS: ``ca_file`` is the CA that signed the broker's certificate
+    (default: the system's), ``cert_file``/``key_file`` a client certificate where the broker asks
+    for one. ``auth_key`` (at least 32 bytes, the same for every member of the job) signs every
+    message and refuses those not signed with it (see :func:`splitft.shared.protocol.check_auth`).
+    """
 
     url: str = "mqtt://127.0.0.1:1883"
     username: str | None = None
     password: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    tls_insecure: bool = False  # skip the broker host name check (a certificate for another name); never in the field
+    auth_key: bytes | None = field(default=None, repr=False)
+    auth_window_s: float = 300.0  # how far a message's timestamp may be from the receiver's clock
     client_id: str | None = None  # MQTT client id (for broker ACLs on %c); default: the member name + a session suffix
     protocol: str = "5"  # "5", or "3.1.1" for brokers without v5 (the embedded amqtt)
     keepalive_s: int = 30
@@ -61,8 +101,24 @@ class BrokerSettings:
 
     def __post_init__(self) -> None:
         parsed = urlparse(self.url)
-        if parsed.scheme not in ("mqtt", "tcp") or not parsed.hostname:
-            raise ConfigError(f"broker url must look like mqtt://HOST:PORT, got {self.url!r}")
+        if parsed.scheme not in _SCHEMES or not parsed.hostname:
+            raise ConfigError(f"broker url must look like mqtt://HOST:PORT or mqtts://HOST:PORT, got {self.url!r}")
+        try:
+            parsed.port  # noqa: B018 (a bad port raises here)
+        except ValueError as exc:
+            raise ConfigError(f"broker url {self.url!r} has a bad port") from exc
+        for name in ("ca_file", "cert_file", "key_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"broker {name.replace('_', ' ')} {path} does not exist")
+            if path is not None and not self.tls:
+                raise ConfigError(f"{name} is set but the broker url {self.url!r} is not mqtts://")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ConfigError("a client certificate needs both cert_file and key_file")
+        if self.auth_key is not None and len(self.auth_key) < MIN_KEY_BYTES:
+            raise ConfigError(f"the message authentication key must have at least {MIN_KEY_BYTES} bytes")
+        if not 0 < self.auth_window_s < 1e6:
+            raise ConfigError(f"auth_window_s must be positive, got {self.auth_window_s}")
         if self.protocol not in _PROTOCOLS:
             raise ConfigError(f"broker protocol must be one of {sorted(_PROTOCOLS)}, got {self.protocol!r}")
         if self.max_payload_bytes < 4096:
@@ -74,7 +130,19 @@ class BrokerSettings:
 
     @property
     def port(self) -> int:
-        return urlparse(self.url).port or 1883
+        parsed = urlparse(self.url)
+        return parsed.port or _SCHEMES[parsed.scheme]
+
+    @property
+    def tls(self) -> bool:
+        return urlparse(self.url).scheme in ("mqtts", "ssl")
+
+
+def _check_type(type_: str, topic: Topic, *, chunk_ok: bool) -> None:
+    """Each topic carries one message type (the runtimes dispatch on the topic, so the two must agree)."""
+    expected = STATUS if topic.kind == "coordinator_status" else topic.kind
+    if type_ != expected and not (chunk_ok and type_ == CHUNK):
+        raise WireError("wrong_type", f"a {type_!r} message on a {topic.kind!r} topic")
 
 
 @dataclass(frozen=True)
@@ -108,6 +176,7 @@ class Link:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.connects = 0
+        self.last_error: str | None = None  # why the latest connection attempt failed or dropped
         self._seq = 0
         self._queue: asyncio.Queue[Received] = asyncio.Queue()  # unbounded: never drop acknowledged messages
         self._client: aiomqtt.Client | None = None
@@ -127,8 +196,10 @@ class Link:
                 await asyncio.shield(self._first)
         except TimeoutError as exc:
             await self.close()
+            reason = f" (last error: {self.last_error})" if self.last_error else ""
             raise LinkError(
-                f"cannot reach the MQTT broker at {self.settings.url} within {self.settings.connect_timeout_s:g} s"
+                f"cannot reach the MQTT broker at {self.settings.url} within "
+                f"{self.settings.connect_timeout_s:g} s{reason}"
             ) from exc
         except BaseException:
             await self.close()
@@ -182,13 +253,14 @@ class Link:
     ) -> int:
         """Send one message (chunked if it is large); returns the bytes sent."""
         env = self.envelope(type_, body, round_=round_, step=step, corr=corr)
-        payload = encode_envelope(env)
+        key = self.settings.auth_key
+        payload = encode_envelope(env, key=key, topic=topic)
         if len(payload) <= self.settings.max_payload_bytes:
             parts = [payload]
         else:
             self._seq += 1
             first = self.envelope(CHUNK, {}, round_=round_, step=step)
-            parts = chunk_payload(payload, self.settings.max_payload_bytes, first)
+            parts = chunk_payload(payload, self.settings.max_payload_bytes, first, key=key, topic=topic)
             self._seq = first.seq + len(parts) - 1
         for part in parts:
             await self._publish_raw(topic, part, qos=qos, retain=retain)
@@ -240,8 +312,12 @@ class Link:
         if topic is None:
             self._reject("bad_topic", topic_name, "not a topic of this job")
             return
+        if not payload:
+            # An empty payload is how MQTT clears a retained message; nobody of ours sends one otherwise.
+            self._reject("empty", topic_name, "empty payload")
+            return
         try:
-            env = decode_envelope(payload, self.settings.limits)
+            env = self._decode(payload, topic_name)
             size = len(payload)
             if env.job != self.topics.job:
                 raise WireError("wrong_job", f"message for job {env.job!r}")
@@ -252,15 +328,17 @@ class Link:
             if env.key in self._seen:
                 raise WireError("duplicate", f"message {env.key} seen before")
             self._remember(env.key)
+            _check_type(env.type, topic, chunk_ok=True)
             if env.type == CHUNK:
                 sender = env.sender
                 whole = self._reassembler.add(sender, env.body)
                 if whole is None:
                     return
                 size = len(whole)  # the chunks' envelopes add about 100 bytes per chunk on top
-                env = decode_envelope(whole, self.settings.limits)
+                env = self._decode(whole, topic_name)
                 if env.sender != sender or env.job != self.topics.job or env.type == CHUNK:
                     raise WireError("bad_chunk", "reassembled message does not match its chunks")
+                _check_type(env.type, topic, chunk_ok=False)
                 if env.key in self._seen:
                     raise WireError("duplicate", f"message {env.key} seen before")
                 self._remember(env.key)
@@ -272,6 +350,13 @@ class Link:
             self._reject("decode_error", topic_name, f"{type(exc).__name__}: {exc}")
             return
         self._queue.put_nowait(Received(topic, env, size))
+
+    def _decode(self, payload: bytes, topic_name: str) -> Envelope:
+        env = decode_envelope(payload, self.settings.limits)
+        if self.settings.auth_key is not None:
+            window = None if env.type == STATUS else self.settings.auth_window_s
+            check_auth(env, topic_name, self.settings.auth_key, window)
+        return env
 
     def _remember(self, key: tuple[str, str, int]) -> None:
         self._seen[key] = None
@@ -308,6 +393,17 @@ class Link:
             except (aiomqtt.MqttError, OSError, LinkError) as exc:
                 self._connected.clear()
                 self._client = None
+                self.last_error = str(exc) or type(exc).__name__
+                hint = _refusal(exc)
+                if hint is not None and self._first is not None and not self._first.done():
+                    # Refused at the first connection: wrong password or CA. Retrying cannot help; say why now.
+                    # (Later, a refusal is retried: a password may be restored while the member keeps running.)
+                    self._first.set_exception(
+                        LinkError(
+                            f"the MQTT broker at {self.settings.url} refused {self.name}: {self.last_error}; {hint}"
+                        )
+                    )
+                    return
                 delay = backoff * random.uniform(0.5, 1.5)  # jitter: a fleet must not reconnect in lockstep
                 log.warning("%s: broker connection lost (%s); reconnecting in %.1f s", self.name, exc, delay)
                 await asyncio.sleep(delay)
@@ -317,10 +413,16 @@ class Link:
         will = None
         if self.will is not None:
             topic, body = self.will
-            payload = encode_envelope(self.envelope("status", body))
+            # Signed now, delivered maybe much later: receivers take a Last Will's age into account.
+            payload = encode_envelope(self.envelope("status", body), key=self.settings.auth_key, topic=topic)
             will = aiomqtt.Will(topic, payload, qos=1, retain=True)
         v5 = self.settings.protocol == "5"
         kwargs: dict[str, Any] = {"clean_start": MQTT_CLEAN_START_FIRST_ONLY} if v5 else {"clean_session": True}
+        if self.settings.tls:
+            kwargs["tls_params"] = aiomqtt.TLSParameters(
+                ca_certs=self.settings.ca_file, certfile=self.settings.cert_file, keyfile=self.settings.key_file
+            )
+            kwargs["tls_insecure"] = self.settings.tls_insecure
         return aiomqtt.Client(
             self.settings.host,
             self.settings.port,

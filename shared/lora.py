@@ -40,16 +40,33 @@ class LoraSettings:
     targets: tuple[str, ...] | None = None  # module names in a block; None = the family's default
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.r, int) and self.r > 0):
-            raise ConfigError(f"lora.r must be a positive integer, got {self.r!r}")
-        if not (isinstance(self.r_cut, int) and self.r_cut > 0):
-            raise ConfigError(f"lora.r_cut must be a positive integer, got {self.r_cut!r}")
-        if not self.alpha_per_rank > 0:
-            raise ConfigError(f"lora.alpha_per_rank must be positive, got {self.alpha_per_rank!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
-        if self.targets is not None and not self.targets:
-            raise ConfigError("lora.targets must name at least one module (or be left unset)")
+        # Exact types: these also arrive from the wire (assignments), where True is not a rank.
+        for name in ("r", "r_cut"):
+            value = getattr(self, name)
+            if type(value) is not int or not 0 < value <= 4096:
+                raise ConfigError(f"lora.{name} must be an integer in 1..4096, got {_brief(value)}")
+        if not _number(self.alpha_per_rank) or not 0 < self.alpha_per_rank < 1e6:
+            raise ConfigError(f"lora.alpha_per_rank must be a positive number, got {_brief(self.alpha_per_rank)}")
+        if not _number(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {_brief(self.dropout)}")
+        if self.targets is not None:
+            if not isinstance(self.targets, tuple) or not all(isinstance(t, str) and t for t in self.targets):
+                raise ConfigError(f"lora.targets must be a list of module names, got {_brief(self.targets)}")
+            if not self.targets or len(self.targets) > 64:
+                raise ConfigError("lora.targets must name 1 to 64 modules (or be left unset)")
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _brief(value: object) -> str:
+    """A short description of a bad value (it may be huge or deeply nested, from the wire)."""
+    if isinstance(value, (bool, int, float)) or value is None:
+        return repr(value)
+    if isinstance(value, str):
+        return repr(value[:40])
+    return f"a {type(value).__name__}"
 
 
 def block_ranks(num_layers: int, cuts: Iterable[int], settings: LoraSettings) -> dict[int, int]:

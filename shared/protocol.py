@@ -8,8 +8,11 @@ Every MQTT payload is one zstd-compressed msgpack map, the envelope::
 
 ``sid`` is a random id per process start, so that ``(sender, sid, seq)`` names a message uniquely
 even across restarts; receivers drop a ``(sender, sid, seq)`` they have seen (QoS 1 redelivers).
-``auth`` is reserved for message authentication. Bodies are validated by the ``parse_*`` function
-of their type; tensors inside them by :mod:`splitft.shared.codec`.
+``auth`` carries the message's authentication tag when the job has a key (:func:`envelope_mac`):
+HMAC-SHA256 over the topic and the envelope packed with ``auth`` nil, so a tag binds the message to
+the topic it was published on; ``ts`` then bounds how old a message may be (:func:`check_auth`).
+Bodies are validated by the ``parse_*`` function of their type; tensors inside them by
+:mod:`splitft.shared.codec`.
 
 Payloads larger than the link's limit (brokers cap packets: EMQX at 1 MB by default) travel as
 ``chunk`` envelopes, reassembled by :class:`Reassembler` with bounded memory and a timeout.
@@ -17,22 +20,37 @@ Payloads larger than the link's limit (brokers cap packets: EMQX at 1 MB by defa
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import math
 import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import msgpack
 import torch
 
-from .codec import DEFAULT_LIMITS, Limits, decode_state, decode_tensor, encode_state, encode_tensor, pack, unpack
-from .errors import WireError
+from .codec import (
+    DEFAULT_LIMITS,
+    FLOAT_WIRE_DTYPES,
+    Limits,
+    _brief,
+    compress,
+    decode_state,
+    decode_tensor,
+    encode_state,
+    encode_tensor,
+    unpack,
+)
+from .errors import ConfigError, WireError
 
 PROTOCOL_VERSION = 1
 
-JOIN, ASSIGN, ACT, GRAD, ADAPTER, ROUND, METRICS, STATUS, CHUNK = (
+JOIN, ASSIGN, ACT, GRAD, ADAPTER, ROUND, METRICS, STATUS, CHUNK, NOTICE = (
     "join",
     "assign",
     "act",
@@ -42,8 +60,11 @@ JOIN, ASSIGN, ACT, GRAD, ADAPTER, ROUND, METRICS, STATUS, CHUNK = (
     "metrics",
     "status",
     "chunk",
+    "notice",
 )
-MESSAGE_TYPES = frozenset({JOIN, ASSIGN, ACT, GRAD, ADAPTER, ROUND, METRICS, STATUS, CHUNK})
+MESSAGE_TYPES = frozenset({JOIN, ASSIGN, ACT, GRAD, ADAPTER, ROUND, METRICS, STATUS, CHUNK, NOTICE})
+AUTH_TAG_BYTES = 32  # HMAC-SHA256
+MIN_KEY_BYTES = 32
 _ENVELOPE_KEYS = frozenset({"v", "type", "job", "sender", "sid", "seq", "round", "step", "corr", "ts", "auth", "body"})
 
 
@@ -71,24 +92,74 @@ class Envelope:
         return (self.sender, self.sid, self.seq)
 
 
-def encode_envelope(env: Envelope, level: int = 1) -> bytes:
-    return pack(
-        {
-            "v": PROTOCOL_VERSION,
-            "type": env.type,
-            "job": env.job,
-            "sender": env.sender,
-            "sid": env.sid,
-            "seq": env.seq,
-            "round": env.round,
-            "step": env.step,
-            "corr": env.corr,
-            "ts": env.ts,
-            "auth": env.auth,
-            "body": env.body,
-        },
-        level=level,
-    )
+def _fields(env: Envelope, auth: bytes | None) -> dict[str, Any]:
+    return {
+        "v": PROTOCOL_VERSION,
+        "type": env.type,
+        "job": env.job,
+        "sender": env.sender,
+        "sid": env.sid,
+        "seq": env.seq,
+        "round": env.round,
+        "step": env.step,
+        "corr": env.corr,
+        "ts": env.ts,
+        "auth": auth,
+        "body": env.body,
+    }
+
+
+def envelope_mac(key: bytes, topic: str, env: Envelope) -> bytes:
+    """HMAC-SHA256 over the topic and the envelope packed with ``auth`` nil.
+
+    The receiver packs the decoded envelope again; msgpack packs the same values to the same bytes,
+    so a tag verifies exactly when topic, header and body are those that were signed.
+    """
+    mac = hmac.new(key, topic.encode() + b"\0", hashlib.sha256)
+    mac.update(msgpack.packb(_fields(env, None), use_bin_type=True))  # no concatenated copy of a big message
+    return mac.digest()
+
+
+def encode_envelope(env: Envelope, level: int = 1, *, key: bytes | None = None, topic: str | None = None) -> bytes:
+    """Pack and compress ``env``; with ``key`` (and the ``topic`` it is published on) it is signed."""
+    auth = env.auth
+    if key is not None:
+        if topic is None:
+            raise ValueError("signing a message needs the topic it is published on")
+        auth = envelope_mac(key, topic, env)
+    return compress(msgpack.packb(_fields(env, auth), use_bin_type=True), level)
+
+
+def check_auth(env: Envelope, topic: str, key: bytes, window_s: float | None, now: float | None = None) -> None:
+    """Refuse a message that is unsigned, signed with another key or for another topic, or too old or new.
+
+    ``window_s`` bounds the clock difference between members and how long a captured message can be
+    replayed; within it, replays are caught by the receivers' memory of ``(sender, sid, seq)``.
+    ``None`` skips the time check: status messages are retained and Last Wills are signed when a
+    connection opens, so both may be old when they arrive (their ``sid`` tells stale ones apart).
+    """
+    if env.auth is None:
+        raise WireError("unauthenticated", "message carries no authentication tag")
+    if len(env.auth) != AUTH_TAG_BYTES or not hmac.compare_digest(env.auth, envelope_mac(key, topic, env)):
+        raise WireError("bad_auth", "authentication tag does not match (wrong key, topic or content)")
+    now = time.time() if now is None else now
+    if window_s is not None and abs(now - env.ts) > window_s:
+        raise WireError("stale", f"timestamp {now - env.ts:+.0f} s from now, outside the {window_s:g} s window")
+
+
+def load_key(path: str | Path) -> bytes:
+    """A job key file: at least 32 random bytes written as hex (``splitft-coordinator make-key``)."""
+    try:
+        text = Path(path).read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the key file {path}: {exc}") from exc
+    try:
+        key = bytes.fromhex(text)
+    except ValueError as exc:
+        raise ConfigError(f"key file {path} must hold hex digits only") from exc
+    if len(key) < MIN_KEY_BYTES:
+        raise ConfigError(f"key file {path} holds {len(key)} bytes; at least {MIN_KEY_BYTES} are needed")
+    return key
 
 
 def decode_envelope(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> Envelope:
@@ -97,11 +168,12 @@ def decode_envelope(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> Envelope
     if not isinstance(obj, dict):
         raise WireError("bad_schema", f"envelope must be a map, got {type(obj).__name__}")
     if set(obj) != _ENVELOPE_KEYS:
-        raise WireError("bad_schema", f"envelope keys {sorted(map(str, obj))} != {sorted(_ENVELOPE_KEYS)}")
+        missing, extra = sorted(_ENVELOPE_KEYS - set(obj)), len(set(obj) - _ENVELOPE_KEYS)
+        raise WireError("bad_schema", f"envelope keys differ (missing {missing}, {extra} unknown)")
     if type(obj["v"]) is not int or obj["v"] != PROTOCOL_VERSION:
-        raise WireError("bad_version", f"protocol version {obj['v']!r}, this build speaks {PROTOCOL_VERSION}")
+        raise WireError("bad_version", f"protocol version {_brief(obj['v'])}, this build speaks {PROTOCOL_VERSION}")
     if not isinstance(obj["type"], str) or obj["type"] not in MESSAGE_TYPES:
-        raise WireError("bad_schema", f"unknown message type {obj['type']!r}")
+        raise WireError("bad_schema", f"unknown message type {_brief(obj['type'])}")
     for name in ("job", "sender", "sid"):
         if not isinstance(obj[name], str) or not obj[name]:
             raise WireError("bad_schema", f"envelope field {name} must be a non-empty string")
@@ -110,7 +182,7 @@ def decode_envelope(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> Envelope
             raise WireError("bad_schema", f"envelope field {name} must be an integer")
     if obj["corr"] is not None and not isinstance(obj["corr"], str):
         raise WireError("bad_schema", "envelope field corr must be a string or nil")
-    if not isinstance(obj["ts"], (int, float)) or not math.isfinite(obj["ts"]):
+    if isinstance(obj["ts"], bool) or not isinstance(obj["ts"], (int, float)) or not math.isfinite(obj["ts"]):
         raise WireError("bad_schema", "envelope field ts must be a finite number")
     if obj["auth"] is not None and not isinstance(obj["auth"], bytes):
         raise WireError("bad_schema", "envelope field auth must be bytes or nil")
@@ -138,8 +210,8 @@ def _get(body: Mapping[str, Any], name: str, kind: type | tuple[type, ...]) -> A
     if name not in body:
         raise WireError("bad_schema", f"message lacks field {name!r}")
     value = body[name]
-    # bool is an int in Python; never accept one for the other.
-    if isinstance(value, bool) and kind is not bool and (kind is int or kind is float):
+    # bool is an int in Python; never accept one for a number (nor an int for a bool).
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
         raise WireError("bad_schema", f"field {name!r} has the wrong type")
     if not isinstance(value, kind):
         raise WireError("bad_schema", f"field {name!r} must be {kind}, got {type(value).__name__}")
@@ -202,7 +274,9 @@ def act_body(
 def parse_act(
     body: Mapping[str, Any], hidden_size: int, max_batch: int, max_length: int, vocab_size: int
 ) -> Activations:
-    hidden = decode_tensor(_get(body, "act", dict), expect_shape=[None, None, hidden_size])
+    hidden = decode_tensor(
+        _get(body, "act", dict), expect_shape=[None, None, hidden_size], expect_dtypes=FLOAT_WIRE_DTYPES
+    )
     batch, width = hidden.shape[:2]
     if not (1 <= batch <= max_batch and 1 <= width <= max_length):
         raise WireError("bad_shape", f"activation batch {batch} x {width} outside 1..{max_batch} x 1..{max_length}")
@@ -220,7 +294,7 @@ def grad_body(grad: torch.Tensor, wire_dtype: str, loss: float, tokens: int) -> 
 
 
 def parse_grad(body: Mapping[str, Any], shape: tuple[int, ...]) -> tuple[torch.Tensor, float, int]:
-    grad = decode_tensor(_get(body, "grad", dict), expect_shape=list(shape))
+    grad = decode_tensor(_get(body, "grad", dict), expect_shape=list(shape), expect_dtypes=FLOAT_WIRE_DTYPES)
     return grad, _number(body, "loss"), _int(body, "tokens", 0, 1 << 40)
 
 
@@ -267,32 +341,78 @@ def parse_adapter(body: Mapping[str, Any], expect: Mapping[str, tuple[int, ...]]
 # --------------------------------------------------------------------------- small messages
 
 
+#: profile fields the coordinator computes with (estimates, placement): numbers >= 0 when present
+PROFILE_NUMBERS = frozenset(
+    {"block_s", "block_tokens", "usable_mb", "memory_available_mb", "memory_total_mb", "uplink_mbps",
+     "downlink_mbps", "rtt_ms", "throughput_gflops", "accelerator_memory_mb", "cpu_logical", "cpu_physical",
+     "cpu_max_mhz", "load_1m", "torch_threads"}
+)  # fmt: skip
+
+
 def parse_join(body: Mapping[str, Any]) -> dict[str, Any]:
-    """A join: the agent's device profile and the size of its data."""
+    """A join: the agent's device profile and the size of its data.
+
+    The profile is a flat map of at most 64 names to scalars (strings of at most 256 characters,
+    finite numbers, booleans, nil); the fields in :data:`PROFILE_NUMBERS` must be numbers >= 0.
+    """
     profile = _get(body, "profile", dict)
     _int(body, "data_samples", 1, 1 << 40)
     _int(body, "data_tokens", 1, 1 << 48)
     _get(body, "model", str)
     if len(profile) > 64:
         raise WireError("bad_schema", "profile has too many fields")
+    for name, value in profile.items():
+        if not isinstance(name, str) or len(name) > 64:
+            raise WireError("bad_schema", f"profile field name {_brief(name)} is not a string of at most 64 characters")
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if name in PROFILE_NUMBERS and not (number and value >= 0):
+            raise WireError("bad_schema", f"profile field {name!r} must be a finite number >= 0, got {_brief(value)}")
+        if not (number or value is None or isinstance(value, bool) or (isinstance(value, str) and len(value) <= 256)):
+            raise WireError("bad_schema", f"profile field {name!r} must be a scalar, got {_brief(value)}")
     return dict(body)
 
 
 def parse_status(body: Mapping[str, Any]) -> str:
     state = _get(body, "state", str)
     if state not in ("online", "offline"):
-        raise WireError("bad_schema", f"unknown status {state!r}")
+        raise WireError("bad_schema", f"unknown status {_brief(state)}")
     return str(state)
+
+
+#: what the coordinator tells one agent: it was dropped from a round, or its upload was refused
+NOTICE_EVENTS = frozenset({"dropped", "refused"})
+
+
+def notice_body(event: str, reason: str) -> dict[str, Any]:
+    if event not in NOTICE_EVENTS:
+        raise ValueError(f"unknown notice {event!r}")
+    return {"event": event, "reason": reason[:500]}
+
+
+def parse_notice(body: Mapping[str, Any]) -> tuple[str, str]:
+    event = _get(body, "event", str)
+    if event not in NOTICE_EVENTS:
+        raise WireError("bad_schema", f"unknown notice {_brief(event)}")
+    return str(event), str(_get(body, "reason", str))[:500]
 
 
 # --------------------------------------------------------------------------- chunking
 
 
-def chunk_payload(payload: bytes, max_bytes: int, header: Envelope, level: int = 1) -> list[bytes]:
+def chunk_payload(
+    payload: bytes,
+    max_bytes: int,
+    header: Envelope,
+    level: int = 1,
+    *,
+    key: bytes | None = None,
+    topic: str | None = None,
+) -> list[bytes]:
     """Split an encoded message into ``chunk`` envelopes of at most about ``max_bytes`` each.
 
     ``header`` supplies the envelope fields of the chunks (its ``seq`` is the first chunk's; the
-    caller numbers the rest consecutively); the chunks share the id ``sid:seq`` of the first.
+    caller numbers the rest consecutively); the chunks share the id ``sid:seq`` of the first. With
+    ``key``, every chunk is signed for ``topic`` (and so is the message inside them).
     """
     room = max_bytes - 512  # envelope overhead of a chunk
     if room <= 0:
@@ -313,6 +433,8 @@ def chunk_payload(payload: bytes, max_bytes: int, header: Envelope, level: int =
                 body={"id": chunk_id, "index": i, "count": count, "data": payload[i * room : (i + 1) * room]},
             ),
             level=level,
+            key=key,
+            topic=topic,
         )
         for i in range(count)
     ]

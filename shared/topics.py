@@ -9,6 +9,7 @@
     splitft/v1/<job>/agents/<agent>/act           agent -> coordinator (cut-layer activations)
     splitft/v1/<job>/agents/<agent>/grad          coordinator -> agent (activation gradients)
     splitft/v1/<job>/agents/<agent>/adapter       agent -> coordinator (client-side LoRA weights)
+    splitft/v1/<job>/agents/<agent>/notice        coordinator -> agent (dropped from a round, upload refused)
 
 The version segment lets a v2 fleet share a broker with v1. Topics are routing only: every field
 the protocol relies on is repeated inside the msgpack envelope (the embedded broker speaks MQTT
@@ -24,10 +25,10 @@ from .errors import ConfigError
 
 ROOT = "splitft"
 VERSION = "v1"
-AGENT_KINDS = ("status", "join", "assign", "act", "grad", "adapter")
+AGENT_KINDS = ("status", "join", "assign", "act", "grad", "adapter", "notice")
 #: who may publish what: the agent named in the topic on these ...
 UPSTREAM_KINDS = frozenset({"status", "join", "act", "adapter"})
-#: ... and the coordinator on everything else (assign, grad and the job-wide topics)
+#: ... and the coordinator on everything else (assign, grad, notice and the job-wide topics)
 COORDINATOR = "coordinator"
 JOB_KINDS = ("round", "metrics")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import msgpack
 import pytest
 import torch
@@ -229,3 +231,75 @@ class _Sink:
 
     def close(self) -> None:
         pass
+
+
+# --------------------------------------------------------------------------- regressions found by tests/test_fuzz.py
+
+
+def test_bytes_after_the_frame_are_refused() -> None:
+    """A frame followed by anything (garbage, another frame, a skippable frame) was decoded as if alone;
+    so was a frame whose checksum flag a flipped bit had cleared (its checksum then trailed the frame)."""
+    frame = pack({"x": list(range(100))})
+    skippable = struct.pack("<II", 0x184D2A50, 4) + b"skip"
+    cleared = bytearray(frame)
+    cleared[4] ^= 0x04  # the frame header's Content_Checksum_flag
+    for payload in (frame + b"\x00", frame + frame, frame + skippable, skippable + frame, bytes(cleared)):
+        with pytest.raises(WireError) as info:
+            unpack(payload)
+        assert info.value.reason == "bad_compression"
+
+
+@pytest.mark.parametrize("ext", [b"\xc7\x00\x05", b"\xc8\x00\x00\x05", b"\xd4\x01\x00", b"\xd6\xff\x00\x00\x00\x01"])
+def test_ext_types_are_refused_even_empty(ext: bytes) -> None:
+    """``max_ext_len=0`` let an ext of length 0 through as an ``ExtType`` object."""
+    raw = msgpack.packb({"a": b"PLACEHOLDER"}).replace(msgpack.packb(b"PLACEHOLDER"), ext)
+    with pytest.raises(WireError) as info:
+        unpack(zstandard.ZstdCompressor().compress(raw))
+    assert info.value.reason == "bad_msgpack"
+
+
+@pytest.mark.parametrize("shape", [[0, 2**64 - 1], [0, 2**63], [2**31, 0], [0, 2**40, 128]], ids=str)
+def test_empty_tensors_with_huge_dims_are_refused(shape: list[int]) -> None:
+    """No data length can check the dims of an empty tensor: ``[0, 2**64 - 1]`` raised TypeError in torch."""
+    with pytest.raises(WireError) as info:
+        decode_tensor(unpack(pack({"dtype": "fp32", "shape": shape, "data": b""})))
+    assert info.value.reason == "bad_shape"
+
+
+def test_error_messages_of_hostile_values_stay_small() -> None:
+    """The repr of a deep value raised RecursionError; that of megabytes of bytes was four times their size."""
+    deep: object = 0
+    for _ in range(1010):
+        deep = [deep]
+    for field, value in [("dtype", deep), ("shape", deep), ("dtype", bytes(8 << 20)), ("shape", bytes(8 << 20))]:
+        tensor = {**good(), field: value}
+        with pytest.raises(WireError) as info:
+            decode_tensor(unpack(pack(tensor)))
+        assert len(str(info.value)) < 300
+
+
+def test_states_hold_floating_tensors_only() -> None:
+    """An adapter state of int32 tensors (the same byte length as fp32) decoded, as int64 weights."""
+    state = {"a.lora_A.weight": torch.arange(40).reshape(4, 10)}
+    encoded = unpack(pack({n: encode_tensor(t, "int32") for n, t in state.items()}))
+    with pytest.raises(WireError) as info:
+        decode_state(encoded, expect={"a.lora_A.weight": [4, 10]})
+    assert info.value.reason == "bad_dtype"
+    assert torch.equal(decode_state(encoded, expect_dtypes=None)["a.lora_A.weight"], state["a.lora_A.weight"])
+
+
+def test_frames_claiming_more_than_they_hold_allocate_no_more_than_they_hold() -> None:
+    """The one-shot decompressor allocates what a frame declares: a 45-byte frame declaring 256 MiB (the
+    limit) cost 256 MiB. Such frames are now streamed first; real, highly compressible content still decodes."""
+    import tracemalloc
+
+    liar = b"\x28\xb5\x2f\xfd\xe0" + (256 << 20).to_bytes(8, "little") + (1 | 2 << 1 | 1024 << 3).to_bytes(3, "little")
+    liar += b"\x00"  # one RLE block: 1 KiB of zeros, where 256 MiB were declared
+    tracemalloc.start()
+    with pytest.raises(WireError) as info:
+        unpack(liar)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert info.value.reason == "bad_compression" and peak < 8 << 20
+    zeros = pack(bytes(32 << 20))  # 32 MiB in a few kB: streamed, then decoded
+    assert len(zeros) < 64 << 10 and unpack(zeros) == bytes(32 << 20)

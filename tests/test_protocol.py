@@ -6,7 +6,7 @@ import msgpack
 import pytest
 import torch
 
-from splitft.shared.codec import pack
+from splitft.shared.codec import encode_tensor, pack
 from splitft.shared.errors import WireError
 from splitft.shared.protocol import (
     ACT,
@@ -16,7 +16,10 @@ from splitft.shared.protocol import (
     chunk_payload,
     decode_envelope,
     encode_envelope,
+    grad_body,
     parse_act,
+    parse_grad,
+    parse_join,
 )
 from splitft.shared.topics import Topics
 
@@ -114,3 +117,75 @@ def test_topic_names_are_strict() -> None:
     assert topics.parse("splitft/v1/other/round") is None
     with pytest.raises(ValueError, match="agent name"):
         topics.agent("a1\n", "act")
+
+
+# --------------------------------------------------------------------------- regressions found by tests/test_fuzz.py
+
+
+def test_integer_tensors_are_not_activations_or_gradients() -> None:
+    """An int32 "activation" (fp32's byte length) decoded as an int64 hidden state; a gradient too."""
+    labels, lengths = torch.randint(0, 100, (2, 5)), torch.tensor([5, 3])
+    body = act_body(torch.randn(2, 5, 8), labels, lengths, "fp32", {})
+    body["act"] = encode_tensor(torch.zeros(2, 5, 8, dtype=torch.int64), "int32")
+    with pytest.raises(WireError) as info:
+        parse_act(body, hidden_size=8, max_batch=4, max_length=16, vocab_size=100)
+    assert info.value.reason == "bad_dtype"
+    grad = {
+        **grad_body(torch.randn(2, 5, 8), "fp32", 1.0, 8),
+        "grad": encode_tensor(torch.ones(2, 5, 8).long(), "int64"),
+    }
+    with pytest.raises(WireError) as info:
+        parse_grad(grad, (2, 5, 8))
+    assert info.value.reason == "bad_dtype"
+
+
+def test_booleans_are_not_numbers() -> None:
+    """``ts: true`` passed the envelope check, and ``loss: true`` the number fields (a tuple of types)."""
+    with pytest.raises(WireError):
+        decode_envelope(raw_envelope(ts=True))
+    good = grad_body(torch.randn(1, 2, 3), "fp32", 1.0, 2)
+    assert parse_grad(good, (1, 2, 3))[1:] == (1.0, 2)
+    for field in ("loss", "tokens"):
+        with pytest.raises(WireError, match="wrong type"):
+            parse_grad({**good, field: True}, (1, 2, 3))
+
+
+def test_hostile_envelope_values_give_short_errors() -> None:
+    """The repr of a deeply nested ``type`` or ``v`` raised RecursionError, caught by the Link as a decoder bug."""
+    deep: object = 0
+    for _ in range(1015):
+        deep = [deep]
+    for changes in ({"type": deep}, {"v": deep}, {"type": "x" * 4000}, {"v": bytes(1 << 20)}):
+        with pytest.raises(WireError) as info:
+            decode_envelope(raw_envelope(**changes))
+        assert len(str(info.value)) < 300
+
+
+JOIN_PROFILE = {"cpu_logical": 4, "accelerator": "cpu", "class": "jetson-orin-nano", "block_s": 0.01,
+                "block_tokens": 512, "emulated": True, "uplink_mbps": 20.0, "usable_mb": 2800, "maybe": None}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"block_s": "fast"},
+        {"block_s": float("nan")},
+        {"uplink_mbps": float("inf")},
+        {"rtt_ms": -1.0},
+        {"block_tokens": True},
+        {"usable_mb": [1]},
+        {"class": {"nested": 1}},
+        {"class": b"bytes"},
+        {"class": "x" * 257},
+        {"load": float("nan")},
+        {"k" * 65: 1},
+        {f"k{i}": 1 for i in range(60)},
+    ],
+    ids=str,
+)
+def test_join_profile_is_flat_and_its_numbers_are_numbers(changes: dict) -> None:  # type: ignore[type-arg]
+    """Any value passed: the coordinator's estimates then computed with strings, NaN or infinities."""
+    body = {"profile": JOIN_PROFILE, "data_samples": 3, "data_tokens": 300, "model": "tiny-gpt2", "version": "0.1"}
+    assert parse_join(body) == body
+    with pytest.raises(WireError):
+        parse_join({**body, "profile": {**JOIN_PROFILE, **changes}})
