@@ -7,16 +7,25 @@ coordinator's retained status says it is online, so either side may start first 
 On an assignment it builds (or reuses) the client segment for its cut, loading only those blocks,
 loads the global adapters it is sent, and trains ``local_steps`` steps: forward, activations up,
 wait for the gradient, backward, optimiser step. Every step reports its timings in the next
-message. A gradient that does not come by the step deadline ends the round for this agent cleanly:
-nothing is uploaded, and it waits for the next assignment.
+message. A gradient that does not come by the step deadline, a ``notice`` that the coordinator
+dropped it, or the coordinator going offline ends the round for this agent cleanly: nothing is
+uploaded, and it waits for the next assignment.
+
+Activations and the adapter upload repeat the assignment's id (``corr``). After any reconnect, its
+own or the coordinator's, the agent re-sends the activations it is waiting on and its last upload:
+the coordinator answers a repeated step with the gradient it already computed, and takes only one
+upload, so nothing is lost with a dropped connection and nothing is applied twice.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 import time
 import zlib
+from collections import Counter
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,16 +42,18 @@ from splitft.shared.data import Batches, Example, load_records, tokenize
 from splitft.shared.errors import ConfigError, LinkError, SplitFTError, WireError
 from splitft.shared.link import BrokerSettings, Link, Received
 from splitft.shared.lora import LoraSettings, load_lora_state, lora_state
-from splitft.shared.models import load_config, num_layers
+from splitft.shared.models import load_config, max_positions, num_layers
 from splitft.shared.profiles import load_profile
 from splitft.shared.protocol import (
     ACT,
     ADAPTER,
     JOIN,
     STATUS,
+    Envelope,
     act_body,
     adapter_body,
     parse_grad,
+    parse_notice,
     parse_status,
 )
 from splitft.shared.split import Segment, SegmentSpec, build_segment
@@ -86,6 +97,20 @@ class Assignment:
     adapter_wire_dtype: str
     step_timeout_s: float
     seed: int
+    attempt: int = 1  # the coordinator's run of this round (a round that fell short of min_agents runs again)
+    corr: str = ""  # the assignment's id, repeated in the activations and the upload
+
+
+@dataclass(frozen=True)
+class _Outgoing:
+    """A message kept to be sent again after a reconnect."""
+
+    topic: str
+    type: str
+    body: dict[str, Any]
+    round: int
+    step: int
+    corr: str
 
 
 class RoundAborted(Exception):
@@ -108,6 +133,12 @@ class Agent:
         self._stashed: list[Received] = []
         self._link: Link | None = None
         self._done = False
+        self._pending_act: _Outgoing | None = None  # activations waiting for their gradient
+        self._last_upload: _Outgoing | None = None  # the adapter upload of the last assignment
+        self._last_assign: tuple[str, int, int] | None = None  # (coordinator session, round, attempt) last taken
+        self._coordinator_sid: str | None = None  # the coordinator process last seen online
+        self.notices: list[tuple[str, str]] = []  # (event, reason) the coordinator sent
+        self.rejected: Counter[str] = Counter()  # message bodies refused, by reason (the link counts the rest)
         # All model work on one thread (see the coordinator): one OpenMP pool, no model shared across threads.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitft-compute")
 
@@ -127,23 +158,46 @@ class Agent:
         subscriptions = [
             self.topics.agent(self.name, "assign"),
             self.topics.agent(self.name, "grad"),
+            self.topics.agent(self.name, "notice"),
             self.topics.job_topic("round"),
             self.topics.coordinator_status(),
         ]
         will = (self.topics.agent(self.name, "status"), {"state": "offline", "role": "agent"})
         async with Link(self.broker, self.topics, self.name, subscriptions, will=will, on_connect=self._hello) as link:
             self._link = link
-            await self._hello()
-            while not self._done:
-                received = self._stashed.pop(0) if self._stashed else await link.receive()
-                await self._handle(received)
-            await link.publish(
-                self.topics.agent(self.name, "status"), STATUS, {"state": "offline", "role": "agent"}, retain=True
-            )
+            try:
+                await self._hello()
+                while not self._done:
+                    received = self._stashed.pop(0) if self._stashed else await link.receive()
+                    await self._handle(received)
+            finally:
+                # Also on Ctrl-C: a clean disconnect discards the Last Will, so say goodbye ourselves.
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    async with asyncio.timeout(2):
+                        await link.publish(*self._goodbye(), retain=True)
         self._executor.shutdown(wait=False)
+
+    def _goodbye(self) -> tuple[str, str, dict[str, Any]]:
+        return self.topics.agent(self.name, "status"), STATUS, {"state": "offline", "role": "agent"}
 
     async def _compute(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _parse_assignment(self, env: Envelope) -> Assignment:
+        layers, positions = num_layers(self.model_config), max_positions(self.model_config)
+        return parse_assignment(env.round, env.body, self.settings.model, layers, positions)
+
+    def _is_new(self, env: Envelope) -> bool:
+        """An assignment is taken once, and never one older than the last from the same coordinator process
+        (a delayed or replayed one); a new coordinator process (a restart) may start anywhere."""
+        if self._last_assign is None or env.sid != self._last_assign[0]:
+            return True
+        attempt = env.body.get("attempt", 1)
+        return isinstance(attempt, int) and (env.round, attempt) > self._last_assign[1:]
+
+    def _refuse(self, kind: str, exc: WireError) -> None:
+        self.rejected[exc.reason] += 1
+        log.warning("%s: refused a %s message: %s (%s)", self.name, kind, exc.reason, exc.detail)
 
     async def _hello(self) -> None:
         link = self._link
@@ -160,6 +214,10 @@ class Agent:
             "version": __version__,
         }
         await link.publish(self.topics.agent(self.name, "join"), JOIN, body)
+        for out in (self._pending_act, self._last_upload):  # what may have been lost with a connection
+            if out is not None:
+                log.info("%s: re-sending %s of round %d step %d", self.name, out.type, out.round, out.step)
+                await link.publish(out.topic, out.type, out.body, round_=out.round, step=out.step, corr=out.corr)
 
     def _link_profile(self) -> dict[str, Any]:
         """The device class and its link, as far as this agent knows them (an emulated profile's own)."""
@@ -172,21 +230,40 @@ class Agent:
     async def _handle(self, received: Received) -> None:
         kind, env = received.topic.kind, received.envelope
         try:
-            if kind == "coordinator_status" and parse_status(env.body) == "online":
-                await self._hello()
+            if kind == "coordinator_status":
+                state = parse_status(env.body)
+                if state == "online":
+                    self._coordinator_sid = env.sid
+                    await self._hello()
+                elif env.body.get("done") is True and env.sid == self._coordinator_sid:
+                    log.info("%s: the coordinator finished the job", self.name)
+                    self._done = True
             elif kind == "round" and env.body.get("event") == "done":
                 log.info("%s: the job is done", self.name)
                 self._done = True
+            elif kind == "assign" and not self._is_new(env):
+                log.info("%s: ignoring a repeated or older assignment (round %d, %s)", self.name, env.round, env.corr)
             elif kind == "assign":
-                assignment = parse_assignment(env.round, env.body, self.settings.model, num_layers(self.model_config))
+                assignment = self._parse_assignment(env)
+                assignment = dataclasses.replace(assignment, corr=env.corr or "")
+                self._last_assign = (env.sid, assignment.round, assignment.attempt)
+                self._last_upload = None
                 try:
                     await self._train(assignment)
                     self.rounds_done += 1
                 except RoundAborted as exc:
                     log.warning("%s: round %d ended early: %s", self.name, assignment.round, exc)
+                finally:
+                    self._pending_act = None
+            elif kind == "notice":
+                event, reason = parse_notice(env.body)
+                self.notices.append((event, reason))
+                log.warning("%s: the coordinator says: %s (%s)", self.name, event, reason)
             elif kind == "grad":
                 log.debug("%s: ignoring a gradient outside a step (round %d step %d)", self.name, env.round, env.step)
-        except (WireError, ConfigError) as exc:
+        except WireError as exc:
+            self._refuse(kind, exc)
+        except ConfigError as exc:
             log.warning("%s: refused a %s message: %s", self.name, kind, exc)
         except LinkError:
             raise  # the broker is gone for longer than the link waits: the agent cannot go on
@@ -219,21 +296,18 @@ class Agent:
             )
             encode_s = time.perf_counter() - started - forward_s
             t_up = time.perf_counter()
-            bytes_up = await link.publish(self.topics.agent(self.name, "act"), ACT, body, round_=a.round, step=step)
+            self._pending_act = _Outgoing(self.topics.agent(self.name, "act"), ACT, body, a.round, step, a.corr)
+            bytes_up = await link.publish(
+                self.topics.agent(self.name, "act"), ACT, body, round_=a.round, step=step, corr=a.corr
+            )
             if self.emulation is not None:
                 await asyncio.sleep(self.emulation.uplink_s(bytes_up))
             upload_s = time.perf_counter() - t_up
-            received = await self._wait_grad(a, step)
-            grad_env = received.envelope
-            wait_s = time.perf_counter() - t_up - upload_s
-            if self.emulation is not None:
-                await asyncio.sleep(self.emulation.downlink_s(received.size))
-            t_dec = time.perf_counter()
-            try:
-                grad, loss, step_tokens = parse_grad(grad_env.body, tuple(hidden.shape))
-            except WireError as exc:
-                raise RoundAborted(f"malformed gradient for step {step}: {exc}") from exc
-            decode_s = time.perf_counter() - t_dec
+            received, grad, loss, step_tokens, received_at, decode_s = await self._wait_grad(
+                a, step, tuple(hidden.shape)
+            )
+            self._pending_act = None
+            wait_s = received_at - t_up - upload_s
 
             backward_s = await self._compute(_backward, hidden, grad, optimizer, self.emulation, flops)
             timings = {
@@ -254,7 +328,7 @@ class Agent:
             tokens += step_tokens
             losses.append(loss)
         mean = {k: v / a.local_steps for k, v in totals.items()}
-        state_out = {n: t.cpu() for n, t in lora_state(segment.peft_model).items()}
+        state_out = self._upload_state(segment)
         body = adapter_body(
             state_out,
             max(tokens, 1),
@@ -263,9 +337,19 @@ class Agent:
             mean,
             a.adapter_wire_dtype,
         )
-        await link.publish(self.topics.agent(self.name, "adapter"), ADAPTER, body, round_=a.round)
+        self._last_upload = _Outgoing(self.topics.agent(self.name, "adapter"), ADAPTER, body, a.round, -1, a.corr)
+        await link.publish(self.topics.agent(self.name, "adapter"), ADAPTER, body, round_=a.round, corr=a.corr)
 
-    async def _wait_grad(self, a: Assignment, step: int) -> Received:
+    def _upload_state(self, segment: Segment) -> dict[str, torch.Tensor]:
+        """The client-side adapters this agent uploads at the end of a round."""
+        return {n: t.detach().cpu() for n, t in lora_state(segment.peft_model).items()}
+
+    async def _wait_grad(
+        self, a: Assignment, step: int, shape: tuple[int, ...]
+    ) -> tuple[Received, torch.Tensor, float, int, float, float]:
+        """This step's gradient: (message, gradient, loss, tokens, when it arrived, decode seconds).
+
+        A malformed gradient is refused and the wait goes on (the real one may still come)."""
         assert self._link is not None
         # The coordinator's deadline runs from the start of its step and it serves agents one after the
         # other: wait twice as long, so that it is always the coordinator that gives up first.
@@ -276,15 +360,53 @@ class Agent:
             except TimeoutError as exc:
                 raise RoundAborted(f"no gradient for step {step} within {a.step_timeout_s:g} s") from exc
             kind, env = received.topic.kind, received.envelope
-            if kind == "grad" and env.round == a.round and env.step == step:
-                return received
+            if kind == "grad" and env.round == a.round and env.step == step and env.corr == a.corr:
+                received_at = time.perf_counter()
+                if self.emulation is not None:
+                    await asyncio.sleep(self.emulation.downlink_s(received.size))
+                t_dec = time.perf_counter()
+                try:
+                    grad, loss, tokens = parse_grad(env.body, shape)
+                except WireError as exc:
+                    self._refuse(kind, exc)
+                    continue
+                return received, grad, loss, tokens, received_at, time.perf_counter() - t_dec
             if kind == "grad":
-                continue  # a stale gradient (an earlier, abandoned round)
+                continue  # a stale or repeated gradient (an earlier step, an abandoned assignment)
+            if kind == "assign" and (env.corr == a.corr or not self._is_new(env)):
+                continue  # this assignment repeated (the coordinator did not know we had it), or an older one
+            if kind == "assign":
+                try:  # a malformed assignment must not end a good round
+                    self._parse_assignment(env)
+                except WireError as exc:
+                    self._refuse(kind, exc)
+                    continue
             if kind == "assign" or (kind == "round" and env.body.get("event") == "done"):
                 self._stashed.append(received)  # the coordinator moved on without us
                 raise RoundAborted(f"the coordinator moved on ({kind})")
-            if kind == "coordinator_status":
+            if kind == "notice" and env.corr == a.corr:
+                try:
+                    _, reason = parse_notice(env.body)
+                except WireError as exc:
+                    self._refuse(kind, exc)
+                    continue
                 self._stashed.append(received)
+                raise RoundAborted(f"the coordinator dropped this agent: {reason}")
+            if kind == "coordinator_status":
+                try:
+                    state = parse_status(env.body)
+                except WireError:
+                    continue
+                if state == "online" and env.sid == self._coordinator_sid:
+                    await self._hello()  # the coordinator reconnected: it may have missed our activations
+                    continue
+                if state == "offline" and env.body.get("done") is not True:
+                    # Its Last Will: it may only be reconnecting (a broker restart sends every Will). Wait on;
+                    # a new coordinator process ends the wait (below), or the deadline does.
+                    log.warning("%s: the coordinator went offline; waiting for it", self.name)
+                    continue
+                self._stashed.append(received)
+                raise RoundAborted(f"the coordinator {'finished' if state == 'offline' else 'restarted'}")
 
     # ------------------------------------------------------------------ segments and data
 
@@ -356,7 +478,9 @@ def batch_seed(job_seed: int, agent: str) -> int:
     return job_seed * 1_000_003 + zlib.crc32(agent.encode())
 
 
-def parse_assignment(round_: int, body: Mapping[str, Any], model: str, total_layers: int) -> Assignment:
+def parse_assignment(
+    round_: int, body: Mapping[str, Any], model: str, total_layers: int, max_positions: int | None = None
+) -> Assignment:
     """Check an assignment against this agent's model; a WireError says what is wrong."""
 
     def get(name: str, kind: type | tuple[type, ...]) -> Any:
@@ -387,9 +511,14 @@ def parse_assignment(round_: int, body: Mapping[str, Any], model: str, total_lay
     steps, batch, length = get("local_steps", int), get("batch_size", int), get("max_length", int)
     if not (1 <= steps <= 100_000 and 1 <= batch <= 4096 and 8 <= length <= 1 << 20):
         raise WireError("bad_schema", "local_steps, batch_size or max_length out of range")
+    if max_positions is not None and length > max_positions:
+        raise WireError("bad_schema", f"max_length {length} exceeds the model's {max_positions} positions")
     timeout = float(get("step_timeout_s", (int, float)))
     if not 0 < timeout < 1e7:
         raise WireError("bad_schema", "step_timeout_s out of range")
+    attempt = body.get("attempt", 1)
+    if type(attempt) is not int or not 1 <= attempt <= 1_000_000:
+        raise WireError("bad_schema", "attempt out of range")
     return Assignment(
         round=round_,
         cut=cut,
@@ -404,4 +533,5 @@ def parse_assignment(round_: int, body: Mapping[str, Any], model: str, total_lay
         adapter_wire_dtype=adapter_wire,
         step_timeout_s=timeout,
         seed=get("seed", int),
+        attempt=attempt,
     )

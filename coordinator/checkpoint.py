@@ -2,14 +2,19 @@
 
 ``<out>/checkpoints/round-00003/`` holds ``adapter.safetensors`` (the global LoRA weights),
 ``optimizer.safetensors`` (every tensor of the optimiser state) and ``state.json`` (the round, the
-block ranks, the optimiser's non-tensor state, the run's bookkeeping). A checkpoint is written into
-a hidden temporary folder and renamed into place, so a crash never leaves a half-written one.
+block ranks, the optimiser's non-tensor state, the run's bookkeeping, and ``state_digest``: a
+SHA-256 over every tensor's name, dtype, shape and bytes and the optimiser's scalars). A checkpoint
+is written into a hidden temporary folder and renamed into place, so a crash never leaves a
+half-written one; loading recomputes the digest from the restored model and optimiser and refuses a
+checkpoint that does not reproduce it bit for bit.
 Nothing is pickled: a checkpoint may come from elsewhere, and unpickling executes code.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -23,7 +28,22 @@ from splitft.shared.lora import load_lora_state, lora_state
 
 from .server import ServerModel
 
+log = logging.getLogger(__name__)
 KEEP = 3  # checkpoints kept; older ones are removed
+
+
+def state_digest(server: ServerModel) -> str:
+    """SHA-256 of the global adapters and the optimiser state, as they are in memory now."""
+    adapters = lora_state(server.segment.peft_model)
+    tensors, scalars, groups = _flatten(server.optimizer.state_dict())
+    h = hashlib.sha256()
+    for prefix, named in (("adapter", adapters), ("optimizer", tensors)):
+        for name in sorted(named):
+            t = named[name].detach().cpu().contiguous()
+            h.update(f"{prefix}:{name}:{t.dtype}:{list(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(json.dumps([scalars, groups], sort_keys=True, default=repr).encode())
+    return h.hexdigest()
 
 
 def save_checkpoint(root: Path, round_: int, server: ServerModel, extra: dict[str, Any]) -> Path:
@@ -42,6 +62,7 @@ def save_checkpoint(root: Path, round_: int, server: ServerModel, extra: dict[st
         "ranks": {str(k): v for k, v in server.ranks.items()},
         "optimizer_scalars": scalars,
         "optimizer_groups": groups,
+        "state_digest": state_digest(server),
         **extra,
     }
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
@@ -80,7 +101,11 @@ def load_checkpoint(folder: Path, server: ServerModel) -> dict[str, Any]:
     load_lora_state(server.segment.peft_model, {n: t.to(server.device) for n, t in adapters.items()})
     tensors = load_file(folder / "optimizer.safetensors")
     server.optimizer.load_state_dict(_unflatten(tensors, state["optimizer_scalars"], state["optimizer_groups"]))
-    return state
+    digest = state_digest(server)
+    if "state_digest" in state and digest != state["state_digest"]:
+        raise ConfigError(f"checkpoint {folder} does not reproduce its state digest: the files are damaged")
+    log.info("restored %s: state digest %s verified", folder, digest)
+    return {**state, "state_digest": digest}
 
 
 def _flatten(opt_state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[dict[str, Any]]]:

@@ -82,7 +82,8 @@ class ControllerSettings:
     num_layers: int = 12
     c_min: int = 1  # a privacy floor as much as a performance bound: shallow activations are easier to invert
     c_max: int | None = None  # default num_layers - 1
-    fixed_cut: int = 2  # the `fixed` policy's cut
+    fixed_cut: int = 2  # the `fixed` policy's cut ...
+    fixed_cuts: Mapping[str, int] = field(default_factory=dict)  # ... or each named device's
     gamma: float = 1.0  # weight of the performance term
     perf_slack: float = 0.05  # splitft: the performance term may cost this share of the makespan
     hysteresis: float = 0.1  # splitft: new cuts must be predicted this much faster to replace the old
@@ -129,8 +130,8 @@ class Controller:
         s = self.settings
         previous = self.history[-1].cuts if self.history else None
         if s.policy == "fixed":
-            cuts = {d.name: self._clamp(d, s.fixed_cut) for d in devices}
-            reason = f"fixed cut {s.fixed_cut}"
+            cuts = {d.name: self._clamp(d, s.fixed_cuts.get(d.name, s.fixed_cut)) for d in devices}
+            reason = "fixed cuts"
         elif s.policy == "paper":
             start = previous or {d.name: self._clamp(d, s.fixed_cut) for d in devices}
             cuts = self._performance(devices, {d.name: start.get(d.name, s.fixed_cut) for d in devices})

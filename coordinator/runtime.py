@@ -10,9 +10,19 @@ One round::
     evaluate; metrics line; checkpoint
 
 Compute runs in a worker thread (``asyncio.to_thread``) one item at a time, so the event loop keeps
-reading the network (keep-alives, status changes) while the model works. An agent that goes offline
-(its Last Will) or misses a deadline is dropped from the round: its partial update is left out of the
-aggregate, and it is assigned again in the next round if it is back.
+reading the network (keep-alives, status changes) while the model works.
+
+Faults. An agent that goes offline (its Last Will) and is not back within ``offline_grace_s`` (a
+broker restart sends every member's Last Will, and they all reconnect at once), restarts, or misses a
+step deadline is dropped from the round and told so (a ``notice``): its client-side update is left out of the aggregate, and it
+is assigned again in the next round if it is back. Step deadlines come from the controller's predicted
+step time times ``deadline_factor``, within ``[min_step_timeout_s, step_timeout_s]``. A round is only
+applied if at least ``min_agents`` agents finished it; otherwise the server is rolled back to the
+round's start and the round runs again. An adapter upload with NaN/Inf, or an update far larger than
+the others', is refused and the agent told. Every assignment carries an id (``corr``) that the agent's
+activations and upload repeat, so that nothing from an earlier assignment (another attempt, another
+coordinator process) is ever applied; a repeated activation is answered with the gradient already
+computed, never trained on twice. After a reconnect the agents re-send what they were waiting on.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import psutil
 import torch
 
 from splitft.shared.codec import encode_state
@@ -35,14 +47,16 @@ from splitft.shared.data import collate, load_records, tokenize
 from splitft.shared.errors import SplitFTError, WireError
 from splitft.shared.link import BrokerSettings, Link, Received
 from splitft.shared.lora import block_ranks
-from splitft.shared.models import block_params
+from splitft.shared.models import block_params, check_max_length
 from splitft.shared.protocol import (
     ASSIGN,
     GRAD,
     METRICS,
+    NOTICE,
     ROUND,
     STATUS,
     grad_body,
+    notice_body,
     parse_act,
     parse_adapter,
     parse_join,
@@ -58,8 +72,10 @@ from .server import ServerModel
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+MAX_ATTEMPTS = 3  # runs of one round that fall short of min_agents before the job gives up
 
-#: progress callback: (event, data) with events "waiting", "admitted", "round_start", "step", "round_end", "done"
+#: progress callback: (event, data) with events "waiting", "admitted", "resumed", "round_start", "step",
+#: "round_retry", "round_end", "done"
 Progress = Callable[[str, dict[str, Any]], None]
 
 
@@ -85,6 +101,14 @@ class Participant:
     cut: int
     ranks: dict[int, int]
     expect: dict[str, tuple[int, ...]]  # adapter names and shapes it must upload
+    corr: str  # this assignment's id; the agent's activations and upload repeat it
+    sid: str  # the agent's session (process) when it was assigned
+    sent: dict[str, torch.Tensor] = field(default_factory=dict)  # the adapters it was sent
+    assign_body: dict[str, Any] = field(default_factory=dict)
+    started: bool = False  # its first activations arrived
+    last_grad: tuple[int, dict[str, Any]] | None = None  # (step, body) of the last gradient sent
+    update_norm: float = 0.0
+    upload: dict[str, torch.Tensor] | None = None  # its adapter upload, once a valid one arrived
     tokens: int = 0
     losses: list[float] = field(default_factory=list)
     accuracies: list[float] = field(default_factory=list)
@@ -127,8 +151,8 @@ class Coordinator:
         self.metrics_path = self.out / "metrics.jsonl"
         self.rejected_bodies: dict[str, int] = {}
         self._events: asyncio.Queue[Received | _Offline] = asyncio.Queue()
-        self._early: dict[str, list[Received]] = {}
-        self._uploads: dict[tuple[int, str], list[Received]] = {}
+        # Activations for a later step of this round (an agent ahead of the others), a few per (agent, step).
+        self._early: dict[tuple[str, int], list[Received]] = {}
         self._upload_arrived = asyncio.Event()
         self._round_now = 0
         self._first_round = 1
@@ -142,6 +166,10 @@ class Coordinator:
         # OpenMP pool per calling thread (several pools on few cores spin against each other).
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitft-compute")
         self._elapsed_before = 0.0  # wall time of the rounds before a resume
+        self._plans: dict[str, Participant] = {}  # the current round's participants
+        self._background: set[asyncio.Task[Any]] = set()  # notices and re-sends in flight
+        self._done = False
+        self._offline_since: dict[str, float] = {}  # agent -> when its Last Will came
 
     # ------------------------------------------------------------------ main
 
@@ -161,8 +189,12 @@ class Coordinator:
                 self._executor.shutdown(wait=False, cancel_futures=True)
                 reader.cancel()
                 await asyncio.gather(reader, return_exceptions=True)
+                for task in list(self._background):
+                    task.cancel()
                 try:
-                    await link.publish(*self._status("offline"), retain=True)
+                    topic, type_, body = self._status("offline")
+                    # Retained with "done": an agent that missed the end learns it when it reconnects.
+                    await link.publish(topic, type_, {**body, "done": self._done}, retain=True)
                 except SplitFTError:
                     log.warning("could not publish the coordinator's offline status")
 
@@ -185,36 +217,41 @@ class Coordinator:
         cuts = state.get("cuts") or sorted({self.job.cut_of(n) for n in self._online()})
         self.server = await self._compute(ServerModel, self.job, cuts, self.device)
         self.job.check_cuts(self.server.num_layers)
+        check_max_length(self.server.segment.config, self.job.max_length)
         if checkpoint is not None:
-            await self._compute(load_checkpoint, checkpoint, self.server)
+            restored = await self._compute(load_checkpoint, checkpoint, self.server)
             log.info("resumed from %s: continuing at round %d", checkpoint, first_round)
+            self.progress(
+                "resumed", {"checkpoint": str(checkpoint), "round": first_round, "digest": restored["state_digest"]}
+            )
         eval_batches = await self._compute(self._eval_batches)
-        if self.job.policy != "fixed":
-            calibration = await self._compute(
-                self.server.calibrate, self.job.batch_size, self.job.max_length, self.job.c_min
+        # Every policy predicts step times: they set the step deadlines and the achieved/ideal ratio.
+        calibration = await self._compute(
+            self.server.calibrate, self.job.batch_size, self.job.max_length, self.job.c_min
+        )
+        log.info(
+            "server calibration: %.4f s per block, %.4f s head, per device batch",
+            calibration.block_s,
+            calibration.head_s,
+        )
+        block_mb = (
+            block_params(self.server.segment.config) * 4
+            + self.job.batch_size * self.job.max_length * self.server.hidden_size * 64
+        ) / 2**20
+        self.estimates = FleetEstimates(self.job.ewma, calibration, block_mb)
+        self.controller = Controller(
+            ControllerSettings(
+                policy=self.job.policy, num_layers=self.server.num_layers, c_min=self.job.c_min,
+                c_max=self.job.c_max, fixed_cut=self.job.cut, fixed_cuts=dict(self.job.cuts), gamma=self.job.gamma,
+                hysteresis=self.job.hysteresis,
             )
-            log.info(
-                "server calibration: %.4f s per block, %.4f s head, per device batch",
-                calibration.block_s,
-                calibration.head_s,
-            )
-            block_mb = (
-                block_params(self.server.segment.config) * 4
-                + self.job.batch_size * self.job.max_length * self.server.hidden_size * 64
-            ) / 2**20
-            self.estimates = FleetEstimates(self.job.ewma, calibration, block_mb)
-            self.controller = Controller(
-                ControllerSettings(
-                    policy=self.job.policy, num_layers=self.server.num_layers, c_min=self.job.c_min,
-                    c_max=self.job.c_max, fixed_cut=self.job.cut, gamma=self.job.gamma, hysteresis=self.job.hysteresis,
-                )
-            )  # fmt: skip
+        )  # fmt: skip
         if first_round == 1:
             result = await self._compute(self.server.evaluate, eval_batches)
             self._write_metrics({"round": 0, "time_s": 0.0, **_eval_fields(result)})
 
         for round_ in range(first_round, self.job.rounds + 1):
-            record = await self._round(round_, eval_batches)
+            record = await self._run_round(round_, eval_batches)
             await self._compute(
                 save_checkpoint,
                 self.out / "checkpoints",
@@ -226,6 +263,7 @@ class Coordinator:
         adapter_dir = await self._compute(self.server.export, self.out / "adapter")
         assert self._link is not None
         await self._link.publish(self.topics.job_topic("round"), ROUND, {"event": "done"}, round_=self.job.rounds)
+        self._done = True
         summary = {"adapter": str(adapter_dir), "metrics": str(self.metrics_path), "rounds": self.job.rounds}
         self.progress("done", summary)
         return summary
@@ -261,17 +299,38 @@ class Coordinator:
                     self._agent_joined(name, env.sid, parse_join(env.body))
                 elif kind == "act":
                     self._events.put_nowait(received)
-                elif kind == "adapter" and env.round == self._round_now:
-                    # Only this round's uploads are kept, a few per agent: garbage cannot pile up.
-                    arrived = self._uploads.setdefault((env.round, name), [])
-                    if len(arrived) < 4:
-                        arrived.append(received)
-                        self._upload_arrived.set()
+                    self._upload_arrived.set()  # wakes the upload wait, which answers repeated activations
+                elif kind == "adapter":
+                    self._adapter_arrived(received)
             except WireError as exc:
                 self._count_rejection(exc.reason, name, exc.detail)
             except Exception as exc:  # never let one message end the reader
                 log.exception("unexpected error handling a %s message from %s", kind, name)
                 self._count_rejection("handler_error", name, f"{type(exc).__name__}: {exc}")
+
+    def _adapter_arrived(self, received: Received) -> None:
+        """Check an upload as it arrives: the first valid one of the current assignment is kept, nothing else."""
+        env, name = received.envelope, received.envelope.sender
+        plan = self._plans.get(name)
+        if plan is None or plan.dropped is not None or env.round != self._round_now or env.corr != plan.corr:
+            log.info("ignoring an adapter upload from %s: not of a current assignment", name)
+            return
+        if plan.upload is not None:
+            return  # a repeat (re-sent after a reconnect)
+        try:
+            upload = parse_adapter(env.body, plan.expect)
+        except WireError as exc:
+            self._count_rejection(exc.reason, name, exc.detail)
+            # Authenticated, a NaN/Inf upload is the agent's own diverged update: refuse it and tell it.
+            # Unauthenticated it may be a forgery: wait for the agent's real upload.
+            if exc.reason == "nonfinite" and self.broker.auth_key is not None:
+                self._drop(plan, f"upload refused: {exc.detail}", event="refused")
+                self._upload_arrived.set()
+            return
+        plan.bytes_up += received.size
+        plan.timings = upload.timings
+        plan.upload = upload.state
+        self._upload_arrived.set()
 
     def _count_rejection(self, reason: str, agent: str, detail: str) -> None:
         self.rejected_bodies[reason] = self.rejected_bodies.get(reason, 0) + 1
@@ -289,18 +348,42 @@ class Coordinator:
             log.info("agent %s joined (%d samples)", name, body["data_samples"])
         info.online = True
         info.sid = sid
+        self._offline_since.pop(name, None)
         self._joined.set()
+        plan = self._plans.get(name)
+        if plan is None or plan.dropped is not None:
+            return
+        if sid != plan.sid:
+            # A new process: whatever the old one did in this round is gone with it.
+            self._drop(plan, "restarted during the round", notify=False)
+            self._events.put_nowait(_Offline(name))
+        elif not plan.started:
+            # Reconnected before its first step: the assignment may have been lost with the connection.
+            self._spawn(self._publish_plan(plan))
 
     def _agent_offline(self, name: str) -> None:
         info = self.agents.get(name)
         if info is not None and info.online:
             info.online = False
+            self._offline_since[name] = time.monotonic()
             log.warning("agent %s went offline", name)
             self._events.put_nowait(_Offline(name))
             self._upload_arrived.set()
 
     def _online(self) -> list[str]:
         return sorted(n for n, a in self.agents.items() if a.online)
+
+    def _gone(self, name: str) -> bool:
+        """Offline for longer than the grace a reconnecting agent gets."""
+        since = self._offline_since.get(name)
+        return since is not None and time.monotonic() - since >= self.job.offline_grace_s
+
+    def _spawn(self, coro: Any) -> None:
+        """Run a send in the background (notices, re-sends); failures are logged, never raised."""
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(_log_failure)
 
     # ------------------------------------------------------------------ admission
 
@@ -321,21 +404,40 @@ class Coordinator:
 
     # ------------------------------------------------------------------ rounds
 
-    async def _round(self, round_: int, eval_batches: list[Any]) -> dict[str, Any]:
+    async def _run_round(self, round_: int, eval_batches: list[Any]) -> dict[str, Any]:
+        """Run a round until at least ``min_agents`` agents finish it; roll back the attempts that fall short."""
+        assert self.server is not None
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            snapshot = await self._compute(self.server.snapshot)
+            record = await self._round(round_, attempt, eval_batches)
+            if record is not None:
+                return record
+            await self._compute(self.server.restore, snapshot)
+            self.progress("round_retry", {"round": round_, "attempt": attempt})
+        raise CoordinatorError(
+            f"round {round_}: fewer than min_agents={self.job.min_agents} agents finished it in {MAX_ATTEMPTS} attempts"
+        )
+
+    async def _round(self, round_: int, attempt: int, eval_batches: list[Any]) -> dict[str, Any] | None:
         assert self.server is not None and self._link is not None
         server, link, job = self.server, self._link, self.job
         if len(self._online()) < job.min_agents:
             await self._admit()
         started = time.monotonic()
         self._round_now = round_
+        self._early.clear()
         decision = self._decide()
         plans: dict[str, Participant] = {}
+        self._plans = plans
         for name in self._online():
             cut = self._cuts.get(name, job.cut_of(name))
             ranks = {j: r for j, r in block_ranks(server.num_layers, [cut], job.lora).items() if j < cut}
             state = await self._compute(server.client_state, cut, ranks)
-            plans[name] = Participant(name, cut, ranks, {n: tuple(t.shape) for n, t in state.items()})
-            body = {
+            corr = f"{link.sid}:{round_}:{attempt}"
+            plan = Participant(
+                name, cut, ranks, {n: tuple(t.shape) for n, t in state.items()}, corr, self.agents[name].sid, state
+            )
+            plan.assign_body = {
                 "model": job.model,
                 "cut": cut,
                 "ranks": [ranks[j] for j in range(cut)],
@@ -359,8 +461,10 @@ class Coordinator:
                 "adapter_wire_dtype": job.adapter_wire_dtype,
                 "step_timeout_s": job.step_timeout_s,
                 "seed": job.seed,
+                "attempt": attempt,
             }
-            plans[name].bytes_down += await link.publish(self.topics.agent(name, "assign"), ASSIGN, body, round_=round_)
+            plans[name] = plan
+            await self._publish_plan(plan)
         self.progress("round_start", {"round": round_, "cuts": {n: p.cut for n, p in plans.items()}})
         await link.publish(
             self.topics.job_topic("round"), ROUND, {"event": "start", "agents": sorted(plans)}, round_=round_
@@ -369,20 +473,28 @@ class Coordinator:
         for step in range(job.local_steps):
             if not any(p.dropped is None for p in plans.values()):
                 break
-            await self._step(round_, step, plans)
+            await self._step(round_, step, plans, self._step_deadline_s(decision, step))
             await self._compute(server.finish_step)
             self.progress("step", {"round": round_, "step": step + 1, "of": job.local_steps})
 
-        uploads = await self._collect_uploads(round_, plans)
+        uploads = self._screen_uploads(await self._collect_uploads(round_, plans), plans)
         live = [p for p in plans.values() if p.dropped is None]
-        if not live:
-            raise CoordinatorError(f"round {round_}: every agent was dropped ({[p.dropped for p in plans.values()]})")
+        if len(live) < job.min_agents:
+            log.warning(
+                "round %d (attempt %d): %d of the %d agents needed finished (%s); rolling the round back",
+                round_, attempt, len(live), job.min_agents,
+                "; ".join(f"{p.name}: {p.dropped}" for p in plans.values() if p.dropped) or "none dropped",
+            )  # fmt: skip
+            self._plans = {}
+            return None
         await self._compute(server.aggregate, uploads)
+        self._plans = {}
         result = await self._compute(server.evaluate, eval_batches)
         now = time.monotonic()
         train_tokens = sum(p.tokens for p in live)
         record: dict[str, Any] = {
             "round": round_,
+            "attempt": attempt,
             "time_s": round(self._elapsed_before + now - self._started, 3),
             "round_time_s": round(now - started, 3),
             **_eval_fields(result),
@@ -398,6 +510,7 @@ class Coordinator:
                     "server_s": sum(p.server_times) / max(len(p.server_times), 1),
                     "bytes_up": p.bytes_up,
                     "bytes_down": p.bytes_down,
+                    "update_norm": p.update_norm,
                     "dropped": p.dropped,
                     "timings": p.timings,
                 }
@@ -406,8 +519,11 @@ class Coordinator:
             "bytes_up": sum(p.bytes_up for p in plans.values()),
             "bytes_down": sum(p.bytes_down for p in plans.values()),
             "rejected": {**dict(link.rejected), **self.rejected_bodies},
+            "coordinator_rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1),
         }
-        record["step_time_s"] = max(a["step_time_s"] for a in record["agents"].values())
+        record["step_time_s"] = max(
+            (a["step_time_s"] for a in record["agents"].values() if not a["dropped"]), default=0
+        )
         if decision is not None:
             record["controller"] = {
                 "policy": job.policy,
@@ -423,9 +539,27 @@ class Coordinator:
         self._write_metrics(record)
         await link.publish(self.topics.job_topic("metrics"), METRICS, _jsonable(record), round_=round_)
         self.progress("round_end", record)
-        for key in [k for k in self._uploads if k[0] <= round_]:
-            del self._uploads[key]
         return record
+
+    async def _publish_plan(self, plan: Participant) -> None:
+        assert self._link is not None
+        topic = self.topics.agent(plan.name, "assign")
+        plan.bytes_down += await self._link.publish(
+            topic, ASSIGN, plan.assign_body, round_=self._round_now, corr=plan.corr
+        )
+
+    def _step_deadline_s(self, decision: Decision | None, step: int) -> float:
+        """How long a step may take: the predicted step times ``deadline_factor``, within bounds.
+
+        The first step of a round also covers taking the assignment in (a new cut builds a new segment).
+        """
+        job = self.job
+        if decision is None or not math.isfinite(decision.makespan_s):
+            return job.step_timeout_s
+        deadline = max(job.deadline_factor * decision.makespan_s, job.min_step_timeout_s)
+        if step == 0:
+            deadline += job.min_step_timeout_s
+        return min(deadline, job.step_timeout_s)
 
     def _decide(self) -> Decision | None:
         """The controller's cuts for this round, once every online agent has been measured."""
@@ -455,43 +589,70 @@ class Coordinator:
             for seconds in plan.server_times:
                 self.estimates.observe_server(self.server.num_layers, plan.cut, seconds)
 
-    async def _step(self, round_: int, step: int, plans: dict[str, Participant]) -> None:
+    def _is_repeat(self, item: Received, plans: dict[str, Participant], round_: int) -> bool:
+        """A repeated activation of a step already served: answer with the same gradient (re-sent, not
+        recomputed), since the agent re-sends only when it did not get it. True if it was one."""
+        env = item.envelope
+        plan = plans.get(env.sender)
+        if plan is None or plan.dropped is not None or env.round != round_ or env.corr != plan.corr:
+            return False
+        if plan.last_grad is None or plan.last_grad[0] != env.step:
+            return False
+        assert self._link is not None
+        log.info("%s repeated its activations of step %d: re-sending the gradient", plan.name, env.step)
+        topic = self.topics.agent(plan.name, "grad")
+        self._spawn(self._link.publish(topic, GRAD, plan.last_grad[1], round_=round_, step=env.step, corr=plan.corr))
+        return True
+
+    async def _step(self, round_: int, step: int, plans: dict[str, Participant], timeout_s: float) -> None:
         """Serve one step of every agent still in the round."""
         assert self.server is not None and self._link is not None
         server, link, job = self.server, self._link, self.job
         pending = {n for n, p in plans.items() if p.dropped is None}
         # Activations that arrived early (an agent a step ahead of the others) go first.
-        ready = [item for n in list(self._early) if n in pending for item in self._early.pop(n)]
+        for key in [k for k in self._early if k[1] < step]:
+            del self._early[key]
+        ready = [item for n in sorted(pending) for item in self._early.pop((n, step), [])]
         ready.reverse()  # popped from the end: oldest first
-        deadline = time.monotonic() + job.step_timeout_s
+        deadline = time.monotonic() + timeout_s
         while pending:
+            for name in [n for n in pending if plans[n].dropped is not None or self._gone(n)]:
+                self._drop(plans[name], "went offline", notify=False)  # (no change if dropped already)
+                pending.discard(name)
+            if not pending:
+                return
             if ready:
                 item: Received | _Offline = ready.pop()
             else:
+                # Wake up at the deadline, or when an offline agent's grace ends.
+                ends = [self._offline_since[n] + job.offline_grace_s for n in pending if n in self._offline_since]
+                wake = min([deadline, *ends])
                 try:
-                    async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
+                    async with asyncio.timeout(max(wake - time.monotonic(), 0.0)):
                         item = await self._events.get()
                 except TimeoutError:
+                    if time.monotonic() < deadline:
+                        continue
                     for name in pending:
-                        self._drop(plans[name], f"no activations for step {step} within {job.step_timeout_s:g} s")
+                        self._drop(plans[name], f"no activations for step {step} within the {timeout_s:.1f} s deadline")
                     return
             if isinstance(item, _Offline):
-                plan = plans.get(item.name)
-                # Stale if the agent came back since (it re-joined); otherwise it is out of this round.
-                if plan is not None and plan.dropped is None and not self.agents[item.name].online:
-                    self._drop(plan, "went offline")
-                    pending.discard(item.name)
-                continue
+                continue  # the loop's top drops it once its grace is over
             env = item.envelope
             name = env.sender  # the link checked it is the agent named in the topic
             plan = plans.get(name)
-            if plan is None or plan.dropped is not None or env.round != round_ or env.step < step:
+            if self._is_repeat(item, plans, round_):
+                continue
+            if plan is None or plan.dropped is not None or env.round != round_ or env.corr != plan.corr:
+                log.info("ignoring activations from %s of another assignment (%s)", name, env.corr)
+                continue
+            if env.step < step or (env.step == step and name not in pending):
                 log.info("ignoring stale activations from %s (round %d step %d)", name, env.round, env.step)
                 continue
             if env.step > step:
-                self._early.setdefault(name, []).append(item)
-                continue
-            if name not in pending:
+                early = self._early.setdefault((name, env.step), [])
+                if env.step < job.local_steps and len(early) < 4:  # bounded: garbage cannot pile up
+                    early.append(item)
                 continue
             try:
                 act = parse_act(env.body, server.hidden_size, job.batch_size, job.max_length, server.vocab_size)
@@ -499,6 +660,7 @@ class Coordinator:
                 # Counted and ignored; the agent's real activations may still come before the deadline.
                 self._count_rejection(exc.reason, name, exc.detail)
                 continue
+            plan.started = True
             plan.bytes_up += item.size
             t0 = time.perf_counter()
             try:
@@ -510,7 +672,10 @@ class Coordinator:
                 continue
             plan.server_times.append(time.perf_counter() - t0)
             body = grad_body(result.grad, job.wire_dtype, result.loss, result.tokens)
-            plan.bytes_down += await link.publish(self.topics.agent(name, "grad"), GRAD, body, round_=round_, step=step)
+            plan.last_grad = (step, body)
+            plan.bytes_down += await link.publish(
+                self.topics.agent(name, "grad"), GRAD, body, round_=round_, step=step, corr=plan.corr
+            )
             now = time.monotonic()
             if plan.last_grad_at:
                 plan.step_times.append(now - plan.last_grad_at)
@@ -520,43 +685,60 @@ class Coordinator:
             plan.accuracies.append(result.accuracy)
             pending.discard(name)
 
-    async def _collect_uploads(
-        self, round_: int, plans: dict[str, Participant]
-    ) -> list[tuple[float, dict[str, torch.Tensor]]]:
+    async def _collect_uploads(self, round_: int, plans: dict[str, Participant]) -> dict[str, dict[str, torch.Tensor]]:
+        """Wait for every agent still in the round to upload (checked on arrival by :meth:`_adapter_arrived`)."""
         deadline = time.monotonic() + self.job.upload_timeout_s
-        uploads: dict[str, tuple[float, dict[str, torch.Tensor]]] = {}
         while True:
+            while not self._events.empty():  # activations repeated after a reconnect still get their gradient
+                item = self._events.get_nowait()
+                if isinstance(item, Received):
+                    self._is_repeat(item, plans, round_)
             for name, plan in plans.items():
-                if plan.dropped is not None or name in uploads:
-                    continue
-                arrived = self._uploads.get((round_, name), [])
-                while arrived and name not in uploads:
-                    received = arrived.pop(0)
-                    try:
-                        upload = parse_adapter(received.envelope.body, plan.expect)
-                    except WireError as exc:
-                        self._count_rejection(exc.reason, name, exc.detail)  # and wait for a valid one
-                        continue
-                    plan.bytes_up += received.size
-                    plan.timings = upload.timings
-                    # Weight by the tokens the server counted for this agent, not by what it claims.
-                    uploads[name] = (float(plan.tokens), upload.state)
-                if name not in uploads and not self.agents[name].online:
-                    self._drop(plan, "went offline before uploading")
-            waiting = [n for n, p in plans.items() if p.dropped is None and n not in uploads]
+                if plan.dropped is None and plan.upload is None and self._gone(name):
+                    self._drop(plan, "went offline before uploading", notify=False)
+            waiting = [n for n, p in plans.items() if p.dropped is None and p.upload is None]
             if not waiting:
-                return list(uploads.values())
+                return {n: p.upload for n, p in plans.items() if p.dropped is None and p.upload is not None}
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 for name in waiting:
                     self._drop(plans[name], f"no adapter upload within {self.job.upload_timeout_s:g} s")
-                return list(uploads.values())
+                continue  # (returns above)
             await _wait_briefly(self._upload_arrived, remaining)
 
-    def _drop(self, plan: Participant, reason: str) -> None:
-        if plan.dropped is None:
-            plan.dropped = reason
-            log.warning("round: dropped agent %s: %s", plan.name, reason)
+    def _screen_uploads(
+        self, uploads: dict[str, dict[str, torch.Tensor]], plans: dict[str, Participant]
+    ) -> list[tuple[float, dict[str, torch.Tensor]]]:
+        """Refuse updates far larger than the round's median (a diverged or poisoned device); weight the
+        rest by the tokens the server counted for each agent, not by what the agent claims."""
+        for name, state in uploads.items():
+            plan = plans[name]
+            plan.update_norm = math.sqrt(sum(float((state[k] - plan.sent[k]).double().pow(2).sum()) for k in state))
+        ratio = self.job.max_update_ratio
+        norms = sorted(plans[n].update_norm for n in uploads)
+        median = norms[len(norms) // 2] if norms else 0.0
+        kept: list[tuple[float, dict[str, torch.Tensor]]] = []
+        for name, state in uploads.items():
+            plan = plans[name]
+            if plan.dropped is not None:
+                continue
+            if ratio > 0 and len(uploads) >= 3 and median > 0 and plan.update_norm > ratio * median:
+                reason = f"upload refused: update norm {plan.update_norm:.3g} > {ratio:g} x the median {median:.3g}"
+                self._drop(plan, reason, event="refused")
+                continue
+            kept.append((float(plan.tokens), state))
+        return kept
+
+    def _drop(self, plan: Participant, reason: str, *, notify: bool = True, event: str = "dropped") -> None:
+        """Take an agent out of this round (its client-side update is not aggregated); tell it if it can hear."""
+        if plan.dropped is not None:
+            return
+        plan.dropped = reason
+        log.warning("round %d: dropped agent %s: %s", self._round_now, plan.name, reason)
+        if notify and self._link is not None:
+            topic = self.topics.agent(plan.name, "notice")
+            body = notice_body(event, reason)
+            self._spawn(self._link.publish(topic, NOTICE, body, round_=self._round_now, corr=plan.corr))
 
     # ------------------------------------------------------------------ evaluation and output
 
@@ -579,6 +761,11 @@ class Coordinator:
     def _write_metrics(self, record: dict[str, Any]) -> None:
         with self.metrics_path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(_jsonable(record)) + "\n")
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("a background send failed: %s", task.exception())
 
 
 async def _wait_briefly(event: asyncio.Event, remaining_s: float) -> None:

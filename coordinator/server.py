@@ -21,6 +21,7 @@ Normalisation, so that federated split SGD equals centralised SGD on the union b
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -28,6 +29,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -187,6 +189,18 @@ class ServerModel:
         self.optimizer.zero_grad(set_to_none=True)
         self.round_tokens.update(self._step_tokens)
         self._step_tokens.clear()
+
+    def snapshot(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """A copy of the global adapters and the optimiser state, to roll a failed round back to."""
+        adapters = {n: t.detach().clone() for n, t in lora_state(self.segment.peft_model).items()}
+        return adapters, copy.deepcopy(self.optimizer.state_dict())
+
+    def restore(self, snapshot: tuple[dict[str, torch.Tensor], dict[str, Any]]) -> None:
+        adapters, optimizer = snapshot
+        self.discard_step()
+        self.round_tokens.clear()
+        load_lora_state(self.segment.peft_model, adapters)
+        self.optimizer.load_state_dict(copy.deepcopy(optimizer))
 
     def discard_step(self) -> None:
         """Drop the gradients of an unfinished step (e.g. the coordinator is stopping)."""

@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # Lint, type-check and run the test suite.   bash scripts/test.sh [pytest args]
-# The broker tests need Mosquitto: it is installed here when missing (apt-get, as root); the tests
-# start their own broker on a free 127.0.0.1 port. They never skip.
+# The broker tests need Mosquitto (and the security tests openssl): installed here when missing (apt-get,
+# as root); the tests start their own broker on a free 127.0.0.1 port. They never skip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 PY=${SPLITFT_VENV:-.venv}/bin
 
-if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ]; then
+# The security tests also need mosquitto_passwd (in the mosquitto package) and the openssl command.
+have() { command -v "$1" >/dev/null || [ -x "/usr/sbin/$1" ]; }
+if ! have mosquitto || ! have mosquitto_passwd || ! have openssl; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        echo "== installing mosquitto"
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null
+        echo "== installing mosquitto and openssl"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto openssl >/dev/null
     else
-        echo "mosquitto is needed by the tests: install it (e.g. sudo apt-get install mosquitto)" >&2
+        echo "the tests need mosquitto, mosquitto_passwd and openssl (e.g. sudo apt-get install mosquitto openssl)" >&2
         exit 1
     fi
 fi

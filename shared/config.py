@@ -23,6 +23,9 @@ A job file looks like::
     lr = 1e-3
 
 Every value is checked when the object is made; the error names the field.
+
+:func:`broker_settings` builds the broker connection of both commands from their options (TLS files,
+the message authentication key file), naming the option that is wrong.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
 
 import tomllib
 import torch
@@ -41,6 +45,9 @@ from .errors import ConfigError
 from .lora import LoraSettings
 from .models import ATTENTION_IMPLEMENTATIONS
 from .topics import check_name
+
+if TYPE_CHECKING:
+    from .link import BrokerSettings
 
 OPTIMIZERS = ("adamw", "sgd")
 #: cut-layer policies of the controller (coordinator/controller.py)
@@ -61,7 +68,7 @@ class OptimizerSettings:
             raise ConfigError(f"optimizer.name must be one of {list(OPTIMIZERS)}, got {self.name!r}")
         for name in ("lr", "weight_decay", "momentum"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            if not (_is_number(value) and math.isfinite(value) and value >= 0):
                 raise ConfigError(f"optimizer.{name} must be a finite number >= 0, got {value!r}")
         if self.lr == 0:
             raise ConfigError("optimizer.lr must be positive")
@@ -82,10 +89,15 @@ class JobConfig:
     local_steps: int = 4  # training steps per agent per round between aggregations
     batch_size: int = 4  # sequences per step per agent
     max_length: int = 256  # tokens per sequence, at most
-    min_agents: int = 1  # a round starts only with this many agents online
+    min_agents: int = 1  # a round starts with this many agents online, and counts only if this many finish it
     join_timeout_s: float = 300.0  # how long to wait for min_agents before giving up
     join_window_s: float = 2.0  # once min_agents are in, how long more agents may still join the first round
     step_timeout_s: float = 300.0  # an agent that sends no activations within this is dropped from the round
+    # Once the controller predicts step times, a step's deadline is deadline_factor x the predicted step,
+    # at least min_step_timeout_s and at most step_timeout_s.
+    deadline_factor: float = 4.0
+    min_step_timeout_s: float = 10.0
+    offline_grace_s: float = 5.0  # an agent whose Last Will came is dropped unless it is back within this
     upload_timeout_s: float = 300.0  # likewise for the adapter upload at the end of a round
     cut: int = 2  # cut layer of agents not named in `cuts` (and every agent's first round)
     cuts: Mapping[str, int] = field(default_factory=dict)
@@ -104,9 +116,14 @@ class JobConfig:
     eval_data: str | None = None  # JSONL/CSV of prompt/response pairs; default: the vendored GSM8K test split
     eval_samples: int = 64  # evaluation problems per round (the first ones of eval_data)
     eval_batch_size: int = 8
+    # An adapter upload whose change from the round's start is this many times the median change of the
+    # round's uploads is refused from the aggregate (0 turns the check off; needs 3 uploads or more).
+    max_update_ratio: float = 10.0
 
     def __post_init__(self) -> None:
         check_name("job", self.job)
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ConfigError(f"model must be a preset name or a model folder, got {self.model!r}")
         positive = ("rounds", "local_steps", "batch_size", "min_agents", "eval_samples", "eval_batch_size", "cut")
         for name in positive:
             value = getattr(self, name)
@@ -114,12 +131,14 @@ class JobConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if type(self.max_length) is not int or self.max_length < 8:
             raise ConfigError(f"max_length must be an integer >= 8, got {self.max_length!r}")
-        if not (isinstance(self.join_window_s, (int, float)) and 0 <= self.join_window_s < 1e6):
+        if not (_is_number(self.join_window_s) and 0 <= self.join_window_s < 1e6):
             raise ConfigError(f"join_window_s must be a number of seconds >= 0, got {self.join_window_s!r}")
         for name in ("join_timeout_s", "step_timeout_s", "upload_timeout_s"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+            if not (_is_number(value) and value > 0 and math.isfinite(value)):
                 raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+        if not isinstance(self.cuts, Mapping):
+            raise ConfigError(f"cuts must map agent names to cut layers, got {self.cuts!r}")
         for agent, cut in self.cuts.items():
             check_name("agent", agent)
             if type(cut) is not int or cut < 1:
@@ -128,24 +147,42 @@ class JobConfig:
             if getattr(self, name) not in FLOAT_WIRE_DTYPES:
                 raise ConfigError(f"{name} must be one of {list(FLOAT_WIRE_DTYPES)}, got {getattr(self, name)!r}")
         if self.attn_implementation not in ATTENTION_IMPLEMENTATIONS:
-            raise ConfigError(f"attn_implementation must be one of {list(ATTENTION_IMPLEMENTATIONS)}")
+            raise ConfigError(
+                f"attn_implementation must be one of {list(ATTENTION_IMPLEMENTATIONS)}, got {self.attn_implementation!r}"
+            )
         if self.policy not in POLICIES:
             raise ConfigError(f"policy must be one of {list(POLICIES)}, got {self.policy!r}")
-        if type(self.c_min) is not int or self.c_min < 1 or (self.c_max is not None and self.c_max < self.c_min):
-            raise ConfigError(f"need 1 <= c_min <= c_max, got c_min={self.c_min!r}, c_max={self.c_max!r}")
-        if not 0 < self.ewma <= 1:
-            raise ConfigError(f"ewma must be in (0, 1], got {self.ewma!r}")
+        if type(self.c_min) is not int or self.c_min < 1:
+            raise ConfigError(f"c_min must be a positive integer, got {self.c_min!r}")
+        if self.c_max is not None and (type(self.c_max) is not int or self.c_max < self.c_min):
+            raise ConfigError(f"c_max must be an integer >= c_min ({self.c_min}), got {self.c_max!r}")
+        for name in ("gamma", "hysteresis"):
+            value = getattr(self, name)
+            if not (_is_number(value) and math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not (_is_number(self.ewma) and 0 < self.ewma <= 1):
+            raise ConfigError(f"ewma must be a number in (0, 1], got {self.ewma!r}")
         if type(self.seed) is not int:
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        if self.eval_data is not None and (not isinstance(self.eval_data, (str, Path)) or not str(self.eval_data)):
+            raise ConfigError(f"eval_data must be the path of a JSONL/CSV file, got {self.eval_data!r}")
+        if not isinstance(self.lora, LoraSettings):
+            raise ConfigError(f"lora must be LoRA settings (a [lora] table), got {self.lora!r}")
+        if not isinstance(self.optimizer, OptimizerSettings):
+            raise ConfigError(f"optimizer must be optimiser settings (an [optimizer] table), got {self.optimizer!r}")
 
     def cut_of(self, agent: str) -> int:
         return self.cuts.get(agent, self.cut)
 
     def check_cuts(self, num_layers: int) -> None:
-        """Cuts must leave at least one block on each side."""
+        """Cuts must leave at least one block on each side; so must the controller's bounds c_min, c_max."""
         for agent, cut in [("(default)", self.cut), *self.cuts.items()]:
             if not 1 <= cut <= num_layers - 1:
                 raise ConfigError(f"cut of {agent} is {cut}, but the model's cut layers are 1..{num_layers - 1}")
+        for name in ("c_min", "c_max"):
+            value = getattr(self, name)
+            if value is not None and value > num_layers - 1:
+                raise ConfigError(f"{name} is {value}, but the model's cut layers are 1..{num_layers - 1}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> JobConfig:
@@ -156,11 +193,14 @@ class JobConfig:
             if key in data:
                 table = data.pop(key)
                 if not isinstance(table, dict):
-                    raise ConfigError(f"[{key}] must be a table")
+                    raise ConfigError(f"[{key}] must be a table, got {table!r}")
                 _check_keys(kind, table, key + ".")
-                if key == "lora" and "targets" in table:
-                    table = {**table, "targets": tuple(table["targets"])}
-                nested[key] = kind(**table)
+                if key == "lora":
+                    table = _lora_table(table)
+                try:
+                    nested[key] = kind(**table)
+                except TypeError as exc:  # a value of the wrong type that the class compares before checking
+                    raise ConfigError(f"bad [{key}] table: {exc}") from exc
         if "cuts" in data and not isinstance(data["cuts"], dict):
             raise ConfigError("[cuts] must be a table of agent = cut")
         _check_keys(cls, data, "")
@@ -172,12 +212,18 @@ class JobConfig:
     @classmethod
     def from_toml(cls, path: str | Path) -> JobConfig:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"job file {path} is a folder, not a TOML file")
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError as exc:
             raise ConfigError(f"job file {path} does not exist") from exc
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"cannot read job file {path}: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"job file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"job file {path} is not valid TOML: {exc}") from exc
+        except OSError as exc:
+            raise ConfigError(f"cannot read job file {path}: {exc.strerror or exc}") from exc
         try:
             return cls.from_dict(data)
         except ConfigError as exc:
@@ -186,6 +232,102 @@ class JobConfig:
     def with_overrides(self, **changes: Any) -> JobConfig:
         """A copy with the given fields replaced (None values are ignored: flags the user did not give)."""
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def _is_number(value: Any) -> bool:
+    """An int or a float, but not a bool (TOML's ``true`` must not pass as 1)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _lora_table(table: Mapping[str, Any]) -> dict[str, Any]:
+    """Check the types of a [lora] table (LoraSettings compares before it checks) and make targets a tuple."""
+    table = dict(table)
+    for key in ("r", "r_cut"):
+        if key in table and type(table[key]) is not int:
+            raise ConfigError(f"lora.{key} must be a positive integer, got {table[key]!r}")
+    for key in ("alpha_per_rank", "dropout"):
+        if key in table and not (_is_number(table[key]) and math.isfinite(table[key])):
+            raise ConfigError(f"lora.{key} must be a number, got {table[key]!r}")
+    if "targets" in table:
+        targets = table["targets"]
+        if not isinstance(targets, list) or not all(isinstance(t, str) and t for t in targets):
+            raise ConfigError(f"lora.targets must be a list of module names, got {targets!r}")
+        table["targets"] = tuple(targets)
+    return table
+
+
+def broker_settings(
+    url: str,
+    *,
+    username: str | None = None,
+    password: str | None = None,
+    ca_file: Path | None = None,
+    cert_file: Path | None = None,
+    key_file: Path | None = None,
+    auth_key_file: Path | None = None,
+    auth_window_s: float = 300.0,
+    client_id: str | None = None,
+    protocol: str = "5",
+    connect_timeout_s: float = 30.0,
+) -> BrokerSettings:
+    """The broker connection from the command-line options; every error names the option and the path.
+
+    Checks the files exist (and are files) and reads the message authentication key before anything
+    connects, so that a typo fails at once instead of as a refused TLS handshake or refused messages.
+    """
+    from .link import BrokerSettings
+    from .protocol import load_key
+
+    files = {"--ca-file": ca_file, "--cert-file": cert_file, "--key-file": key_file, "--auth-key-file": auth_key_file}
+    for option, path in files.items():
+        if path is None:
+            continue
+        if not Path(path).exists():
+            raise ConfigError(f"{option} {path} does not exist")
+        if not Path(path).is_file():
+            raise ConfigError(f"{option} {path} is not a file")
+    if (ca_file or cert_file or key_file) and urlparse(url).scheme in ("mqtt", "tcp"):
+        raise ConfigError(
+            f"--ca-file, --cert-file and --key-file are for TLS: the broker url must be mqtts://, got {url!r}"
+        )
+    if (cert_file is None) != (key_file is None):
+        raise ConfigError("a client certificate needs both --cert-file and --key-file")
+    if not (_is_number(auth_window_s) and 0 < auth_window_s < 1e6):
+        raise ConfigError(f"--auth-window must be a positive number of seconds, got {auth_window_s!r}")
+    if not (_is_number(connect_timeout_s) and 0 < connect_timeout_s < 1e6):
+        raise ConfigError(f"--connect-timeout must be a positive number of seconds, got {connect_timeout_s!r}")
+    try:
+        auth_key = None if auth_key_file is None else load_key(auth_key_file)
+    except ConfigError as exc:
+        raise ConfigError(f"--auth-key-file: {exc}") from exc
+    return BrokerSettings(
+        url=url,
+        username=username,
+        password=password,
+        ca_file=None if ca_file is None else str(ca_file),
+        cert_file=None if cert_file is None else str(cert_file),
+        key_file=None if key_file is None else str(key_file),
+        auth_key=auth_key,
+        auth_window_s=auth_window_s,
+        client_id=client_id,
+        protocol=protocol,
+        connect_timeout_s=connect_timeout_s,
+    )
+
+
+def torch_device(device: str) -> str:
+    """``auto`` -> ``cuda`` or ``cpu``; ``cpu`` and ``cuda[:N]`` as given, where this machine has that CUDA device
+    (an error now, not when the first round starts)."""
+    from .models import resolve_device
+
+    resolved = resolve_device(device)
+    if resolved.startswith("cuda"):
+        index = resolved.partition(":")[2]
+        if resolved != "cuda" and not index.isdigit():
+            raise ConfigError(f"device must be auto, cpu or cuda[:N], got {device!r}")
+        if not torch.cuda.is_available() or int(index or 0) >= torch.cuda.device_count():
+            raise ConfigError(f"device {device!r}: this machine has no such CUDA device")
+    return resolved
 
 
 def _check_keys(kind: type, table: Mapping[str, Any], prefix: str) -> None:

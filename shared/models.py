@@ -204,6 +204,22 @@ def num_layers(config: PretrainedConfig) -> int:
     return int(config.num_hidden_layers)
 
 
+def max_positions(config: PretrainedConfig) -> int | None:
+    """The longest sequence the model's position embeddings cover (None: the config does not say)."""
+    for name in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, name, None)
+        if type(value) is int and value > 0:
+            return value
+    return None
+
+
+def check_max_length(config: PretrainedConfig, max_length: int) -> None:
+    """A job's sequences must fit the model's positions (GPT-2's learned positions end there)."""
+    limit = max_positions(config)
+    if limit is not None and max_length > limit:
+        raise ConfigError(f"max_length {max_length} exceeds the model's {limit} positions")
+
+
 def hidden_size(config: PretrainedConfig) -> int:
     return int(config.hidden_size)
 

@@ -170,3 +170,26 @@ def test_sharded_checkpoint(tmp_path: Path) -> None:
     ref = model.model.layers[7].mlp.down_proj.weight
     got = server.hf_model.model.layers[7].mlp.down_proj.base_layer.weight
     assert torch.equal(got, ref)
+
+
+def test_sequences_longer_than_the_positions_are_refused() -> None:
+    """GPT-2's learned positions end at n_positions: a longer max_length is a clear error, not an IndexError."""
+    from transformers import GPT2Config
+
+    from splitft.agent.runtime import parse_assignment
+    from splitft.shared.errors import WireError
+    from splitft.shared.models import check_max_length, max_positions
+
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64)
+    assert max_positions(config) == 64 and max_positions(load_config("tiny-llama")) == 1024
+    check_max_length(config, 64)
+    with pytest.raises(ConfigError, match="max_length 65 exceeds the model's 64 positions"):
+        check_max_length(config, 65)
+    body = {
+        "model": "m", "cut": 1, "ranks": [8], "lora": {}, "adapter": {}, "local_steps": 1, "batch_size": 1,
+        "max_length": 65, "optimizer": {}, "wire_dtype": "fp16", "adapter_wire_dtype": "fp32",
+        "step_timeout_s": 10.0, "seed": 0,
+    }  # fmt: skip
+    with pytest.raises(WireError, match="exceeds the model's 64 positions"):
+        parse_assignment(1, body, "m", 2, max_positions(config))
+    assert parse_assignment(1, {**body, "max_length": 64}, "m", 2, 64).max_length == 64

@@ -108,11 +108,18 @@ async def test_three_agents_different_cuts_loss_falls(broker: Broker, tmp_path: 
 
 
 async def test_federated_split_equals_centralised(broker: Broker, tmp_path: Path) -> None:
-    """Plain SGD, one step per round, one rank everywhere, cuts 1/2/3: the coordinator's adapters
-    equal centralised SGD on the union of the agents' batches, step after step."""
-    lora = LoraSettings(r=4, r_cut=4)
-    job = JobConfig(
-        job="equiv",
+    """The coordinator's adapters equal centralised SGD on the union of the agents' batches, step after step."""
+    job = equivalence_job("equiv")
+    data = shards(tmp_path)
+    coordinator = await run_job(broker, tmp_path / "out", job, data)
+    assert coordinator.server is not None
+    assert_equals_centralised(lora_state(coordinator.server.segment.peft_model), job, data)
+
+
+def equivalence_job(name: str) -> JobConfig:
+    """Plain SGD, one step per round, one rank everywhere, cuts 1/2/3, fp32 on the wire."""
+    return JobConfig(
+        job=name,
         model="tiny-gpt2",
         rounds=3,
         local_steps=1,
@@ -120,7 +127,7 @@ async def test_federated_split_equals_centralised(broker: Broker, tmp_path: Path
         max_length=64,
         min_agents=3,
         cuts=CUTS,
-        lora=lora,
+        lora=LoraSettings(r=4, r_cut=4),
         optimizer=OptimizerSettings(name="sgd", lr=0.5),
         wire_dtype="fp32",
         eval_samples=4,
@@ -128,18 +135,20 @@ async def test_federated_split_equals_centralised(broker: Broker, tmp_path: Path
         upload_timeout_s=60,
         join_window_s=0.2,
     )
-    data = shards(tmp_path)
-    coordinator = await run_job(broker, tmp_path / "out", job, data)
-    assert coordinator.server is not None
-    federated = lora_state(coordinator.server.segment.peft_model)
 
+
+def assert_equals_centralised(federated: dict[str, torch.Tensor], job: JobConfig, data: dict[str, Path]) -> None:
+    """``federated`` equals centralised SGD on the union of the agents' batches, round after round."""
+    lora = job.lora
     # Centralised: the whole model, the same initial adapters, SGD on the union batch of each step.
     whole = build_segment("tiny-gpt2", SegmentSpec.whole(12), lora=lora, ranks=block_ranks(12, [], lora), lora_seed=0)
-    optimizer = torch.optim.SGD(whole.lora_parameters().values(), lr=0.5)
+    optimizer = torch.optim.SGD(whole.lora_parameters().values(), lr=job.optimizer.lr)
     tokenizer = load_tokenizer("tiny-gpt2")
     pad = int(tokenizer.pad_token_id)
     streams = {
-        name: Batches(tokenize(load_records(path), tokenizer, 64), 2, pad, seed=batch_seed(0, name))
+        name: Batches(
+            tokenize(load_records(path), tokenizer, job.max_length), job.batch_size, pad, seed=batch_seed(0, name)
+        )
         for name, path in data.items()
     }
     for _ in range(job.rounds):
@@ -156,6 +165,7 @@ async def test_federated_split_equals_centralised(broker: Broker, tmp_path: Path
     central = lora_state(whole.peft_model)
 
     assert set(central) == set(federated)
+    assert job.local_steps == 1  # aggregation after every step: the condition of the equivalence
     # Training moved every B away from its zero start, on the devices' blocks and the server's alike.
     assert all(t.abs().max() > 0 for n, t in central.items() if "lora_B" in n)
     wrong = [
@@ -236,11 +246,11 @@ async def test_resume_continues_from_the_last_checkpoint(broker: Broker, tmp_pat
     loaded: dict[str, torch.Tensor] = {}
     original_round = resumed._round
 
-    async def spy(round_: int, eval_batches: list) -> dict:  # type: ignore[type-arg]
+    async def spy(round_: int, attempt: int, eval_batches: list) -> dict | None:  # type: ignore[type-arg]
         if not loaded:
             assert resumed.server is not None
             loaded.update(lora_state(resumed.server.segment.peft_model))
-        return await original_round(round_, eval_batches)
+        return await original_round(round_, attempt, eval_batches)
 
     resumed._round = spy  # type: ignore[method-assign]
     await asyncio.wait_for(resumed.run(), timeout=300)
