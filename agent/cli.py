@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import socket
 from pathlib import Path
@@ -13,7 +14,8 @@ import typer
 
 from splitft.shared.errors import ConfigError, DataError, LinkError, ModelError
 from splitft.shared.exit_codes import ExitCode, exit_code_for
-from splitft.shared.models import PRESETS, resolve_device
+from splitft.shared.models import PRESETS
+from splitft.shared.profiles import DeviceProfile, load_profile
 
 app = typer.Typer(
     help="SplitFT edge agent: runs the client segment of a split model on this device's own data.",
@@ -36,9 +38,48 @@ def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log mor
     )
 
 
+# Options shared with `splitft-coordinator run`: TLS to the broker and message authentication.
+CaFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        envvar="SPLITFT_CA_FILE",
+        help="TLS: the CA certificate that signed the broker's certificate (PEM); default: the system's CAs. "
+        "Needs an mqtts:// broker URL.",
+    ),
+]
+CertFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        envvar="SPLITFT_CERT_FILE",
+        help="TLS: this member's client certificate (PEM), for brokers that ask for one; needs --key-file.",
+    ),
+]
+KeyFileOpt = Annotated[
+    Path | None,
+    typer.Option(envvar="SPLITFT_KEY_FILE", help="TLS: the private key of --cert-file (PEM)."),
+]
+AuthKeyFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        envvar="SPLITFT_AUTH_KEY_FILE",
+        help="The job key file (made by `splitft-coordinator make-key`): every message is signed with it and "
+        "messages not signed with it are refused. The coordinator and every agent need the same file.",
+    ),
+]
+AuthWindowOpt = Annotated[
+    float,
+    typer.Option(
+        help="With --auth-key-file: refuse messages stamped more than this many seconds away from this machine's "
+        "clock, so that recorded messages cannot be replayed later. Keep the members' clocks in sync (NTP)."
+    ),
+]
+
+
 @app.command()
 def join(
-    broker: Annotated[str, typer.Option(envvar="SPLITFT_BROKER", help="Broker URL, mqtt://HOST:PORT.")],
+    broker: Annotated[
+        str, typer.Option(envvar="SPLITFT_BROKER", help="Broker URL: mqtt://HOST:PORT, or mqtts://HOST:PORT for TLS.")
+    ],
     job: Annotated[str, typer.Option(envvar="SPLITFT_JOB", help="Job name (the coordinator's).")],
     data: Annotated[Path, typer.Option(help="This device's training data: JSONL or CSV of prompt/response pairs.")],
     model: Annotated[str, typer.Option(help=f"Preset ({', '.join(PRESETS)}) or local model folder.")],
@@ -47,10 +88,19 @@ def join(
     ] = None,
     username: Annotated[str | None, typer.Option(envvar="SPLITFT_USERNAME", help="Broker user name.")] = None,
     password: Annotated[str | None, typer.Option(envvar="SPLITFT_PASSWORD", help="Broker password.")] = None,
+    ca_file: CaFileOpt = None,
+    cert_file: CertFileOpt = None,
+    key_file: KeyFileOpt = None,
+    auth_key_file: AuthKeyFileOpt = None,
+    auth_window: AuthWindowOpt = 300.0,
     client_id: Annotated[str | None, typer.Option(help="MQTT client id (default: the agent id + a suffix).")] = None,
     mqtt_protocol: Annotated[str, typer.Option(help="MQTT version: 5, or 3.1.1 for brokers without v5.")] = "5",
     profile: Annotated[
-        str | None, typer.Option(help="Device class this agent reports (e.g. jetson-orin-nano).")
+        str | None,
+        typer.Option(
+            help="Device class this agent reports to the coordinator: a name from firmware_profiles/ "
+            "(e.g. jetson-orin-nano) or a profile .toml file of your own."
+        ),
     ] = None,
     emulate: Annotated[
         str | None, typer.Option(help="Behave like this device profile (firmware_profiles/NAME.toml, or a file).")
@@ -62,13 +112,37 @@ def join(
     device: Annotated[str, typer.Option(help="Torch device for the client segment: auto, cpu, cuda.")] = "auto",
     connect_timeout: Annotated[float, typer.Option(help="Seconds to reach the broker at start-up.")] = 30.0,
 ) -> None:
-    """Join a job: train the client segment when assigned, until the coordinator says the job is done."""
+    """Join a job: train the client segment when assigned, until the coordinator says the job is done.
+
+    Everything given is checked before the agent connects: a bad option, profile, data file or model
+    ends the command with an error naming it (and its exit code), without touching the broker."""
     from splitft.agent.runtime import Agent, AgentSettings
-    from splitft.shared.link import BrokerSettings
+    from splitft.shared.config import broker_settings, torch_device
     from splitft.shared.topics import check_name
 
     try:
         name = check_name("agent", agent_id or _default_id())
+        link = broker_settings(
+            broker,
+            username=username,
+            password=password,
+            ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
+            auth_key_file=auth_key_file,
+            auth_window_s=auth_window,
+            client_id=client_id,
+            protocol=mqtt_protocol,
+            connect_timeout_s=connect_timeout,
+        )
+        if max_samples is not None and max_samples < 1:
+            raise ConfigError(f"--max-samples must be at least 1, got {max_samples}")
+        if not (math.isfinite(emulate_scale) and emulate_scale > 0):
+            raise ConfigError(f"--emulate-scale must be a positive number, got {emulate_scale}")
+        if emulate:
+            _profile("--emulate", emulate)  # fail now, not after the model is loaded
+        if data.is_dir():
+            raise DataError(f"{data}: is a folder; --data takes a JSONL or CSV file")
         settings = AgentSettings(
             name=name,
             job=check_name("job", job),
@@ -77,18 +151,10 @@ def join(
             prompt_field=prompt_field,
             response_field=response_field,
             max_samples=max_samples,
-            device=resolve_device(device),
-            profile=profile,
+            device=torch_device(device),
+            profile=None if profile is None else _profile("--profile", profile).name,
             emulate=emulate,
             emulate_scale=emulate_scale,
-        )
-        link = BrokerSettings(
-            url=broker,
-            username=username,
-            password=password,
-            client_id=client_id,
-            protocol=mqtt_protocol,
-            connect_timeout_s=connect_timeout,
         )
         agent = Agent(settings, link)
         typer.echo(f"agent {name}: {len(agent.pairs)} samples from {data}; joining job {job} at {broker}")
@@ -99,6 +165,14 @@ def join(
     except KeyboardInterrupt:
         raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
     typer.echo(f"agent {name}: the job is done ({agent.rounds_done} rounds trained)")
+
+
+def _profile(option: str, name_or_path: str) -> DeviceProfile:
+    """A shipped profile by name, or a profile file; the error names the option."""
+    try:
+        return load_profile(name_or_path)
+    except ConfigError as exc:
+        raise ConfigError(f"{option}: {exc}") from exc
 
 
 def main() -> None:

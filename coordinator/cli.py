@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from splitft.agent.cli import AuthKeyFileOpt, AuthWindowOpt, CaFileOpt, CertFileOpt, KeyFileOpt
 from splitft.shared.codec import FLOAT_WIRE_DTYPES
-from splitft.shared.config import JobConfig
-from splitft.shared.errors import ConfigError, ModelError, SplitFTError
+from splitft.shared.config import JobConfig, broker_settings, torch_device
+from splitft.shared.errors import ConfigError, DataError, ModelError, SplitFTError
 from splitft.shared.exit_codes import ExitCode, exit_code_for
 from splitft.shared.lora import LoraSettings
-from splitft.shared.models import ATTENTION_IMPLEMENTATIONS, PRESETS, resolve_device
+from splitft.shared.models import ATTENTION_IMPLEMENTATIONS, PRESETS
 
 app = typer.Typer(
     help="SplitFT coordinator: runs the server segment of a split model and coordinates the edge agents.",
@@ -37,9 +45,82 @@ CutRankOpt = Annotated[int, typer.Option("--cut-rank", help="LoRA rank of the tw
 
 
 def _fail(exc: Exception) -> typer.Exit:
+    """Print one line, ``error: <what is wrong>``, on stderr; the exit code names the kind of problem."""
     code = exit_code_for(exc) if isinstance(exc, SplitFTError) else ExitCode.CONFIG
-    _console().print(f"[red]error:[/red] {exc}")
+    # escape: messages name TOML tables ("[lora]") that rich would take for markup; soft_wrap: paths stay whole.
+    Console(stderr=True).print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True, highlight=False)
     return typer.Exit(int(code))
+
+
+# --------------------------------------------------------------------------- output folders
+
+
+def _existing_ancestor(path: Path) -> Path:
+    """``path`` itself if it exists, else its nearest existing parent."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_out(out: Path, option: str = "--out") -> None:
+    """The output folder must be a folder (or not exist yet) that we can write in."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{option} {out} exists and is not a folder")
+    ancestor = _existing_ancestor(out)
+    if not ancestor.is_dir():
+        raise ConfigError(f"{option} {out}: {ancestor} is not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {out}: no permission to write in {ancestor}")
+
+
+def _new_folders(out: Path) -> list[Path]:
+    """The folders that making ``out`` would create, deepest first."""
+    made = []
+    path = out.absolute()
+    while not path.exists() and path != path.parent:
+        made.append(path)
+        path = path.parent
+    return made
+
+
+def _remove_empty(folders: Sequence[Path]) -> None:
+    """Remove the folders a failed command created, deepest first, as long as they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+@contextlib.contextmanager
+def _staged(out: Path) -> Iterator[Path]:
+    """A fresh temporary folder on ``out``'s file system to write into. When the block ends without an
+    error, its files move into ``out`` (made if needed); when it fails, they are deleted and ``out`` is as
+    it was: a failed command leaves no partial output and overwrites nothing."""
+    _check_out(out)
+    staging = Path(tempfile.mkdtemp(prefix=".splitft-staging-", dir=_existing_ancestor(out)))
+    try:
+        yield staging
+        made = _new_folders(out)
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            for item in sorted(staging.iterdir()):
+                os.replace(item, out / item.name)
+        except OSError:
+            _remove_empty(made)
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_error(out: Path, exc: OSError) -> ConfigError:
+    return ConfigError(f"cannot write to --out {out}: {exc.strerror or exc}")
+
+
+def _check_data_file(path: Path, option: str = "--data") -> None:
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; {option} takes a JSONL or CSV file")
 
 
 @app.command()
@@ -138,17 +219,24 @@ def partition(
 
     console = _console()
     try:
+        _check_out(out)
+        _check_data_file(data)
         pairs = load_records(data, limit=limit)
         lengths = token_lengths(pairs, load_tokenizer(model))
         split = length_dirichlet_partition(
             lengths, clients, alpha, num_buckets=buckets, min_samples=min_samples, seed=seed
         )
-        paths = write_partition(pairs, split, out)
-        png = plot_partition(
-            split, lengths, out / "partition.png", title=f"{data.name}: alpha={alpha}, {clients} clients"
-        )
+        with _staged(out) as staging:
+            written = write_partition(pairs, split, staging)
+            plot_partition(
+                split, lengths, staging / "partition.png", title=f"{data.name}: alpha={alpha}, {clients} clients"
+            )
     except SplitFTError as exc:
         raise _fail(exc) from exc
+    except OSError as exc:
+        raise _fail(_write_error(out, exc)) from exc
+    paths = [out / path.name for path in written]
+    png = out / "partition.png"
     table = Table(title=f"Length-Dirichlet partition (alpha={alpha}, skew {split.skew():.3f})")
     for column in ("client", "file", "samples", "mean len", "median", "p90", "per bucket (short..long)"):
         table.add_column(column)
@@ -165,32 +253,134 @@ def partition(
 def save_base(
     model: ModelOpt,
     out: Annotated[Path, typer.Option("--out", help="Folder to write (a normal Hugging Face model folder).")],
+    force: Annotated[
+        bool, typer.Option("--force", help="Write into --out even if it holds files (same names are replaced).")
+    ] = False,
 ) -> None:
     """Write a preset's base model (weights, config, tokenizer) as a normal Hugging Face folder."""
     from splitft.shared.split import load_base_model
     from splitft.shared.text import load_tokenizer
 
     try:
+        _check_out(out)
+        if out.is_dir() and any(out.iterdir()) and not force:
+            raise ConfigError(f"--out {out} is not empty; choose a new folder, or pass --force to write into it")
         base = load_base_model(model)
         tokenizer = load_tokenizer(model)
+        with _staged(out) as staging:
+            base.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
     except (ConfigError, ModelError) as exc:
         raise _fail(exc) from exc
-    base.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    except OSError as exc:
+        raise _fail(_write_error(out, exc)) from exc
     _console().print(f"wrote {model} to {out}")
+
+
+@app.command("make-key")
+def make_key(
+    out: Annotated[Path, typer.Option("--out", help="The key file to write, e.g. job.key.")],
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Replace the file if it exists (members holding the old key can no longer talk)."),
+    ] = False,
+) -> None:
+    """Write a new job key: 32 random bytes as hex, readable only by you (mode 0600).
+
+    Give the same file to the coordinator and to every agent with --auth-key-file: each message is
+    then signed with it, and messages not signed with it are refused. Keep it secret. An existing
+    file is never overwritten unless --force is given."""
+    import secrets
+
+    try:
+        if out.is_dir():
+            raise ConfigError(f"--out {out} is a folder; give the path of the key file to write")
+        if (out.exists() or out.is_symlink()) and not force:
+            raise ConfigError(
+                f"{out} already exists; not overwriting it (the coordinator and agents using it would stop "
+                "understanding each other). Pass --force to replace it."
+            )
+        if not out.parent.is_dir():
+            raise ConfigError(f"cannot write {out}: the folder {out.parent} does not exist")
+        _write_private(out, secrets.token_hex(32) + "\n", replace=force)
+    except ConfigError as exc:
+        raise _fail(exc) from exc
+    except FileExistsError as exc:  # made by someone else since the check above
+        raise _fail(ConfigError(f"{out} already exists; not overwriting it. Pass --force to replace it.")) from exc
+    except OSError as exc:
+        raise _fail(ConfigError(f"cannot write the key file {out}: {exc.strerror or exc}")) from exc
+    _console().print(
+        f"wrote a new job key to {out} (mode 0600). Give it to the coordinator and every agent with "
+        "--auth-key-file; keep it secret.",
+        soft_wrap=True,
+    )
+
+
+def _write_private(path: Path, text: str, *, replace: bool) -> None:
+    """Write ``text`` to ``path``, readable by its owner only from the first byte on.
+
+    Without ``replace`` the file must not exist (O_EXCL: never clobbered, even in a race); with it, a
+    complete new file replaces the old one atomically."""
+    if not replace:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # whatever the umask
+            with os.fdopen(fd, "w", encoding="ascii") as f:
+                f.write(text)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mode 0600
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 # --------------------------------------------------------------------------- running jobs
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="Job TOML file (see README); flags override it.")]
-BrokerOpt = Annotated[str, typer.Option(envvar="SPLITFT_BROKER", help="Broker URL, mqtt://HOST:PORT.")]
+BrokerOpt = Annotated[
+    str, typer.Option(envvar="SPLITFT_BROKER", help="Broker URL: mqtt://HOST:PORT, or mqtts://HOST:PORT for TLS.")
+]
 OutOpt = Annotated[Path, typer.Option("--out", help="Output folder: metrics, checkpoints, adapter, plot.")]
 DeviceOpt = Annotated[str, typer.Option(help="Torch device of the server segment: auto, cpu, cuda.")]
+ConnectTimeoutOpt = Annotated[float, typer.Option(help="Seconds to reach the broker at start-up.")]
 
 
 def _job(config: Path | None, **overrides: Any) -> JobConfig:
     base = JobConfig.from_toml(config) if config is not None else JobConfig()
     return base.with_overrides(**overrides)
+
+
+def _preflight(spec: JobConfig, out: Path, cuts: Sequence[int] = ()) -> None:
+    """Check what a job needs before anything is written or connected: the output folder, the model (its
+    config, tokenizer and weights), the cuts against its blocks, and the evaluation data."""
+    from splitft.shared.data import load_records
+    from splitft.shared.models import check_max_length, load_config, num_layers
+    from splitft.shared.split import _weight_files
+    from splitft.shared.text import load_tokenizer
+
+    _check_out(out)
+    config = load_config(spec.model, spec.attn_implementation)
+    load_tokenizer(spec.model)
+    if spec.model not in PRESETS:
+        _weight_files(Path(spec.model))  # a ModelError naming the folder when it has no safetensors weights
+    layers = num_layers(config)
+    spec.check_cuts(layers)
+    check_max_length(config, spec.max_length)
+    for cut in cuts:
+        if not 1 <= cut <= layers - 1:
+            raise ConfigError(f"--cuts: cut {cut} is outside the model's cut layers 1..{layers - 1}")
+    if spec.eval_data is not None:
+        _check_data_file(Path(spec.eval_data), "eval_data")
+        load_records(spec.eval_data, limit=spec.eval_samples)
 
 
 @app.command()
@@ -205,24 +395,51 @@ def run(
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in --out.")] = False,
     username: Annotated[str | None, typer.Option(envvar="SPLITFT_USERNAME", help="Broker user name.")] = None,
     password: Annotated[str | None, typer.Option(envvar="SPLITFT_PASSWORD", help="Broker password.")] = None,
+    ca_file: CaFileOpt = None,
+    cert_file: CertFileOpt = None,
+    key_file: KeyFileOpt = None,
+    auth_key_file: AuthKeyFileOpt = None,
+    auth_window: AuthWindowOpt = 300.0,
     mqtt_protocol: Annotated[str, typer.Option(help="MQTT version: 5, or 3.1.1.")] = "5",
+    connect_timeout: ConnectTimeoutOpt = 30.0,
     device: DeviceOpt = "auto",
 ) -> None:
-    """Coordinate a job: admit agents, run the rounds, write metrics, checkpoints and the final adapter."""
+    """Coordinate a job: admit agents, run the rounds, write metrics, checkpoints and the final adapter.
+
+    The job file, the options, the model and the evaluation data are checked first: if any is wrong,
+    the command says which and stops before it connects or writes anything."""
     from splitft.coordinator.runtime import Coordinator
-    from splitft.shared.link import BrokerSettings
 
     console = _console()
     try:
         spec = _job(config, job=job, model=model, rounds=rounds, min_agents=min_agents)
-        settings = BrokerSettings(url=broker, username=username, password=password, protocol=mqtt_protocol)
+        settings = broker_settings(
+            broker,
+            username=username,
+            password=password,
+            ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
+            auth_key_file=auth_key_file,
+            auth_window_s=auth_window,
+            protocol=mqtt_protocol,
+            connect_timeout_s=connect_timeout,
+        )
+        server_device = torch_device(device)
+        _preflight(spec, out)
+    except SplitFTError as exc:
+        raise _fail(exc) from exc
+    made = _new_folders(out)  # removed again if the run fails before writing anything in them
+    try:
         coordinator = Coordinator(
-            spec, settings, out, resume=resume, device=resolve_device(device), progress=_ProgressView(console, spec)
+            spec, settings, out, resume=resume, device=server_device, progress=_ProgressView(console, spec)
         )
         summary = asyncio.run(coordinator.run())
     except SplitFTError as exc:
+        _remove_empty(made)
         raise _fail(exc) from exc
     except KeyboardInterrupt:
+        _remove_empty(made)
         raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
     console.print(f"adapter: {summary['adapter']}\nmetrics: {summary['metrics']}")
 
@@ -259,6 +476,9 @@ def local(
     fine-tune a model on GSM8K shards; ends with the adapter folder, metrics.jsonl and run.png."""
     from splitft.coordinator.local import LocalRun, run_local
     from splitft.shared.config import OptimizerSettings
+    from splitft.shared.data import load_records
+    from splitft.shared.link import BrokerSettings
+    from splitft.shared.profiles import load_profile
 
     console = _console()
     try:
@@ -267,20 +487,40 @@ def local(
             job=base.job if config else "local", max_length=max_length, policy=policy,
             optimizer=OptimizerSettings(**{**vars(base.optimizer), "lr": lr}),
         )  # fmt: skip
-        cut_list = tuple(int(c) for c in cuts.split(",") if c.strip())
+        try:
+            cut_list = tuple(int(c) for c in cuts.split(",") if c.strip())
+        except ValueError:
+            raise ConfigError(f"--cuts must be cut layers separated by commas, e.g. 1,2,3; got {cuts!r}") from None
+        profiles = tuple(p.strip() for p in emulate.split(",") if p.strip())
+        for name in profiles:
+            try:
+                load_profile(name)  # an unknown profile fails here, not in every agent process
+            except ConfigError as exc:
+                raise ConfigError(f"--emulate: {exc}") from exc
+        if not (math.isfinite(emulate_scale) and emulate_scale > 0):
+            raise ConfigError(f"--emulate-scale must be a positive number, got {emulate_scale}")
+        if broker is not None:
+            BrokerSettings(url=broker, protocol=mqtt_protocol)
+        if data is not None:
+            _check_data_file(data)
+            load_records(data, limit=1)
         plan = LocalRun(
             spec, out, agents=agents, cuts=cut_list, samples_per_agent=samples_per_agent, data=data, alpha=alpha or None,
-            broker_url=broker, mqtt_protocol=mqtt_protocol, device=resolve_device(device),
-            emulate=tuple(p for p in emulate.split(",") if p), emulate_scale=emulate_scale,
+            broker_url=broker, mqtt_protocol=mqtt_protocol, device=torch_device(device),
+            emulate=profiles, emulate_scale=emulate_scale,
         )  # fmt: skip
-        console.print(
-            f"[bold]SplitFT local run[/bold]: {agents} agents (cuts {', '.join(map(str, cut_list))}), "
-            f"model {spec.model}, {spec.rounds} rounds x {spec.local_steps} steps; output in {out}"
-        )
-        summary = asyncio.run(run_local(plan, progress=_ProgressView(console, spec)))
-    except ValueError as exc:  # includes ConfigError, and a malformed --cuts
-        raise _fail(exc) from exc
+        _preflight(spec, out, cut_list)
     except SplitFTError as exc:
+        raise _fail(exc) from exc
+    console.print(
+        f"[bold]SplitFT local run[/bold]: {agents} agents (cuts {', '.join(map(str, cut_list))}), "
+        f"model {spec.model}, {spec.rounds} rounds x {spec.local_steps} steps; output in {out}"
+    )
+    made = _new_folders(out)
+    try:
+        summary = asyncio.run(run_local(plan, progress=_ProgressView(console, spec)))
+    except SplitFTError as exc:
+        _remove_empty(made)
         raise _fail(exc) from exc
     except KeyboardInterrupt:
         raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
@@ -312,6 +552,15 @@ class _ProgressView:
             self.progress.update(self.task, description=f"round {data['round']}/{self.job.rounds}  cuts {cuts}")
         elif event == "step":
             self.progress.advance(self.task)
+        elif event == "resumed":
+            self.console.print(
+                f"resumed from {data['checkpoint']} at round {data['round']} (state digest {data['digest']} verified)"
+            )
+        elif event == "round_retry":
+            self.console.print(
+                f"round {data['round']:>3}: fewer than {self.job.min_agents} agents finished attempt "
+                f"{data['attempt']}; rolled back, running it again"
+            )
         elif event == "round_end":
             self.console.print(
                 f"round {data['round']:>3}: eval loss {data['eval_loss']:.4f}  ppl {data['eval_ppl']:.1f}  "

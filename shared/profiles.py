@@ -117,12 +117,18 @@ def load_profile(name_or_path: str | Path) -> DeviceProfile:
         if not path.is_file():
             available = ", ".join(list_profiles()) or "none"
             raise ConfigError(f"unknown device profile {text!r}; available: {available}")
+    if path.is_dir():
+        raise ConfigError(f"device profile {path} is a folder, not a .toml file")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise ConfigError(f"device profile file {path} does not exist") from exc
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read device profile: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: cannot read device profile: not UTF-8 text ({exc.reason})") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: cannot read device profile: not valid TOML: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read device profile: {exc.strerror or exc}") from exc
     return parse_profile(data, source=path)
 
 

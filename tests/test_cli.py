@@ -2,20 +2,49 @@
 
 from __future__ import annotations
 
+import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+from click.testing import Result
 from typer.testing import CliRunner
 
+from splitft.agent.cli import app as agent_app
 from splitft.coordinator.cli import app
 from splitft.shared.exit_codes import ExitCode
 from splitft.shared.models import load_config
+from splitft.shared.protocol import load_key
 
 from conftest import save_model
 
 runner = CliRunner()
+NOWHERE = "mqtt://127.0.0.1:9"  # nothing listens there: a connection attempt fails at once
+
+
+def assert_error(result: Result, code: ExitCode, *names: object) -> str:
+    """The command failed with ``code``, printed exactly one ``error:`` line naming ``names``, and no traceback."""
+    assert result.exit_code == code, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.output
+    for name in names:
+        assert str(name) in errors[0], errors[0]
+    return errors[0]
+
+
+@pytest.fixture
+def no_connect(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any attempt to connect to a broker fails the test: bad input must be refused before that."""
+    from splitft.shared.link import Link
+
+    async def refuse(self: Link) -> Link:
+        raise AssertionError("connected to a broker despite bad input")
+
+    monkeypatch.setattr(Link, "__aenter__", refuse)
 
 
 @pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-llama"])
@@ -88,28 +117,317 @@ def _agent(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, capture_output=True, text=True, timeout=180, check=False)
 
 
-def test_agent_join_errors_have_named_exit_codes(tmp_path: Path) -> None:
-    base = ["join", "--broker", "mqtt://127.0.0.1:1", "--job", "j", "--model", "tiny-gpt2", "--id", "a1"]
+def test_agent_process_exit_codes_without_traceback(tmp_path: Path) -> None:
+    """A real `splitft-agent` process: bad data and an unreachable broker end with their named exit codes."""
+    base = ["join", "--broker", NOWHERE, "--job", "j", "--model", "tiny-gpt2", "--id", "a1", "--connect-timeout", "1"]
     done = _agent(*base, "--data", str(tmp_path / "missing.jsonl"))
     assert done.returncode == ExitCode.DATA and "missing.jsonl" in done.stderr
+    assert "Traceback" not in done.stderr and done.stderr.count("error:") == 1
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "2+2?", "response": "4"}\n')
-    done = _agent(*base, "--data", str(data), "--connect-timeout", "1")
+    done = _agent(*base, "--data", str(data))
     assert done.returncode == ExitCode.BROKER and "cannot reach the MQTT broker" in done.stderr
-    done = _agent(*base[:-1], "bad/name", "--data", str(data))
-    assert done.returncode == ExitCode.CONFIG and "agent name" in done.stderr
-    done = _agent(*base[:5], "--model", "no-such-model", "--id", "a1", "--data", str(data))
-    assert done.returncode == ExitCode.MODEL
+    assert "Traceback" not in done.stderr
 
 
-def test_run_refuses_a_broken_job_file(tmp_path: Path) -> None:
+BAD_PROFILE = """\
+name = "board"
+description = "a board"
+[compute]
+peak_gflops = 100.0
+efficiency = 2.0
+dtype = "fp32"
+[memory]
+total_mb = 4096
+usable_mb = 3000
+[link]
+uplink_mbps = 8.0
+downlink_mbps = 16.0
+rtt_ms = 20.0
+"""
+
+
+@pytest.mark.parametrize(
+    ("case", "code", "names"),
+    [
+        ("data missing", ExitCode.DATA, ["missing.jsonl"]),
+        ("data is a folder", ExitCode.DATA, ["is a folder", "--data"]),
+        ("data malformed", ExitCode.DATA, ["bad.jsonl:2", "malformed JSON"]),
+        ("model folder missing", ExitCode.MODEL, ["no-model"]),
+        ("model folder without config.json", ExitCode.MODEL, ["empty-model", "config.json"]),
+        ("unknown emulated device", ExitCode.CONFIG, ["--emulate", "no-such-device", "jetson-nano"]),
+        ("emulated profile file with a bad field", ExitCode.CONFIG, ["--emulate", "board.toml", "compute.efficiency"]),
+        ("unknown device class", ExitCode.CONFIG, ["--profile", "no-such-device"]),
+        ("device class file with a bad field", ExitCode.CONFIG, ["--profile", "board.toml", "compute.efficiency"]),
+        ("bad agent name", ExitCode.CONFIG, ["agent name", "bad/name"]),
+        ("bad job name", ExitCode.CONFIG, ["job name", "a b"]),
+        ("max samples zero", ExitCode.CONFIG, ["--max-samples"]),
+        ("emulate scale zero", ExitCode.CONFIG, ["--emulate-scale"]),
+        ("no such GPU", ExitCode.CONFIG, ["cuda:99"]),
+    ],
+)
+def test_agent_refuses_bad_input_before_connecting(
+    tmp_path: Path, no_connect: None, case: str, code: ExitCode, names: list[str]
+) -> None:
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "2+2?", "response": "4"}\n')
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "response": "b"}\n{"prompt": \n')
+    (tmp_path / "empty-model").mkdir()
+    (tmp_path / "board.toml").write_text(BAD_PROFILE)
+    options = {"--data": str(data), "--model": "tiny-gpt2", "--id": "a1", "--job": "j"}
+    extra: list[str] = []
+    match case:
+        case "data missing":
+            options["--data"] = str(tmp_path / "missing.jsonl")
+        case "data is a folder":
+            options["--data"] = str(tmp_path)
+        case "data malformed":
+            options["--data"] = str(tmp_path / "bad.jsonl")
+        case "model folder missing":
+            options["--model"] = str(tmp_path / "no-model")
+        case "model folder without config.json":
+            options["--model"] = str(tmp_path / "empty-model")
+        case "unknown emulated device":
+            extra = ["--emulate", "no-such-device"]
+        case "emulated profile file with a bad field":
+            extra = ["--emulate", str(tmp_path / "board.toml")]
+        case "unknown device class":
+            extra = ["--profile", "no-such-device"]
+        case "device class file with a bad field":
+            extra = ["--profile", str(tmp_path / "board.toml")]
+        case "bad agent name":
+            options["--id"] = "bad/name"
+        case "bad job name":
+            options["--job"] = "a b"
+        case "max samples zero":
+            extra = ["--max-samples", "0"]
+        case "emulate scale zero":
+            extra = ["--emulate", "laptop", "--emulate-scale", "0"]
+        case "no such GPU":
+            extra = ["--device", "cuda:99"]
+    args = ["join", "--broker", NOWHERE, "--connect-timeout", "1", *(x for kv in options.items() for x in kv), *extra]
+    assert_error(runner.invoke(agent_app, args), code, *names)
+
+
+def _run(tmp_path: Path, *args: str) -> Result:
+    return runner.invoke(app, ["run", "--broker", NOWHERE, "--connect-timeout", "1", *args])
+
+
+@pytest.mark.parametrize(
+    ("text", "code", "names"),
+    [
+        ("rounds = ", ExitCode.CONFIG, ["job.toml", "not valid TOML", "line 1"]),
+        ("rounds = 0", ExitCode.CONFIG, ["job.toml", "rounds must be a positive integer"]),
+        ('rounds = "five"', ExitCode.CONFIG, ["job.toml", "rounds", "'five'"]),
+        ('ewma = "x"', ExitCode.CONFIG, ["job.toml", "ewma"]),
+        ("model = 3", ExitCode.CONFIG, ["job.toml", "model"]),
+        ("lora = 3", ExitCode.CONFIG, ["job.toml", "[lora] must be a table"]),
+        ('[lora]\nalpha_per_rank = "x"', ExitCode.CONFIG, ["job.toml", "lora.alpha_per_rank"]),
+        ("[lora]\ntargets = 5", ExitCode.CONFIG, ["job.toml", "lora.targets"]),
+        ("roundz = 3", ExitCode.CONFIG, ["job.toml", "unknown setting(s) roundz"]),
+        ("[optimizer]\nlrr = 0.1", ExitCode.CONFIG, ["job.toml", "optimizer.lrr"]),
+        ("cut = 12", ExitCode.CONFIG, ["cut of (default) is 12", "1..11"]),
+        ("c_max = 40", ExitCode.CONFIG, ["c_max is 40"]),
+        ('eval_data = "EVAL"', ExitCode.DATA, ["missing-eval.jsonl", "no such data file"]),
+        ('model = "MODEL"', ExitCode.MODEL, ["no-model"]),
+    ],
+)
+def test_run_refuses_a_broken_job_file_and_writes_nothing(
+    tmp_path: Path, no_connect: None, text: str, code: ExitCode, names: list[str]
+) -> None:
     job = tmp_path / "job.toml"
-    job.write_text('rounds = 0\n[optimizer]\nname = "adamw"\n')
-    result = runner.invoke(app, ["run", "--broker", "mqtt://127.0.0.1:1", "--out", str(tmp_path), "--config", str(job)])
-    assert result.exit_code == ExitCode.CONFIG and "rounds must be a positive integer" in result.output
-    job.write_text("roundz = 3\n")
-    result = runner.invoke(app, ["run", "--broker", "mqtt://127.0.0.1:1", "--out", str(tmp_path), "--config", str(job)])
-    assert result.exit_code == ExitCode.CONFIG and "unknown setting(s) roundz" in result.output
+    text = text.replace("EVAL", str(tmp_path / "missing-eval.jsonl")).replace("MODEL", str(tmp_path / "no-model"))
+    job.write_text(text + "\n")
+    out = tmp_path / "runs" / "job"
+    assert_error(_run(tmp_path, "--out", str(out), "--config", str(job)), code, *names)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_run_refuses_bad_files_and_flags_and_writes_nothing(tmp_path: Path, no_connect: None) -> None:
+    out = tmp_path / "out"
+    result = _run(tmp_path, "--out", str(out), "--config", str(tmp_path / "nope.toml"))
+    assert_error(result, ExitCode.CONFIG, "nope.toml", "does not exist")
+    result = _run(tmp_path, "--out", str(out), "--config", str(tmp_path))
+    assert_error(result, ExitCode.CONFIG, str(tmp_path), "is a folder")
+    result = _run(tmp_path, "--out", str(out), "--rounds", "0")
+    assert_error(result, ExitCode.CONFIG, "rounds")
+    result = _run(tmp_path, "--out", str(out), "--job", "a/b")
+    assert_error(result, ExitCode.CONFIG, "job name")
+    (tmp_path / "empty-model").mkdir()
+    result = _run(tmp_path, "--out", str(out), "--model", str(tmp_path / "empty-model"))
+    assert_error(result, ExitCode.MODEL, "empty-model", "config.json")
+    result = _run(tmp_path, "--out", str(out), "--device", "cuda:99")
+    assert_error(result, ExitCode.CONFIG, "cuda:99")
+    assert not out.exists()
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    assert_error(_run(tmp_path, "--out", str(taken)), ExitCode.CONFIG, "taken", "not a folder")
+    assert taken.read_text() == "not a folder"
+
+
+def _security_args(tmp_path: Path) -> dict[str, Path]:
+    files = {"ca": tmp_path / "ca.pem", "short": tmp_path / "short.key", "nothex": tmp_path / "nothex.key"}
+    files["ca"].write_text("-----BEGIN CERTIFICATE-----\n")
+    files["short"].write_text("00" * 16 + "\n")
+    files["nothex"].write_text("zz" * 32 + "\n")
+    return files
+
+
+@pytest.mark.parametrize("command", ["coordinator", "agent"])
+@pytest.mark.parametrize(
+    ("args", "names"),
+    [
+        (["--broker", "http://broker:1883"], ["broker url", "http://broker:1883"]),
+        (["--broker", "mqtt://broker:99999"], ["bad port"]),
+        (["--broker", "mqtts://broker:8883", "--ca-file", "MISSING"], ["--ca-file", "missing.pem", "does not exist"]),
+        (["--broker", "mqtts://broker:8883", "--ca-file", "TMP"], ["--ca-file", "not a file"]),
+        (["--broker", NOWHERE, "--ca-file", "CA"], ["mqtts://"]),
+        (["--broker", "mqtts://broker:8883", "--cert-file", "CA"], ["--cert-file", "--key-file"]),
+        (["--broker", "mqtts://broker:8883", "--key-file", "MISSING"], ["--key-file", "missing.pem"]),
+        (["--broker", NOWHERE, "--auth-key-file", "MISSING"], ["--auth-key-file", "missing.pem", "does not exist"]),
+        (["--broker", NOWHERE, "--auth-key-file", "SHORT"], ["--auth-key-file", "short.key", "16 bytes"]),
+        (["--broker", NOWHERE, "--auth-key-file", "NOTHEX"], ["--auth-key-file", "nothex.key", "hex"]),
+        (["--broker", NOWHERE, "--auth-window", "0"], ["--auth-window"]),
+        (["--broker", NOWHERE, "--connect-timeout", "0"], ["--connect-timeout"]),
+        (["--broker", NOWHERE, "--mqtt-protocol", "4"], ["protocol"]),
+    ],
+)
+def test_bad_broker_options_are_refused_before_connecting(
+    tmp_path: Path, no_connect: None, command: str, args: list[str], names: list[str]
+) -> None:
+    files = _security_args(tmp_path)
+    subst = {"MISSING": tmp_path / "missing.pem", "TMP": tmp_path, "CA": files["ca"], "SHORT": files["short"]}
+    subst["NOTHEX"] = files["nothex"]
+    args = [str(subst.get(a, a)) for a in args]
+    out = tmp_path / "out"
+    if command == "coordinator":
+        result = runner.invoke(app, ["run", "--out", str(out), *args])
+    else:
+        data = tmp_path / "d.jsonl"
+        data.write_text('{"prompt": "2+2?", "response": "4"}\n')
+        result = runner.invoke(
+            agent_app, ["join", "--job", "j", "--id", "a1", "--data", str(data), "--model", "x", *args]
+        )
+    assert_error(result, ExitCode.CONFIG, *names)
+    assert not out.exists()
+
+
+def test_run_with_an_unreachable_broker_leaves_no_out_folder(tmp_path: Path) -> None:
+    out = tmp_path / "runs" / "job"
+    result = _run(tmp_path, "--out", str(out))
+    assert_error(result, ExitCode.BROKER, "cannot reach the MQTT broker", NOWHERE)
+    assert not (tmp_path / "runs").exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    assert_error(_run(tmp_path, "--out", str(kept)), ExitCode.BROKER)
+    assert [p.name for p in kept.iterdir()] == ["notes.txt"]
+
+
+def test_make_key_writes_a_private_key_and_never_overwrites(tmp_path: Path) -> None:
+    key = tmp_path / "job.key"
+    result = runner.invoke(app, ["make-key", "--out", str(key)])
+    assert result.exit_code == 0, result.output
+    assert "--auth-key-file" in result.output
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    first = key.read_text()
+    assert len(load_key(key)) == 32 and first.strip() == load_key(key).hex()
+    message = assert_error(runner.invoke(app, ["make-key", "--out", str(key)]), ExitCode.CONFIG, key, "--force")
+    assert "already exists" in message and key.read_text() == first
+    result = runner.invoke(app, ["make-key", "--out", str(key), "--force"])
+    assert result.exit_code == 0, result.output
+    assert key.read_text() != first and stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.key"]  # no temporary file left
+    assert_error(runner.invoke(app, ["make-key", "--out", str(tmp_path)]), ExitCode.CONFIG, "is a folder")
+    missing = tmp_path / "nowhere" / "job.key"
+    assert_error(runner.invoke(app, ["make-key", "--out", str(missing)]), ExitCode.CONFIG, "nowhere", "does not exist")
+    assert not missing.parent.exists()
+
+
+def test_security_options_reach_the_broker_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--ca-file/--cert-file/--key-file/--auth-key-file/--auth-window (and their environment variables)."""
+    import splitft.agent.runtime
+    import splitft.coordinator.runtime
+
+    seen: dict[str, Any] = {}
+
+    class FakeCoordinator:
+        def __init__(self, job: Any, broker: Any, out: Path, **kwargs: Any) -> None:
+            seen["coordinator"] = broker
+
+        async def run(self) -> dict[str, str]:
+            return {"adapter": "a", "metrics": "m"}
+
+    class FakeAgent:
+        def __init__(self, settings: Any, broker: Any) -> None:
+            self.pairs = [("q", "a")]
+            self.rounds_done = 0
+            seen["agent"] = broker
+            seen["class"] = settings.profile
+
+        async def run(self) -> None:
+            return None
+
+    monkeypatch.setattr(splitft.coordinator.runtime, "Coordinator", FakeCoordinator)
+    monkeypatch.setattr(splitft.agent.runtime, "Agent", FakeAgent)
+    assert runner.invoke(app, ["make-key", "--out", str(tmp_path / "job.key")]).exit_code == 0
+    key = load_key(tmp_path / "job.key")
+    for name in ("ca.pem", "me.pem", "me.key"):
+        (tmp_path / name).write_text("PEM\n")
+    broker = "mqtts://broker.example.org:8883"
+    tls = ["--ca-file", str(tmp_path / "ca.pem"), "--cert-file", str(tmp_path / "me.pem")]
+    tls += ["--key-file", str(tmp_path / "me.key"), "--auth-key-file", str(tmp_path / "job.key"), "--auth-window", "60"]
+    result = runner.invoke(app, ["run", "--broker", broker, "--out", str(tmp_path / "out"), *tls])
+    assert result.exit_code == 0, result.output
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "2+2?", "response": "4"}\n')
+    env = {
+        "SPLITFT_CA_FILE": str(tmp_path / "ca.pem"),
+        "SPLITFT_CERT_FILE": str(tmp_path / "me.pem"),
+        "SPLITFT_KEY_FILE": str(tmp_path / "me.key"),
+        "SPLITFT_AUTH_KEY_FILE": str(tmp_path / "job.key"),
+    }
+    args = ["join", "--broker", broker, "--job", "j", "--id", "a1", "--data", str(data), "--model", "tiny-gpt2"]
+    result = runner.invoke(agent_app, [*args, "--auth-window", "60", "--profile", "jetson-nano"], env=env)
+    assert result.exit_code == 0, result.output
+    for side in ("coordinator", "agent"):
+        settings = seen[side]
+        assert settings.tls and settings.port == 8883 and settings.auth_key == key and settings.auth_window_s == 60
+        assert settings.ca_file == str(tmp_path / "ca.pem") and settings.cert_file == str(tmp_path / "me.pem")
+        assert settings.key_file == str(tmp_path / "me.key")
+    assert seen["class"] == "jetson-nano"
+
+
+def test_help_explains_the_security_options() -> None:
+    env = {"COLUMNS": "200"}
+    for application, args in ((app, ["run", "--help"]), (agent_app, ["join", "--help"])):
+        text = runner.invoke(application, args, env=env).output
+        for option in ("--ca-file", "--cert-file", "--key-file", "--auth-key-file", "--auth-window", "mqtts://"):
+            assert option in text, option
+        assert "SPLITFT_AUTH_KEY_FILE" in text and "make-key" in text
+    text = runner.invoke(app, ["make-key", "--help"], env=env).output
+    assert "0600" in text and "--force" in text and "--auth-key-file" in text
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "names"),
+    [
+        (["--emulate", "no-such-device"], ExitCode.CONFIG, ["--emulate", "no-such-device"]),
+        (["--cuts", "1,x"], ExitCode.CONFIG, ["--cuts", "1,x"]),
+        (["--cuts", "1,14"], ExitCode.CONFIG, ["--cuts", "14"]),
+        (["--data", "MISSING"], ExitCode.DATA, ["missing.jsonl"]),
+        (["--broker", "mqtt//nowhere"], ExitCode.CONFIG, ["broker url"]),
+        (["--model", "MISSING"], ExitCode.MODEL, ["missing.jsonl"]),
+        (["--agents", "0"], ExitCode.CONFIG, ["agents"]),
+    ],
+)
+def test_local_refuses_bad_input_and_writes_nothing(
+    tmp_path: Path, args: list[str], code: ExitCode, names: list[str]
+) -> None:
+    out = tmp_path / "run"
+    args = [str(tmp_path / "missing.jsonl") if a == "MISSING" else a for a in args]
+    assert_error(runner.invoke(app, ["local", "--out", str(out), *args]), code, *names)
+    assert not out.exists()
 
 
 def test_local_run_end_to_end(tmp_path: Path) -> None:
@@ -139,5 +457,69 @@ def test_partition_command_writes_shards_table_and_png(tmp_path: Path) -> None:
     assert "Length-Dirichlet partition (alpha=0.1" in result.output
     lines = sum(len((out / f"client-{i}.jsonl").read_text().splitlines()) for i in range(3))
     assert lines == 120 and (out / "partition.png").stat().st_size > 5000
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     result = runner.invoke(app, [*args[:-2], "--limit", "4", "--min-samples", "2", "--out", str(out)])
-    assert result.exit_code == ExitCode.CONFIG and "min_samples" in result.output
+    assert_error(result, ExitCode.CONFIG, "min_samples")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_partition_failures_leave_no_partial_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import splitft.shared.partition
+    from splitft.shared.text import GSM8K
+
+    data = GSM8K / "train.jsonl"
+    args = ["partition", "--clients", "2", "--limit", "40"]
+    out = tmp_path / "parts" / "new"
+    result = runner.invoke(app, [*args, "--data", str(tmp_path / "missing.jsonl"), "--out", str(out)])
+    assert_error(result, ExitCode.DATA, "missing.jsonl")
+    assert_error(runner.invoke(app, [*args, "--data", str(tmp_path), "--out", str(out)]), ExitCode.DATA, "is a folder")
+    result = runner.invoke(app, [*args, "--data", str(data), "--model", str(tmp_path / "nope"), "--out", str(out)])
+    assert_error(result, ExitCode.MODEL, "nope")
+    taken = tmp_path / "taken"
+    taken.write_text("mine")
+    result = runner.invoke(app, [*args, "--data", str(data), "--out", str(taken)])
+    assert_error(result, ExitCode.CONFIG, "taken", "not a folder")
+    assert taken.read_text() == "mine"
+
+    def disk_full(*a: object, **k: object) -> Path:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(splitft.shared.partition, "plot_partition", disk_full)  # after the shards are written
+    result = runner.invoke(app, [*args, "--data", str(data), "--out", str(out)])
+    assert_error(result, ExitCode.CONFIG, "cannot write", "No space left on device")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # no folder, no staged files
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "client-0.jsonl").write_text("an earlier shard\n")
+    assert_error(runner.invoke(app, [*args, "--data", str(data), "--out", str(kept)]), ExitCode.CONFIG, "kept")
+    assert [p.name for p in kept.iterdir()] == ["client-0.jsonl"]
+    assert (kept / "client-0.jsonl").read_text() == "an earlier shard\n"
+
+
+def test_save_base_writes_whole_folders_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import PreTrainedTokenizerBase
+
+    out = tmp_path / "models" / "gpt2"
+    assert_error(runner.invoke(app, ["save-base", "--model", "nope", "--out", str(out)]), ExitCode.MODEL, "nope")
+    taken = tmp_path / "taken"
+    taken.write_text("mine")
+    assert_error(runner.invoke(app, ["save-base", "--model", "tiny-gpt2", "--out", str(taken)]), ExitCode.CONFIG)
+    real_save = PreTrainedTokenizerBase.save_pretrained
+
+    def disk_full(self: Any, *a: object, **k: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", disk_full)  # after the weights are written
+    result = runner.invoke(app, ["save-base", "--model", "tiny-gpt2", "--out", str(out)])
+    assert_error(result, ExitCode.CONFIG, "cannot write", "No space left on device")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", real_save)
+    result = runner.invoke(app, ["save-base", "--model", "tiny-gpt2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    files = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= files
+    config = (out / "config.json").read_text()
+    result = runner.invoke(app, ["save-base", "--model", "tiny-llama", "--out", str(out)])
+    assert_error(result, ExitCode.CONFIG, str(out), "not empty", "--force")
+    assert (out / "config.json").read_text() == config
+    assert load_config(str(out)).model_type == "gpt2"

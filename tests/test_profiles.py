@@ -156,6 +156,17 @@ def test_bad_toml_names_the_file(tmp_path: Path) -> None:
 def test_missing_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"nowhere\.toml does not exist"):
         load_profile(tmp_path / "nowhere.toml")
+    with pytest.raises(ConfigError, match=r"nowhere\.toml does not exist"):
+        load_profile(str(tmp_path / "nowhere.toml"))
+
+
+def test_folder_and_binary_files_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=f"device profile {re.escape(str(tmp_path))} is a folder"):
+        load_profile(tmp_path)
+    path = tmp_path / "board.toml"
+    path.write_bytes(b'name = "x"\n\xff\n')
+    with pytest.raises(ConfigError, match=r"board\.toml: cannot read device profile: not UTF-8"):
+        load_profile(path)
 
 
 def test_unknown_name_lists_the_available_ones() -> None:
