@@ -331,16 +331,9 @@ def _write_private(path: Path, text: str, *, replace: bool) -> None:
             path.unlink(missing_ok=True)
             raise
         return
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mode 0600
-    try:
-        with os.fdopen(fd, "w", encoding="ascii") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from splitft.shared.data import write_text_atomic
+
+    write_text_atomic(path, text)  # through a temp file made with mode 0600
 
 
 # --------------------------------------------------------------------------- running jobs

@@ -22,7 +22,7 @@ from typing import Any
 import aiomqtt
 import torch
 import zstandard
-from test_runtime import CUTS, assert_equals_centralised, equivalence_job, read_metrics, shards
+from test_runtime import assert_equals_centralised, equivalence_job, read_metrics, shards, small_job
 
 from splitft.agent.runtime import Agent, AgentSettings, Assignment
 from splitft.coordinator.checkpoint import state_digest
@@ -44,21 +44,7 @@ KEY = bytes(range(32))
 
 
 def job_config(name: str, **changes: Any) -> JobConfig:
-    base = JobConfig(
-        job=name,
-        model="tiny-gpt2",
-        rounds=3,
-        local_steps=3,
-        batch_size=2,
-        max_length=96,
-        min_agents=3,
-        cuts=CUTS,
-        eval_samples=4,
-        step_timeout_s=60,
-        upload_timeout_s=60,
-        join_window_s=0.2,
-    )
-    return dataclasses.replace(base, **changes)
+    return dataclasses.replace(small_job(name, rounds=3), **{"local_steps": 3, **changes})
 
 
 async def run_with(
