@@ -87,10 +87,14 @@ class CoordinatorError(SplitFTError):
 class AgentInfo:
     name: str
     profile: dict[str, Any]
-    online: bool = True
     sid: str = ""  # the session (process) that joined last
+    offline_since: float | None = None  # when its Last Will came (time.monotonic); None while online
     bytes_up: int = 0
     bytes_down: int = 0
+
+    @property
+    def online(self) -> bool:
+        return self.offline_since is None
 
 
 @dataclass
@@ -100,10 +104,9 @@ class Participant:
     name: str
     cut: int
     ranks: dict[int, int]
-    expect: dict[str, tuple[int, ...]]  # adapter names and shapes it must upload
     corr: str  # this assignment's id; the agent's activations and upload repeat it
     sid: str  # the agent's session (process) when it was assigned
-    sent: dict[str, torch.Tensor] = field(default_factory=dict)  # the adapters it was sent
+    sent: dict[str, torch.Tensor]  # the adapters it was sent
     assign_body: dict[str, Any] = field(default_factory=dict)
     started: bool = False  # its first activations arrived
     last_grad: tuple[int, dict[str, Any]] | None = None  # (step, body) of the last gradient sent
@@ -119,6 +122,11 @@ class Participant:
     dropped: str | None = None
     last_grad_at: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)  # the agent's mean per-step timings
+
+    @property
+    def expect(self) -> dict[str, tuple[int, ...]]:
+        """The adapter names and shapes it must upload: those it was sent."""
+        return {n: tuple(t.shape) for n, t in self.sent.items()}
 
 
 @dataclass(frozen=True)
@@ -169,7 +177,6 @@ class Coordinator:
         self._plans: dict[str, Participant] = {}  # the current round's participants
         self._background: set[asyncio.Task[Any]] = set()  # notices and re-sends in flight
         self._done = False
-        self._offline_since: dict[str, float] = {}  # agent -> when its Last Will came
 
     # ------------------------------------------------------------------ main
 
@@ -346,9 +353,8 @@ class Coordinator:
         if info is None:
             self.agents[name] = info = AgentInfo(name, dict(body.get("profile", {})))
             log.info("agent %s joined (%d samples)", name, body["data_samples"])
-        info.online = True
+        info.offline_since = None
         info.sid = sid
-        self._offline_since.pop(name, None)
         self._joined.set()
         plan = self._plans.get(name)
         if plan is None or plan.dropped is not None:
@@ -364,8 +370,7 @@ class Coordinator:
     def _agent_offline(self, name: str) -> None:
         info = self.agents.get(name)
         if info is not None and info.online:
-            info.online = False
-            self._offline_since[name] = time.monotonic()
+            info.offline_since = time.monotonic()
             log.warning("agent %s went offline", name)
             self._events.put_nowait(_Offline(name))
             self._upload_arrived.set()
@@ -375,7 +380,7 @@ class Coordinator:
 
     def _gone(self, name: str) -> bool:
         """Offline for longer than the grace a reconnecting agent gets."""
-        since = self._offline_since.get(name)
+        since = self.agents[name].offline_since
         return since is not None and time.monotonic() - since >= self.job.offline_grace_s
 
     def _spawn(self, coro: Any) -> None:
@@ -434,9 +439,7 @@ class Coordinator:
             ranks = {j: r for j, r in block_ranks(server.num_layers, [cut], job.lora).items() if j < cut}
             state = await self._compute(server.client_state, cut, ranks)
             corr = f"{link.sid}:{round_}:{attempt}"
-            plan = Participant(
-                name, cut, ranks, {n: tuple(t.shape) for n, t in state.items()}, corr, self.agents[name].sid, state
-            )
+            plan = Participant(name, cut, ranks, corr, self.agents[name].sid, state)
             plan.assign_body = {
                 "model": job.model,
                 "cut": cut,
@@ -625,7 +628,8 @@ class Coordinator:
                 item: Received | _Offline = ready.pop()
             else:
                 # Wake up at the deadline, or when an offline agent's grace ends.
-                ends = [self._offline_since[n] + job.offline_grace_s for n in pending if n in self._offline_since]
+                offline = [self.agents[n].offline_since for n in pending]
+                ends = [since + job.offline_grace_s for since in offline if since is not None]
                 wake = min([deadline, *ends])
                 try:
                     async with asyncio.timeout(max(wake - time.monotonic(), 0.0)):
@@ -696,14 +700,12 @@ class Coordinator:
             for name, plan in plans.items():
                 if plan.dropped is None and plan.upload is None and self._gone(name):
                     self._drop(plan, "went offline before uploading", notify=False)
-            waiting = [n for n, p in plans.items() if p.dropped is None and p.upload is None]
-            if not waiting:
-                return {n: p.upload for n, p in plans.items() if p.dropped is None and p.upload is not None}
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                for name in waiting:
-                    self._drop(plans[name], f"no adapter upload within {self.job.upload_timeout_s:g} s")
-                continue  # (returns above)
+            for plan in plans.values():
+                if plan.dropped is None and plan.upload is None and remaining <= 0:
+                    self._drop(plan, f"no adapter upload within {self.job.upload_timeout_s:g} s")
+            if all(p.dropped is not None or p.upload is not None for p in plans.values()):
+                return {n: p.upload for n, p in plans.items() if p.dropped is None and p.upload is not None}
             await _wait_briefly(self._upload_arrived, remaining)
 
     def _screen_uploads(

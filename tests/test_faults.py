@@ -141,8 +141,8 @@ class Straggler(Agent):
         await super()._train(a)
 
 
-async def test_straggler_is_dropped_at_the_predicted_deadline(broker: Broker, tmp_path: Path) -> None:
-    job = job_config("straggler", rounds=3, local_steps=2, min_agents=2, min_step_timeout_s=3.0)
+def straggler_fleet(broker: Broker, tmp_path: Path, job: JobConfig) -> tuple[Coordinator, list[Agent], Straggler]:
+    """A coordinator, agents a1 and a2, and a3 that straggles in round 2."""
     data = shards(tmp_path)
     settings = BrokerSettings(url=broker.url)
     coordinator = Coordinator(job, settings, tmp_path / "out")
@@ -150,6 +150,12 @@ async def test_straggler_is_dropped_at_the_predicted_deadline(broker: Broker, tm
     slow = Straggler(
         AgentSettings("a3", job.job, job.model, data["a3"]), settings, coordinator=coordinator, slow_round=2
     )
+    return coordinator, agents, slow
+
+
+async def test_straggler_is_dropped_at_the_predicted_deadline(broker: Broker, tmp_path: Path) -> None:
+    job = job_config("straggler", rounds=3, local_steps=2, min_agents=2, min_step_timeout_s=3.0)
+    coordinator, agents, slow = straggler_fleet(broker, tmp_path, job)
     await run_with(coordinator, [*agents, slow])
     metrics = read_metrics(tmp_path / "out")
     assert [m["round"] for m in metrics] == [0, 1, 2, 3]
@@ -168,13 +174,7 @@ async def test_straggler_is_dropped_at_the_predicted_deadline(broker: Broker, tm
 
 async def test_round_short_of_min_agents_is_rolled_back_and_run_again(broker: Broker, tmp_path: Path) -> None:
     job = job_config("quorum", rounds=2, local_steps=2, min_agents=3, min_step_timeout_s=3.0)
-    data = shards(tmp_path)
-    settings = BrokerSettings(url=broker.url)
-    coordinator = Coordinator(job, settings, tmp_path / "out")
-    agents = [Agent(AgentSettings(n, job.job, job.model, data[n]), settings) for n in ("a1", "a2")]
-    slow = Straggler(
-        AgentSettings("a3", job.job, job.model, data["a3"]), settings, coordinator=coordinator, slow_round=2
-    )
+    coordinator, agents, slow = straggler_fleet(broker, tmp_path, job)
     restored: list[str] = []
     original_restore = ServerModel.restore
 
