@@ -106,6 +106,10 @@ def join(
         str | None, typer.Option(help="Behave like this device profile (firmware_profiles/NAME.toml, or a file).")
     ] = None,
     emulate_scale: Annotated[float, typer.Option(help="Multiply the emulated device's compute throughput.")] = 1.0,
+    emulate_virtual: Annotated[
+        bool,
+        typer.Option(help="Report the emulated device's times without waiting for them (simulated-time studies)."),
+    ] = False,
     prompt_field: Annotated[str | None, typer.Option(help="Prompt field (default: detected).")] = None,
     response_field: Annotated[str | None, typer.Option(help="Response field (default: detected).")] = None,
     max_samples: Annotated[int | None, typer.Option(help="Use at most this many samples.")] = None,
@@ -155,6 +159,7 @@ def join(
             profile=None if profile is None else _profile("--profile", profile).name,
             emulate=emulate,
             emulate_scale=emulate_scale,
+            emulate_virtual=emulate_virtual,
         )
         agent = Agent(settings, link)
         typer.echo(f"agent {name}: {len(agent.pairs)} samples from {data}; joining job {job} at {broker}")

@@ -56,7 +56,7 @@ from splitft.shared.protocol import (
     parse_notice,
     parse_status,
 )
-from splitft.shared.split import Segment, SegmentSpec, build_segment
+from splitft.shared.split import Segment, SegmentSpec, build_segment, padding_mask
 from splitft.shared.text import load_tokenizer
 from splitft.shared.topics import Topics
 
@@ -80,6 +80,7 @@ class AgentSettings:
     profile: str | None = None  # the device class this agent says it is (e.g. "jetson-orin-nano")
     emulate: str | None = None  # a profile name or file: behave like that device (see agent/emulation.py)
     emulate_scale: float = 1.0  # multiplies the emulated profile's compute throughput
+    emulate_virtual: bool = False  # report the profile's times without waiting for them (agent/emulation.py)
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,11 @@ class Agent:
         self.tokenizer = load_tokenizer(settings.model)
         if settings.emulate_scale <= 0:
             raise ConfigError(f"emulate_scale must be positive, got {settings.emulate_scale}")
-        self.emulation = Emulation(load_profile(settings.emulate), settings.emulate_scale) if settings.emulate else None
+        self.emulation = (
+            Emulation(load_profile(settings.emulate), settings.emulate_scale, settings.emulate_virtual)
+            if settings.emulate
+            else None
+        )
         # The per-block cost, measured once at start (an emulated device's from its profile), so that the
         # controller can place this agent before its first round's reports.
         seconds, flops = measure_block(settings.model, device=settings.device)
@@ -301,7 +306,7 @@ class Agent:
                 self.topics.agent(self.name, "act"), ACT, body, round_=a.round, step=step, corr=a.corr
             )
             if self.emulation is not None:
-                await asyncio.sleep(self.emulation.uplink_s(bytes_up))
+                await self.emulation.wait_link(self.emulation.uplink_s(bytes_up))
             upload_s = time.perf_counter() - t_up
             received, grad, loss, step_tokens, received_at, decode_s = await self._wait_grad(
                 a, step, tuple(hidden.shape)
@@ -321,6 +326,7 @@ class Agent:
                 "bytes_up": float(bytes_up),
                 "bytes_down": float(received.size),
                 "block_s": (forward_s + backward_s) / a.cut,  # this device's cost of one block, forward + backward
+                "tokens_padded": float(input_ids.numel()),  # the batch as computed and sent, padding included
                 "rss_mb": psutil.Process().memory_info().rss / 2**20,
             }
             for key, value in timings.items():
@@ -363,7 +369,7 @@ class Agent:
             if kind == "grad" and env.round == a.round and env.step == step and env.corr == a.corr:
                 received_at = time.perf_counter()
                 if self.emulation is not None:
-                    await asyncio.sleep(self.emulation.downlink_s(received.size))
+                    await self.emulation.wait_link(self.emulation.downlink_s(received.size))
                 t_dec = time.perf_counter()
                 try:
                     grad, loss, tokens = parse_grad(env.body, shape)
@@ -448,7 +454,7 @@ def _forward(
 ) -> tuple[torch.Tensor, dict[str, Any], float]:
     """Client forward (B, T) -> (B, T, C) and the encoded activation message; returns the forward time too."""
     t0 = time.perf_counter()
-    mask = (torch.arange(input_ids.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)).long()
+    mask = padding_mask(lengths, input_ids.shape[1])
     segment.train()
     hidden = segment(input_ids.to(segment.device), mask.to(segment.device))  # (B, T, C)
     forward_s = time.perf_counter() - t0

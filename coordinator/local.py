@@ -47,6 +47,7 @@ class LocalRun:
     device: str = "cpu"
     emulate: tuple[str, ...] = ()  # device profiles, given to the agents in turn (none: run at host speed)
     emulate_scale: float = 1.0
+    emulate_virtual: bool = False  # agents report their profiles' times without waiting (agent/emulation.py)
 
     def __post_init__(self) -> None:
         if self.agents < 1:
@@ -134,6 +135,8 @@ def _start_agent(
     if run.emulate:
         index = run.agent_names().index(name)
         command += ["--emulate", run.emulate[index % len(run.emulate)], "--emulate-scale", str(run.emulate_scale)]
+        if run.emulate_virtual:
+            command.append("--emulate-virtual")
     with (logs / f"{name}.log").open("wb") as log_file:
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         return subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)

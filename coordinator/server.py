@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -37,7 +36,15 @@ from splitft.shared.config import JobConfig
 from splitft.shared.lora import LoraSettings, block_ranks, load_lora_state, lora_state
 from splitft.shared.models import load_config, num_layers
 from splitft.shared.protocol import Activations
-from splitft.shared.split import IGNORE_INDEX, Segment, SegmentSpec, build_segment, causal_lm_loss
+from splitft.shared.split import (
+    IGNORE_INDEX,
+    EvalResult,
+    Segment,
+    SegmentSpec,
+    build_segment,
+    causal_lm_loss,
+    evaluate_lm,
+)
 
 from .aggregation import Contribution, aggregate, convert_state, module_key
 from .controller import ServerEstimate
@@ -77,14 +84,6 @@ class StepResult:
     loss: float  # mean cross-entropy over the batch's target tokens
     tokens: int  # target tokens in the batch
     accuracy: float  # next-token accuracy over the batch's target tokens
-
-
-@dataclass(frozen=True)
-class EvalResult:
-    loss: float
-    perplexity: float
-    accuracy: float  # next-token accuracy over target tokens (shifted labels)
-    tokens: int
 
 
 class ServerModel:
@@ -209,22 +208,10 @@ class ServerModel:
 
     # ------------------------------------------------------------------ evaluation and export
 
-    @torch.no_grad()
     def evaluate(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> EvalResult:
         """Loss, perplexity and next-token accuracy of the whole model with the global adapters."""
         self.segment.eval()
-        loss_sum, correct, tokens = 0.0, 0, 0
-        for input_ids, labels, lengths in batches:
-            mask = (torch.arange(input_ids.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)).long()
-            logits = self.segment(input_ids.to(self.device), mask.to(self.device))
-            labels = labels.to(self.device)
-            loss_sum += float(causal_lm_loss(logits, labels, num_targets=1))
-            targets = labels[:, 1:]
-            valid = targets != IGNORE_INDEX
-            correct += int(((logits[:, :-1].argmax(-1) == targets) & valid).sum())
-            tokens += int(valid.sum())
-        loss = loss_sum / max(tokens, 1)
-        return EvalResult(loss, math.exp(min(loss, 50.0)), correct / max(tokens, 1), tokens)
+        return evaluate_lm(self.segment, batches, self.device)
 
     def export(self, folder: Path) -> Path:
         """Write a standard PEFT adapter folder (``PeftModel.from_pretrained(base, folder)`` loads it)."""

@@ -119,6 +119,9 @@ class JobConfig:
     # An adapter upload whose change from the round's start is this many times the median change of the
     # round's uploads is refused from the aggregate (0 turns the check off; needs 3 uploads or more).
     max_update_ratio: float = 10.0
+    # The controller plans as if the server were this many times faster than it measures: an emulated
+    # study's stand-in for a GPU server (this host's measured speed x server_speedup). Real jobs keep 1.
+    server_speedup: float = 1.0
 
     def __post_init__(self) -> None:
         check_name("job", self.job)
@@ -160,6 +163,8 @@ class JobConfig:
             value = getattr(self, name)
             if not (_is_number(value) and math.isfinite(value) and value >= 0):
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not (_is_number(self.server_speedup) and 0 < self.server_speedup < 1e6):
+            raise ConfigError(f"server_speedup must be a positive number, got {self.server_speedup!r}")
         if not (_is_number(self.ewma) and 0 < self.ewma <= 1):
             raise ConfigError(f"ewma must be a number in (0, 1], got {self.ewma!r}")
         if type(self.seed) is not int:

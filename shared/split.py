@@ -20,7 +20,7 @@ import math
 import threading
 import warnings
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -180,6 +180,41 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_targets: int 
 def labels_from(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Language-modelling labels: the input ids, with padding ignored."""
     return input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+
+
+def padding_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, width) int64 attention mask of right-padded rows: 1 on the first ``lengths[i]`` positions of row i."""
+    return (torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)).long()
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float  # mean cross-entropy over the target tokens
+    perplexity: float
+    accuracy: float  # next-token accuracy over target tokens (shifted labels)
+    tokens: int
+
+
+@torch.no_grad()
+def evaluate_lm(
+    logits_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    device: str | torch.device = "cpu",
+) -> EvalResult:
+    """Loss, perplexity and next-token accuracy of a causal LM over right-padded ``(input_ids, labels,
+    lengths)`` batches; ``logits_of(input_ids, attention_mask)`` returns the (B, T, V) logits."""
+    loss_sum, correct, tokens = 0.0, 0, 0
+    for input_ids, labels, lengths in batches:
+        mask = padding_mask(lengths, input_ids.shape[1])
+        logits = logits_of(input_ids.to(device), mask.to(device))
+        labels = labels.to(device)
+        loss_sum += float(causal_lm_loss(logits, labels, num_targets=1))
+        targets = labels[:, 1:]
+        valid = targets != IGNORE_INDEX
+        correct += int(((logits[:, :-1].argmax(-1) == targets) & valid).sum())
+        tokens += int(valid.sum())
+    loss = loss_sum / max(tokens, 1)
+    return EvalResult(loss, math.exp(min(loss, 50.0)), correct / max(tokens, 1), tokens)
 
 
 # --------------------------------------------------------------------------- building

@@ -21,7 +21,7 @@ from splitft.shared.data import Batches, load_records, tokenize, write_shards
 from splitft.shared.link import BrokerSettings
 from splitft.shared.lora import LoraSettings, block_ranks, lora_state
 from splitft.shared.protocol import ACT, ADAPTER, Envelope, encode_envelope
-from splitft.shared.split import SegmentSpec, build_segment, causal_lm_loss, load_base_model
+from splitft.shared.split import SegmentSpec, build_segment, causal_lm_loss, load_base_model, padding_mask
 from splitft.shared.text import GSM8K, load_tokenizer
 from splitft.shared.topics import Topics
 
@@ -100,7 +100,7 @@ async def test_three_agents_different_cuts_loss_falls(broker: Broker, tmp_path: 
     loss_sum, tokens = 0.0, 0
     with torch.no_grad():
         for input_ids, labels, lengths in coordinator._eval_batches():
-            mask = (torch.arange(input_ids.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)).long()
+            mask = padding_mask(lengths, input_ids.shape[1])
             logits = model(input_ids=input_ids, attention_mask=mask).logits
             loss_sum += float(causal_lm_loss(logits, labels, num_targets=1))
             tokens += int((labels[:, 1:] != -100).sum())
