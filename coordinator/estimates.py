@@ -38,9 +38,14 @@ class _Device:
 
 
 class FleetEstimates:
-    def __init__(self, weight: float, server: ServerEstimate, block_mb: float) -> None:
+    def __init__(self, weight: float, server: ServerEstimate, block_mb: float, server_speedup: float = 1.0) -> None:
+        """``server`` is the server's calibration; the estimates see it, and every later measurement of it,
+        ``server_speedup`` times faster (an emulated study's stand-in for a faster server; 1 in real jobs)."""
         self.weight = weight
-        self.base_server = server
+        self.server_speedup = server_speedup
+        self.base_server = ServerEstimate(
+            block_s=server.block_s / server_speedup, head_s=server.head_s / server_speedup
+        )
         self.server_scale = Ewma(weight, 1.0)
         self.block_mb = block_mb  # memory one client block needs on a device (weights + activations)
         self._devices: dict[str, _Device] = {}
@@ -68,6 +73,7 @@ class FleetEstimates:
             d.block.update(float(block) * job_tokens / tokens)
 
     def observe_server(self, num_layers: int, cut: int, seconds: float) -> None:
+        seconds /= self.server_speedup
         predicted = self.base_server.step_s(num_layers, [cut])
         if predicted > 0 and seconds > 0:
             self.server_scale.update(seconds / predicted)

@@ -66,7 +66,7 @@ from splitft.shared.text import GSM8K, load_tokenizer
 from splitft.shared.topics import COORDINATOR, Topics
 
 from .checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
-from .controller import Controller, ControllerSettings, Decision, ServerEstimate
+from .controller import Controller, ControllerSettings, Decision
 from .estimates import FleetEstimates
 from .server import ServerModel
 
@@ -241,13 +241,11 @@ class Coordinator:
             calibration.block_s,
             calibration.head_s,
         )
-        speedup = self.job.server_speedup  # 1 but in emulated studies (shared/config.py)
-        calibration = ServerEstimate(block_s=calibration.block_s / speedup, head_s=calibration.head_s / speedup)
         block_mb = (
             block_params(self.server.segment.config) * 4
             + self.job.batch_size * self.job.max_length * self.server.hidden_size * 64
         ) / 2**20
-        self.estimates = FleetEstimates(self.job.ewma, calibration, block_mb)
+        self.estimates = FleetEstimates(self.job.ewma, calibration, block_mb, self.job.server_speedup)
         self.controller = Controller(
             ControllerSettings(
                 policy=self.job.policy, num_layers=self.server.num_layers, c_min=self.job.c_min,
@@ -592,7 +590,7 @@ class Coordinator:
             accuracy = sum(plan.accuracies) / len(plan.accuracies) if plan.accuracies else None
             self.estimates.observe_device(plan.name, plan.timings, self.agents[plan.name].profile, accuracy)
             for seconds in plan.server_times:
-                self.estimates.observe_server(self.server.num_layers, plan.cut, seconds / self.job.server_speedup)
+                self.estimates.observe_server(self.server.num_layers, plan.cut, seconds)
 
     def _is_repeat(self, item: Received, plans: dict[str, Participant], round_: int) -> bool:
         """A repeated activation of a step already served: answer with the same gradient (re-sent, not

@@ -61,7 +61,7 @@ from splitft.coordinator.local import LocalRun, run_local
 from splitft.shared.codec import encode_state
 from splitft.shared.config import JobConfig, OptimizerSettings
 from splitft.shared.data import Batches, collate, load_records, tokenize
-from splitft.shared.lora import LoraSettings, load_lora_state, lora_parameters, lora_state
+from splitft.shared.lora import LoraSettings, load_lora_state, lora_state
 from splitft.shared.models import block_flops, block_params, load_config, num_layers
 from splitft.shared.partition import length_dirichlet_partition, token_lengths, write_partition
 from splitft.shared.profiles import load_profile
@@ -134,6 +134,10 @@ class StudySettings:
             raise ValueError(f"wire_alpha {self.wire_alpha} is not one of the alphas {self.alphas}")
 
     @property
+    def optimizer(self) -> OptimizerSettings:
+        return OptimizerSettings("adamw", self.lr)
+
+    @property
     def agents(self) -> int:
         return len(FLEET)
 
@@ -151,6 +155,14 @@ QUICK = StudySettings(
     base_tokens=300_000,
 )
 FULL = StudySettings(variant="full")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def write_jsonl(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
 def say(message: str) -> None:
@@ -224,7 +236,7 @@ def run_centralised(
     settings: StudySettings, base: Path, fleet: Fleet, costs: CostModel, evals: list[Any], out: Path
 ) -> list[dict[str, Any]]:
     segment = whole_segment(settings, base)
-    optimizer = OptimizerSettings("adamw", settings.lr).build(segment.lora_parameters().values())
+    optimizer = settings.optimizer.build(segment.lora_parameters().values())
     streams = list(agent_streams(settings, base, fleet).values())
     data_bytes = sum(len(p.encode()) + len(r.encode()) for shard in fleet.shards for p, r in shard)
     rows = [_row(0, 0.0, 0.0, evaluate(segment, evals), data_bytes, 0, {})]
@@ -266,7 +278,7 @@ def run_fedavg(
         participants = []
         for name, device, stream in zip(fleet.names, fleet.devices, streams, strict=True):
             load_lora_state(segment.peft_model, global_state)
-            optimizer = OptimizerSettings("adamw", settings.lr).build(lora_parameters(segment.peft_model).values())
+            optimizer = settings.optimizer.build(segment.lora_parameters().values())
             tokens, compute = 0, []
             for _ in range(settings.local_steps):
                 segment.train()
@@ -327,7 +339,7 @@ def split_job(settings: StudySettings, base: Path, method: str, alpha: float, wi
         policy=method,
         wire_dtype=wire,
         lora=LoraSettings(r=settings.r, r_cut=settings.r_cut if method == "splitft" else settings.r),
-        optimizer=OptimizerSettings("adamw", settings.lr),
+        optimizer=settings.optimizer,
         eval_samples=settings.eval_samples,
         seed=settings.seed,
         server_speedup=settings.server_speedup,
@@ -378,7 +390,7 @@ def run_split(
         theirs = load_records(out / "data" / f"{name}.jsonl")
         if tuple(theirs) != fleet.shards[i]:
             raise RuntimeError(f"{out}: {name}'s shard differs from the study's partition")
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_jsonl(out / "metrics.jsonl")
     return replay_split(settings, base, fleet, costs, metrics), summary
 
 
@@ -600,18 +612,18 @@ def replay_runs(settings: StudySettings, out: Path) -> None:
     base = Path(meta["base"])
     rates = meta["server_tflops"]
     costs = CostModel(load_config(str(base)), Server(rates["blocks"] * 1e12, rates["head"] * 1e12))
-    summaries = [json.loads(line) for line in (out / "summary.jsonl").read_text().splitlines()]
+    summaries = read_jsonl(out / "summary.jsonl")
     for i, s in enumerate(summaries):
         if s["method"] not in SPLIT_METHODS:
             continue
         run_dir = out / Path(s["rounds"]).parent
         fleet = make_fleet(settings, base, s["alpha"], run_dir / "partition")
-        metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        metrics = read_jsonl(run_dir / "metrics.jsonl")
         rows = replay_split(settings, base, fleet, costs, metrics)
-        (run_dir / "rounds.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        write_jsonl(run_dir / "rounds.jsonl", rows)
         final = {k: s[k] for k in ("final_ppl", "final_acc", "gsm8k_correct", "gsm8k_answered", "gsm8k_problems")}
         summaries[i] = summarise(settings, base, s["alpha"], s["method"], s["wire_dtype"], rows, final, s["wall_s"])
-    (out / "summary.jsonl").write_text("".join(json.dumps(s) + "\n" for s in summaries))
+    write_jsonl(out / "summary.jsonl", summaries)
 
 
 def with_targets(out: Path, summaries: Sequence[Mapping[str, Any]], margin: float) -> list[dict[str, Any]]:
@@ -623,7 +635,7 @@ def with_targets(out: Path, summaries: Sequence[Mapping[str, Any]], margin: floa
         if reference is None:
             continue
         target = reference["final_round_ppl"] * (1 + margin)
-        rows = [json.loads(line) for line in (out / s["rounds"]).read_text().splitlines()]
+        rows = read_jsonl(out / s["rounds"])
         done.append(
             {
                 **s,
@@ -695,8 +707,7 @@ def run_study(settings: StudySettings, out: Path, base: Path | None) -> dict[str
                     rows, summary = run_split(settings, base, fleet, costs, method, alpha, wire, broker, run_dir)
                     adapter = Path(summary["adapter"])
                 run_wall = time.perf_counter() - t0
-                with (run_dir / "rounds.jsonl").open("w") as f:
-                    f.writelines(json.dumps(row) + "\n" for row in rows)
+                write_jsonl(run_dir / "rounds.jsonl", rows)
                 final = final_evaluation(settings, base, adapter)
             except Exception as exc:  # one failed run must not lose the others: recorded, reported, skipped
                 say(f"  FAILED: {type(exc).__name__}: {exc} (see {run_dir})")
@@ -709,9 +720,8 @@ def run_study(settings: StudySettings, out: Path, base: Path | None) -> dict[str
                 f"  done in {run_wall:.0f} s: final ppl {final['final_ppl']:.1f}, "
                 f"simulated {rows[-1]['virtual_s']:.1f} s, GSM8K {final['gsm8k_correct']}/{final['gsm8k_problems']}"
             )
-    with (out / "summary.jsonl").open("w") as f:
-        f.writelines(json.dumps(s) + "\n" for s in summaries)
-    (out / "failed.jsonl").write_text("".join(json.dumps(f) + "\n" for f in failed))
+    write_jsonl(out / "summary.jsonl", summaries)
+    write_jsonl(out / "failed.jsonl", failed)
     plot_study(settings, out, with_targets(out, summaries, settings.target_margin))
     meta["failed_runs"] = len(failed)
     meta["study_wall_s"] = round(time.perf_counter() - started, 1)
@@ -790,7 +800,7 @@ def plot_study(settings: StudySettings, out: Path, summaries: Sequence[Mapping[s
     axes = fig.subplots(2, len(alphas), squeeze=False)
     for col, alpha in enumerate(alphas):
         for s in (s for s in main if s["alpha"] == alpha):
-            rows = [json.loads(line) for line in (out / s["rounds"]).read_text().splitlines()]
+            rows = read_jsonl(out / s["rounds"])
             for row_index, key in enumerate(("virtual_s", "wall_s")):
                 ax = axes[row_index][col]
                 ax.plot([r[key] for r in rows], [r["eval_ppl"] for r in rows], marker="o", ms=3, label=s["method"],
@@ -833,7 +843,7 @@ def plot_study(settings: StudySettings, out: Path, summaries: Sequence[Mapping[s
             s = next((s for s in split if s["alpha"] == alpha and s["method"] == method), None)
             if s is None:
                 continue
-            rows = [json.loads(line) for line in (out / s["rounds"]).read_text().splitlines()][1:]
+            rows = read_jsonl(out / s["rounds"])[1:]
             for i, (name, profile) in enumerate(zip(rows[0]["cuts"], FLEET, strict=False)):
                 ax.plot([row["round"] for row in rows], [row["cuts"].get(name, 0) + i * 0.06 for row in rows],
                         marker="o", ms=3, label=f"{name} ({profile})")  # fmt: skip
@@ -857,10 +867,10 @@ def _fmt_s(x: float | None) -> str:
 def report(out: Path) -> str:
     """The study's section of BENCHMARKS.md, from its files."""
     meta = json.loads((out / "study.json").read_text())
-    summaries = [json.loads(line) for line in (out / "summary.jsonl").read_text().splitlines()]
+    summaries = read_jsonl(out / "summary.jsonl")
     summaries = with_targets(out, summaries, meta["settings"]["target_margin"])
     failed_path = out / "failed.jsonl"
-    failed = [json.loads(line) for line in failed_path.read_text().splitlines()] if failed_path.exists() else []
+    failed = read_jsonl(failed_path) if failed_path.exists() else []
     st = meta["settings"]
     lines = [f"**Failed run**: alpha {f['alpha']:g}, {f['method']} ({f['wire_dtype']}): {f['error']}" for f in failed]
     for alpha in st["alphas"]:
@@ -957,7 +967,7 @@ def _ratios(ref: Mapping[str, Mapping[str, Any]], st: Mapping[str, Any]) -> list
 
 def _cut_sensitivity(out: Path, s: Mapping[str, Any], fixed: int) -> list[str]:
     """What any cut could do: the controller's step model at the run's batches, one cut for all vs. the run's."""
-    rows = [json.loads(line) for line in (out / s["rounds"]).read_text().splitlines()][2:]
+    rows = read_jsonl(out / s["rounds"])[2:]
     rows = [r for r in rows if "one_cut_step_s" in r]
     if not rows:
         return []
@@ -979,8 +989,7 @@ def _bytes_per_token(out: Path, s: Mapping[str, Any]) -> tuple[float, float]:
     """Mean activation (up) and gradient (down) message bytes per token of the padded batch."""
     run = out / Path(s["rounds"]).parent
     up = down = tokens = 0.0
-    for line in (run / "metrics.jsonl").read_text().splitlines()[1:]:
-        record = json.loads(line)
+    for record in read_jsonl(run / "metrics.jsonl")[1:]:
         for agent in record["agents"].values():
             timings = agent.get("timings") or {}
             up += timings.get("bytes_up", 0.0)
@@ -1033,7 +1042,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         recorded = json.loads((out / "study.json").read_text())["settings"]
         settings = StudySettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items()})
         replay_runs(settings, out)
-        summaries = [json.loads(line) for line in (out / "summary.jsonl").read_text().splitlines()]
+        summaries = read_jsonl(out / "summary.jsonl")
         plot_study(settings, out, with_targets(out, summaries, settings.target_margin))
     text = report(out)
     print(text)
