@@ -11,6 +11,11 @@ message. A gradient that does not come by the step deadline, a ``notice`` that t
 dropped it, or the coordinator going offline ends the round for this agent cleanly: nothing is
 uploaded, and it waits for the next assignment.
 
+In the U split (``split = "u"``) the device also holds the last ``tail`` blocks, the final norm and
+the LM head: a step sends the activations at the cut up (no labels), receives the server's
+activations entering its tail, computes the loss on its own labels, sends the gradient at the tail
+up and receives the gradient at the cut. No token id or label leaves the device.
+
 Activations and the adapter upload repeat the assignment's id (``corr``). After any reconnect, its
 own or the coordinator's, the agent re-sends the activations it is waiting on and its last upload:
 the coordinator answers a repeated step with the gradient it already computed, and takes only one
@@ -22,13 +27,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
 import zlib
 from collections import Counter
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,26 +43,30 @@ import torch
 
 from splitft.shared import __version__
 from splitft.shared.codec import FLOAT_WIRE_DTYPES, decode_state
-from splitft.shared.config import OptimizerSettings
+from splitft.shared.config import SPLITS, OptimizerSettings
 from splitft.shared.data import Batches, Example, load_records, tokenize
+from splitft.shared.defense import DefenseSettings, defend, nopeek_loss
 from splitft.shared.errors import ConfigError, LinkError, SplitFTError, WireError
 from splitft.shared.link import BrokerSettings, Link, Received
 from splitft.shared.lora import LoraSettings, load_lora_state, lora_state
-from splitft.shared.models import load_config, max_positions, num_layers
+from splitft.shared.models import head_flops, load_config, max_positions, num_layers
 from splitft.shared.profiles import load_profile
 from splitft.shared.protocol import (
     ACT,
     ADAPTER,
     JOIN,
     STATUS,
+    TAIL_GRAD,
     Envelope,
     act_body,
     adapter_body,
     parse_grad,
     parse_notice,
     parse_status,
+    parse_tail_act,
+    tail_grad_body,
 )
-from splitft.shared.split import Segment, SegmentSpec, build_segment, padding_mask
+from splitft.shared.split import IGNORE_INDEX, Segment, SegmentSpec, build_segment, causal_lm_loss, padding_mask
 from splitft.shared.text import load_tokenizer
 from splitft.shared.topics import Topics
 
@@ -87,7 +97,7 @@ class AgentSettings:
 class Assignment:
     round: int
     cut: int
-    ranks: dict[int, int]
+    ranks: dict[int, int]  # LoRA rank of every block the device holds
     lora: LoraSettings
     adapter: Any  # the encoded state, decoded once the segment's shapes are known
     local_steps: int
@@ -100,6 +110,14 @@ class Assignment:
     seed: int
     attempt: int = 1  # the coordinator's run of this round (a round that fell short of min_agents runs again)
     corr: str = ""  # the assignment's id, repeated in the activations and the upload
+    split: str = "two-part"  # "u": the device also holds the last `tail` blocks and the head, and takes the loss
+    tail: int = 0  # U split: blocks at the top of the model this device holds
+    report_loss: bool = True  # U split: send the mean loss (a scalar) with each tail gradient
+    defense: DefenseSettings = field(default_factory=DefenseSettings)  # clip / noise on the activations sent, NoPeek in the loss
+
+    @property
+    def u_split(self) -> bool:
+        return self.split == "u"
 
 
 @dataclass(frozen=True)
@@ -163,6 +181,7 @@ class Agent:
         subscriptions = [
             self.topics.agent(self.name, "assign"),
             self.topics.agent(self.name, "grad"),
+            self.topics.agent(self.name, "tail_act"),
             self.topics.agent(self.name, "notice"),
             self.topics.job_topic("round"),
             self.topics.coordinator_status(),
@@ -291,30 +310,38 @@ class Agent:
         totals: dict[str, float] = {}
         timings: dict[str, float] = {}
         tokens, losses = 0, []
+        noise = torch.Generator(device=segment.device).manual_seed(batch_seed(a.seed, self.name) + a.round)
         for step in range(a.local_steps):
             started = time.perf_counter()
             input_ids, labels, lengths = batches.next()
 
             flops = a.cut * block_flops(self.model_config, input_ids.shape[0], input_ids.shape[1])
-            hidden, body, forward_s = await self._compute(
-                _forward, segment, input_ids, labels, lengths, a.wire_dtype, timings, self.emulation, flops
-            )
+            hidden, extra, body, forward_s = await self._compute(
+                _forward, segment, input_ids, None if a.u_split else labels, lengths, a.wire_dtype, timings,
+                self.emulation, flops, a.defense, noise,
+            )  # fmt: skip
             encode_s = time.perf_counter() - started - forward_s
-            t_up = time.perf_counter()
-            self._pending_act = _Outgoing(self.topics.agent(self.name, "act"), ACT, body, a.round, step, a.corr)
-            bytes_up = await link.publish(
-                self.topics.agent(self.name, "act"), ACT, body, round_=a.round, step=step, corr=a.corr
+            upload_s, bytes_up = await self._send(a, step, ACT, body)
+            sent_at = time.perf_counter()
+            tail = await self._tail_exchange(a, step, segment, labels, lengths, hidden) if a.u_split else None
+            received, (grad, server_loss, server_tokens), received_at, decode_s = await self._wait_reply(
+                a, step, "grad", functools.partial(parse_grad, shape=tuple(hidden.shape))
             )
-            if self.emulation is not None:
-                await self.emulation.wait_link(self.emulation.uplink_s(bytes_up))
-            upload_s = time.perf_counter() - t_up
-            received, grad, loss, step_tokens, received_at, decode_s = await self._wait_grad(
-                a, step, tuple(hidden.shape)
-            )
+            if tail is not None:
+                # Tokens: the rows' real lengths (they travel as the mask); the target count stays here.
+                loss, step_tokens = (tail.loss if a.report_loss else None), int(lengths.sum())
+                upload_s += tail.upload_s
+                bytes_up += tail.bytes_up
+                wait_s = received_at - sent_at - tail.compute_s - tail.upload_s
+            else:
+                if server_loss is None or server_tokens is None:
+                    raise WireError("bad_schema", "a two-part gradient without the batch's loss and tokens")
+                loss, step_tokens = server_loss, server_tokens
+                wait_s = received_at - sent_at
             self._pending_act = None
-            wait_s = received_at - t_up - upload_s
 
-            backward_s = await self._compute(_backward, hidden, grad, optimizer, self.emulation, flops)
+            backward_s = await self._compute(_backward, hidden, grad, optimizer, self.emulation, flops, extra)
+            blocks = a.cut + a.tail
             timings = {
                 "forward_s": forward_s,
                 "encode_s": encode_s,
@@ -325,37 +352,84 @@ class Agent:
                 "step_s": time.perf_counter() - started,
                 "bytes_up": float(bytes_up),
                 "bytes_down": float(received.size),
-                "block_s": (forward_s + backward_s) / a.cut,  # this device's cost of one block, forward + backward
                 "tokens_padded": float(input_ids.numel()),  # the batch as computed and sent, padding included
                 "rss_mb": psutil.Process().memory_info().rss / 2**20,
             }
+            if tail is not None:
+                # The tail's time split by FLOPs between its blocks and the head (norm, LM head, loss).
+                timings.update(
+                    tail_s=tail.compute_s, head_s=tail.head_s, bytes_down=float(received.size + tail.bytes_down)
+                )
+                timings["decode_s"] += tail.decode_s
+            # This device's cost of one block, forward + backward (the head apart).
+            timings["block_s"] = (
+                forward_s + backward_s + timings.get("tail_s", 0.0) - timings.get("head_s", 0.0)
+            ) / blocks
             for key, value in timings.items():
                 totals[key] = totals.get(key, 0.0) + value
             tokens += step_tokens
-            losses.append(loss)
+            if loss is not None:
+                losses.append(loss)
         mean = {k: v / a.local_steps for k, v in totals.items()}
         state_out = self._upload_state(segment)
         body = adapter_body(
             state_out,
             max(tokens, 1),
             a.local_steps * a.batch_size,
-            sum(losses) / len(losses),
+            sum(losses) / len(losses) if losses else None,
             mean,
             a.adapter_wire_dtype,
         )
         self._last_upload = _Outgoing(self.topics.agent(self.name, "adapter"), ADAPTER, body, a.round, -1, a.corr)
         await link.publish(self.topics.agent(self.name, "adapter"), ADAPTER, body, round_=a.round, corr=a.corr)
 
+    async def _send(self, a: Assignment, step: int, type_: str, body: dict[str, Any]) -> tuple[float, int]:
+        """Publish a step's message (kept to re-send after a reconnect until its answer comes): (seconds, bytes)."""
+        assert self._link is not None
+        t0 = time.perf_counter()
+        topic = self.topics.agent(self.name, type_)
+        self._pending_act = _Outgoing(topic, type_, body, a.round, step, a.corr)
+        sent = await self._link.publish(topic, type_, body, round_=a.round, step=step, corr=a.corr)
+        if self.emulation is not None:
+            await self.emulation.wait_link(self.emulation.uplink_s(sent))
+        return time.perf_counter() - t0, sent
+
+    async def _tail_exchange(
+        self,
+        a: Assignment,
+        step: int,
+        segment: Segment,
+        labels: torch.Tensor,
+        lengths: torch.Tensor,
+        hidden: torch.Tensor,
+    ) -> _TailStep:
+        """U split: take the server's activations at the tail, run the tail and the loss here, send the gradient up."""
+        tail_start = self.num_layers - a.tail
+        received, top, _, decode_s = await self._wait_reply(
+            a, step, "tail_act", functools.partial(parse_tail_act, shape=tuple(hidden.shape))
+        )
+        config = self.model_config
+        batch, length = labels.shape
+        flops = 2 * (a.tail * block_flops(config, batch, length) + head_flops(config, batch, length))
+        grad, loss, compute_s, head_share = await self._compute(
+            _tail_step, segment, top, labels, lengths, tail_start, self.emulation, flops,
+            head_flops(config, batch, length) * 2 / flops,
+        )  # fmt: skip
+        body = tail_grad_body(grad, a.wire_dtype, loss if a.report_loss else None)
+        upload_s, sent = await self._send(a, step, TAIL_GRAD, body)
+        return _TailStep(loss, compute_s, compute_s * head_share, upload_s, sent, received.size, decode_s)
+
     def _upload_state(self, segment: Segment) -> dict[str, torch.Tensor]:
         """The client-side adapters this agent uploads at the end of a round."""
         return {n: t.detach().cpu() for n, t in lora_state(segment.peft_model).items()}
 
-    async def _wait_grad(
-        self, a: Assignment, step: int, shape: tuple[int, ...]
-    ) -> tuple[Received, torch.Tensor, float, int, float, float]:
-        """This step's gradient: (message, gradient, loss, tokens, when it arrived, decode seconds).
+    async def _wait_reply(
+        self, a: Assignment, step: int, kind: str, parse: Callable[[dict[str, Any]], T]
+    ) -> tuple[Received, T, float, float]:
+        """This step's answer of ``kind`` ("grad", or "tail_act" in the U split), parsed:
+        (message, what ``parse`` made of its body, when it arrived, decode seconds).
 
-        A malformed gradient is refused and the wait goes on (the real one may still come)."""
+        A malformed answer is refused and the wait goes on (the real one may still come)."""
         assert self._link is not None
         # The coordinator's deadline runs from the start of its step and it serves agents one after the
         # other: wait twice as long, so that it is always the coordinator that gives up first.
@@ -364,65 +438,75 @@ class Agent:
             try:
                 received = await self._link.receive(timeout=max(deadline - time.monotonic(), 0.0))
             except TimeoutError as exc:
-                raise RoundAborted(f"no gradient for step {step} within {a.step_timeout_s:g} s") from exc
-            kind, env = received.topic.kind, received.envelope
-            if kind == "grad" and env.round == a.round and env.step == step and env.corr == a.corr:
+                raise RoundAborted(f"no {kind} for step {step} within {a.step_timeout_s:g} s") from exc
+            got, env = received.topic.kind, received.envelope
+            if got == kind and env.round == a.round and env.step == step and env.corr == a.corr:
                 received_at = time.perf_counter()
                 if self.emulation is not None:
                     await self.emulation.wait_link(self.emulation.downlink_s(received.size))
                 t_dec = time.perf_counter()
                 try:
-                    grad, loss, tokens = parse_grad(env.body, shape)
+                    parsed = parse(env.body)
                 except WireError as exc:
-                    self._refuse(kind, exc)
+                    self._refuse(got, exc)
                     continue
-                return received, grad, loss, tokens, received_at, time.perf_counter() - t_dec
-            if kind == "grad":
-                continue  # a stale or repeated gradient (an earlier step, an abandoned assignment)
-            if kind == "assign" and (env.corr == a.corr or not self._is_new(env)):
-                continue  # this assignment repeated (the coordinator did not know we had it), or an older one
-            if kind == "assign":
-                try:  # a malformed assignment must not end a good round
-                    self._parse_assignment(env)
-                except WireError as exc:
-                    self._refuse(kind, exc)
-                    continue
-            if kind == "assign" or (kind == "round" and env.body.get("event") == "done"):
-                self._stashed.append(received)  # the coordinator moved on without us
-                raise RoundAborted(f"the coordinator moved on ({kind})")
-            if kind == "notice" and env.corr == a.corr:
-                try:
-                    _, reason = parse_notice(env.body)
-                except WireError as exc:
-                    self._refuse(kind, exc)
-                    continue
-                self._stashed.append(received)
-                raise RoundAborted(f"the coordinator dropped this agent: {reason}")
-            if kind == "coordinator_status":
-                try:
-                    state = parse_status(env.body)
-                except WireError:
-                    continue
-                if state == "online" and env.sid == self._coordinator_sid:
-                    await self._hello()  # the coordinator reconnected: it may have missed our activations
-                    continue
-                if state == "offline" and env.body.get("done") is not True:
-                    # Its Last Will: it may only be reconnecting (a broker restart sends every Will). Wait on;
-                    # a new coordinator process ends the wait (below), or the deadline does.
-                    log.warning("%s: the coordinator went offline; waiting for it", self.name)
-                    continue
-                self._stashed.append(received)
-                raise RoundAborted(f"the coordinator {'finished' if state == 'offline' else 'restarted'}")
+                return received, parsed, received_at, time.perf_counter() - t_dec
+            if got in ("grad", "tail_act"):
+                continue  # a stale or repeated answer (an earlier step, an abandoned assignment)
+            await self._interrupt(a, received)
+
+    async def _interrupt(self, a: Assignment, received: Received) -> None:
+        """A message other than the awaited answer came during a step: raise RoundAborted if the round is over."""
+        kind, env = received.topic.kind, received.envelope
+        if kind == "assign" and (env.corr == a.corr or not self._is_new(env)):
+            return  # this assignment repeated (the coordinator did not know we had it), or an older one
+        if kind == "assign":
+            try:  # a malformed assignment must not end a good round
+                self._parse_assignment(env)
+            except WireError as exc:
+                self._refuse(kind, exc)
+                return
+        if kind == "assign" or (kind == "round" and env.body.get("event") == "done"):
+            self._stashed.append(received)  # the coordinator moved on without us
+            raise RoundAborted(f"the coordinator moved on ({kind})")
+        if kind == "notice" and env.corr == a.corr:
+            try:
+                _, reason = parse_notice(env.body)
+            except WireError as exc:
+                self._refuse(kind, exc)
+                return
+            self._stashed.append(received)
+            raise RoundAborted(f"the coordinator dropped this agent: {reason}")
+        if kind == "coordinator_status":
+            try:
+                state = parse_status(env.body)
+            except WireError:
+                return
+            if state == "online" and env.sid == self._coordinator_sid:
+                await self._hello()  # the coordinator reconnected: it may have missed our activations
+                return
+            if state == "offline" and env.body.get("done") is not True:
+                # Its Last Will: it may only be reconnecting (a broker restart sends every Will). Wait on;
+                # a new coordinator process ends the wait (below), or the deadline does.
+                log.warning("%s: the coordinator went offline; waiting for it", self.name)
+                return
+            self._stashed.append(received)
+            raise RoundAborted(f"the coordinator {'finished' if state == 'offline' else 'restarted'}")
 
     # ------------------------------------------------------------------ segments and data
 
+    @property
+    def num_layers(self) -> int:
+        return num_layers(self.model_config)
+
     def _segment_for(self, a: Assignment) -> Segment:
-        key = (a.cut, tuple(sorted(a.ranks.items())), a.lora)
+        key = (a.cut, a.tail, a.split, tuple(sorted(a.ranks.items())), a.lora)
         if self._segment is None or self._segment_key != key:
-            # Only blocks 0..cut-1 are loaded; a new cut means a new segment.
+            # Only the blocks held are loaded (0..cut-1, and the tail in the U split); a new cut, a new segment.
+            spec = SegmentSpec.u_device(a.cut, a.tail, self.num_layers) if a.u_split else SegmentSpec.client(a.cut)
             self._segment = build_segment(
                 self.settings.model,
-                SegmentSpec.client(a.cut),
+                spec,
                 lora=a.lora,
                 ranks=a.ranks,
                 lora_seed=a.seed,
@@ -442,25 +526,75 @@ class Agent:
         return self._batches[key]
 
 
+@dataclass(frozen=True)
+class _TailStep:
+    """What a U-split device did between its activations going up and the gradient at its cut coming down."""
+
+    loss: float  # mean cross-entropy over its target tokens
+    compute_s: float  # the tail's forward and backward, head and loss included
+    head_s: float  # the head's share of compute_s (by FLOPs)
+    upload_s: float
+    bytes_up: int
+    bytes_down: int
+    decode_s: float
+
+
 def _forward(
     segment: Segment,
     input_ids: torch.Tensor,
-    labels: torch.Tensor,
+    labels: torch.Tensor | None,
     lengths: torch.Tensor,
     wire_dtype: str,
     timings: Mapping[str, float],
     emulation: Emulation | None,
     flops: float,
-) -> tuple[torch.Tensor, dict[str, Any], float]:
-    """Client forward (B, T) -> (B, T, C) and the encoded activation message; returns the forward time too."""
+    defense: DefenseSettings,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any], float]:
+    """Client forward (B, T) -> (B, T, C), the defense applied, and the encoded activation message.
+
+    Returns (the activations as sent, the NoPeek term to add to the loss or None, the message body, the
+    forward time). ``labels`` go into the message only in the two-part split (None in the U split)."""
     t0 = time.perf_counter()
-    mask = padding_mask(lengths, input_ids.shape[1])
+    mask = padding_mask(lengths, input_ids.shape[1]).to(segment.device)
     segment.train()
-    hidden = segment(input_ids.to(segment.device), mask.to(segment.device))  # (B, T, C)
+    hidden = segment(input_ids.to(segment.device), mask)  # (B, T, C)
+    extra = nopeek_loss(input_ids.to(segment.device), hidden, mask, defense.nopeek) if defense.nopeek > 0 else None
+    sent = defend(hidden, defense, generator) if defense.active else hidden  # (B, T, C)
     forward_s = time.perf_counter() - t0
     if emulation is not None:
         forward_s = emulation.pad_compute(forward_s, flops)
-    return hidden, act_body(hidden, labels, lengths, wire_dtype, timings), forward_s
+    return sent, extra, act_body(sent, labels, lengths, wire_dtype, timings), forward_s
+
+
+def _tail_step(
+    segment: Segment,
+    top: torch.Tensor,
+    labels: torch.Tensor,
+    lengths: torch.Tensor,
+    tail_start: int,
+    emulation: Emulation | None,
+    flops: float,
+    head_share: float,
+) -> tuple[torch.Tensor, float, float, float]:
+    """U split: the device's tail blocks, norm, head and loss on its own labels, and their backward pass.
+
+    Returns d(mean loss)/d(top) (B, T, C), the loss, the time and the head's share of it; the tail's LoRA
+    gradients stay in the segment for the optimiser step that ends the step.
+    """
+    t0 = time.perf_counter()
+    mask = padding_mask(lengths, top.shape[1]).to(segment.device)
+    top = top.to(segment.device).requires_grad_()  # (B, T, C)
+    logits = segment(top, mask, start=tail_start)  # (B, T, V)
+    loss = causal_lm_loss(logits, labels.to(segment.device))
+    if int((labels[:, 1:] != IGNORE_INDEX).sum()) == 0:
+        loss = logits.sum() * 0.0  # no target in this batch: a zero gradient, as the server sends in the two-part split
+    loss.backward()
+    assert top.grad is not None
+    seconds = time.perf_counter() - t0
+    if emulation is not None:
+        seconds = emulation.pad_compute(seconds, flops)
+    return top.grad.cpu(), float(loss.detach()), seconds, head_share
 
 
 def _backward(
@@ -469,10 +603,15 @@ def _backward(
     optimizer: torch.optim.Optimizer,
     emulation: Emulation | None,
     flops: float,
+    extra: torch.Tensor | None = None,
 ) -> float:
-    """Finish the backward pass from the server's activation gradient and step; returns the time."""
+    """Finish the backward pass from the server's activation gradient (and a NoPeek term) and step;
+    returns the time."""
     t0 = time.perf_counter()
-    hidden.backward(grad.to(hidden.device))
+    if extra is None:
+        hidden.backward(grad.to(hidden.device))
+    else:
+        torch.autograd.backward([hidden, extra], [grad.to(hidden.device), torch.ones_like(extra)])
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     backward_s = time.perf_counter() - t0
@@ -500,8 +639,18 @@ def parse_assignment(
     cut = get("cut", int)
     if not 1 <= cut <= total_layers - 1:
         raise WireError("bad_schema", f"cut {cut} outside 1..{total_layers - 1}")
+    split = body.get("split", "two-part")
+    if split not in SPLITS:
+        raise WireError("bad_schema", f"unknown split {split!r}")
+    tail = body.get("tail", 0)
+    if type(tail) is not int or not 0 <= tail <= total_layers - 1 - cut or (split == "two-part" and tail != 0):
+        raise WireError("bad_schema", f"tail {tail!r} does not fit a {split} split at cut {cut} of {total_layers}")
+    report_loss = body.get("report_loss", True)
+    if type(report_loss) is not bool:
+        raise WireError("bad_schema", "report_loss must be a boolean")
+    blocks = [*range(cut), *range(total_layers - tail, total_layers)]
     ranks = get("ranks", list)
-    if len(ranks) != cut or not all(type(r) is int and 0 < r <= 4096 for r in ranks):
+    if len(ranks) != len(blocks) or not all(type(r) is int and 0 < r <= 4096 for r in ranks):
         raise WireError("bad_schema", "ranks must list one positive rank per client block")
     wire, adapter_wire = get("wire_dtype", str), get("adapter_wire_dtype", str)
     if wire not in FLOAT_WIRE_DTYPES or adapter_wire not in FLOAT_WIRE_DTYPES:
@@ -512,6 +661,10 @@ def parse_assignment(
             lora_fields["targets"] = tuple(lora_fields["targets"])
         lora = LoraSettings(**lora_fields)
         optimizer = OptimizerSettings(**get("optimizer", dict))
+        raw_defense = body.get("defense", {})
+        if not isinstance(raw_defense, dict):
+            raise ConfigError("defense must be a map")
+        defense = DefenseSettings(**raw_defense)
     except (TypeError, ConfigError) as exc:
         raise WireError("bad_schema", f"assignment settings: {exc}") from exc
     steps, batch, length = get("local_steps", int), get("batch_size", int), get("max_length", int)
@@ -528,7 +681,7 @@ def parse_assignment(
     return Assignment(
         round=round_,
         cut=cut,
-        ranks=dict(enumerate(ranks)),
+        ranks=dict(zip(blocks, ranks, strict=True)),
         lora=lora,
         adapter=get("adapter", dict),
         local_steps=steps,
@@ -540,4 +693,8 @@ def parse_assignment(
         step_timeout_s=timeout,
         seed=get("seed", int),
         attempt=attempt,
+        split=split,
+        tail=tail,
+        report_loss=report_loss,
+        defense=defense,
     )

@@ -455,6 +455,14 @@ def local(
     ] = 1.0,
     data: Annotated[Path | None, typer.Option(help="JSONL/CSV to shard (default: vendored GSM8K).")] = None,
     policy: Annotated[str, typer.Option(help="Cut policy: fixed, paper, latency, splitft.")] = "splitft",
+    split: Annotated[
+        str | None,
+        typer.Option(
+            help="u (default unless --config says otherwise): the agents also hold the last --tail blocks and the "
+            "head, so no token or label leaves them; two-part: the coordinator computes the loss (it gets the labels)."
+        ),
+    ] = None,
+    tail: Annotated[int | None, typer.Option(help="U split: blocks at the top of the model each agent holds.")] = None,
     emulate: Annotated[
         str, typer.Option(help="Device profiles the agents emulate, in turn ('' for none).")
     ] = "jetson-nano,jetson-orin-nano,laptop",
@@ -479,6 +487,7 @@ def local(
         spec = base.with_overrides(
             job=base.job if config else "local", max_length=max_length, policy=policy,
             optimizer=OptimizerSettings(**{**vars(base.optimizer), "lr": lr}),
+            split=split or (base.split if config else "u"), tail=tail,
         )  # fmt: skip
         try:
             cut_list = tuple(int(c) for c in cuts.split(",") if c.strip())
@@ -505,8 +514,9 @@ def local(
         _preflight(spec, out, cut_list)
     except SplitFTError as exc:
         raise _fail(exc) from exc
+    layout = f"U split, tail {spec.tail}" if spec.u_split else "two-part split"
     console.print(
-        f"[bold]SplitFT local run[/bold]: {agents} agents (cuts {', '.join(map(str, cut_list))}), "
+        f"[bold]SplitFT local run[/bold]: {agents} agents (cuts {', '.join(map(str, cut_list))}; {layout}), "
         f"model {spec.model}, {spec.rounds} rounds x {spec.local_steps} steps; output in {out}"
     )
     made = _new_folders(out)
@@ -541,7 +551,8 @@ class _ProgressView:
         if event == "waiting":
             self.progress.update(self.task, description=f"waiting for agents ({len(data['online'])}/{data['needed']})")
         elif event == "round_start":
-            cuts = " ".join(f"{n}:{c}" for n, c in data["cuts"].items())
+            tails = data.get("tails") or {}
+            cuts = " ".join(f"{n}:{c}" + (f"+{tails[n]}" if n in tails else "") for n, c in data["cuts"].items())
             self.progress.update(self.task, description=f"round {data['round']}/{self.job.rounds}  cuts {cuts}")
         elif event == "step":
             self.progress.advance(self.task)
@@ -557,12 +568,16 @@ class _ProgressView:
         elif event == "round_end":
             self.console.print(
                 f"round {data['round']:>3}: eval loss {data['eval_loss']:.4f}  ppl {data['eval_ppl']:.1f}  "
-                f"acc {data['eval_acc']:.3f}  train loss {data['train_loss']:.4f}  "
+                f"acc {data['eval_acc']:.3f}  train loss {_number(data['train_loss'])}  "
                 f"round {data['round_time_s']:.1f} s  up {data['bytes_up'] / 1e6:.1f} MB  "
                 f"down {data['bytes_down'] / 1e6:.1f} MB"
             )
         elif event == "done":
             self.progress.stop()
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def main() -> None:

@@ -31,6 +31,13 @@ Policies (``POLICIES``):
 The model is a simplification: the server is idle at the start of a step until the first device's
 activations arrive, which M ignores; the metrics put the measured step time beside the prediction.
 
+The U split (the device also holds the last ``k`` blocks and the head) has the same shape: a device
+runs ``c + k`` blocks and the server ``L - c - k``, the head's cost moves into the device's fixed
+part, and the link carries two messages each way. The controller then plans the number of blocks
+each device runs, with bounds ``c_min + k_min`` and ``c_max + k_max``, and :func:`split_blocks` puts
+them at the bottom or the top of the model: the tail keeps its configured depth where it can (it
+guards the labels), the rest goes to the cut (which guards the input).
+
 :func:`ideal_bound` is the balanced lower bound: the same problem with fractional cuts (work split
 perfectly between each device and the server), so ``achieved / ideal >= 1`` reads how close a
 round came to the best any cut assignment could do.
@@ -195,6 +202,13 @@ class Controller:
             reason=reason,
             kept=kept,
         )
+
+
+def split_blocks(blocks: int, tail: int, c_min: int, k_min: int, k_max: int) -> tuple[int, int]:
+    """U split: (cut, tail) for a device that runs ``blocks`` blocks, keeping the tail ``tail`` deep where the
+    bounds allow (``k_min <= k <= k_max``, ``c >= c_min``)."""
+    k = max(k_min, min(tail, k_max, blocks - c_min))
+    return blocks - k, k
 
 
 def turnaround_s(device: DeviceEstimate, server: ServerEstimate, num_layers: int, cut: float) -> float:

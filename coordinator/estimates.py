@@ -1,7 +1,7 @@
 """Latency estimates the controller decides from: EWMA-smoothed device and server costs.
 
 Devices report, with every adapter upload, their mean per-step timings: ``block_s`` (forward plus
-backward per block), bytes up and down. Their link comes from their join profile when they know it
+backward per block), bytes up and down, and in the U split ``head_s`` (the head and loss on the device). Their link comes from their join profile when they know it
 (an emulated device does), and is taken as free otherwise. The server's cost is calibrated once
 (one forward/backward from the shallowest and from the deepest cut gives the per-block and the
 head cost) and then scaled, round by round, by how its measured time per device batch compares
@@ -33,6 +33,7 @@ class _Device:
     block: Ewma
     up: Ewma
     down: Ewma
+    fixed: Ewma  # the device's per-step cost that does not depend on its blocks (the U split's head)
     profile: dict[str, Any] = field(default_factory=dict)
     accuracy: float | None = None
 
@@ -53,10 +54,11 @@ class FleetEstimates:
     def observe_device(
         self, name: str, timings: Mapping[str, float], profile: Mapping[str, Any], accuracy: float | None
     ) -> None:
-        d = self._devices.setdefault(name, _Device(Ewma(self.weight), Ewma(self.weight), Ewma(self.weight)))
+        d = self._new(name)
         d.profile = dict(profile)
         if timings.get("block_s", 0) > 0:
             d.block.update(float(timings["block_s"]))
+        d.fixed.update(float(timings.get("head_s", 0.0)))
         d.up.update(float(timings.get("bytes_up", 0.0)))
         d.down.update(float(timings.get("bytes_down", 0.0)))
         d.accuracy = accuracy
@@ -66,11 +68,15 @@ class FleetEstimates:
 
         The device timed one block at ``block_tokens`` tokens per step; the cost scales with tokens.
         """
-        d = self._devices.setdefault(name, _Device(Ewma(self.weight), Ewma(self.weight), Ewma(self.weight)))
+        d = self._new(name)
         d.profile = dict(profile)
         block, tokens = profile.get("block_s"), profile.get("block_tokens")
         if d.block.value is None and isinstance(block, (int, float)) and isinstance(tokens, int) and block > 0 < tokens:
             d.block.update(float(block) * job_tokens / tokens)
+
+    def _new(self, name: str) -> _Device:
+        w = self.weight
+        return self._devices.setdefault(name, _Device(Ewma(w), Ewma(w), Ewma(w), Ewma(w)))
 
     def observe_server(self, num_layers: int, cut: int, seconds: float) -> None:
         seconds /= self.server_speedup
@@ -91,6 +97,7 @@ class FleetEstimates:
         return DeviceEstimate(
             name=name,
             block_s=d.block.value,
+            fixed_s=d.fixed.value or 0.0,
             up_bytes=d.up.value or 0.0,
             down_bytes=d.down.value or 0.0,
             uplink_bps=float(p.get("uplink_mbps", math.inf)) * 1e6,

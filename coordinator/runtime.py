@@ -5,6 +5,8 @@ One round::
     assign (cut, ranks, the global adapters of the device's blocks, steps, optimiser)  -> every agent
     for each local step:
         agent: activations up  ->  server: forward/backward from the cut, gradient down  -> agent
+        U split: activations up -> server: forward to the agent's tail, activations down -> agent: tail,
+                 loss, gradient up -> server: backward, gradient at the cut down -> agent
         (after every agent's step is in: one server optimiser step)
     adapter upload <- every agent;  aggregate (token-weighted, every block over its holders)
     evaluate; metrics line; checkpoint
@@ -34,7 +36,7 @@ import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -46,8 +48,7 @@ from splitft.shared.config import JobConfig
 from splitft.shared.data import collate, load_records, tokenize
 from splitft.shared.errors import SplitFTError, WireError
 from splitft.shared.link import BrokerSettings, Link, Received
-from splitft.shared.lora import block_ranks
-from splitft.shared.models import block_params, check_max_length
+from splitft.shared.models import block_params, check_max_length, load_config, num_layers
 from splitft.shared.protocol import (
     ASSIGN,
     GRAD,
@@ -55,20 +56,23 @@ from splitft.shared.protocol import (
     NOTICE,
     ROUND,
     STATUS,
+    TAIL_ACT,
     grad_body,
     notice_body,
     parse_act,
     parse_adapter,
     parse_join,
     parse_status,
+    parse_tail_grad,
+    tail_act_body,
 )
 from splitft.shared.text import GSM8K, load_tokenizer
 from splitft.shared.topics import COORDINATOR, Topics
 
 from .checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
-from .controller import Controller, ControllerSettings, Decision
+from .controller import Controller, ControllerSettings, Decision, split_blocks
 from .estimates import FleetEstimates
-from .server import ServerModel
+from .server import MiddleStep, ServerModel, device_ranks
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -103,7 +107,7 @@ class Participant:
 
     name: str
     cut: int
-    ranks: dict[int, int]
+    ranks: dict[int, int]  # LoRA rank of every block the agent holds
     corr: str  # this assignment's id; the agent's activations and upload repeat it
     sid: str  # the agent's session (process) when it was assigned
     sent: dict[str, torch.Tensor]  # the adapters it was sent
@@ -122,6 +126,14 @@ class Participant:
     dropped: str | None = None
     last_grad_at: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)  # the agent's mean per-step timings
+    tail: int = 0  # U split: the blocks at the top of the model it holds
+    middle: tuple[int, MiddleStep] | None = None  # U split: (step, the server's forward) awaiting its tail gradient
+    last_tail: tuple[int, dict[str, Any]] | None = None  # U split: (step, body) of the last tail activations sent
+
+    @property
+    def blocks(self) -> int:
+        """Blocks the agent runs: its cut plus its tail."""
+        return self.cut + self.tail
 
     @property
     def expect(self) -> dict[str, tuple[int, ...]]:
@@ -166,7 +178,7 @@ class Coordinator:
         self._first_round = 1
         self.controller: Controller | None = None
         self.estimates: FleetEstimates | None = None
-        self._cuts: dict[str, int] = {}  # the controller's latest decision
+        self._cuts: dict[str, tuple[int, int]] = {}  # the controller's latest decision: (cut, tail) per agent
         self._joined = asyncio.Event()
         self._link: Link | None = None
         self._started = time.monotonic()
@@ -182,7 +194,7 @@ class Coordinator:
 
     async def run(self) -> dict[str, Any]:
         self.out.mkdir(parents=True, exist_ok=True)
-        subscriptions = [self.topics.all_agents(k) for k in ("status", "join", "act", "adapter")]
+        subscriptions = [self.topics.all_agents(k) for k in ("status", "join", "act", "tail_grad", "adapter")]
         will = (self.topics.coordinator_status(), {"state": "offline", "role": COORDINATOR})
         async with Link(
             self.broker, self.topics, COORDINATOR, subscriptions, will=will, on_connect=self._announce
@@ -221,7 +233,8 @@ class Coordinator:
             self.metrics_path.unlink()  # a fresh run starts a fresh metrics file
 
         await self._admit()
-        cuts = state.get("cuts") or sorted({self.job.cut_of(n) for n in self._online()})
+        total = num_layers(load_config(self.job.model, self.job.attn_implementation))
+        cuts = state.get("cuts") or sorted({tuple(self._cut_layers(n, total)) for n in self._online()})
         self.server = await self._compute(ServerModel, self.job, cuts, self.device)
         self.job.check_cuts(self.server.num_layers)
         check_max_length(self.server.segment.config, self.job.max_length)
@@ -245,14 +258,10 @@ class Coordinator:
             block_params(self.server.segment.config) * 4
             + self.job.batch_size * self.job.max_length * self.server.hidden_size * 64
         ) / 2**20
+        if self.job.u_split:  # the head is on the devices: the server's work per batch is its blocks alone
+            calibration = replace(calibration, head_s=0.0)
         self.estimates = FleetEstimates(self.job.ewma, calibration, block_mb, self.job.server_speedup)
-        self.controller = Controller(
-            ControllerSettings(
-                policy=self.job.policy, num_layers=self.server.num_layers, c_min=self.job.c_min,
-                c_max=self.job.c_max, fixed_cut=self.job.cut, fixed_cuts=dict(self.job.cuts), gamma=self.job.gamma,
-                hysteresis=self.job.hysteresis,
-            )
-        )  # fmt: skip
+        self.controller = Controller(self._controller_settings(self.server.num_layers))
         if first_round == 1:
             result = await self._compute(self.server.evaluate, eval_batches)
             self._write_metrics({"round": 0, "time_s": 0.0, **_eval_fields(result)})
@@ -264,7 +273,7 @@ class Coordinator:
                 self.out / "checkpoints",
                 round_,
                 self.server,
-                {"cuts": list(cuts), "elapsed_s": record["time_s"], "job": self.job.job},
+                {"cuts": [list(c) for c in cuts], "elapsed_s": record["time_s"], "job": self.job.job},
             )
 
         adapter_dir = await self._compute(self.server.export, self.out / "adapter")
@@ -304,7 +313,7 @@ class Coordinator:
                         self._agent_offline(name)
                 elif kind == "join":
                     self._agent_joined(name, env.sid, parse_join(env.body))
-                elif kind == "act":
+                elif kind in ("act", "tail_grad"):
                     self._events.put_nowait(received)
                     self._upload_arrived.set()  # wakes the upload wait, which answers repeated activations
                 elif kind == "adapter":
@@ -435,21 +444,27 @@ class Coordinator:
         plans: dict[str, Participant] = {}
         self._plans = plans
         for name in self._online():
-            cut = self._cuts.get(name, job.cut_of(name))
-            ranks = {j: r for j, r in block_ranks(server.num_layers, [cut], job.lora).items() if j < cut}
-            state = await self._compute(server.client_state, cut, ranks)
+            cut, tail = self._cuts.get(name, (job.cut_of(name), job.tail_of(name)))
+            ranks = device_ranks(server.num_layers, cut, tail, job.lora)
+            state = await self._compute(server.client_state, ranks)
             corr = f"{link.sid}:{round_}:{attempt}"
-            plan = Participant(name, cut, ranks, corr, self.agents[name].sid, state)
+            plan = Participant(name, cut, ranks, corr, self.agents[name].sid, state, tail=tail)
+            lora: dict[str, Any] = {
+                "r": job.lora.r,
+                "r_cut": job.lora.r_cut,
+                "alpha_per_rank": job.lora.alpha_per_rank,
+                "dropout": job.lora.dropout,
+            }
+            if job.lora.targets is not None:
+                lora["targets"] = list(job.lora.targets)
             plan.assign_body = {
                 "model": job.model,
                 "cut": cut,
-                "ranks": [ranks[j] for j in range(cut)],
-                "lora": {
-                    "r": job.lora.r,
-                    "r_cut": job.lora.r_cut,
-                    "alpha_per_rank": job.lora.alpha_per_rank,
-                    "dropout": job.lora.dropout,
-                },
+                "split": job.split,
+                "tail": tail,
+                "report_loss": job.report_loss,
+                "ranks": [ranks[j] for j in sorted(ranks)],
+                "lora": lora,
                 "adapter": encode_state(state, job.adapter_wire_dtype),
                 "local_steps": job.local_steps,
                 "batch_size": job.batch_size,
@@ -460,6 +475,7 @@ class Coordinator:
                     "weight_decay": job.optimizer.weight_decay,
                     "momentum": job.optimizer.momentum,
                 },
+                "defense": {"noise": job.defense.noise, "clip": job.defense.clip, "nopeek": job.defense.nopeek},
                 "wire_dtype": job.wire_dtype,
                 "adapter_wire_dtype": job.adapter_wire_dtype,
                 "step_timeout_s": job.step_timeout_s,
@@ -468,7 +484,10 @@ class Coordinator:
             }
             plans[name] = plan
             await self._publish_plan(plan)
-        self.progress("round_start", {"round": round_, "cuts": {n: p.cut for n, p in plans.items()}})
+        layout: dict[str, Any] = {"cuts": {n: p.cut for n, p in plans.items()}}
+        if job.u_split:
+            layout["tails"] = {n: p.tail for n, p in plans.items()}
+        self.progress("round_start", {"round": round_, **layout})
         await link.publish(
             self.topics.job_topic("round"), ROUND, {"event": "start", "agents": sorted(plans)}, round_=round_
         )
@@ -501,13 +520,20 @@ class Coordinator:
             "time_s": round(self._elapsed_before + now - self._started, 3),
             "round_time_s": round(now - started, 3),
             **_eval_fields(result),
-            "train_loss": sum(sum(p.losses) for p in live) / max(sum(len(p.losses) for p in live), 1),
+            # None in a U-split job whose agents do not report their loss
+            "train_loss": (
+                sum(sum(p.losses) for p in live) / sum(len(p.losses) for p in live)
+                if any(p.losses for p in live)
+                else None
+            ),
             "train_tokens": train_tokens,
             "cuts": {p.name: p.cut for p in plans.values()},
+            **({"tails": {p.name: p.tail for p in plans.values()}} if job.u_split else {}),
             "agents": {
                 p.name: {
                     "class": self.agents[p.name].profile.get("class", "unknown"),
                     "cut": p.cut,
+                    **({"tail": p.tail} if job.u_split else {}),
                     "tokens": p.tokens,
                     "step_time_s": sum(p.step_times) / max(len(p.step_times), 1),
                     "server_s": sum(p.server_times) / max(len(p.server_times), 1),
@@ -576,41 +602,89 @@ class Coordinator:
         if not devices or any(d is None for d in devices):
             return None  # first round (or a new agent): the configured cuts, and measure
         decision = self.controller.decide([d for d in devices if d is not None], self.estimates.server())
-        self._cuts = dict(decision.cuts)
+        if self.job.u_split:
+            # The controller placed blocks per device; the split puts them at the bottom or the top.
+            job, k_max = self.job, self._k_max(self.controller.settings.num_layers)
+            self._cuts = {
+                name: split_blocks(blocks, job.tail_of(name), job.c_min, job.k_min, k_max)
+                for name, blocks in decision.cuts.items()
+            }
+        else:
+            self._cuts = {name: (cut, 0) for name, cut in decision.cuts.items()}
         log.info(
             "cuts %s (%s): predicted step %.3f s (server %.3f s), ideal %.3f s",
-            decision.cuts, decision.reason, decision.makespan_s, decision.server_s, decision.ideal_s,
+            self._cuts, decision.reason, decision.makespan_s, decision.server_s, decision.ideal_s,
         )  # fmt: skip
         return decision
+
+    def _k_max(self, total: int) -> int:
+        return min(self.job.k_max if self.job.k_max is not None else total, total - 1 - self.job.c_min)
+
+    def _cut_layers(self, name: str, total: int) -> list[int]:
+        """The cut layers of an agent's first-round layout: its cut, and in the U split its tail's start."""
+        tail = self.job.tail_of(name)
+        return [self.job.cut_of(name)] + ([total - tail] if tail > 0 else [])
+
+    def _controller_settings(self, total: int) -> ControllerSettings:
+        """The controller plans the blocks each device runs: its cut, plus its tail in the U split."""
+        job = self.job
+        if not job.u_split:
+            return ControllerSettings(
+                policy=job.policy, num_layers=total, c_min=job.c_min, c_max=job.c_max, fixed_cut=job.cut,
+                fixed_cuts=dict(job.cuts), gamma=job.gamma, hysteresis=job.hysteresis,
+            )  # fmt: skip
+        c_max = job.c_max if job.c_max is not None else total - 1
+        names = {*job.cuts, *job.tails}
+        return ControllerSettings(
+            policy=job.policy, num_layers=total, c_min=job.c_min + job.k_min,
+            c_max=min(c_max + self._k_max(total), total - 1), fixed_cut=job.cut + job.tail,
+            fixed_cuts={n: job.cut_of(n) + job.tail_of(n) for n in names}, gamma=job.gamma,
+            hysteresis=job.hysteresis,
+        )  # fmt: skip
 
     def _observe(self, live: list[Participant]) -> None:
         if self.estimates is None or self.server is None:
             return
         for plan in live:
-            accuracy = sum(plan.accuracies) / len(plan.accuracies) if plan.accuracies else None
-            self.estimates.observe_device(plan.name, plan.timings, self.agents[plan.name].profile, accuracy)
+            if plan.accuracies:
+                score: float | None = sum(plan.accuracies) / len(plan.accuracies)
+            elif plan.losses:  # the U split: no accuracy on the server; the agent's reported loss ranks it
+                score = -sum(plan.losses) / len(plan.losses)
+            else:
+                score = None
+            self.estimates.observe_device(plan.name, plan.timings, self.agents[plan.name].profile, score)
             for seconds in plan.server_times:
-                self.estimates.observe_server(self.server.num_layers, plan.cut, seconds)
+                self.estimates.observe_server(self.server.num_layers, plan.blocks, seconds)
 
     def _is_repeat(self, item: Received, plans: dict[str, Participant], round_: int) -> bool:
-        """A repeated activation of a step already served: answer with the same gradient (re-sent, not
-        recomputed), since the agent re-sends only when it did not get it. True if it was one."""
+        """A repeated message of a step already answered: answer it the same way again (re-sent, not
+        recomputed), since the agent re-sends only when it did not get the answer. True if it was one.
+
+        Activations are answered with the gradient (two-part) or the tail activations (U split); a U split's
+        tail gradient with the gradient at the cut."""
         env = item.envelope
         plan = plans.get(env.sender)
         if plan is None or plan.dropped is not None or env.round != round_ or env.corr != plan.corr:
             return False
-        if plan.last_grad is None or plan.last_grad[0] != env.step:
+        kind = item.topic.kind
+        if kind == "act" and self.job.u_split:
+            answer, type_ = plan.last_tail, TAIL_ACT
+        elif kind == "act" or kind == "tail_grad":
+            answer, type_ = plan.last_grad, GRAD
+        else:
+            return False
+        if answer is None or answer[0] != env.step:
             return False
         assert self._link is not None
-        log.info("%s repeated its activations of step %d: re-sending the gradient", plan.name, env.step)
-        topic = self.topics.agent(plan.name, "grad")
-        self._spawn(self._link.publish(topic, GRAD, plan.last_grad[1], round_=round_, step=env.step, corr=plan.corr))
+        log.info("%s repeated its %s of step %d: re-sending the answer", plan.name, kind, env.step)
+        topic = self.topics.agent(plan.name, type_)
+        self._spawn(self._link.publish(topic, type_, answer[1], round_=round_, step=env.step, corr=plan.corr))
         return True
 
     async def _step(self, round_: int, step: int, plans: dict[str, Participant], timeout_s: float) -> None:
         """Serve one step of every agent still in the round."""
         assert self.server is not None and self._link is not None
-        server, link, job = self.server, self._link, self.job
+        job = self.job
         pending = {n for n, p in plans.items() if p.dropped is None}
         # Activations that arrived early (an agent a step ahead of the others) go first.
         for key in [k for k in self._early if k[1] < step]:
@@ -648,46 +722,108 @@ class Coordinator:
             if self._is_repeat(item, plans, round_):
                 continue
             if plan is None or plan.dropped is not None or env.round != round_ or env.corr != plan.corr:
-                log.info("ignoring activations from %s of another assignment (%s)", name, env.corr)
+                log.info("ignoring %s from %s of another assignment (%s)", item.topic.kind, name, env.corr)
                 continue
             if env.step < step or (env.step == step and name not in pending):
-                log.info("ignoring stale activations from %s (round %d step %d)", name, env.round, env.step)
+                log.info("ignoring a stale %s from %s (round %d step %d)", item.topic.kind, name, env.round, env.step)
                 continue
             if env.step > step:
                 early = self._early.setdefault((name, env.step), [])
-                if env.step < job.local_steps and len(early) < 4:  # bounded: garbage cannot pile up
+                if item.topic.kind == "act" and env.step < job.local_steps and len(early) < 4:  # bounded
                     early.append(item)
                 continue
-            try:
-                act = parse_act(env.body, server.hidden_size, job.batch_size, job.max_length, server.vocab_size)
-            except WireError as exc:
-                # Counted and ignored; the agent's real activations may still come before the deadline.
-                self._count_rejection(exc.reason, name, exc.detail)
+            if item.topic.kind == "tail_grad":
+                done = await self._serve_tail_grad(item, plan, step)
+            elif job.u_split and plan.middle is not None:
+                log.info("ignoring activations from %s: step %d is waiting for its tail gradient", name, step)
                 continue
-            plan.started = True
-            plan.bytes_up += item.size
-            t0 = time.perf_counter()
-            try:
-                result = await self._compute(server.train_on, plan.cut, act)
-            except RuntimeError as exc:  # e.g. out of memory on this batch: lose the agent's round, not the job
-                log.exception("server step for %s failed", name)
-                self._drop(plan, f"the server could not process its batch ({exc})")
+            else:
+                done = await self._serve_act(item, plan, step)
+            if done:
                 pending.discard(name)
-                continue
-            plan.server_times.append(time.perf_counter() - t0)
-            body = grad_body(result.grad, job.wire_dtype, result.loss, result.tokens)
-            plan.last_grad = (step, body)
-            plan.bytes_down += await link.publish(
-                self.topics.agent(name, "grad"), GRAD, body, round_=round_, step=step, corr=plan.corr
+
+    async def _serve_act(self, item: Received, plan: Participant, step: int) -> bool:
+        """An agent's activations at its cut: the server's part of its step (the first half in the U split).
+
+        True when the agent's step is done (two-part: its gradient was sent, or it was dropped)."""
+        assert self.server is not None and self._link is not None
+        server, job, name = self.server, self.job, plan.name
+        try:
+            act = parse_act(
+                item.envelope.body, server.hidden_size, job.batch_size, job.max_length, server.vocab_size,
+                with_labels=not job.u_split,
+            )  # fmt: skip
+        except WireError as exc:
+            # Counted and ignored; the agent's real activations may still come before the deadline.
+            self._count_rejection(exc.reason, name, exc.detail)
+            return False
+        plan.started = True
+        plan.bytes_up += item.size
+        t0 = time.perf_counter()
+        try:
+            if job.u_split:
+                middle = await self._compute(server.forward_middle, plan.cut, server.num_layers - plan.tail, act)
+            else:
+                result = await self._compute(server.train_on, plan.cut, act)
+        except RuntimeError as exc:  # e.g. out of memory on this batch: lose the agent's round, not the job
+            log.exception("server step for %s failed", name)
+            self._drop(plan, f"the server could not process its batch ({exc})")
+            return True
+        plan.server_times.append(time.perf_counter() - t0)
+        if job.u_split:
+            plan.middle = (step, middle)
+            body = tail_act_body(middle.top.detach(), job.wire_dtype)
+            plan.last_tail = (step, body)
+            plan.bytes_down += await self._link.publish(
+                self.topics.agent(name, "tail_act"), TAIL_ACT, body, round_=self._round_now, step=step, corr=plan.corr
             )
-            now = time.monotonic()
-            if plan.last_grad_at:
-                plan.step_times.append(now - plan.last_grad_at)
-            plan.last_grad_at = now
-            plan.tokens += result.tokens
-            plan.losses.append(result.loss)
-            plan.accuracies.append(result.accuracy)
-            pending.discard(name)
+            return False
+        body = grad_body(result.grad, job.wire_dtype, result.loss, result.tokens)
+        await self._send_grad(plan, step, body)
+        plan.tokens += result.tokens
+        plan.losses.append(result.loss)
+        plan.accuracies.append(result.accuracy)
+        return True
+
+    async def _serve_tail_grad(self, item: Received, plan: Participant, step: int) -> bool:
+        """U split: the agent's gradient at its tail finishes the server's backward pass; the gradient at its
+        cut goes down. True when the agent's step is done."""
+        assert self.server is not None
+        if plan.middle is None or plan.middle[0] != step:
+            log.info("ignoring a tail gradient from %s: no forward pass of step %d waits for it", plan.name, step)
+            return False
+        middle = plan.middle[1]
+        try:
+            tail_grad, loss = parse_tail_grad(item.envelope.body, tuple(middle.top.shape))
+        except WireError as exc:
+            self._count_rejection(exc.reason, plan.name, exc.detail)
+            return False
+        plan.bytes_up += item.size
+        t0 = time.perf_counter()
+        try:
+            grad = await self._compute(self.server.backward_middle, middle, tail_grad)
+        except RuntimeError as exc:
+            log.exception("server backward for %s failed", plan.name)
+            self._drop(plan, f"the server could not process its batch ({exc})")
+            return True
+        plan.server_times[-1] += time.perf_counter() - t0
+        plan.middle = None
+        await self._send_grad(plan, step, grad_body(grad, self.job.wire_dtype))
+        plan.tokens += middle.tokens
+        if loss is not None:
+            plan.losses.append(loss)
+        return True
+
+    async def _send_grad(self, plan: Participant, step: int, body: dict[str, Any]) -> None:
+        assert self._link is not None
+        plan.last_grad = (step, body)
+        plan.bytes_down += await self._link.publish(
+            self.topics.agent(plan.name, "grad"), GRAD, body, round_=self._round_now, step=step, corr=plan.corr
+        )
+        now = time.monotonic()
+        if plan.last_grad_at:
+            plan.step_times.append(now - plan.last_grad_at)
+        plan.last_grad_at = now
 
     async def _collect_uploads(self, round_: int, plans: dict[str, Participant]) -> dict[str, dict[str, torch.Tensor]]:
         """Wait for every agent still in the round to upload (checked on arrival by :meth:`_adapter_arrived`)."""

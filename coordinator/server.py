@@ -17,6 +17,15 @@ Normalisation, so that federated split SGD equals centralised SGD on the union b
   mean over the data it saw, like a device's);
 * at aggregation, block ``j`` is averaged over its holders weighted by tokens: the devices cut above
   ``j`` (weight ``N_i``) and the server (weight ``N_j``).
+
+The U split (``split = "u"``): a device cut at ``c`` with a tail of ``k`` blocks holds blocks
+``0..c-1`` and ``L-k..L-1`` and the head; the server runs ``c..L-k-1`` (:meth:`ServerModel.forward_middle`),
+sends the activations at ``L-k`` down, takes the device's gradient there and finishes its backward
+pass (:meth:`ServerModel.backward_middle`). The server never sees a label, so nor a target count:
+a device's weight ``N_i`` is the real tokens of its rows (the lengths that travel as the attention
+mask), and the device's gradient (of its mean loss) is scaled by it. The same aggregation rules then
+make federated U-split SGD equal centralised SGD on the union objective ``sum_i N_i L_i / sum_i N_i``,
+``L_i`` a device's mean loss over its own targets.
 """
 
 from __future__ import annotations
@@ -52,21 +61,31 @@ from .controller import ServerEstimate
 log = logging.getLogger(__name__)
 
 
-def global_ranks(total: int, cuts: Sequence[int], lora: LoraSettings) -> dict[int, int]:
+def global_ranks(total: int, cuts: Sequence[int | Sequence[int]], lora: LoraSettings) -> dict[int, int]:
     """LoRA rank of each block of the global (server) copy.
 
-    With one cut for all devices this is the paper's layout: ``r_cut`` on both sides of the cut.
-    With several cuts, a block keeps ``r_cut`` only if it is at the cut of *every* device; elsewhere it
-    gets ``r``, so the global copy can hold what every holder contributes (devices cut at that block
-    hold it at ``r_cut`` and are converted, see ``aggregation``).
+    ``cuts`` holds one entry per device (or per distinct layout): its cut, or the list of its cut layers
+    (a U-shaped device has two, ``c`` and ``L-k``). With one layout for all devices this is the paper's:
+    ``r_cut`` on both sides of each cut. With several, a block keeps ``r_cut`` only if it is at a cut of
+    *every* device; elsewhere it gets ``r``, so the global copy can hold what every holder contributes
+    (devices cut at that block hold it at ``r_cut`` and are converted, see ``aggregation``).
     """
     if not cuts:
         return block_ranks(total, [], lora)
+    layouts = [[c] if isinstance(c, int) else list(c) for c in cuts]
     ranks = dict.fromkeys(range(total), lora.r)
     for j in range(total):
-        if all(j in (c - 1, c) for c in cuts):
+        if all(any(j in (c - 1, c) for c in layout) for layout in layouts):
             ranks[j] = lora.r_cut
     return ranks
+
+
+def device_ranks(total: int, cut: int, tail: int, lora: LoraSettings) -> dict[int, int]:
+    """LoRA rank of each block a device holds: ``0..cut-1`` and, in the U split, the last ``tail``."""
+    cuts = [cut] if tail == 0 else [cut, total - tail]
+    blocks = [*range(cut), *range(total - tail, total)]
+    ranks = block_ranks(total, cuts, lora)
+    return {j: ranks[j] for j in blocks}
 
 
 def block_of(name: str) -> int:
@@ -76,6 +95,17 @@ def block_of(name: str) -> int:
         if part in ("h", "layers") and parts[i + 1].isdigit():
             return int(parts[i + 1])
     raise ValueError(f"no block index in {name!r}")
+
+
+@dataclass
+class MiddleStep:
+    """U split: the server's forward pass for one device batch, kept until the device's tail gradient comes."""
+
+    cut: int
+    tail_start: int
+    hidden: torch.Tensor  # (B, T, C) the device's activations at the cut, requiring grad
+    top: torch.Tensor  # (B, T, C) the activations entering the device's tail, with their graph
+    tokens: int  # the batch's real tokens: its weight
 
 
 @dataclass(frozen=True)
@@ -89,7 +119,7 @@ class StepResult:
 class ServerModel:
     """The whole model with the global adapters; the server segment of every device."""
 
-    def __init__(self, job: JobConfig, cuts: Sequence[int], device: str | torch.device = "cpu") -> None:
+    def __init__(self, job: JobConfig, cuts: Sequence[int | Sequence[int]], device: str | torch.device = "cpu") -> None:
         self.job = job
         self.device = torch.device(device)
         config = load_config(job.model, job.attn_implementation)
@@ -117,9 +147,9 @@ class ServerModel:
     def module_ranks(self) -> dict[str, int]:
         return {module_key(n): self.ranks[self._blocks[n]] for n in self.params if ".lora_A." in n}
 
-    def client_state(self, cut: int, ranks: Mapping[int, int]) -> dict[str, torch.Tensor]:
-        """The global adapters of blocks ``0..cut-1``, at the device's ranks."""
-        state = {n: t for n, t in lora_state(self.segment.peft_model).items() if self._blocks[n] < cut}
+    def client_state(self, ranks: Mapping[int, int]) -> dict[str, torch.Tensor]:
+        """The global adapters of the blocks a device holds (the keys of ``ranks``), at the device's ranks."""
+        state = {n: t for n, t in lora_state(self.segment.peft_model).items() if self._blocks[n] in ranks}
         wanted = {module_key(n): ranks[self._blocks[n]] for n in state if ".lora_A." in n}
         return {n: t.cpu() for n, t in convert_state(state, wanted, seed=self.job.seed).items()}
 
@@ -142,6 +172,8 @@ class ServerModel:
 
     def train_on(self, cut: int, act: Activations) -> StepResult:
         """Forward and backward one device's batch from block ``cut``; gradients accumulate."""
+        if act.labels is None:
+            raise ValueError("a two-part step needs the batch's labels")
         self.segment.train()
         hidden = act.hidden.to(self.device).requires_grad_()  # (B, T, C)
         labels = act.labels.to(self.device)
@@ -158,6 +190,26 @@ class ServerModel:
         assert hidden.grad is not None
         grad = (hidden.grad / max(tokens, 1)).cpu()
         return StepResult(grad, float(loss_sum.detach()) / max(tokens, 1), tokens, correct / max(tokens, 1))
+
+    def forward_middle(self, cut: int, tail_start: int, act: Activations) -> MiddleStep:
+        """U split: run one device's batch through blocks ``cut..tail_start-1``; the graph is kept."""
+        self.segment.train()
+        hidden = act.hidden.to(self.device).requires_grad_()  # (B, T, C)
+        mask = act.attention_mask.to(self.device)
+        top = self.segment(hidden, mask, start=cut, stop=tail_start, with_head=False)  # (B, T, C)
+        return MiddleStep(cut, tail_start, hidden, top, int(act.lengths.sum()))
+
+    def backward_middle(self, step: MiddleStep, tail_grad: torch.Tensor) -> torch.Tensor:
+        """U split: the device's d(mean loss)/d(top) in, d(mean loss)/d(activations at the cut) out.
+
+        The server's LoRA gradients accumulate ``tokens x`` the device's, so that :meth:`finish_step`'s
+        division by the step's tokens makes them the token-weighted mean over devices.
+        """
+        step.top.backward(tail_grad.to(self.device) * step.tokens)
+        for block in range(step.cut, step.tail_start):
+            self._step_tokens[block] += step.tokens
+        assert step.hidden.grad is not None
+        return (step.hidden.grad / max(step.tokens, 1)).cpu()
 
     def calibrate(self, batch: int, length: int, c_min: int) -> ServerEstimate:
         """Time one device batch from the shallowest and from the deepest cut: per-block and head cost.

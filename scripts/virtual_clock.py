@@ -31,13 +31,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PretrainedConfig
 
-from splitft.shared.models import block_flops, num_layers
+from splitft.shared.models import block_flops, head_flops, num_layers
 from splitft.shared.profiles import DeviceProfile
-
-
-def head_flops(config: PretrainedConfig, batch: int, length: int) -> float:
-    """Forward FLOPs of the LM head for a (batch, length) step; the backward (input gradient) as much."""
-    return 2.0 * int(config.vocab_size) * int(config.hidden_size) * batch * length
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ import tomllib
 import torch
 
 from .codec import FLOAT_WIRE_DTYPES
+from .defense import DefenseSettings
 from .errors import ConfigError
 from .lora import LoraSettings
 from .models import ATTENTION_IMPLEMENTATIONS
@@ -52,6 +53,9 @@ if TYPE_CHECKING:
 OPTIMIZERS = ("adamw", "sgd")
 #: cut-layer policies of the controller (coordinator/controller.py)
 POLICIES = ("fixed", "paper", "latency", "splitft")
+#: how the model is split: the device holds the first blocks ("two-part": the server computes the loss, so
+#: it receives the labels), or both ends ("u": the last blocks and the head too; no token leaves the device)
+SPLITS = ("two-part", "u")
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,12 @@ class JobConfig:
     upload_timeout_s: float = 300.0  # likewise for the adapter upload at the end of a round
     cut: int = 2  # cut layer of agents not named in `cuts` (and every agent's first round)
     cuts: Mapping[str, int] = field(default_factory=dict)
+    split: str = "two-part"  # "two-part" or "u" (U-shaped: the device also holds the last `tail` blocks and the head)
+    tail: int = 1  # U split: blocks at the top of the model that agents not named in `tails` hold (0 = the head only)
+    tails: Mapping[str, int] = field(default_factory=dict)
+    k_min: int = 0  # U split: the fewest tail blocks the controller may give a device ...
+    k_max: int | None = None  # ... and the most (default: as many as leave the server one block)
+    report_loss: bool = True  # U split: agents report their mean training loss (one number per step)
     policy: str = "fixed"  # how cuts change between rounds: fixed, paper, latency, splitft
     c_min: int = 1  # the shallowest cut allowed (a privacy floor as well as a bound)
     c_max: int | None = None  # the deepest (default: num_layers - 1)
@@ -111,6 +121,7 @@ class JobConfig:
     adapter_wire_dtype: str = "fp32"  # adapters are small: keep them exact
     lora: LoraSettings = field(default_factory=LoraSettings)
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
+    defense: DefenseSettings = field(default_factory=DefenseSettings)  # what devices do to their activations
     attn_implementation: str = "sdpa"
     seed: int = 0  # adapter initialisation and data order
     eval_data: str | None = None  # JSONL/CSV of prompt/response pairs; default: the vendored GSM8K test split
@@ -155,6 +166,21 @@ class JobConfig:
             )
         if self.policy not in POLICIES:
             raise ConfigError(f"policy must be one of {list(POLICIES)}, got {self.policy!r}")
+        if self.split not in SPLITS:
+            raise ConfigError(f"split must be one of {list(SPLITS)}, got {self.split!r}")
+        if not isinstance(self.tails, Mapping):
+            raise ConfigError(f"tails must map agent names to tail depths, got {self.tails!r}")
+        for agent, tail in [("tail", self.tail), *((f"tails.{a}", t) for a, t in self.tails.items())]:
+            if type(tail) is not int or tail < 0:
+                raise ConfigError(f"{agent} must be an integer >= 0, got {tail!r}")
+        for agent in self.tails:
+            check_name("agent", agent)
+        if type(self.k_min) is not int or self.k_min < 0:
+            raise ConfigError(f"k_min must be an integer >= 0, got {self.k_min!r}")
+        if self.k_max is not None and (type(self.k_max) is not int or self.k_max < self.k_min):
+            raise ConfigError(f"k_max must be an integer >= k_min ({self.k_min}), got {self.k_max!r}")
+        if type(self.report_loss) is not bool:
+            raise ConfigError(f"report_loss must be true or false, got {self.report_loss!r}")
         if type(self.c_min) is not int or self.c_min < 1:
             raise ConfigError(f"c_min must be a positive integer, got {self.c_min!r}")
         if self.c_max is not None and (type(self.c_max) is not int or self.c_max < self.c_min):
@@ -175,12 +201,25 @@ class JobConfig:
             raise ConfigError(f"lora must be LoRA settings (a [lora] table), got {self.lora!r}")
         if not isinstance(self.optimizer, OptimizerSettings):
             raise ConfigError(f"optimizer must be optimiser settings (an [optimizer] table), got {self.optimizer!r}")
+        if not isinstance(self.defense, DefenseSettings):
+            raise ConfigError(f"defense must be defense settings (a [defense] table), got {self.defense!r}")
+
+    @property
+    def u_split(self) -> bool:
+        return self.split == "u"
 
     def cut_of(self, agent: str) -> int:
         return self.cuts.get(agent, self.cut)
 
+    def tail_of(self, agent: str) -> int:
+        """The tail depth k of ``agent`` in the first round (0 in the two-part split: the server holds the top)."""
+        return self.tails.get(agent, self.tail) if self.u_split else 0
+
     def check_cuts(self, num_layers: int) -> None:
-        """Cuts must leave at least one block on each side; so must the controller's bounds c_min, c_max."""
+        """Cuts must leave at least one block on each side; so must the controller's bounds c_min, c_max.
+
+        In the U split the server keeps at least one block between a device's cut and its tail.
+        """
         for agent, cut in [("(default)", self.cut), *self.cuts.items()]:
             if not 1 <= cut <= num_layers - 1:
                 raise ConfigError(f"cut of {agent} is {cut}, but the model's cut layers are 1..{num_layers - 1}")
@@ -188,13 +227,25 @@ class JobConfig:
             value = getattr(self, name)
             if value is not None and value > num_layers - 1:
                 raise ConfigError(f"{name} is {value}, but the model's cut layers are 1..{num_layers - 1}")
+        if not self.u_split:
+            return
+        names = sorted({"(default)", *self.cuts, *self.tails})
+        for agent in names:
+            cut = self.cut if agent == "(default)" else self.cut_of(agent)
+            tail = self.tail if agent == "(default)" else self.tail_of(agent)
+            if cut + tail > num_layers - 1:
+                raise ConfigError(
+                    f"{agent}: cut {cut} + tail {tail} leaves the server no block of the model's {num_layers}"
+                )
+        if self.c_min + self.k_min > num_layers - 1:
+            raise ConfigError(f"c_min {self.c_min} + k_min {self.k_min} leaves the server no block of {num_layers}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> JobConfig:
         """Build from a parsed TOML table; unknown keys are an error (a typo must not pass silently)."""
         data = dict(data)
         nested: dict[str, Any] = {}
-        for key, kind in (("lora", LoraSettings), ("optimizer", OptimizerSettings)):
+        for key, kind in (("lora", LoraSettings), ("optimizer", OptimizerSettings), ("defense", DefenseSettings)):
             if key in data:
                 table = data.pop(key)
                 if not isinstance(table, dict):
@@ -206,8 +257,9 @@ class JobConfig:
                     nested[key] = kind(**table)
                 except TypeError as exc:  # a value of the wrong type that the class compares before checking
                     raise ConfigError(f"bad [{key}] table: {exc}") from exc
-        if "cuts" in data and not isinstance(data["cuts"], dict):
-            raise ConfigError("[cuts] must be a table of agent = cut")
+        for table in ("cuts", "tails"):
+            if table in data and not isinstance(data[table], dict):
+                raise ConfigError(f"[{table}] must be a table of agent = {table[:-1]}")
         _check_keys(cls, data, "")
         try:
             return cls(**data, **nested)

@@ -1,7 +1,9 @@
 """The split-equals-whole check: one training step through the split, compared with the unsplit model.
 
-The client segment's activations and the server's activation gradient pass through the real codec,
-as they would over MQTT. With an fp32 wire the loss and every LoRA gradient must match the unsplit
+Two-part split: the client segment's activations and the server's activation gradient pass through
+the real codec, as they would over MQTT. U-shaped split (``tail`` given): all four crossings do, the
+activations at the cut up, the server's activations at the tail down, the gradient at the tail up and
+the gradient at the cut down; the loss is taken on the device. With an fp32 wire the loss and every LoRA gradient must match the unsplit
 PEFT model up to float rounding; with a lossy wire dtype the report shows what the wire costs.
 """
 
@@ -55,6 +57,39 @@ def split_step(
     return loss.detach()
 
 
+def u_split_step(
+    device: Segment,
+    server: Segment,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    wire_dtype: str = "fp32",
+) -> torch.Tensor:
+    """One U-shaped step: device head blocks, server middle, device tail and loss; every crossing through the codec.
+
+    Leaves the LoRA gradients in both segments and returns the (detached) loss. Only float tensors
+    cross: the labels stay with ``device``.
+    """
+    cut, tail_start = device.spec.end, device.spec.tail_start
+    assert tail_start is not None, "a U-shaped device segment has a tail"
+
+    def crossing(tensor: torch.Tensor, to: torch.device) -> torch.Tensor:
+        return decode_tensor(encode_tensor(tensor.detach(), wire_dtype)).to(to)
+
+    hidden = device(input_ids, attention_mask)  # (B, T, C) at the cut
+    mask = attention_mask.to(server.device)
+    received = crossing(hidden, server.device).requires_grad_()
+    top = server(received, mask, start=cut, stop=tail_start)  # (B, T, C) entering the tail
+    down = crossing(top, device.device).requires_grad_()
+    loss = causal_lm_loss(device(down, attention_mask, start=tail_start), labels)
+    loss.backward()
+    assert down.grad is not None
+    top.backward(crossing(down.grad, server.device))
+    assert received.grad is not None
+    hidden.backward(crossing(received.grad, device.device))
+    return loss.detach()
+
+
 def random_batch(vocab: int, batch: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Token ids, a right-padded attention mask with unequal lengths (one row full), and labels."""
     gen = torch.Generator().manual_seed(seed)
@@ -75,15 +110,24 @@ def compare_split_to_whole(
     batch: int = 4,
     length: int = 32,
     seed: int = 0,
+    tail: int | None = None,
 ) -> EquivalenceReport:
-    """Run one step split at ``cut`` and unsplit, with the same random (non-zero) adapters and batch."""
+    """Run one step split at ``cut`` and unsplit, with the same random (non-zero) adapters and batch.
+
+    With ``tail`` the split is U-shaped: the device also holds the last ``tail`` blocks and the head.
+    """
     lora = lora or LoraSettings()
     config = load_config(source, attn_implementation)
     total = num_layers(config)
-    ranks = block_ranks(total, [cut], lora)
+    if tail is None:
+        specs = (SegmentSpec.client(cut), SegmentSpec.server(cut, total))
+    else:
+        device_spec = SegmentSpec.u_device(cut, tail, total)
+        specs = (device_spec, SegmentSpec(cut, total - tail, embed=False, head=False))
+    ranks = block_ranks(total, specs[0].cuts(total), lora)
     whole, client, server = (
         build_segment(source, spec, lora=lora, ranks=ranks, attn_implementation=attn_implementation)
-        for spec in (SegmentSpec.whole(total), SegmentSpec.client(cut), SegmentSpec.server(cut, total))
+        for spec in (SegmentSpec.whole(total), *specs)
     )
 
     # Random B as well as A: with B = 0 (the usual start) every gradient of A would be zero.
@@ -97,7 +141,8 @@ def compare_split_to_whole(
     input_ids, attention_mask, labels = random_batch(config.vocab_size, batch, length, seed)
     out = whole.peft_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
     out.loss.backward()
-    loss_split = split_step(client, server, input_ids, attention_mask, labels, wire_dtype)
+    step = split_step if tail is None else u_split_step
+    loss_split = step(client, server, input_ids, attention_mask, labels, wire_dtype)
 
     split_weights = {**lora_parameters(client.peft_model), **lora_parameters(server.peft_model)}
     if set(split_weights) != set(weights):

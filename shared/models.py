@@ -252,3 +252,8 @@ def block_flops(config: PretrainedConfig, batch: int, length: int) -> float:
     """Forward FLOPs of one block for a (batch, length) step; the backward costs about the same."""
     tokens = batch * length
     return 2.0 * block_params(config) * tokens + 4.0 * tokens * length * int(config.hidden_size)
+
+
+def head_flops(config: PretrainedConfig, batch: int, length: int) -> float:
+    """Forward FLOPs of the LM head (the final norm and the loss are negligible) for a (batch, length) step."""
+    return 2.0 * int(config.hidden_size) * int(config.vocab_size) * batch * length

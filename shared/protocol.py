@@ -50,11 +50,13 @@ from .errors import ConfigError, WireError
 
 PROTOCOL_VERSION = 1
 
-JOIN, ASSIGN, ACT, GRAD, ADAPTER, ROUND, METRICS, STATUS, CHUNK, NOTICE = (
+JOIN, ASSIGN, ACT, GRAD, TAIL_ACT, TAIL_GRAD, ADAPTER, ROUND, METRICS, STATUS, CHUNK, NOTICE = (
     "join",
     "assign",
     "act",
     "grad",
+    "tail_act",
+    "tail_grad",
     "adapter",
     "round",
     "metrics",
@@ -62,7 +64,9 @@ JOIN, ASSIGN, ACT, GRAD, ADAPTER, ROUND, METRICS, STATUS, CHUNK, NOTICE = (
     "chunk",
     "notice",
 )
-MESSAGE_TYPES = frozenset({JOIN, ASSIGN, ACT, GRAD, ADAPTER, ROUND, METRICS, STATUS, CHUNK, NOTICE})
+MESSAGE_TYPES = frozenset(
+    {JOIN, ASSIGN, ACT, GRAD, TAIL_ACT, TAIL_GRAD, ADAPTER, ROUND, METRICS, STATUS, CHUNK, NOTICE}
+)
 AUTH_TAG_BYTES = 32  # HMAC-SHA256
 MIN_KEY_BYTES = 32
 _ENVELOPE_KEYS = frozenset({"v", "type", "job", "sender", "sid", "seq", "round", "step", "corr", "ts", "auth", "body"})
@@ -249,7 +253,7 @@ class Activations:
     """One step's cut-layer activations from an agent, with what the server needs for the loss."""
 
     hidden: torch.Tensor  # (B, T, C) float32
-    labels: torch.Tensor  # (B, T) int64, -100 where no loss is taken
+    labels: torch.Tensor | None  # (B, T) int64, -100 where no loss is taken; None in the U split (they stay home)
     lengths: torch.Tensor  # (B,) int64: real tokens per row (rows are right-padded)
     timings: dict[str, float]  # the agent's timings of its previous step
 
@@ -260,42 +264,98 @@ class Activations:
 
 
 def act_body(
-    hidden: torch.Tensor, labels: torch.Tensor, lengths: torch.Tensor, wire_dtype: str, timings: Mapping[str, float]
+    hidden: torch.Tensor,
+    labels: torch.Tensor | None,
+    lengths: torch.Tensor,
+    wire_dtype: str,
+    timings: Mapping[str, float],
 ) -> dict[str, Any]:
-    # Masks travel as lengths, labels as int32: a few bytes per token next to the activations.
-    return {
+    """The activations at the cut; ``labels`` None in the U split, where the device keeps them.
+
+    Masks travel as lengths (the padding of each row), labels as int32: a few bytes per token next to
+    the activations.
+    """
+    body = {
         "act": encode_tensor(hidden, wire_dtype),
-        "labels": encode_tensor(labels, "int32"),
         "lengths": encode_tensor(lengths, "int32"),
         "timings": dict(timings),
     }
+    if labels is not None:
+        body["labels"] = encode_tensor(labels, "int32")
+    return body
 
 
 def parse_act(
-    body: Mapping[str, Any], hidden_size: int, max_batch: int, max_length: int, vocab_size: int
+    body: Mapping[str, Any],
+    hidden_size: int,
+    max_batch: int,
+    max_length: int,
+    vocab_size: int,
+    *,
+    with_labels: bool = True,
 ) -> Activations:
+    """Activations at the cut; ``with_labels`` False (the U split) refuses a body that carries labels."""
     hidden = decode_tensor(
         _get(body, "act", dict), expect_shape=[None, None, hidden_size], expect_dtypes=FLOAT_WIRE_DTYPES
     )
     batch, width = hidden.shape[:2]
     if not (1 <= batch <= max_batch and 1 <= width <= max_length):
         raise WireError("bad_shape", f"activation batch {batch} x {width} outside 1..{max_batch} x 1..{max_length}")
-    labels = decode_tensor(_get(body, "labels", dict), expect_shape=[batch, width], expect_dtypes=["int32"])
     lengths = decode_tensor(_get(body, "lengths", dict), expect_shape=[batch], expect_dtypes=["int32"])
     if bool((lengths < 1).any()) or bool((lengths > width).any()):
         raise WireError("bad_shape", f"lengths must lie in [1, {width}]")
+    if not with_labels:
+        if "labels" in body:
+            raise WireError("bad_schema", "labels in a U-split job: they must stay on the device")
+        return Activations(hidden, None, lengths, _timings(body))
+    labels = decode_tensor(_get(body, "labels", dict), expect_shape=[batch, width], expect_dtypes=["int32"])
     if bool(((labels != -100) & ((labels < 0) | (labels >= vocab_size))).any()):
         raise WireError("bad_schema", f"labels must be -100 or token ids in [0, {vocab_size})")
     return Activations(hidden, labels, lengths, _timings(body))
 
 
-def grad_body(grad: torch.Tensor, wire_dtype: str, loss: float, tokens: int) -> dict[str, Any]:
-    return {"grad": encode_tensor(grad, wire_dtype), "loss": float(loss), "tokens": int(tokens)}
+def grad_body(
+    grad: torch.Tensor, wire_dtype: str, loss: float | None = None, tokens: int | None = None
+) -> dict[str, Any]:
+    """The gradient at the cut; in the two-part split with the batch's loss and target tokens (the server's)."""
+    body: dict[str, Any] = {"grad": encode_tensor(grad, wire_dtype)}
+    if loss is not None and tokens is not None:
+        body.update(loss=float(loss), tokens=int(tokens))
+    return body
 
 
-def parse_grad(body: Mapping[str, Any], shape: tuple[int, ...]) -> tuple[torch.Tensor, float, int]:
+def parse_grad(body: Mapping[str, Any], shape: tuple[int, ...]) -> tuple[torch.Tensor, float | None, int | None]:
+    """(gradient, loss, tokens); loss and tokens are None when the server has none (the U split)."""
     grad = decode_tensor(_get(body, "grad", dict), expect_shape=list(shape), expect_dtypes=FLOAT_WIRE_DTYPES)
+    if "loss" not in body and "tokens" not in body:
+        return grad, None, None
     return grad, _number(body, "loss"), _int(body, "tokens", 0, 1 << 40)
+
+
+def tail_act_body(hidden: torch.Tensor, wire_dtype: str) -> dict[str, Any]:
+    """U split, server -> device: the hidden states entering the device's tail blocks."""
+    return {"act": encode_tensor(hidden, wire_dtype)}
+
+
+def parse_tail_act(body: Mapping[str, Any], shape: tuple[int, ...]) -> torch.Tensor:
+    return decode_tensor(_get(body, "act", dict), expect_shape=list(shape), expect_dtypes=FLOAT_WIRE_DTYPES)
+
+
+def tail_grad_body(grad: torch.Tensor, wire_dtype: str, loss: float | None) -> dict[str, Any]:
+    """U split, device -> server: d(the device's mean loss)/d(the tail's input); the loss itself only if reported.
+
+    No token count travels: the server weights by the real tokens of the rows (``lengths`` of ``act``).
+    """
+    return {"grad": encode_tensor(grad, wire_dtype), "loss": None if loss is None else float(loss)}
+
+
+def parse_tail_grad(body: Mapping[str, Any], shape: tuple[int, ...]) -> tuple[torch.Tensor, float | None]:
+    grad = decode_tensor(_get(body, "grad", dict), expect_shape=list(shape), expect_dtypes=FLOAT_WIRE_DTYPES)
+    if body.get("loss") is None:
+        if "loss" not in body:
+            raise WireError("bad_schema", "message lacks field 'loss'")
+        return grad, None
+    return grad, _number(body, "loss")
 
 
 # --------------------------------------------------------------------------- adapters
@@ -305,7 +365,7 @@ def adapter_body(
     state: Mapping[str, torch.Tensor],
     tokens: int,
     samples: int,
-    loss: float,
+    loss: float | None,
     timings: Mapping[str, float],
     wire_dtype: str = "fp32",
 ) -> dict[str, Any]:
@@ -313,7 +373,7 @@ def adapter_body(
         "adapter": encode_state(state, wire_dtype),
         "tokens": int(tokens),
         "samples": int(samples),
-        "loss": float(loss),
+        "loss": None if loss is None else float(loss),  # None: a U-split agent that does not report its loss
         "timings": dict(timings),
     }
 
@@ -323,7 +383,7 @@ class AdapterUpload:
     state: dict[str, torch.Tensor]
     tokens: int
     samples: int
-    loss: float
+    loss: float | None
     timings: dict[str, float]
 
 
@@ -333,7 +393,7 @@ def parse_adapter(body: Mapping[str, Any], expect: Mapping[str, tuple[int, ...]]
         state=state,
         tokens=_int(body, "tokens", 1, 1 << 40),
         samples=_int(body, "samples", 1, 1 << 40),
-        loss=_number(body, "loss"),
+        loss=None if body.get("loss", 0) is None else _number(body, "loss"),
         timings=_timings(body),
     )
 

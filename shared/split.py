@@ -45,18 +45,31 @@ _BUILD_LOCK = threading.Lock()
 
 @dataclass(frozen=True)
 class SegmentSpec:
-    """Which part of the model a segment holds."""
+    """Which part of the model a segment holds.
+
+    Blocks ``[start, end)``, and with ``tail_start`` also blocks ``[tail_start, L)`` (none when
+    ``tail_start == L``): the U-shaped device, which holds both ends of the model so that its tokens
+    and labels never leave it.
+    """
 
     start: int  # first block held
-    end: int  # one past the last block held
+    end: int  # one past the last block held (of the first run of blocks)
     embed: bool  # holds the token (and position) embeddings; requires start == 0
-    head: bool  # holds the final norm and LM head; requires end == num_layers
+    head: bool  # holds the final norm and LM head; requires end == num_layers, or a tail
+    tail_start: int | None = None  # U-shaped device: also holds blocks tail_start..L-1 and the head
 
     def __post_init__(self) -> None:
         if not 0 <= self.start < self.end:
             raise ConfigError(f"segment blocks must satisfy 0 <= start < end, got [{self.start}, {self.end})")
         if self.embed and self.start != 0:
             raise ConfigError("a segment with the embeddings must start at block 0")
+        if self.tail_start is not None:
+            if not self.head:
+                raise ConfigError("a segment with a tail holds the LM head")
+            if self.tail_start <= self.end:
+                raise ConfigError(
+                    f"the tail must start after the first blocks end: [{self.start}, {self.end}) and {self.tail_start}"
+                )
 
     @classmethod
     def client(cls, cut: int) -> SegmentSpec:
@@ -69,20 +82,32 @@ class SegmentSpec:
         return cls(cut, num_layers, embed=False, head=True)
 
     @classmethod
+    def u_device(cls, cut: int, tail: int, num_layers: int) -> SegmentSpec:
+        """Embeddings, blocks ``0..cut-1``, the last ``tail`` blocks, final norm and LM head: a U-shaped device."""
+        return cls(0, cut, embed=True, head=True, tail_start=num_layers - tail)
+
+    @classmethod
     def whole(cls, num_layers: int) -> SegmentSpec:
         return cls(0, num_layers, embed=True, head=True)
 
+    def blocks(self, num_layers: int) -> list[int]:
+        """Every block held, in order."""
+        tail = [] if self.tail_start is None else list(range(self.tail_start, num_layers))
+        return [*range(self.start, self.end), *tail]
+
     def cuts(self, num_layers: int) -> list[int]:
         """The cut layers at this segment's edges."""
-        return [c for c in (self.start, self.end) if 0 < c < num_layers]
+        return [c for c in (self.start, self.end, self.tail_start) if c is not None and 0 < c < num_layers]
 
     def check(self, num_layers: int) -> None:
-        if self.end > num_layers:
-            raise ConfigError(f"segment ends at block {self.end} but the model has {num_layers} blocks")
-        if self.head != (self.end == num_layers):
+        last = self.end if self.tail_start is None else self.tail_start
+        if last > num_layers:
+            raise ConfigError(f"segment ends at block {last} but the model has {num_layers} blocks")
+        # The head goes with the last block (a U-shaped server's middle may end there without it).
+        if self.tail_start is None and self.head and self.end != num_layers:
             raise ConfigError(
                 f"the LM head goes with block {num_layers - 1}, the last one: segment [{self.start}, {self.end}) "
-                f"{'holds' if self.head else 'lacks'} it (cut layers are 1..{num_layers - 1})"
+                f"holds it (cut layers are 1..{num_layers - 1})"
             )
 
 
@@ -114,6 +139,7 @@ class Segment(nn.Module):
         self.family = family
         self.spec = spec
         self.ranks = ranks  # LoRA rank of each block held
+        self.num_layers = num_layers(config)
 
     @property
     def hf_model(self) -> nn.Module:
@@ -133,15 +159,27 @@ class Segment(nn.Module):
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         start: int | None = None,
+        stop: int | None = None,
+        with_head: bool = True,
     ) -> torch.Tensor:
-        """Run the segment; with ``start``, ``inputs`` are the hidden states entering block ``start``.
+        """Run blocks ``start..stop-1``; with ``start``, ``inputs`` are the hidden states entering block ``start``.
 
-        ``start`` lets one server segment serve devices cut at different layers.
+        ``start`` lets one server segment serve devices cut at different layers; ``stop`` (default: the
+        end of the run of held blocks that ``start`` is in) lets it stop below the head, at a U-shaped
+        device's tail. The head runs when ``stop`` is the model's last layer and the segment holds it
+        (a U-shaped device with no tail blocks runs only the head: ``start = stop = L``).
         """
         model, family, spec = self.hf_model, self.family, self.spec
+        total = self.num_layers
         first = spec.start if start is None else start
-        if not spec.start <= first < spec.end:
-            raise ValueError(f"block {first} is not held by this segment [{spec.start}, {spec.end})")
+        held = spec.blocks(total)
+        if stop is None:
+            stop = first
+            while stop in held:
+                stop += 1
+        head = with_head and spec.head and stop == total
+        if not (first <= stop and all(i in held for i in range(first, stop)) and (first < stop or head)):
+            raise ValueError(f"blocks [{first}, {stop}) are not held by this segment (it holds {held})")
         embed = spec.embed and start is None
         batch, length = inputs.shape[:2]
         if attention_mask.shape != (batch, length):
@@ -150,13 +188,14 @@ class Segment(nn.Module):
             # Hugging Face's default: positions 0..T-1 whatever the padding (batches are right-padded).
             position_ids = torch.arange(length, device=inputs.device).unsqueeze(0)
         hidden = family.embed(model, inputs, position_ids) if embed else inputs  # (B, T, C)
-        block_kwargs = family.block_context(
-            model, self.config, hidden, attention_mask, position_ids, range(first, spec.end)
-        )
-        layers = cast(nn.ModuleList, model.get_submodule(family.layers))
-        for i in range(first, spec.end):
-            hidden = layers[i](hidden, **block_kwargs(i))  # (B, T, C); blocks return a tensor in transformers 5
-        if not spec.head:
+        if first < stop:
+            block_kwargs = family.block_context(
+                model, self.config, hidden, attention_mask, position_ids, range(first, stop)
+            )
+            layers = cast(nn.ModuleList, model.get_submodule(family.layers))
+            for i in range(first, stop):
+                hidden = layers[i](hidden, **block_kwargs(i))  # (B, T, C); blocks return a tensor in transformers 5
+        if not head:
             return hidden
         hidden = model.get_submodule(family.final_norm)(hidden)
         return model.get_submodule(family.lm_head)(hidden)  # (B, T, V)
@@ -246,9 +285,10 @@ def build_segment(
     spec.check(total)
     if ranks is None:
         ranks = block_ranks(total, spec.cuts(total), lora)
-    held = {i: ranks[i] for i in range(spec.start, spec.end)} if ranks else {}
-    if len(held) != spec.end - spec.start:
-        raise ConfigError(f"ranks must give a rank for every block in [{spec.start}, {spec.end})")
+    blocks = spec.blocks(total)
+    held = {i: ranks[i] for i in blocks if i in ranks}
+    if len(held) != len(blocks):
+        raise ConfigError(f"ranks must give a rank for every block held ({blocks})")
 
     # init_empty_weights patches torch's parameter registration process-wide: while it is active, any
     # parameter registered by any thread lands on the meta device. Agents and the coordinator build
@@ -329,8 +369,9 @@ def load_base_model(
 def _prune(model: nn.Module, family: Family, spec: SegmentSpec, total: int) -> None:
     layers = model.get_submodule(family.layers)
     assert isinstance(layers, nn.ModuleList)
+    held = set(spec.blocks(total))
     for i in range(total):
-        if not spec.start <= i < spec.end:
+        if i not in held:
             layers[i] = _Hole(f"block {i}")
     dropped = [] if spec.embed else list(family.embeddings)
     if not spec.head:

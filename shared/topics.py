@@ -8,6 +8,8 @@
     splitft/v1/<job>/agents/<agent>/assign        coordinator -> agent (cut, ranks, adapters, ...)
     splitft/v1/<job>/agents/<agent>/act           agent -> coordinator (cut-layer activations)
     splitft/v1/<job>/agents/<agent>/grad          coordinator -> agent (activation gradients)
+    splitft/v1/<job>/agents/<agent>/tail_act      coordinator -> agent (U split: activations entering its tail)
+    splitft/v1/<job>/agents/<agent>/tail_grad     agent -> coordinator (U split: the gradient at its tail)
     splitft/v1/<job>/agents/<agent>/adapter       agent -> coordinator (client-side LoRA weights)
     splitft/v1/<job>/agents/<agent>/notice        coordinator -> agent (dropped from a round, upload refused)
 
@@ -25,9 +27,9 @@ from .errors import ConfigError
 
 ROOT = "splitft"
 VERSION = "v1"
-AGENT_KINDS = ("status", "join", "assign", "act", "grad", "adapter", "notice")
+AGENT_KINDS = ("status", "join", "assign", "act", "grad", "tail_act", "tail_grad", "adapter", "notice")
 #: who may publish what: the agent named in the topic on these ...
-UPSTREAM_KINDS = frozenset({"status", "join", "act", "adapter"})
+UPSTREAM_KINDS = frozenset({"status", "join", "act", "tail_grad", "adapter"})
 #: ... and the coordinator on everything else (assign, grad, notice and the job-wide topics)
 COORDINATOR = "coordinator"
 JOB_KINDS = ("round", "metrics")

@@ -59,6 +59,8 @@ from splitft.shared.protocol import (
     NOTICE,
     ROUND,
     STATUS,
+    TAIL_ACT,
+    TAIL_GRAD,
     Envelope,
     act_body,
     adapter_body,
@@ -73,6 +75,10 @@ from splitft.shared.protocol import (
     parse_join,
     parse_notice,
     parse_status,
+    parse_tail_act,
+    parse_tail_grad,
+    tail_act_body,
+    tail_grad_body,
 )
 from splitft.shared.topics import COORDINATOR, Topics
 
@@ -96,15 +102,17 @@ ADAPTER_EXPECT = {
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 NAN, INF = float("nan"), float("inf")
 
-UPSTREAM = ("act", "adapter", "join", "status")  # agent -> coordinator: the coordinator's link reads these
-DOWNSTREAM = ("assign", "grad", "notice", "round", "coordinator_status")  # read by the agent's link
+UPSTREAM = ("act", "tail_grad", "adapter", "join", "status")  # agent -> coordinator: the coordinator's link reads these
+DOWNSTREAM = ("assign", "grad", "tail_act", "notice", "round", "coordinator_status")  # read by the agent's link
 KINDS = UPSTREAM + DOWNSTREAM
-TYPE_OF = {"act": ACT, "adapter": ADAPTER, "join": JOIN, "status": STATUS, "assign": ASSIGN, "grad": GRAD,
-           "notice": NOTICE, "round": ROUND, "coordinator_status": STATUS}  # fmt: skip
+TYPE_OF = {"act": ACT, "tail_grad": TAIL_GRAD, "adapter": ADAPTER, "join": JOIN, "status": STATUS, "assign": ASSIGN,
+           "grad": GRAD, "tail_act": TAIL_ACT, "notice": NOTICE, "round": ROUND, "coordinator_status": STATUS}  # fmt: skip
 #: the body fields each parser requires, and their type
 SCHEMA: dict[str, dict[str, str]] = {
     "act": {"act": "tensor", "labels": "tensor", "lengths": "tensor", "timings": "dict"},
-    "adapter": {"adapter": "dict", "tokens": "int", "samples": "int", "loss": "number", "timings": "dict"},
+    "adapter": {"adapter": "dict", "tokens": "int", "samples": "int", "loss": "number_or_nil", "timings": "dict"},
+    "tail_act": {"act": "tensor"},
+    "tail_grad": {"grad": "tensor", "loss": "number_or_nil"},
     "join": {"profile": "dict", "data_samples": "int", "data_tokens": "int", "model": "str"},
     "status": {"state": "str"},
     "assign": {
@@ -129,6 +137,7 @@ SCHEMA: dict[str, dict[str, str]] = {
 WRONG: dict[str, list[Any]] = {
     "int": [None, True, 1.5, "7", b"7", [7], {"n": 7}],
     "number": [None, True, "1.0", b"1", [1.0], {}, NAN, INF, -INF],
+    "number_or_nil": [True, "1.0", b"1", [1.0], {}, NAN, INF, -INF],
     "str": [None, 7, 1.5, b"text", ["text"], {}],
     "dict": [None, 7, "map", b"map", [1, 2]],
     "list": [None, 7, "list", b"l", {"0": 1}],
@@ -205,6 +214,8 @@ PARSERS: dict[str, Callable[[Envelope, Any], Any] | None] = {
     "status": lambda env, ctx: parse_status(env.body),
     "assign": lambda env, ctx: parse_assign(env),
     "grad": lambda env, ctx: parse_grad(env.body, ctx),
+    "tail_act": lambda env, ctx: parse_tail_act(env.body, ctx),
+    "tail_grad": lambda env, ctx: parse_tail_grad(env.body, ctx),
     "notice": lambda env, ctx: parse_notice(env.body),
     "round": None,  # the agent only looks at body.get("event"): there is nothing to refuse
     "coordinator_status": lambda env, ctx: parse_status(env.body),
@@ -244,8 +255,8 @@ BODY_CASES = [
 ]
 TENSOR_MUTATIONS = [
     (kind, slot, sub)
-    for kind, slot in [("act", "act"), ("act", "labels"), ("act", "lengths"), ("grad", "grad"), ("adapter", None),
-                       ("assign", None)]
+    for kind, slot in [("act", "act"), ("act", "labels"), ("act", "lengths"), ("grad", "grad"), ("tail_act", "act"),
+                       ("tail_grad", "grad"), ("adapter", None), ("assign", None)]
     for sub in ("shape", "dtype", "data_len", "nonfinite", "extra_key", "missing_key", "huge_dims", "not_map",
                 "retyped", "hostile_field")
 ]  # fmt: skip
@@ -396,6 +407,15 @@ class Fuzzer:
         shape = (self.rng.randint(1, MAX_B), self.rng.randint(1, MAX_T), HIDDEN)
         wire = self.rng.choice(FLOAT_WIRE_DTYPES)
         return grad_body(self.randn(*shape), wire, self.rng.uniform(0, 10), self.rng.randint(0, 512)), shape
+
+    def body_tail_act(self) -> tuple[dict[str, Any], Any]:
+        shape = (self.rng.randint(1, MAX_B), self.rng.randint(1, MAX_T), HIDDEN)
+        return tail_act_body(self.randn(*shape), self.rng.choice(FLOAT_WIRE_DTYPES)), shape
+
+    def body_tail_grad(self) -> tuple[dict[str, Any], Any]:
+        shape = (self.rng.randint(1, MAX_B), self.rng.randint(1, MAX_T), HIDDEN)
+        loss = self.rng.choice([None, self.rng.uniform(0, 10)])
+        return tail_grad_body(self.randn(*shape), self.rng.choice(FLOAT_WIRE_DTYPES), loss), shape
 
     def body_adapter(self) -> tuple[dict[str, Any], Any]:
         state = {n: self.randn(*s) for n, s in ADAPTER_EXPECT.items()}
