@@ -66,7 +66,7 @@ from splitft.shared.protocol import (
     parse_tail_act,
     tail_grad_body,
 )
-from splitft.shared.split import IGNORE_INDEX, Segment, SegmentSpec, build_segment, causal_lm_loss, padding_mask
+from splitft.shared.split import IGNORE_INDEX, Segment, SegmentSpec, build_segment, padding_mask
 from splitft.shared.text import load_tokenizer
 from splitft.shared.topics import Topics
 
@@ -113,7 +113,9 @@ class Assignment:
     split: str = "two-part"  # "u": the device also holds the last `tail` blocks and the head, and takes the loss
     tail: int = 0  # U split: blocks at the top of the model this device holds
     report_loss: bool = True  # U split: send the mean loss (a scalar) with each tail gradient
-    defense: DefenseSettings = field(default_factory=DefenseSettings)  # clip / noise on the activations sent, NoPeek in the loss
+    defense: DefenseSettings = field(
+        default_factory=DefenseSettings
+    )  # clip / noise on the activations sent, NoPeek in the loss
 
     @property
     def u_split(self) -> bool:
@@ -410,11 +412,11 @@ class Agent:
         )
         config = self.model_config
         batch, length = labels.shape
-        flops = 2 * (a.tail * block_flops(config, batch, length) + head_flops(config, batch, length))
+        head = head_flops(config, 1, int((labels[:, 1:] != IGNORE_INDEX).sum()))  # the head runs on targets only
+        flops = 2 * (a.tail * block_flops(config, batch, length) + head)
         grad, loss, compute_s, head_share = await self._compute(
-            _tail_step, segment, top, labels, lengths, tail_start, self.emulation, flops,
-            head_flops(config, batch, length) * 2 / flops,
-        )  # fmt: skip
+            _tail_step, segment, top, labels, lengths, tail_start, self.emulation, flops, 2 * head / flops
+        )
         body = tail_grad_body(grad, a.wire_dtype, loss if a.report_loss else None)
         upload_s, sent = await self._send(a, step, TAIL_GRAD, body)
         return _TailStep(loss, compute_s, compute_s * head_share, upload_s, sent, received.size, decode_s)
@@ -585,10 +587,8 @@ def _tail_step(
     t0 = time.perf_counter()
     mask = padding_mask(lengths, top.shape[1]).to(segment.device)
     top = top.to(segment.device).requires_grad_()  # (B, T, C)
-    logits = segment(top, mask, start=tail_start)  # (B, T, V)
-    loss = causal_lm_loss(logits, labels.to(segment.device))
-    if int((labels[:, 1:] != IGNORE_INDEX).sum()) == 0:
-        loss = logits.sum() * 0.0  # no target in this batch: a zero gradient, as the server sends in the two-part split
+    result = segment.target_loss(top, mask, labels.to(segment.device), tail_start)
+    loss = result.loss_sum / max(result.tokens, 1)  # the mean over this device's targets
     loss.backward()
     assert top.grad is not None
     seconds = time.perf_counter() - t0

@@ -422,6 +422,11 @@ def run(
         _preflight(spec, out)
     except SplitFTError as exc:
         raise _fail(exc) from exc
+    if not spec.u_split:
+        console.print(
+            "[yellow]two-part split:[/yellow] every step's activations carry the devices' labels (their response "
+            'tokens) to this host; split = "u" in the job file keeps tokens and labels on the devices.'
+        )
     made = _new_folders(out)  # removed again if the run fails before writing anything in them
     try:
         coordinator = Coordinator(

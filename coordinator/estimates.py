@@ -39,10 +39,19 @@ class _Device:
 
 
 class FleetEstimates:
-    def __init__(self, weight: float, server: ServerEstimate, block_mb: float, server_speedup: float = 1.0) -> None:
+    def __init__(
+        self,
+        weight: float,
+        server: ServerEstimate,
+        block_mb: float,
+        server_speedup: float = 1.0,
+        round_trips: int = 1,
+    ) -> None:
         """``server`` is the server's calibration; the estimates see it, and every later measurement of it,
-        ``server_speedup`` times faster (an emulated study's stand-in for a faster server; 1 in real jobs)."""
+        ``server_speedup`` times faster (an emulated study's stand-in for a faster server; 1 in real jobs).
+        ``round_trips``: the link round trips of a step (2 in the U split)."""
         self.weight = weight
+        self.round_trips = round_trips
         self.server_speedup = server_speedup
         self.base_server = ServerEstimate(
             block_s=server.block_s / server_speedup, head_s=server.head_s / server_speedup
@@ -102,7 +111,7 @@ class FleetEstimates:
             down_bytes=d.down.value or 0.0,
             uplink_bps=float(p.get("uplink_mbps", math.inf)) * 1e6,
             downlink_bps=float(p.get("downlink_mbps", math.inf)) * 1e6,
-            rtt_s=float(p.get("rtt_ms", 0.0)) / 1000,
+            rtt_s=float(p.get("rtt_ms", 0.0)) / 1000 * self.round_trips,
             # Half the usable memory for the client blocks: the rest is the runtime, data and batch.
             max_blocks=max(1, int(usable * 0.5 / self.block_mb)) if math.isfinite(usable) else 1 << 30,
             accuracy=d.accuracy,

@@ -260,7 +260,9 @@ class Coordinator:
         ) / 2**20
         if self.job.u_split:  # the head is on the devices: the server's work per batch is its blocks alone
             calibration = replace(calibration, head_s=0.0)
-        self.estimates = FleetEstimates(self.job.ewma, calibration, block_mb, self.job.server_speedup)
+        self.estimates = FleetEstimates(
+            self.job.ewma, calibration, block_mb, self.job.server_speedup, round_trips=2 if self.job.u_split else 1
+        )
         self.controller = Controller(self._controller_settings(self.server.num_layers))
         if first_round == 1:
             result = await self._compute(self.server.evaluate, eval_batches)

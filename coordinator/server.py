@@ -46,12 +46,10 @@ from splitft.shared.lora import LoraSettings, block_ranks, load_lora_state, lora
 from splitft.shared.models import load_config, num_layers
 from splitft.shared.protocol import Activations
 from splitft.shared.split import (
-    IGNORE_INDEX,
     EvalResult,
     Segment,
     SegmentSpec,
     build_segment,
-    causal_lm_loss,
     evaluate_lm,
 )
 
@@ -176,15 +174,9 @@ class ServerModel:
             raise ValueError("a two-part step needs the batch's labels")
         self.segment.train()
         hidden = act.hidden.to(self.device).requires_grad_()  # (B, T, C)
-        labels = act.labels.to(self.device)
-        mask = act.attention_mask.to(self.device)
-        logits = self.segment(hidden, mask, start=cut)  # (B, T, V)
-        tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())
-        loss_sum = causal_lm_loss(logits, labels, num_targets=1)
-        loss_sum.backward()
-        with torch.no_grad():
-            targets = labels[:, 1:]
-            correct = int(((logits[:, :-1].argmax(-1) == targets) & (targets != IGNORE_INDEX)).sum())
+        result = self.segment.target_loss(hidden, act.attention_mask.to(self.device), act.labels.to(self.device), cut)
+        result.loss_sum.backward()
+        tokens, correct, loss_sum = result.tokens, result.correct, result.loss_sum
         for block in range(cut, self.num_layers):
             self._step_tokens[block] += tokens
         assert hidden.grad is not None

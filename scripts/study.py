@@ -118,6 +118,8 @@ class StudySettings:
     gen_samples: int = 50  # GSM8K test problems answered by greedy generation
     gen_tokens: int = 128
     server_speedup: float = 100.0
+    split: str = "two-part"  # the split runs' split, "two-part" or "u" (their devices then also hold `tail` blocks)
+    tail: int = 1
     wire_alpha: float = 1.0
     target_margin: float = 0.05  # target perplexity: centralised's final x (1 + margin)
     seed: int = 0
@@ -336,6 +338,8 @@ def split_job(settings: StudySettings, base: Path, method: str, alpha: float, wi
         batch_size=settings.batch_size,
         max_length=settings.max_length,
         cut=settings.fixed_cut,
+        split=settings.split,
+        tail=settings.tail,
         policy=method,
         wire_dtype=wire,
         lora=LoraSettings(r=settings.r, r_cut=settings.r_cut if method == "splitft" else settings.r),
@@ -415,19 +419,11 @@ def replay_split(
             timings = agent.get("timings") or {}
             act, grad = float(timings.get("bytes_up", 0.0)), float(timings.get("bytes_down", 0.0))
             for _ in range(settings.local_steps):
-                input_ids, _, _ = streams[name].next()
+                input_ids, labels, _ = streams[name].next()
                 b, t = input_ids.shape
                 shapes.append((b, t))
-                one_way = costs.device_pass_s(device, agent["cut"], b, t)
-                steps_run.append(
-                    SplitStep(
-                        one_way,
-                        device.up_s(act),
-                        costs.server_batch_s(agent["cut"], b, t),
-                        device.down_s(grad),
-                        one_way,
-                    )
-                )
+                targets = int((labels[:, 1:] != -100).sum())  # the head runs on the targets only
+                steps_run.append(split_step(costs, device, agent["cut"], agent.get("tail"), b, t, targets, act, grad))
             adapter_up = max(agent["bytes_up"] - settings.local_steps * act, 0.0)
             adapter_down = max(agent["bytes_down"] - settings.local_steps * grad, 0.0)
             participants.append(SplitParticipant(name, device.down_s(adapter_down), steps_run, device.up_s(adapter_up)))
@@ -436,9 +432,38 @@ def replay_split(
         virtual += timing.seconds
         up, down = up + record["bytes_up"], down + record["bytes_down"]
         row = _row(record["round"], virtual, wall, record, up, down, record["cuts"])
-        row.update(_balance(costs, timing, estimates, shapes, record))
+        if settings.split == "two-part":
+            row.update(_balance(costs, timing, estimates, shapes, record))
+        else:  # the balance bound models the two-part split only
+            row.update(step_s=round(timing.mean_step_s, 5), attempt=record.get("attempt", 1))
         rows.append(row)
     return rows
+
+
+def split_step(
+    costs: CostModel,
+    device: Device,
+    cut: int,
+    tail: int | None,
+    b: int,
+    t: int,
+    targets: int,
+    up: float,
+    down: float,
+) -> SplitStep:
+    """One device step on the simulated clock; ``up``/``down`` are the step's bytes each way (in the U split, two
+    messages each way of about the same size: activations and the tail's gradient up, tail activations and the
+    gradient at the cut down); the head runs on the ``targets`` positions."""
+    one_way = costs.device_pass_s(device, cut, b, t)
+    if tail is None:
+        server = costs.server_batch_s(cut, b, t, head_tokens=targets)
+        return SplitStep(one_way, device.up_s(up), server, device.down_s(down), one_way)
+    middle = costs.server_middle_s(cut, tail, b, t)
+    tail_s = 2 * costs.device_pass_s(device, tail, b, t, head=True, head_tokens=targets)
+    return SplitStep(
+        one_way, device.up_s(up / 2), middle, device.down_s(down / 2), one_way,
+        tail=(device.down_s(down / 2), tail_s, device.up_s(up / 2), middle),
+    )  # fmt: skip
 
 
 def _balance(

@@ -15,6 +15,9 @@ as a discrete-event simulation from first principles instead:
   sends its activations, waits for the server (which serves one batch at a time, in arrival order, and
   steps its optimiser once every batch of the step is in, so a batch of step ``k + 1`` waits for the
   whole of step ``k``), gets the gradient, runs its backward; after its last step it uploads its adapters.
+  In the U split the server's work on a batch comes in two parts: its forward pass, after which the
+  device receives the activations at its tail, runs its tail, head and loss and sends the gradient
+  back; then its backward pass, queued like any other work.
 
 Federated learning without a split is the same with all the compute on the device and no messages but
 the adapters; centralised training is the server's compute alone.
@@ -84,19 +87,26 @@ class CostModel:
     def layers(self) -> int:
         return num_layers(self.config)
 
-    def device_pass_s(self, device: Device, blocks: int, batch: int, length: int, head: bool = False) -> float:
-        """One direction (forward, or backward) of ``blocks`` blocks, and the head if it is on the device."""
+    def device_pass_s(
+        self, device: Device, blocks: int, batch: int, length: int, head: bool = False, head_tokens: int | None = None
+    ) -> float:
+        """One direction (forward, or backward) of ``blocks`` blocks, and the head if it is on the device (on
+        ``head_tokens`` tokens: the U split's device computes it at the target positions only)."""
         flops = blocks * block_flops(self.config, batch, length)
         if head:
-            flops += head_flops(self.config, batch, length)
+            flops += head_flops(self.config, 1, batch * length if head_tokens is None else head_tokens)
         return device.compute_s(flops)
 
-    def server_batch_s(self, cut: int, batch: int, length: int) -> float:
-        """Forward and backward of one device batch from block ``cut`` through the head (cut 0: the whole model)."""
+    def server_middle_s(self, cut: int, tail: int, batch: int, length: int) -> float:
+        """U split: the forward (or the backward) of one device batch through blocks ``cut..L-tail-1``."""
+        return (self.layers - cut - tail) * block_flops(self.config, batch, length) / self.server.block_flops_per_s
+
+    def server_batch_s(self, cut: int, batch: int, length: int, head_tokens: int | None = None) -> float:
+        """Forward and backward of one device batch from block ``cut`` through the head (cut 0: the whole model);
+        the head on ``head_tokens`` tokens (the server's split step computes it at the target positions only)."""
         blocks = (self.layers - cut) * 2 * block_flops(self.config, batch, length)
-        return blocks / self.server.block_flops_per_s + 2 * head_flops(self.config, batch, length) / (
-            self.server.head_flops_per_s
-        )
+        head = head_flops(self.config, 1, batch * length if head_tokens is None else head_tokens)
+        return blocks / self.server.block_flops_per_s + 2 * head / self.server.head_flops_per_s
 
 
 @dataclass(frozen=True)
@@ -105,9 +115,12 @@ class SplitStep:
 
     forward_s: float
     up_s: float  # activations to the server
-    server_s: float  # the server's work on this batch
+    server_s: float  # the server's work on this batch (in the U split: its forward pass)
     down_s: float  # the gradient back
     backward_s: float
+    # The U split: the server's activations down, the device's tail (blocks, head, loss, forward and
+    # backward), the gradient at the tail up, and the server's backward pass. None: the two-part split.
+    tail: tuple[float, float, float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -154,15 +167,22 @@ def split_round(participants: Sequence[SplitParticipant]) -> RoundTiming:
             push(p.adapter_down_s + p.steps[0].forward_s + p.steps[0].up_s, "arrive", i, 0)
         else:
             push(p.adapter_down_s + p.adapter_up_s, "finish", i, 0)
-    waiting: list[tuple[float, int]] = []  # arrivals of the current step (time, participant)
-    later: dict[int, list[tuple[float, int]]] = {}  # arrivals of later steps, held for the barrier
+    waiting: list[tuple[float, int, bool]] = []  # work of the current step (arrival, participant, a backward)
+    later: dict[int, list[tuple[float, int, bool]]] = {}  # arrivals of later steps, held for the barrier
     current, served, server_free = 0, 0, 0.0
     timing = RoundTiming(0.0)
     while events:
         t, _, kind, i, k = heapq.heappop(events)
         p = participants[i]
+        tail = p.steps[k].tail if k < steps else None
         if kind == "arrive":
-            (waiting if k == current else later.setdefault(k, [])).append((t, i))
+            (waiting if k == current else later.setdefault(k, [])).append((t, i, False))
+        elif kind == "back":  # U split: the gradient at the device's tail reached the server
+            waiting.append((t, i, True))
+        elif kind == "forwarded":  # U split: the server's forward is done; the device runs its tail
+            assert tail is not None
+            tail_down_s, tail_s, tail_up_s, _ = tail
+            push(t + tail_down_s + tail_s + tail_up_s, "back", i, k)
         elif kind == "served":
             served += 1
             step = p.steps[k]
@@ -178,16 +198,17 @@ def split_round(participants: Sequence[SplitParticipant]) -> RoundTiming:
         elif kind == "finish":
             timing.device_finish[p.name] = t
             timing.seconds = max(timing.seconds, t)
-        # The server takes the earliest waiting batch of the open step once it is free (when it is busy,
-        # its "served" event comes back here).
+        # The server takes the earliest waiting work of the open step once it is free (when it is busy,
+        # its "served" or "forwarded" event comes back here).
         if waiting and server_free <= t:
             waiting.sort()
-            arrived, j = waiting.pop(0)
+            arrived, j, backward = waiting.pop(0)
             start = max(arrived, server_free, t)
-            work = participants[j].steps[current].server_s
+            step = participants[j].steps[current]
+            work = step.tail[3] if backward and step.tail is not None else step.server_s
             server_free = start + work
             timing.server_busy_s += work
-            push(server_free, "served", j, current)
+            push(server_free, "forwarded" if step.tail is not None and not backward else "served", j, current)
     return timing
 
 

@@ -108,7 +108,9 @@ class JobConfig:
     split: str = "two-part"  # "two-part" or "u" (U-shaped: the device also holds the last `tail` blocks and the head)
     tail: int = 1  # U split: blocks at the top of the model that agents not named in `tails` hold (0 = the head only)
     tails: Mapping[str, int] = field(default_factory=dict)
-    k_min: int = 0  # U split: the fewest tail blocks the controller may give a device ...
+    k_min: int = (
+        1  # U split: the fewest tail blocks a device holds (with 0 the gradient at the head gives the labels away)
+    )
     k_max: int | None = None  # ... and the most (default: as many as leave the server one block)
     report_loss: bool = True  # U split: agents report their mean training loss (one number per step)
     policy: str = "fixed"  # how cuts change between rounds: fixed, paper, latency, splitft
@@ -177,6 +179,10 @@ class JobConfig:
             check_name("agent", agent)
         if type(self.k_min) is not int or self.k_min < 0:
             raise ConfigError(f"k_min must be an integer >= 0, got {self.k_min!r}")
+        if self.split == "u":
+            for agent, tail in [("tail", self.tail), *((f"tails.{a}", t) for a, t in self.tails.items())]:
+                if tail < self.k_min or (self.k_max is not None and tail > self.k_max):
+                    raise ConfigError(f"{agent} = {tail} is outside k_min..k_max ({self.k_min}..{self.k_max or 'L'})")
         if self.k_max is not None and (type(self.k_max) is not int or self.k_max < self.k_min):
             raise ConfigError(f"k_max must be an integer >= k_min ({self.k_min}), got {self.k_max!r}")
         if type(self.report_loss) is not bool:

@@ -103,11 +103,11 @@ class SegmentSpec:
         last = self.end if self.tail_start is None else self.tail_start
         if last > num_layers:
             raise ConfigError(f"segment ends at block {last} but the model has {num_layers} blocks")
-        # The head goes with the last block (a U-shaped server's middle may end there without it).
-        if self.tail_start is None and self.head and self.end != num_layers:
+        # The head goes with the last block; only a U-shaped server's middle (no embeddings) ends there without it.
+        if self.tail_start is None and self.head != (self.end == num_layers) and (self.head or self.embed):
             raise ConfigError(
                 f"the LM head goes with block {num_layers - 1}, the last one: segment [{self.start}, {self.end}) "
-                f"holds it (cut layers are 1..{num_layers - 1})"
+                f"{'holds' if self.head else 'lacks'} it (cut layers are 1..{num_layers - 1})"
             )
 
 
@@ -178,7 +178,8 @@ class Segment(nn.Module):
             while stop in held:
                 stop += 1
         head = with_head and spec.head and stop == total
-        if not (first <= stop and all(i in held for i in range(first, stop)) and (first < stop or head)):
+        at_head = spec.head and stop == total  # a U-shaped device with no tail blocks: nothing but the head
+        if not (first <= stop and all(i in held for i in range(first, stop)) and (first < stop or at_head)):
             raise ValueError(f"blocks [{first}, {stop}) are not held by this segment (it holds {held})")
         embed = spec.embed and start is None
         batch, length = inputs.shape[:2]
@@ -197,8 +198,41 @@ class Segment(nn.Module):
                 hidden = layers[i](hidden, **block_kwargs(i))  # (B, T, C); blocks return a tensor in transformers 5
         if not head:
             return hidden
-        hidden = model.get_submodule(family.final_norm)(hidden)
-        return model.get_submodule(family.lm_head)(hidden)  # (B, T, V)
+        return self.head(hidden)  # (B, T, V)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head on hidden states ``(..., C)`` -> logits ``(..., V)`` (both act per token)."""
+        model, family = self.hf_model, self.family
+        return model.get_submodule(family.lm_head)(model.get_submodule(family.final_norm)(hidden))
+
+    def target_loss(
+        self, inputs: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, start: int
+    ) -> TargetLoss:
+        """Blocks ``start..L-1``, then the head only at the positions that predict a target, and the summed
+        next-token cross-entropy there.
+
+        The same loss and gradients as :func:`causal_lm_loss` on the full logits (the norm and the head act
+        per token), without computing the head for prompt and padding positions: the head is the largest
+        single cost of a small model's step (V x C per token), and a U-shaped device pays it.
+        """
+        hidden = self(inputs, attention_mask, start=start, with_head=False)  # (B, T, C) after the last block
+        targets = labels[:, 1:]  # position t predicts labels[t + 1]
+        picked = targets != IGNORE_INDEX  # (B, T-1)
+        logits = self.head(hidden[:, :-1][picked])  # (N, V)
+        wanted = targets[picked]  # (N,)
+        loss_sum = F.cross_entropy(logits.float(), wanted, reduction="sum")
+        if wanted.numel() == 0:
+            loss_sum = hidden.sum() * 0.0  # no target: a zero loss that still has a graph
+        with torch.no_grad():
+            correct = int((logits.argmax(-1) == wanted).sum())
+        return TargetLoss(loss_sum, int(wanted.numel()), correct)
+
+
+@dataclass(frozen=True)
+class TargetLoss:
+    loss_sum: torch.Tensor  # summed cross-entropy over the batch's targets (a scalar with its graph)
+    tokens: int  # the targets
+    correct: int  # targets predicted right (argmax)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_targets: int | None = None) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 from splitft.agent.emulation import Emulation
 from splitft.agent.runtime import _backward, _forward
 from splitft.shared.codec import pack
+from splitft.shared.defense import DefenseSettings
 from splitft.shared.models import block_flops, block_params, load_config
 from splitft.shared.profiles import load_profile
 from splitft.shared.split import SegmentSpec, build_segment
@@ -59,7 +60,9 @@ def test_emulated_step_matches_the_profile_prediction(tmp_path: Path) -> None:
     segment(ids, torch.ones_like(ids)).sum().backward()  # warm-up, not timed
 
     started = time.perf_counter()
-    hidden, body, forward_s = _forward(segment, ids, ids, lengths, "fp16", {}, emulation, flops)
+    hidden, _, body, forward_s = _forward(
+        segment, ids, ids, lengths, "fp16", {}, emulation, flops, DefenseSettings(), torch.Generator()
+    )
     up = len(pack(body))
     time.sleep(emulation.uplink_s(up))
     grad = torch.randn_like(hidden) * 1e-3

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import pytest
 import torch
 import zstandard
 from test_runtime import assert_equals_centralised, equivalence_job, read_metrics, shards, small_job
@@ -254,11 +255,13 @@ async def test_coordinator_killed_resumes_bit_for_bit_and_agents_carry_on(broker
 # --------------------------------------------------------------------------- the broker restarts
 
 
-async def test_broker_restart_mid_run_loses_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("split", ["two-part", "u"])
+async def test_broker_restart_mid_run_loses_nothing(tmp_path: Path, split: str) -> None:
+    """In the U split what is in flight may be either half of a step: both are re-sent and answered."""
     broker = start_mosquitto(tmp_path / "broker-1")
     brokers = [broker]
     try:
-        job = job_config("restart", rounds=3)
+        job = job_config("restart", rounds=3, split=split)
         data = shards(tmp_path)
         settings = BrokerSettings(url=broker.url, backoff_min_s=0.1, backoff_max_s=1.0)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import aiomqtt
@@ -232,14 +233,15 @@ async def test_garbage_on_activation_and_adapter_topics_is_rejected(broker: Brok
     assert sent == 50 * 2 * len(payloads)
 
 
-async def test_resume_continues_from_the_last_checkpoint(broker: Broker, tmp_path: Path) -> None:
+@pytest.mark.parametrize("split", ["two-part", "u"])
+async def test_resume_continues_from_the_last_checkpoint(broker: Broker, tmp_path: Path, split: str) -> None:
     out = tmp_path / "out"
     data = shards(tmp_path)
-    first = await run_job(broker, out, small_job("resume", rounds=2), data)
+    first = await run_job(broker, out, replace(small_job("resume", rounds=2), split=split), data)
     assert first.server is not None
     saved = lora_state(first.server.segment.peft_model)
     settings = BrokerSettings(url=broker.url)
-    resumed = Coordinator(small_job("resume", rounds=3), settings, out, resume=True)
+    resumed = Coordinator(replace(small_job("resume", rounds=3), split=split), settings, out, resume=True)
     agents = [Agent(AgentSettings(n, "resume", "tiny-gpt2", p), settings) for n, p in data.items()]
     tasks = [asyncio.create_task(a.run()) for a in agents]
 

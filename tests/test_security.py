@@ -414,10 +414,13 @@ async def test_hmac_refuses_unsigned_misdirected_and_stale_messages(secure_broke
 # --------------------------------------------------------------------------- a whole job, everything on
 
 
+@pytest.mark.parametrize("split", ["two-part", "u"])
 async def test_job_over_tls_with_passwords_acl_and_hmac(
-    secure_broker: Broker, fleet: FleetSecrets, tmp_path: Path
+    secure_broker: Broker, fleet: FleetSecrets, tmp_path: Path, split: str
 ) -> None:
+    """A whole job through TLS, the ACL and HMACs; in the U split too (its tail topics must be in the ACL)."""
     job = JobConfig(
+        split=split,
         job="secure",
         model="tiny-gpt2",
         rounds=1,

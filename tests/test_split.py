@@ -72,10 +72,14 @@ def check_split_equals_whole(source: str, cut: int, attention: str, lengths: lis
     hidden.backward(decode_tensor(unpack(down)["grad"], expect_shape=list(hidden.shape)))
 
     assert loss.item() == pytest.approx(reference.loss.item(), rel=RTOL)
-    split_params = {**client.lora_parameters(), **server.lora_parameters()}
-    assert set(split_params) == set(whole_params)
-    for name, p in whole_params.items():
-        g_whole, g_split = p.grad, split_params[name].grad
+    assert_same_gradients(whole_params, {**client.lora_parameters(), **server.lora_parameters()})
+
+
+def assert_same_gradients(whole: dict[str, torch.nn.Parameter], split: dict[str, torch.nn.Parameter]) -> None:
+    """Every LoRA weight of the whole model got a non-zero gradient, and the split the same one."""
+    assert set(split) == set(whole)
+    for name, p in whole.items():
+        g_whole, g_split = p.grad, split[name].grad
         assert g_whole is not None and g_split is not None, name
         assert g_whole.norm() > 0, f"{name} got no gradient: the comparison would prove nothing"
         torch.testing.assert_close(g_split, g_whole, rtol=RTOL, atol=RTOL * g_whole.abs().max().item())
@@ -159,13 +163,7 @@ def check_u_split_equals_whole(source: str, cut: int, tail: int, attention: str,
     loss = u_split_step(device, server, input_ids, mask, labels, "fp32")
 
     assert loss.item() == pytest.approx(reference.loss.item(), rel=RTOL)
-    split_params = {**device.lora_parameters(), **server.lora_parameters()}
-    assert set(split_params) == set(whole_params)
-    for name, p in whole_params.items():
-        g_whole, g_split = p.grad, split_params[name].grad
-        assert g_whole is not None and g_split is not None, name
-        assert g_whole.norm() > 0, f"{name} got no gradient: the comparison would prove nothing"
-        torch.testing.assert_close(g_split, g_whole, rtol=RTOL, atol=RTOL * g_whole.abs().max().item())
+    assert_same_gradients(whole_params, {**device.lora_parameters(), **server.lora_parameters()})
 
 
 def block_of(name: str) -> int:

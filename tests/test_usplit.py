@@ -5,19 +5,24 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import aiomqtt
 import msgpack
+import pytest
 import torch
 import zstandard
-from test_runtime import read_metrics, run_job, shards
+from test_runtime import equivalence_job, read_metrics, run_job, shards
 
-from splitft.agent.runtime import batch_seed
-from splitft.shared.config import JobConfig, OptimizerSettings
+from splitft.agent.runtime import _forward, batch_seed, parse_assignment
+from splitft.shared.config import JobConfig
 from splitft.shared.data import Batches, load_records, tokenize
-from splitft.shared.lora import LoraSettings, block_ranks, lora_state
+from splitft.shared.defense import DefenseSettings
+from splitft.shared.errors import ConfigError, WireError
+from splitft.shared.lora import block_ranks, lora_state
+from splitft.shared.protocol import act_body, grad_body, parse_act, parse_grad, parse_tail_grad, tail_grad_body
 from splitft.shared.split import IGNORE_INDEX, SegmentSpec, build_segment, causal_lm_loss
 from splitft.shared.text import load_tokenizer
 
@@ -28,27 +33,9 @@ TAILS = {"a1": 0, "a2": 1, "a3": 2}
 
 
 def u_job(name: str, **changes: Any) -> JobConfig:
-    """Plain SGD, one step per round, one rank everywhere, a different (cut, tail) per agent, fp32 on the wire."""
-    settings: dict[str, Any] = dict(
-        job=name,
-        model="tiny-gpt2",
-        split="u",
-        rounds=3,
-        local_steps=1,
-        batch_size=2,
-        max_length=64,
-        min_agents=3,
-        cuts=CUTS,
-        tails=TAILS,
-        lora=LoraSettings(r=4, r_cut=4),
-        optimizer=OptimizerSettings(name="sgd", lr=0.5),
-        wire_dtype="fp32",
-        eval_samples=4,
-        step_timeout_s=60,
-        upload_timeout_s=60,
-        join_window_s=0.2,
-    )
-    return JobConfig(**{**settings, **changes})
+    """The runtime tests' equivalence job (plain SGD, one step per round, one rank, fp32 on the wire) in the U
+    split, with a different (cut, tail) per agent."""
+    return replace(equivalence_job(name), split="u", tails=TAILS, k_min=0, **changes)
 
 
 def batch_streams(job: JobConfig, data: dict[str, Path]) -> dict[str, Batches]:
@@ -193,3 +180,81 @@ def test_u_split_plans_cut_and_tail_from_the_blocks() -> None:
     assert split_blocks(1, tail=1, c_min=1, k_min=0, k_max=10) == (1, 0)  # c_min first
     assert split_blocks(6, tail=4, c_min=1, k_min=0, k_max=2) == (4, 2)  # k_max caps the tail
     assert split_blocks(3, tail=0, c_min=1, k_min=1, k_max=5) == (2, 1)  # k_min raises it
+
+
+def test_u_split_settings_are_checked() -> None:
+    with pytest.raises(ConfigError, match="split must be one of"):
+        JobConfig(split="three-part")
+    with pytest.raises(ConfigError, match="tail = 0 is outside k_min"):
+        JobConfig(split="u", tail=0)  # the default k_min of 1: a tail of 0 sends the labels' gradient
+    with pytest.raises(ConfigError, match="leaves the server no block"):
+        JobConfig(split="u", cut=10, tail=2).check_cuts(12)
+    with pytest.raises(ConfigError, match=r"tails\.a1 must be an integer"):
+        JobConfig.from_dict({"split": "u", "tails": {"a1": -1}})
+    JobConfig(split="u", cut=9, tail=2).check_cuts(12)
+    assert JobConfig(split="u", tails={"a1": 3}).tail_of("a1") == 3
+    assert JobConfig(tails={"a1": 3}).tail_of("a1") == 0  # the two-part split has no tail
+
+
+def test_u_split_messages_are_checked() -> None:
+    hidden, lengths = torch.randn(2, 5, 8), torch.tensor([5, 3])
+    with_labels = act_body(hidden, torch.zeros(2, 5, dtype=torch.long), lengths, "fp32", {})
+    with pytest.raises(WireError, match="must stay on the device") as info:
+        parse_act(with_labels, 8, 4, 16, 100, with_labels=False)
+    assert info.value.reason == "bad_schema"
+    act = parse_act(act_body(hidden, None, lengths, "fp32", {}), 8, 4, 16, 100, with_labels=False)
+    assert act.labels is None and act.lengths.tolist() == [5, 3]
+    with pytest.raises(WireError, match="lacks field 'labels'"):
+        parse_act(act_body(hidden, None, lengths, "fp32", {}), 8, 4, 16, 100)  # a two-part job needs them
+    grad, loss = parse_tail_grad(tail_grad_body(hidden, "fp32", None), (2, 5, 8))
+    assert loss is None and torch.equal(grad, hidden)
+    with pytest.raises(WireError) as info:
+        parse_tail_grad(tail_grad_body(hidden, "fp32", 1.0), (2, 5, 9))
+    assert info.value.reason == "bad_shape"
+    assert parse_grad(grad_body(hidden, "fp32"), (2, 5, 8))[1:] == (None, None)
+
+
+def assignment(**changes: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": "tiny-gpt2", "cut": 2, "split": "u", "tail": 1, "ranks": [8, 8, 8], "lora": {"r": 8, "r_cut": 8},
+        "adapter": {}, "local_steps": 1, "batch_size": 2, "max_length": 64, "optimizer": {"name": "sgd", "lr": 0.1},
+        "wire_dtype": "fp16", "adapter_wire_dtype": "fp32", "step_timeout_s": 10.0, "seed": 0,
+        "defense": {"clip": 2.0, "noise": 0.5},
+    }  # fmt: skip
+    return {**body, **changes}
+
+
+def test_u_assignment_is_checked() -> None:
+    a = parse_assignment(1, assignment(), "tiny-gpt2", 12)
+    assert a.u_split and a.tail == 1 and a.ranks == {0: 8, 1: 8, 11: 8}
+    assert a.defense == DefenseSettings(noise=0.5, clip=2.0)
+    for changes, match in [
+        ({"tail": 10}, "does not fit"),
+        ({"split": "two-part"}, "does not fit"),  # a two-part assignment has no tail
+        ({"split": "x"}, "unknown split"),
+        ({"ranks": [8, 8]}, "one positive rank per client block"),
+        ({"report_loss": 1}, "report_loss must be a boolean"),
+        ({"defense": {"noise": -1.0}}, "defense.noise"),
+        ({"defense": {"unknown": 1}}, "assignment settings"),
+    ]:
+        with pytest.raises(WireError, match=match):
+            parse_assignment(1, assignment(**changes), "tiny-gpt2", 12)
+
+
+def test_agent_sends_defended_activations() -> None:
+    """The agent clips each token and adds noise before the activations leave; its backward runs through the clip."""
+    segment = build_segment("tiny-gpt2", SegmentSpec.u_device(2, 1, 12))
+    ids = torch.randint(0, 1000, (2, 6))
+    lengths = torch.tensor([6, 4])
+    defense = DefenseSettings(clip=0.2, noise=0.0)
+    sent, extra, body, _ = _forward(segment, ids, None, lengths, "fp32", {}, None, 1.0, defense, torch.Generator())
+    assert extra is None and "labels" not in body
+    assert float(sent.detach().norm(dim=-1).max()) <= 0.2 + 1e-6
+    plain, _, _, _ = _forward(segment, ids, None, lengths, "fp32", {}, None, 1.0, DefenseSettings(), torch.Generator())
+    assert float(plain.detach().norm(dim=-1).min()) > 0.3  # the clip did something
+    noisy, _, _, _ = _forward(
+        segment, ids, None, lengths, "fp32", {}, None, 1.0, DefenseSettings(clip=0.2, noise=1.0), torch.Generator()
+    )
+    assert not torch.allclose(noisy, sent)
+    noisy.sum().backward()
+    assert all(p.grad is not None for n, p in segment.lora_parameters().items() if ".h.0." in n)
