@@ -1,0 +1,251 @@
+"""The privacy audit and the defenses: real tiny presets, the vendored text, the real CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from splitft.coordinator.audit import (
+    AttackSettings,
+    DefenseCase,
+    audit_inversion,
+    audit_labels,
+    block_outputs,
+    client_segment,
+    device_examples,
+    device_tokens,
+    finetune_split,
+    parse_cuts,
+)
+from splitft.coordinator.cli import app
+from splitft.shared.defense import DefenseSettings, defend, distance_correlation, nopeek_loss
+from splitft.shared.errors import ConfigError
+from splitft.shared.exit_codes import ExitCode
+from splitft.shared.lora import lora_state
+from splitft.shared.split import SegmentSpec, build_segment
+from splitft.shared.text import load_tokenizer
+
+runner = CliRunner()
+TINY = AttackSettings(public_tokens=2048, eval_tokens=1024, steps=100)
+
+# --------------------------------------------------------------------------- defend
+
+
+def test_defend_is_the_identity_when_off() -> None:
+    hidden = torch.randn(2, 5, 16)
+    assert defend(hidden, DefenseSettings()) is hidden
+    assert not DefenseSettings(nopeek=1.0).active  # NoPeek acts on the loss, not on the activations
+    assert defend(hidden, DefenseSettings(nopeek=1.0)) is hidden
+
+
+def test_clip_bounds_every_token_norm_and_leaves_small_tokens_alone() -> None:
+    hidden = torch.randn(3, 7, 32) * torch.linspace(0.01, 3.0, 7).view(1, 7, 1)  # norms from ~0.06 to ~17
+    clipped = defend(hidden, DefenseSettings(clip=1.5))
+    norms, before = clipped.norm(dim=-1), hidden.norm(dim=-1)
+    assert float(norms.max()) <= 1.5 + 1e-5
+    small = before <= 1.5
+    assert small.any() and (~small).any()
+    torch.testing.assert_close(clipped[small], hidden[small])
+    torch.testing.assert_close(norms[~small], torch.full_like(norms[~small], 1.5))
+    # the direction is kept
+    cos = torch.nn.functional.cosine_similarity(clipped, hidden, dim=-1)
+    torch.testing.assert_close(cos, torch.ones_like(cos))
+
+
+@pytest.mark.parametrize(("noise", "clip"), [(0.5, 2.0), (1.0, None), (0.25, 0.3)])
+def test_noise_has_the_stated_std(noise: float, clip: float | None) -> None:
+    width = 256
+    settings = DefenseSettings(noise=noise, clip=clip)
+    expected = noise * (clip or 1.0) / math.sqrt(width)
+    assert settings.noise_std(width) == pytest.approx(expected)
+    sent = defend(torch.zeros(8, 64, width), settings, torch.Generator().manual_seed(0))  # zeros: the clip is a no-op
+    assert float(sent.std()) == pytest.approx(expected, rel=0.03)
+    assert abs(float(sent.mean())) < expected * 0.02
+    # the noise vector of a token has a norm of about noise * clip
+    assert float(sent.norm(dim=-1).mean()) == pytest.approx(noise * (clip or 1.0), rel=0.03)
+
+
+def test_noise_is_seeded() -> None:
+    settings, hidden = DefenseSettings(noise=1.0, clip=1.0), torch.randn(2, 4, 8)
+    a = defend(hidden, settings, torch.Generator().manual_seed(3))
+    b = defend(hidden, settings, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(a, b)
+    assert not torch.equal(a, defend(hidden, settings, torch.Generator().manual_seed(4)))
+
+
+def test_gradients_flow_through_clip_and_noise() -> None:
+    hidden = (torch.randn(2, 3, 8) * 3).requires_grad_(True)
+    direction = torch.randn(2, 3, 8)
+    (
+        defend(hidden, DefenseSettings(noise=0.5, clip=1.0), torch.Generator().manual_seed(0)) * direction
+    ).sum().backward()
+    grad = hidden.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    # the gradient is the clip's alone: the same without the (additive) noise
+    plain = hidden.detach().clone().requires_grad_(True)
+    (defend(plain, DefenseSettings(clip=1.0)) * direction).sum().backward()
+    torch.testing.assert_close(grad, plain.grad)
+    # a clipped token's gradient is projected: no component along the token itself
+    radial = (grad * hidden.detach()).sum(-1)
+    torch.testing.assert_close(radial, torch.zeros_like(radial), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"noise": -0.1}, "defense.noise"),
+        ({"noise": float("nan")}, "defense.noise"),
+        ({"noise": True}, "defense.noise"),
+        ({"clip": 0.0}, "defense.clip"),
+        ({"clip": -1.0}, "defense.clip"),
+        ({"clip": float("inf")}, "defense.clip"),
+        ({"nopeek": -1.0}, "defense.nopeek"),
+        ({"nopeek": "1"}, "defense.nopeek"),
+    ],
+)
+def test_bad_defense_settings_name_the_field(kwargs: dict[str, object], field: str) -> None:
+    with pytest.raises(ConfigError, match=field):
+        DefenseSettings(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [({"steps": 0}, "audit.steps"), ({"window": -1}, "audit.window"), ({"lr": 2.0}, "audit.lr")],
+)
+def test_bad_attack_settings_name_the_field(kwargs: dict[str, object], field: str) -> None:
+    with pytest.raises(ConfigError, match=field):
+        AttackSettings(**kwargs)  # type: ignore[arg-type]
+
+
+def test_distance_correlation_and_nopeek_loss() -> None:
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 6, (4, 32), generator=gen)
+    mask = torch.ones_like(ids)
+    table = torch.randn(6, 16, generator=gen)
+    leaky = table[ids].requires_grad_(True)  # activations that are a function of the token
+    independent = torch.randn(4, 32, 16, generator=gen)
+    high = nopeek_loss(ids, leaky, mask, weight=1.0)
+    low = nopeek_loss(ids, independent, mask, weight=1.0)
+    assert 0.0 <= float(low) < 0.35 < 0.9 < float(high.detach()) <= 1.0 + 1e-5
+    high.backward()
+    assert leaky.grad is not None and torch.isfinite(leaky.grad).all()
+    x = torch.randn(50, 3, generator=gen)
+    assert float(distance_correlation(torch.cdist(x, x), x)) == pytest.approx(1.0, abs=1e-4)
+    assert float(nopeek_loss(ids, leaky, mask, weight=0.5).detach()) == pytest.approx(
+        0.5 * float(high.detach()), rel=1e-5
+    )
+
+
+# --------------------------------------------------------------------------- the audit
+
+
+def test_block_outputs_equal_the_client_segment() -> None:
+    tokenizer = load_tokenizer("tiny-gpt2")
+    data = device_tokens(device_examples(tokenizer, 200, 48), tokenizer.pad_token_id)
+    deep = build_segment("tiny-gpt2", SegmentSpec.client(4))
+    hidden = block_outputs(deep, data, [1, 3, 4])
+    for cut in (1, 3, 4):
+        expected = build_segment("tiny-gpt2", SegmentSpec.client(cut))(data.ids, data.mask)
+        torch.testing.assert_close(hidden[cut], expected)
+
+
+def test_inversion_recovers_tokens_at_cut_1_and_heavy_noise_lowers_it() -> None:
+    rows = audit_inversion(
+        "tiny-gpt2",
+        [1],
+        [DefenseCase("none"), DefenseCase("heavy noise", DefenseSettings(noise=4.0), clip_quantile=0.5)],
+        TINY,
+    )
+    plain, noisy = rows
+    for row in rows:
+        assert 0.0 <= row.recovery <= 1.0 and 0.0 <= row.baseline <= 1.0
+        assert row.eval_tokens >= 1000
+    # random weights at std 0.02: the hidden state at cut 1 is close to the token embedding
+    assert plain.recovery > 0.8 and plain.recovery > plain.baseline + 0.5
+    assert noisy.clip is not None and noisy.noise_std == pytest.approx(4.0 * noisy.clip / math.sqrt(128))
+    assert noisy.recovery < plain.recovery - 0.4
+
+
+def test_inversion_is_deterministic() -> None:
+    quick = AttackSettings(public_tokens=512, eval_tokens=256, steps=10)
+    first = audit_inversion("tiny-gpt2", [2], settings=quick)
+    assert audit_inversion("tiny-gpt2", [2], settings=quick) == first
+
+
+def test_label_leakage_without_tail_is_near_total() -> None:
+    (row,) = audit_labels("tiny-gpt2", [0], TINY)
+    assert row.depth == 12 and 0.0 <= row.hidden_only <= 1.0
+    # the gradient of the head's loss points away from the label's embedding
+    assert row.recovery > 0.9 and row.recovery > row.hidden_only + 0.5
+
+
+def test_finetune_with_nopeek_trains_the_adapters() -> None:
+    tokenizer = load_tokenizer("tiny-gpt2")
+    examples = device_examples(tokenizer, 400, 32)
+    client, server = finetune_split("tiny-gpt2", 1, DefenseSettings(nopeek=1.0), examples, steps=2, batch_size=2)
+    b = [p.detach() for n, p in client.lora_parameters().items() if ".lora_B." in n]
+    assert b and any(float(p.abs().sum()) > 0 for p in b)
+    assert server.spec == SegmentSpec.server(1, 12)
+    # the attacker's copy of the trained client (from the adapters it aggregates) computes the same
+    data = device_tokens(examples[:2], tokenizer.pad_token_id)
+    copy = client_segment("tiny-gpt2", 1, lora_state(client.peft_model))
+    with torch.no_grad():
+        torch.testing.assert_close(copy(data.ids, data.mask), client(data.ids, data.mask))
+
+
+def test_parse_cuts() -> None:
+    assert parse_cuts("all", 4) == [1, 2, 3]
+    assert parse_cuts("3, 1", 12) == [1, 3]
+    for bad in ("0", "12", "a", ""):
+        with pytest.raises(ConfigError, match="cuts"):
+            parse_cuts(bad, 12)
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def test_audit_command_writes_table_plot_and_json(tmp_path: Path) -> None:
+    out = tmp_path / "audit"
+    args = ["audit", "--model", "tiny-gpt2", "--cuts", "1", "--out", str(out), "--public-tokens", "1024"]
+    args += ["--eval-tokens", "512", "--steps", "30", "--noise", "2", "--clip", "median", "--tails", "0"]
+    result = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "Token recovery" in result.output and "label leakage" in result.output
+    assert {p.name for p in out.iterdir()} == {"audit.md", "audit.json", "audit.png"}
+    numbers = json.loads((out / "audit.json").read_text())
+    assert [r["defense"] for r in numbers["inversion"]] == ["none", "clip median, noise 2"]
+    assert all(0 <= r["recovery"] <= 1 for r in numbers["inversion"]) and numbers["labels"][0]["tail"] == 0
+    assert "| 1 |" in (out / "audit.md").read_text()
+    assert (out / "audit.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    ("extra", "name"),
+    [
+        (["--cuts", "12"], "cuts"),
+        (["--cuts", "x"], "cuts"),
+        (["--noise", "-1"], "defense.noise"),
+        (["--clip", "wide"], "--clip"),
+        (["--clip", "0"], "defense.clip"),
+        (["--nopeek", "1"], "--finetune-steps"),
+        (["--tails", "a"], "--tails"),
+        (["--steps", "0"], "audit.steps"),
+    ],
+)
+def test_audit_command_refuses_bad_options(tmp_path: Path, extra: list[str], name: str) -> None:
+    out = tmp_path / "audit"
+    result = runner.invoke(app, ["audit", "--model", "tiny-gpt2", "--out", str(out), *extra], env={"COLUMNS": "200"})
+    assert result.exit_code == ExitCode.CONFIG, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and name in errors[0], result.output
+    assert not out.exists()
+
+
+def test_audit_command_refuses_a_missing_model(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["audit", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    assert result.exit_code == ExitCode.MODEL, result.output
