@@ -66,7 +66,7 @@ def at_cut(metrics: list[dict[str, Any]], cut: int) -> list[dict[str, Any]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=QUICK.rounds)
-    parser.add_argument("--tail", type=int, default=1)
+    parser.add_argument("--tail", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench-usplit"))
     parser.add_argument("--base", type=Path, help="a base model folder (default: the study's pretrained base)")
     parser.add_argument("--write", type=Path, help="put the results in this markdown file (BENCHMARKS.md)")

@@ -106,11 +106,11 @@ class JobConfig:
     cut: int = 2  # cut layer of agents not named in `cuts` (and every agent's first round)
     cuts: Mapping[str, int] = field(default_factory=dict)
     split: str = "two-part"  # "two-part" or "u" (U-shaped: the device also holds the last `tail` blocks and the head)
-    tail: int = 1  # U split: blocks at the top of the model that agents not named in `tails` hold (0 = the head only)
+    # U split: blocks at the top of the model that agents not named in `tails` hold (0 = the norm and head only).
+    # 0 by default: the privacy audit finds deeper tails do not keep the labels from the returned gradient.
+    tail: int = 0
     tails: Mapping[str, int] = field(default_factory=dict)
-    k_min: int = (
-        1  # U split: the fewest tail blocks a device holds (with 0 the gradient at the head gives the labels away)
-    )
+    k_min: int = 0  # U split: the fewest tail blocks the controller may give a device ...
     k_max: int | None = None  # ... and the most (default: as many as leave the server one block)
     report_loss: bool = True  # U split: agents report their mean training loss (one number per step)
     policy: str = "fixed"  # how cuts change between rounds: fixed, paper, latency, splitft

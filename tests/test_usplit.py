@@ -186,7 +186,7 @@ def test_u_split_settings_are_checked() -> None:
     with pytest.raises(ConfigError, match="split must be one of"):
         JobConfig(split="three-part")
     with pytest.raises(ConfigError, match="tail = 0 is outside k_min"):
-        JobConfig(split="u", tail=0)  # the default k_min of 1: a tail of 0 sends the labels' gradient
+        JobConfig(split="u", tail=0, k_min=1)
     with pytest.raises(ConfigError, match="leaves the server no block"):
         JobConfig(split="u", cut=10, tail=2).check_cuts(12)
     with pytest.raises(ConfigError, match=r"tails\.a1 must be an integer"):
