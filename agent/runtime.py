@@ -113,9 +113,8 @@ class Assignment:
     split: str = "two-part"  # "u": the device also holds the last `tail` blocks and the head, and takes the loss
     tail: int = 0  # U split: blocks at the top of the model this device holds
     report_loss: bool = True  # U split: send the mean loss (a scalar) with each tail gradient
-    defense: DefenseSettings = field(
-        default_factory=DefenseSettings
-    )  # clip / noise on the activations sent, NoPeek in the loss
+    # clip / noise on the activations sent, NoPeek in the loss
+    defense: DefenseSettings = field(default_factory=DefenseSettings)
 
     @property
     def u_split(self) -> bool:
@@ -327,7 +326,7 @@ class Agent:
             sent_at = time.perf_counter()
             tail = await self._tail_exchange(a, step, segment, labels, lengths, hidden) if a.u_split else None
             received, (grad, server_loss, server_tokens), received_at, decode_s = await self._wait_reply(
-                a, step, "grad", functools.partial(parse_grad, shape=tuple(hidden.shape))
+                a, step, "grad", functools.partial(parse_grad, shape=tuple(hidden.shape), with_loss=tail is None)
             )
             if tail is not None:
                 # Tokens: the rows' real lengths (they travel as the mask); the target count stays here.
@@ -336,8 +335,7 @@ class Agent:
                 bytes_up += tail.bytes_up
                 wait_s = received_at - sent_at - tail.compute_s - tail.upload_s
             else:
-                if server_loss is None or server_tokens is None:
-                    raise WireError("bad_schema", "a two-part gradient without the batch's loss and tokens")
+                assert server_loss is not None and server_tokens is not None  # parse_grad(with_loss=True)
                 loss, step_tokens = server_loss, server_tokens
                 wait_s = received_at - sent_at
             self._pending_act = None
@@ -414,12 +412,13 @@ class Agent:
         batch, length = labels.shape
         head = head_flops(config, 1, int((labels[:, 1:] != IGNORE_INDEX).sum()))  # the head runs on targets only
         flops = 2 * (a.tail * block_flops(config, batch, length) + head)
-        grad, loss, compute_s, head_share = await self._compute(
-            _tail_step, segment, top, labels, lengths, tail_start, self.emulation, flops, 2 * head / flops
+        grad, loss, compute_s = await self._compute(
+            _tail_step, segment, top, labels, lengths, tail_start, self.emulation, flops
         )
         body = tail_grad_body(grad, a.wire_dtype, loss if a.report_loss else None)
         upload_s, sent = await self._send(a, step, TAIL_GRAD, body)
-        return _TailStep(loss, compute_s, compute_s * head_share, upload_s, sent, received.size, decode_s)
+        head_s = compute_s * 2 * head / flops  # the head's share, by FLOPs
+        return _TailStep(loss, compute_s, head_s, upload_s, sent, received.size, decode_s)
 
     def _upload_state(self, segment: Segment) -> dict[str, torch.Tensor]:
         """The client-side adapters this agent uploads at the end of a round."""
@@ -577,12 +576,11 @@ def _tail_step(
     tail_start: int,
     emulation: Emulation | None,
     flops: float,
-    head_share: float,
-) -> tuple[torch.Tensor, float, float, float]:
+) -> tuple[torch.Tensor, float, float]:
     """U split: the device's tail blocks, norm, head and loss on its own labels, and their backward pass.
 
-    Returns d(mean loss)/d(top) (B, T, C), the loss, the time and the head's share of it; the tail's LoRA
-    gradients stay in the segment for the optimiser step that ends the step.
+    Returns d(mean loss)/d(top) (B, T, C), the loss and the time; the tail's LoRA gradients stay in the
+    segment for the optimiser step that ends the step.
     """
     t0 = time.perf_counter()
     mask = padding_mask(lengths, top.shape[1]).to(segment.device)
@@ -594,7 +592,7 @@ def _tail_step(
     seconds = time.perf_counter() - t0
     if emulation is not None:
         seconds = emulation.pad_compute(seconds, flops)
-    return top.grad.cpu(), float(loss.detach()), seconds, head_share
+    return top.grad.cpu(), float(loss.detach()), seconds
 
 
 def _backward(

@@ -372,6 +372,16 @@ def _baseline(train_y: torch.Tensor, eval_y: torch.Tensor) -> float:
 # --------------------------------------------------------------------------- input inversion
 
 
+def attack_tokens(source: str | Path, settings: AttackSettings) -> tuple[TokenBatch, TokenBatch]:
+    """(the public text the attacker trains on, the held-out device text it is scored on), tokenised."""
+    tokenizer = load_tokenizer(source)
+    public = public_tokens(tokenizer, settings.public_tokens, settings.seq_len)
+    device = device_tokens(
+        device_examples(tokenizer, settings.eval_tokens, settings.max_length), tokenizer.pad_token_id
+    )
+    return public, device
+
+
 def audit_inversion(
     source: str | Path,
     cuts: Sequence[int],
@@ -384,11 +394,7 @@ def audit_inversion(
     total = num_layers(config)
     if not cuts or any(not 1 <= c <= total - 1 for c in cuts):
         raise ConfigError(f"cuts must be in 1..{total - 1}, got {list(cuts)}")
-    tokenizer = load_tokenizer(source)
-    public = public_tokens(tokenizer, settings.public_tokens, settings.seq_len)
-    device = device_tokens(
-        device_examples(tokenizer, settings.eval_tokens, settings.max_length), tokenizer.pad_token_id
-    )
+    public, device = attack_tokens(source, settings)
     results = []
     cache: dict[int, tuple[torch.Tensor, dict[int, torch.Tensor], dict[int, torch.Tensor]]] = {}
     for case in cases:
@@ -490,11 +496,7 @@ def audit_labels(
     total = num_layers(load_config(source))
     if not tails or any(not 0 <= k <= total - 1 for k in tails):
         raise ConfigError(f"tails must be in 0..{total - 1}, got {list(tails)}")
-    tokenizer = load_tokenizer(source)
-    public = public_tokens(tokenizer, settings.public_tokens, settings.seq_len)
-    device = device_tokens(
-        device_examples(tokenizer, settings.eval_tokens, settings.max_length), tokenizer.pad_token_id
-    )
+    public, device = attack_tokens(source, settings)
     segment = build_segment(source, SegmentSpec.whole(total))
     head = _weight(segment, segment.family.lm_head)  # (V, C): the attacker knows it
     pub, dev = _tail_gradients(segment, public, tails), _tail_gradients(segment, device, tails)

@@ -72,7 +72,7 @@ from splitft.shared.topics import COORDINATOR, Topics
 from .checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from .controller import Controller, ControllerSettings, Decision, split_blocks
 from .estimates import FleetEstimates
-from .server import MiddleStep, ServerModel, device_ranks
+from .server import MiddleStep, ServerModel, device_layout, device_ranks
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -234,7 +234,8 @@ class Coordinator:
 
         await self._admit()
         total = num_layers(load_config(self.job.model, self.job.attn_implementation))
-        cuts = state.get("cuts") or sorted({tuple(self._cut_layers(n, total)) for n in self._online()})
+        layouts = [device_layout(total, self.job.cut_of(n), self.job.tail_of(n)) for n in self._online()]
+        cuts = state.get("cuts") or sorted({tuple(spec.cuts(total)) for spec in layouts})
         self.server = await self._compute(ServerModel, self.job, cuts, self.device)
         self.job.check_cuts(self.server.num_layers)
         check_max_length(self.server.segment.config, self.job.max_length)
@@ -621,11 +622,6 @@ class Coordinator:
 
     def _k_max(self, total: int) -> int:
         return min(self.job.k_max if self.job.k_max is not None else total, total - 1 - self.job.c_min)
-
-    def _cut_layers(self, name: str, total: int) -> list[int]:
-        """The cut layers of an agent's first-round layout: its cut, and in the U split its tail's start."""
-        tail = self.job.tail_of(name)
-        return [self.job.cut_of(name)] + ([total - tail] if tail > 0 else [])
 
     def _controller_settings(self, total: int) -> ControllerSettings:
         """The controller plans the blocks each device runs: its cut, plus its tail in the U split."""

@@ -78,12 +78,16 @@ def global_ranks(total: int, cuts: Sequence[int | Sequence[int]], lora: LoraSett
     return ranks
 
 
+def device_layout(total: int, cut: int, tail: int) -> SegmentSpec:
+    """What a device cut at ``cut`` with a tail of ``tail`` blocks holds (``tail`` 0: the two-part client's blocks)."""
+    return SegmentSpec.u_device(cut, tail, total) if tail else SegmentSpec.client(cut)
+
+
 def device_ranks(total: int, cut: int, tail: int, lora: LoraSettings) -> dict[int, int]:
     """LoRA rank of each block a device holds: ``0..cut-1`` and, in the U split, the last ``tail``."""
-    cuts = [cut] if tail == 0 else [cut, total - tail]
-    blocks = [*range(cut), *range(total - tail, total)]
-    ranks = block_ranks(total, cuts, lora)
-    return {j: ranks[j] for j in blocks}
+    spec = device_layout(total, cut, tail)
+    ranks = block_ranks(total, spec.cuts(total), lora)
+    return {j: ranks[j] for j in spec.blocks(total)}
 
 
 def block_of(name: str) -> int:

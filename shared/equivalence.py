@@ -48,13 +48,17 @@ def split_step(
     Leaves the LoRA gradients in both segments and returns the (detached) loss.
     """
     hidden = client(input_ids, attention_mask)  # (B, T, C)
-    received = decode_tensor(encode_tensor(hidden, wire_dtype)).to(server.device).requires_grad_()
+    received = _crossing(hidden, wire_dtype, server.device).requires_grad_()
     loss = causal_lm_loss(server(received, attention_mask.to(server.device)), labels.to(server.device))
     loss.backward()
     assert received.grad is not None
-    grad = decode_tensor(encode_tensor(received.grad, wire_dtype)).to(hidden.device)
-    hidden.backward(grad)
+    hidden.backward(_crossing(received.grad, wire_dtype, hidden.device))
     return loss.detach()
+
+
+def _crossing(tensor: torch.Tensor, wire_dtype: str, to: torch.device) -> torch.Tensor:
+    """``tensor`` as the other side receives it: through the codec in ``wire_dtype``, onto its device."""
+    return decode_tensor(encode_tensor(tensor.detach(), wire_dtype)).to(to)
 
 
 def u_split_step(
@@ -72,21 +76,17 @@ def u_split_step(
     """
     cut, tail_start = device.spec.end, device.spec.tail_start
     assert tail_start is not None, "a U-shaped device segment has a tail"
-
-    def crossing(tensor: torch.Tensor, to: torch.device) -> torch.Tensor:
-        return decode_tensor(encode_tensor(tensor.detach(), wire_dtype)).to(to)
-
     hidden = device(input_ids, attention_mask)  # (B, T, C) at the cut
     mask = attention_mask.to(server.device)
-    received = crossing(hidden, server.device).requires_grad_()
+    received = _crossing(hidden, wire_dtype, server.device).requires_grad_()
     top = server(received, mask, start=cut, stop=tail_start)  # (B, T, C) entering the tail
-    down = crossing(top, device.device).requires_grad_()
+    down = _crossing(top, wire_dtype, device.device).requires_grad_()
     loss = causal_lm_loss(device(down, attention_mask, start=tail_start), labels)
     loss.backward()
     assert down.grad is not None
-    top.backward(crossing(down.grad, server.device))
+    top.backward(_crossing(down.grad, wire_dtype, server.device))
     assert received.grad is not None
-    hidden.backward(crossing(received.grad, device.device))
+    hidden.backward(_crossing(received.grad, wire_dtype, device.device))
     return loss.detach()
 
 

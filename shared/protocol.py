@@ -324,10 +324,14 @@ def grad_body(
     return body
 
 
-def parse_grad(body: Mapping[str, Any], shape: tuple[int, ...]) -> tuple[torch.Tensor, float | None, int | None]:
-    """(gradient, loss, tokens); loss and tokens are None when the server has none (the U split)."""
+def parse_grad(
+    body: Mapping[str, Any], shape: tuple[int, ...], *, with_loss: bool = False
+) -> tuple[torch.Tensor, float | None, int | None]:
+    """(gradient, loss, tokens); loss and tokens are None when the server has none (the U split).
+
+    ``with_loss`` (the two-part split) refuses a gradient without them."""
     grad = decode_tensor(_get(body, "grad", dict), expect_shape=list(shape), expect_dtypes=FLOAT_WIRE_DTYPES)
-    if "loss" not in body and "tokens" not in body:
+    if not with_loss and "loss" not in body and "tokens" not in body:
         return grad, None, None
     return grad, _number(body, "loss"), _int(body, "tokens", 0, 1 << 40)
 
