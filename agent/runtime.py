@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import logging
 import time
@@ -34,7 +33,7 @@ import zlib
 from collections import Counter
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,13 +41,12 @@ import psutil
 import torch
 
 from splitft.shared import __version__
-from splitft.shared.codec import FLOAT_WIRE_DTYPES, decode_state
-from splitft.shared.config import SPLITS, OptimizerSettings
+from splitft.shared.codec import decode_state
 from splitft.shared.data import Batches, Example, load_records, tokenize
 from splitft.shared.defense import DefenseSettings, defend, nopeek_loss
 from splitft.shared.errors import ConfigError, LinkError, SplitFTError, WireError
 from splitft.shared.link import BrokerSettings, Link, Received
-from splitft.shared.lora import LoraSettings, load_lora_state, lora_state
+from splitft.shared.lora import load_lora_state, lora_state
 from splitft.shared.models import head_flops, load_config, max_positions, num_layers
 from splitft.shared.profiles import load_profile
 from splitft.shared.protocol import (
@@ -57,9 +55,13 @@ from splitft.shared.protocol import (
     JOIN,
     STATUS,
     TAIL_GRAD,
+    Assignment,
     Envelope,
+    Join,
     act_body,
     adapter_body,
+    join_body,
+    parse_assign,
     parse_grad,
     parse_notice,
     parse_status,
@@ -91,34 +93,6 @@ class AgentSettings:
     emulate: str | None = None  # a profile name or file: behave like that device (see agent/emulation.py)
     emulate_scale: float = 1.0  # multiplies the emulated profile's compute throughput
     emulate_virtual: bool = False  # report the profile's times without waiting for them (agent/emulation.py)
-
-
-@dataclass(frozen=True)
-class Assignment:
-    round: int
-    cut: int
-    ranks: dict[int, int]  # LoRA rank of every block the device holds
-    lora: LoraSettings
-    adapter: Any  # the encoded state, decoded once the segment's shapes are known
-    local_steps: int
-    batch_size: int
-    max_length: int
-    optimizer: OptimizerSettings
-    wire_dtype: str
-    adapter_wire_dtype: str
-    step_timeout_s: float
-    seed: int
-    attempt: int = 1  # the coordinator's run of this round (a round that fell short of min_agents runs again)
-    corr: str = ""  # the assignment's id, repeated in the activations and the upload
-    split: str = "two-part"  # "u": the device also holds the last `tail` blocks and the head, and takes the loss
-    tail: int = 0  # U split: blocks at the top of the model this device holds
-    report_loss: bool = True  # U split: send the mean loss (a scalar) with each tail gradient
-    # clip / noise on the activations sent, NoPeek in the loss
-    defense: DefenseSettings = field(default_factory=DefenseSettings)
-
-    @property
-    def u_split(self) -> bool:
-        return self.split == "u"
 
 
 @dataclass(frozen=True)
@@ -210,7 +184,7 @@ class Agent:
 
     def _parse_assignment(self, env: Envelope) -> Assignment:
         layers, positions = num_layers(self.model_config), max_positions(self.model_config)
-        return parse_assignment(env.round, env.body, self.settings.model, layers, positions)
+        return parse_assign(env.round, env.body, self.settings.model, layers, positions, corr=env.corr)
 
     def _is_new(self, env: Envelope) -> bool:
         """An assignment is taken once, and never one older than the last from the same coordinator process
@@ -231,14 +205,14 @@ class Agent:
         await link.publish(
             self.topics.agent(self.name, "status"), STATUS, {"state": "online", "role": "agent"}, retain=True
         )
-        body = {
-            "profile": {**device_profile(), **self._link_profile(), "block_s": self.block_s, "block_tokens": 4 * 128},
-            "data_samples": len(self.pairs),
-            "data_tokens": max(sum(len(p) + len(r) for p, r in self.pairs) // 4, 1),  # rough, for planning
-            "model": self.settings.model,
-            "version": __version__,
-        }
-        await link.publish(self.topics.agent(self.name, "join"), JOIN, body)
+        join = Join(
+            profile={**device_profile(), **self._link_profile(), "block_s": self.block_s, "block_tokens": 4 * 128},
+            data_samples=len(self.pairs),
+            data_tokens=max(sum(len(p) + len(r) for p, r in self.pairs) // 4, 1),  # rough, for planning
+            model=self.settings.model,
+            version=__version__,
+        )
+        await link.publish(self.topics.agent(self.name, "join"), JOIN, join_body(join))
         for out in (self._pending_act, self._last_upload):  # what may have been lost with a connection
             if out is not None:
                 log.info("%s: re-sending %s of round %d step %d", self.name, out.type, out.round, out.step)
@@ -270,7 +244,6 @@ class Agent:
                 log.info("%s: ignoring a repeated or older assignment (round %d, %s)", self.name, env.round, env.corr)
             elif kind == "assign":
                 assignment = self._parse_assignment(env)
-                assignment = dataclasses.replace(assignment, corr=env.corr or "")
                 self._last_assign = (env.sid, assignment.round, assignment.attempt)
                 self._last_upload = None
                 try:
@@ -619,80 +592,3 @@ def _backward(
 def batch_seed(job_seed: int, agent: str) -> int:
     """Each agent its own data order, fixed by the job seed and its name: reruns see the same batches."""
     return job_seed * 1_000_003 + zlib.crc32(agent.encode())
-
-
-def parse_assignment(
-    round_: int, body: Mapping[str, Any], model: str, total_layers: int, max_positions: int | None = None
-) -> Assignment:
-    """Check an assignment against this agent's model; a WireError says what is wrong."""
-
-    def get(name: str, kind: type | tuple[type, ...]) -> Any:
-        value = body.get(name)
-        if not isinstance(value, kind) or isinstance(value, bool):
-            raise WireError("bad_schema", f"assignment field {name!r} missing or of the wrong type")
-        return value
-
-    if get("model", str) != model:
-        raise WireError("bad_schema", f"assignment for model {body['model']!r}, this agent runs {model!r}")
-    cut = get("cut", int)
-    if not 1 <= cut <= total_layers - 1:
-        raise WireError("bad_schema", f"cut {cut} outside 1..{total_layers - 1}")
-    split = body.get("split", "two-part")
-    if split not in SPLITS:
-        raise WireError("bad_schema", f"unknown split {split!r}")
-    tail = body.get("tail", 0)
-    if type(tail) is not int or not 0 <= tail <= total_layers - 1 - cut or (split == "two-part" and tail != 0):
-        raise WireError("bad_schema", f"tail {tail!r} does not fit a {split} split at cut {cut} of {total_layers}")
-    report_loss = body.get("report_loss", True)
-    if type(report_loss) is not bool:
-        raise WireError("bad_schema", "report_loss must be a boolean")
-    blocks = [*range(cut), *range(total_layers - tail, total_layers)]
-    ranks = get("ranks", list)
-    if len(ranks) != len(blocks) or not all(type(r) is int and 0 < r <= 4096 for r in ranks):
-        raise WireError("bad_schema", "ranks must list one positive rank per client block")
-    wire, adapter_wire = get("wire_dtype", str), get("adapter_wire_dtype", str)
-    if wire not in FLOAT_WIRE_DTYPES or adapter_wire not in FLOAT_WIRE_DTYPES:
-        raise WireError("bad_dtype", f"unknown wire dtype {wire!r} / {adapter_wire!r}")
-    try:
-        lora_fields = dict(get("lora", dict))
-        if "targets" in lora_fields and isinstance(lora_fields["targets"], list):
-            lora_fields["targets"] = tuple(lora_fields["targets"])
-        lora = LoraSettings(**lora_fields)
-        optimizer = OptimizerSettings(**get("optimizer", dict))
-        raw_defense = body.get("defense", {})
-        if not isinstance(raw_defense, dict):
-            raise ConfigError("defense must be a map")
-        defense = DefenseSettings(**raw_defense)
-    except (TypeError, ConfigError) as exc:
-        raise WireError("bad_schema", f"assignment settings: {exc}") from exc
-    steps, batch, length = get("local_steps", int), get("batch_size", int), get("max_length", int)
-    if not (1 <= steps <= 100_000 and 1 <= batch <= 4096 and 8 <= length <= 1 << 20):
-        raise WireError("bad_schema", "local_steps, batch_size or max_length out of range")
-    if max_positions is not None and length > max_positions:
-        raise WireError("bad_schema", f"max_length {length} exceeds the model's {max_positions} positions")
-    timeout = float(get("step_timeout_s", (int, float)))
-    if not 0 < timeout < 1e7:
-        raise WireError("bad_schema", "step_timeout_s out of range")
-    attempt = body.get("attempt", 1)
-    if type(attempt) is not int or not 1 <= attempt <= 1_000_000:
-        raise WireError("bad_schema", "attempt out of range")
-    return Assignment(
-        round=round_,
-        cut=cut,
-        ranks=dict(zip(blocks, ranks, strict=True)),
-        lora=lora,
-        adapter=get("adapter", dict),
-        local_steps=steps,
-        batch_size=batch,
-        max_length=length,
-        optimizer=optimizer,
-        wire_dtype=wire,
-        adapter_wire_dtype=adapter_wire,
-        step_timeout_s=timeout,
-        seed=get("seed", int),
-        attempt=attempt,
-        split=split,
-        tail=tail,
-        report_loss=report_loss,
-        defense=defense,
-    )

@@ -46,7 +46,7 @@ import torch
 from splitft.shared.codec import encode_state
 from splitft.shared.config import JobConfig
 from splitft.shared.data import collate, load_records, tokenize
-from splitft.shared.errors import SplitFTError, WireError
+from splitft.shared.errors import JobError, Refusal, SplitFTError, WireError
 from splitft.shared.link import BrokerSettings, Link, Received
 from splitft.shared.models import block_params, check_max_length, load_config, num_layers
 from splitft.shared.protocol import (
@@ -57,6 +57,9 @@ from splitft.shared.protocol import (
     ROUND,
     STATUS,
     TAIL_ACT,
+    Assignment,
+    Join,
+    assign_body,
     grad_body,
     notice_body,
     parse_act,
@@ -81,10 +84,6 @@ MAX_ATTEMPTS = 3  # runs of one round that fall short of min_agents before the j
 #: progress callback: (event, data) with events "waiting", "admitted", "resumed", "round_start", "step",
 #: "round_retry", "round_end", "done"
 Progress = Callable[[str, dict[str, Any]], None]
-
-
-class CoordinatorError(SplitFTError):
-    """The job cannot go on (no agents, every agent lost)."""
 
 
 @dataclass
@@ -325,7 +324,7 @@ class Coordinator:
                 self._count_rejection(exc.reason, name, exc.detail)
             except Exception as exc:  # never let one message end the reader
                 log.exception("unexpected error handling a %s message from %s", kind, name)
-                self._count_rejection("handler_error", name, f"{type(exc).__name__}: {exc}")
+                self._count_rejection(Refusal.HANDLER_ERROR, name, f"{type(exc).__name__}: {exc}")
 
     def _adapter_arrived(self, received: Received) -> None:
         """Check an upload as it arrives: the first valid one of the current assignment is kept, nothing else."""
@@ -342,7 +341,7 @@ class Coordinator:
             self._count_rejection(exc.reason, name, exc.detail)
             # Authenticated, a NaN/Inf upload is the agent's own diverged update: refuse it and tell it.
             # Unauthenticated it may be a forgery: wait for the agent's real upload.
-            if exc.reason == "nonfinite" and self.broker.auth_key is not None:
+            if exc.reason == Refusal.NONFINITE and self.broker.auth_key is not None:
                 self._drop(plan, f"upload refused: {exc.detail}", event="refused")
                 self._upload_arrived.set()
             return
@@ -351,20 +350,18 @@ class Coordinator:
         plan.upload = upload.state
         self._upload_arrived.set()
 
-    def _count_rejection(self, reason: str, agent: str, detail: str) -> None:
+    def _count_rejection(self, reason: Refusal, agent: str, detail: str) -> None:
         self.rejected_bodies[reason] = self.rejected_bodies.get(reason, 0) + 1
         log.warning("rejected a message from %s: %s (%s)", agent, reason, detail)
 
-    def _agent_joined(self, name: str, sid: str, body: dict[str, Any]) -> None:
-        if body.get("model") != self.job.model:
-            log.warning(
-                "agent %s runs model %r, the job uses %r: not admitted", name, body.get("model"), self.job.model
-            )
+    def _agent_joined(self, name: str, sid: str, join: Join) -> None:
+        if join.model != self.job.model:
+            log.warning("agent %s runs model %r, the job uses %r: not admitted", name, join.model, self.job.model)
             return
         info = self.agents.get(name)
         if info is None:
-            self.agents[name] = info = AgentInfo(name, dict(body.get("profile", {})))
-            log.info("agent %s joined (%d samples)", name, body["data_samples"])
+            self.agents[name] = info = AgentInfo(name, dict(join.profile))
+            log.info("agent %s joined (%d samples)", name, join.data_samples)
         info.offline_since = None
         info.sid = sid
         self._joined.set()
@@ -411,7 +408,7 @@ class Coordinator:
             self.progress("waiting", {"online": self._online(), "needed": self.job.min_agents})
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise CoordinatorError(
+                raise JobError(
                     f"only {len(self._online())} of the {self.job.min_agents} agents needed joined "
                     f"within {self.job.join_timeout_s:g} s"
                 )
@@ -431,7 +428,7 @@ class Coordinator:
                 return record
             await self._compute(self.server.restore, snapshot)
             self.progress("round_retry", {"round": round_, "attempt": attempt})
-        raise CoordinatorError(
+        raise JobError(
             f"round {round_}: fewer than min_agents={self.job.min_agents} agents finished it in {MAX_ATTEMPTS} attempts"
         )
 
@@ -452,39 +449,29 @@ class Coordinator:
             state = await self._compute(server.client_state, ranks)
             corr = f"{link.sid}:{round_}:{attempt}"
             plan = Participant(name, cut, ranks, corr, self.agents[name].sid, state, tail=tail)
-            lora: dict[str, Any] = {
-                "r": job.lora.r,
-                "r_cut": job.lora.r_cut,
-                "alpha_per_rank": job.lora.alpha_per_rank,
-                "dropout": job.lora.dropout,
-            }
-            if job.lora.targets is not None:
-                lora["targets"] = list(job.lora.targets)
-            plan.assign_body = {
-                "model": job.model,
-                "cut": cut,
-                "split": job.split,
-                "tail": tail,
-                "report_loss": job.report_loss,
-                "ranks": [ranks[j] for j in sorted(ranks)],
-                "lora": lora,
-                "adapter": encode_state(state, job.adapter_wire_dtype),
-                "local_steps": job.local_steps,
-                "batch_size": job.batch_size,
-                "max_length": job.max_length,
-                "optimizer": {
-                    "name": job.optimizer.name,
-                    "lr": job.optimizer.lr,
-                    "weight_decay": job.optimizer.weight_decay,
-                    "momentum": job.optimizer.momentum,
-                },
-                "defense": {"noise": job.defense.noise, "clip": job.defense.clip, "nopeek": job.defense.nopeek},
-                "wire_dtype": job.wire_dtype,
-                "adapter_wire_dtype": job.adapter_wire_dtype,
-                "step_timeout_s": job.step_timeout_s,
-                "seed": job.seed,
-                "attempt": attempt,
-            }
+            assignment = Assignment(
+                round=round_,
+                model=job.model,
+                cut=cut,
+                ranks=ranks,
+                lora=job.lora,
+                adapter=encode_state(state, job.adapter_wire_dtype),
+                local_steps=job.local_steps,
+                batch_size=job.batch_size,
+                max_length=job.max_length,
+                optimizer=job.optimizer,
+                wire_dtype=job.wire_dtype,
+                adapter_wire_dtype=job.adapter_wire_dtype,
+                step_timeout_s=job.step_timeout_s,
+                seed=job.seed,
+                attempt=attempt,
+                corr=corr,
+                split=job.split,
+                tail=tail,
+                report_loss=job.report_loss,
+                defense=job.defense,
+            )
+            plan.assign_body = assign_body(assignment)
             plans[name] = plan
             await self._publish_plan(plan)
         layout: dict[str, Any] = {"cuts": {n: p.cut for n, p in plans.items()}}

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import zstandard
 
-from .errors import ConfigError, WireError
+from .errors import ConfigError, Refusal, WireError
 
 #: Wire dtypes for floating-point tensors (activations, gradients, adapters). ``int8`` is
 #: quantised with a per-token absmax scale; the others are plain casts.
@@ -125,44 +125,47 @@ def decode_tensor(
     to float32 first). Integer tensors are returned as int64.
     """
     if not isinstance(obj, dict):
-        raise WireError("bad_schema", f"tensor must be a map, got {type(obj).__name__}")
+        raise WireError(Refusal.BAD_SCHEMA, f"tensor must be a map, got {type(obj).__name__}")
     wire = obj.get("dtype")
     if not isinstance(wire, str) or wire not in WIRE_DTYPES:
-        raise WireError("bad_dtype", f"unknown wire dtype {_brief(wire)}")
+        raise WireError(Refusal.BAD_DTYPE, f"unknown wire dtype {_brief(wire)}")
     if expect_dtypes is not None and wire not in expect_dtypes:
-        raise WireError("bad_dtype", f"wire dtype {wire} not accepted here (expected one of {list(expect_dtypes)})")
+        raise WireError(
+            Refusal.BAD_DTYPE, f"wire dtype {wire} not accepted here (expected one of {list(expect_dtypes)})"
+        )
     keys = set(obj)
     wanted = _INT8_KEYS if wire == "int8" else _TENSOR_KEYS
     if keys != wanted:
-        raise WireError("bad_schema", f"tensor keys {sorted(keys)} != {sorted(wanted)}")
+        raise WireError(Refusal.BAD_SCHEMA, f"tensor keys {sorted(keys)} != {sorted(wanted)}")
     shape = _check_shape(obj["shape"], expect_shape)
     data = obj["data"]
     if not isinstance(data, bytes):
-        raise WireError("bad_schema", f"tensor data must be bytes, got {type(data).__name__}")
+        raise WireError(Refusal.BAD_SCHEMA, f"tensor data must be bytes, got {type(data).__name__}")
     numel = math.prod(shape)
     if len(data) != numel * _ITEMSIZE[wire]:
         raise WireError(
-            "bad_shape", f"{len(data)} data bytes do not match shape {shape} of {wire} ({numel * _ITEMSIZE[wire]})"
+            Refusal.BAD_SHAPE,
+            f"{len(data)} data bytes do not match shape {shape} of {wire} ({numel * _ITEMSIZE[wire]})",
         )
 
     if wire in INT_WIRE_DTYPES:
         return _from_bytes(data, _PLAIN[wire], shape).to(torch.int64)
     if wire == "int8":
         if not shape:
-            raise WireError("bad_shape", "int8 tensors need at least one dimension")
+            raise WireError(Refusal.BAD_SHAPE, "int8 tensors need at least one dimension")
         scale_raw = obj["scale"]
         rows = math.prod(shape[:-1])
         if not isinstance(scale_raw, bytes) or len(scale_raw) != rows * 4:
-            raise WireError("bad_shape", f"int8 scale must be {rows} float32 values")
+            raise WireError(Refusal.BAD_SHAPE, f"int8 scale must be {rows} float32 values")
         scale = _from_bytes(scale_raw, torch.float32, shape[:-1])
         if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
-            raise WireError("nonfinite", "int8 scale has negative or non-finite values")
+            raise WireError(Refusal.NONFINITE, "int8 scale has negative or non-finite values")
         q = _from_bytes(data, torch.int8, shape)
         t = dequantize_int8(q, scale)
     else:
         t = _from_bytes(data, _PLAIN[wire], shape)
         if not allow_nonfinite and not bool(torch.isfinite(t).all()):
-            raise WireError("nonfinite", f"tensor of shape {shape} holds NaN or Inf")
+            raise WireError(Refusal.NONFINITE, f"tensor of shape {shape} holds NaN or Inf")
     return t if out_dtype is None else t.to(out_dtype)
 
 
@@ -208,15 +211,17 @@ def decode_state(
     says otherwise (``None`` accepts any).
     """
     if not isinstance(obj, dict):
-        raise WireError("bad_schema", f"state must be a map, got {type(obj).__name__}")
+        raise WireError(Refusal.BAD_SCHEMA, f"state must be a map, got {type(obj).__name__}")
     if expect is not None and set(obj) != set(expect):
         missing = sorted(set(expect) - set(obj))[:3]
         extra = sorted(map(str, set(obj) - set(expect)))[:3]
-        raise WireError("bad_schema", f"state names differ from those expected (missing {missing}, extra {extra})")
+        raise WireError(
+            Refusal.BAD_SCHEMA, f"state names differ from those expected (missing {missing}, extra {extra})"
+        )
     out: dict[str, torch.Tensor] = {}
     for name, value in obj.items():
         if not isinstance(name, str):
-            raise WireError("bad_schema", f"state names must be strings, got {type(name).__name__}")
+            raise WireError(Refusal.BAD_SCHEMA, f"state names must be strings, got {type(name).__name__}")
         shape = None if expect is None else list(expect[name])
         try:
             out[name] = decode_tensor(value, expect_shape=shape, expect_dtypes=expect_dtypes, out_dtype=out_dtype)
@@ -241,18 +246,18 @@ def compress(raw: bytes, level: int = 1) -> bytes:
 def unpack(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
     """Inverse of :func:`pack`, bounded by ``limits`` before any large allocation."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise WireError("bad_schema", f"payload must be bytes, got {type(data).__name__}")
+        raise WireError(Refusal.BAD_SCHEMA, f"payload must be bytes, got {type(data).__name__}")
     if len(data) > limits.max_compressed_bytes:
-        raise WireError("too_large", f"{len(data)} compressed bytes > limit {limits.max_compressed_bytes}")
+        raise WireError(Refusal.TOO_LARGE, f"{len(data)} compressed bytes > limit {limits.max_compressed_bytes}")
     try:
         declared = zstandard.frame_content_size(data)
     except zstandard.ZstdError as exc:
-        raise WireError("bad_compression", f"not a zstd frame ({exc})") from exc
+        raise WireError(Refusal.BAD_COMPRESSION, f"not a zstd frame ({exc})") from exc
     if declared < 0:
         # Without a declared size the only safe way is a capped stream; we simply require the size.
-        raise WireError("bad_compression", "zstd frame does not declare its content size")
+        raise WireError(Refusal.BAD_COMPRESSION, "zstd frame does not declare its content size")
     if declared > limits.max_decoded_bytes:
-        raise WireError("too_large", f"frame declares {declared} bytes > limit {limits.max_decoded_bytes}")
+        raise WireError(Refusal.TOO_LARGE, f"frame declares {declared} bytes > limit {limits.max_decoded_bytes}")
     if declared > _PLAUSIBLE_RATIO * len(data) + _STREAM_STEP:
         _check_expands_to(data, declared)
     try:
@@ -260,9 +265,9 @@ def unpack(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
         # garbage, or a checksum whose flag a flipped bit cleared) would otherwise pass unnoticed.
         raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=declared, allow_extra_data=False)
     except zstandard.ZstdError as exc:
-        raise WireError("bad_compression", f"corrupt or truncated zstd frame ({exc})") from exc
+        raise WireError(Refusal.BAD_COMPRESSION, f"corrupt or truncated zstd frame ({exc})") from exc
     if len(raw) != declared:
-        raise WireError("bad_compression", f"frame declared {declared} bytes but held {len(raw)}")
+        raise WireError(Refusal.BAD_COMPRESSION, f"frame declared {declared} bytes but held {len(raw)}")
     try:
         return msgpack.unpackb(
             raw,
@@ -276,7 +281,7 @@ def unpack(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
             ext_hook=_refuse_ext,  # max_ext_len=0 still lets an ext of length 0 through
         )
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
-        raise WireError("bad_msgpack", f"malformed msgpack ({type(exc).__name__}: {exc})") from exc
+        raise WireError(Refusal.BAD_MSGPACK, f"malformed msgpack ({type(exc).__name__}: {exc})") from exc
 
 
 # --------------------------------------------------------------------------- helpers
@@ -306,9 +311,9 @@ def _check_expands_to(data: bytes | bytearray | memoryview, declared: int) -> No
                 break
             total += len(step)
     except zstandard.ZstdError as exc:
-        raise WireError("bad_compression", f"corrupt zstd frame ({exc})") from exc
+        raise WireError(Refusal.BAD_COMPRESSION, f"corrupt zstd frame ({exc})") from exc
     if total < declared:
-        raise WireError("bad_compression", f"frame declared {declared} bytes but held {total}")
+        raise WireError(Refusal.BAD_COMPRESSION, f"frame declared {declared} bytes but held {total}")
 
 
 def _refuse_ext(code: int, data: bytes) -> Any:
@@ -331,13 +336,13 @@ def _brief(value: Any) -> str:
 
 def _check_shape(shape: Any, expect: Sequence[int | None] | None) -> list[int]:
     if not isinstance(shape, list) or len(shape) > _MAX_DIMS:
-        raise WireError("bad_shape", f"shape must be a list of at most {_MAX_DIMS} ints, got {_brief(shape)}")
+        raise WireError(Refusal.BAD_SHAPE, f"shape must be a list of at most {_MAX_DIMS} ints, got {_brief(shape)}")
     if not all(type(d) is int and 0 <= d < _MAX_DIM for d in shape):
-        raise WireError("bad_shape", f"shape must hold ints in [0, 2**31), got {_brief(shape)}")
+        raise WireError(Refusal.BAD_SHAPE, f"shape must hold ints in [0, 2**31), got {_brief(shape)}")
     if expect is not None and (
         len(expect) != len(shape) or any(e is not None and e != d for e, d in zip(expect, shape, strict=True))
     ):
-        raise WireError("bad_shape", f"shape {shape} does not match the expected {list(expect)}")
+        raise WireError(Refusal.BAD_SHAPE, f"shape {shape} does not match the expected {list(expect)}")
     return shape
 
 

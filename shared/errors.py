@@ -5,13 +5,16 @@
     ├── ModelError               a model folder that cannot be used: missing, unsupported family, no weights
     ├── LinkError                the MQTT broker cannot be reached, or a publish could not complete
     ├── DataError                a training-data file that cannot be used: missing, malformed, no samples
-    └── WireError                bytes from the network that are refused; ``reason`` is a short stable
-                                 code (for counters and logs), the message says what was wrong
+    ├── JobError                 the job cannot go on: too few agents joined, every agent lost
+    └── WireError                bytes from the network that are refused; ``reason`` is a :class:`Refusal`
+                                 (a stable code, for counters and logs), the message says what was wrong
 
 Code that handles untrusted input catches ``WireError``, counts ``exc.reason`` and carries on.
 """
 
 from __future__ import annotations
+
+from enum import StrEnum
 
 
 class SplitFTError(Exception):
@@ -34,15 +37,47 @@ class DataError(SplitFTError):
     """A data file is missing, malformed, or holds no usable sample."""
 
 
+class JobError(SplitFTError):
+    """The job cannot go on: too few agents joined in time, or too few finished a round."""
+
+
+class Refusal(StrEnum):
+    """Why a message from the network was refused: the stable codes every member counts (``rejected`` in
+    the coordinator's metrics.jsonl, per reason) and logs. OPERATIONS.md's table explains each one."""
+
+    # the bytes
+    EMPTY = "empty"  # an empty payload (how MQTT clears a retained message)
+    TOO_LARGE = "too_large"  # over the size limits, compressed or declared decompressed
+    BAD_COMPRESSION = "bad_compression"  # not a zstd frame, truncated, or not the size it declares
+    BAD_MSGPACK = "bad_msgpack"  # the decompressed bytes are not msgpack
+    # the envelope
+    BAD_TOPIC = "bad_topic"  # a topic this job does not use
+    BAD_VERSION = "bad_version"  # another protocol version
+    BAD_SCHEMA = "bad_schema"  # a missing field, a field of the wrong type or out of range, an unknown type
+    WRONG_TYPE = "wrong_type"  # a message type the topic does not carry
+    WRONG_JOB = "wrong_job"  # the envelope names another job
+    WRONG_SENDER = "wrong_sender"  # the sender is not the agent the topic belongs to
+    DUPLICATE = "duplicate"  # seen before (a QoS 1 redelivery, or a replay)
+    BAD_CHUNK = "bad_chunk"  # the parts of a chunked message do not agree
+    # authentication (with a job key)
+    UNAUTHENTICATED = "unauthenticated"  # not signed
+    BAD_AUTH = "bad_auth"  # signed with another key, changed, or moved to another topic
+    STALE = "stale"  # signed, but its time stamp is outside the window
+    # the tensors in the body
+    BAD_DTYPE = "bad_dtype"  # a wire dtype that is unknown or not accepted for this tensor
+    BAD_SHAPE = "bad_shape"  # a shape other than the one expected, or out of bounds
+    NONFINITE = "nonfinite"  # NaN or Inf
+    # bugs on the receiving side, counted rather than fatal
+    DECODE_ERROR = "decode_error"  # the decoder raised something other than a refusal
+    HANDLER_ERROR = "handler_error"  # handling an accepted message raised
+
+
 class WireError(SplitFTError):
-    """Data received from the network was refused.
+    """Data received from the network was refused: ``reason`` says why (a :class:`Refusal`, suitable as a
+    counter key), ``detail`` what exactly was wrong."""
 
-    ``reason`` is one of a small set of stable codes (``too_large``, ``bad_compression``,
-    ``bad_msgpack``, ``bad_schema``, ``bad_dtype``, ``bad_shape``, ``nonfinite``), suitable as a
-    counter key; the message gives the detail.
-    """
-
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: Refusal, detail: str) -> None:
+        reason = Refusal(reason)  # an unknown code is a bug here, not on the wire
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-from .errors import ConfigError, DataError, LinkError, ModelError
+from .errors import ConfigError, DataError, JobError, LinkError, ModelError
 
 
 class ExitCode(IntEnum):
@@ -27,6 +27,7 @@ def exit_code_for(exc: BaseException) -> ExitCode:
         (DataError, ExitCode.DATA),
         (LinkError, ExitCode.BROKER),
         (ConfigError, ExitCode.CONFIG),
+        (JobError, ExitCode.JOB_FAILED),
     ):
         if isinstance(exc, kind):
             return code

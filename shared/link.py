@@ -32,7 +32,7 @@ import aiomqtt
 from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
 
 from .codec import Limits
-from .errors import ConfigError, LinkError, WireError
+from .errors import ConfigError, LinkError, Refusal, WireError
 from .protocol import (
     CHUNK,
     MIN_KEY_BYTES,
@@ -146,7 +146,7 @@ def _check_type(type_: str, topic: Topic, *, chunk_ok: bool) -> None:
     """Each topic carries one message type (the runtimes dispatch on the topic, so the two must agree)."""
     expected = STATUS if topic.kind == "coordinator_status" else topic.kind
     if type_ != expected and not (chunk_ok and type_ == CHUNK):
-        raise WireError("wrong_type", f"a {type_!r} message on a {topic.kind!r} topic")
+        raise WireError(Refusal.WRONG_TYPE, f"a {type_!r} message on a {topic.kind!r} topic")
 
 
 @dataclass(frozen=True)
@@ -305,7 +305,7 @@ class Link:
     def pending(self) -> int:
         return self._queue.qsize()
 
-    def _reject(self, reason: str, topic: str, detail: str) -> None:
+    def _reject(self, reason: Refusal, topic: str, detail: str) -> None:
         self.rejected[reason] += 1
         log.warning("%s: rejected a message on %s: %s (%s)", self.name, topic, reason, detail)
 
@@ -314,23 +314,23 @@ class Link:
         self.bytes_received += len(payload)
         topic = self.topics.parse(topic_name)
         if topic is None:
-            self._reject("bad_topic", topic_name, "not a topic of this job")
+            self._reject(Refusal.BAD_TOPIC, topic_name, "not a topic of this job")
             return
         if not payload:
             # An empty payload is how MQTT clears a retained message; nobody of ours sends one otherwise.
-            self._reject("empty", topic_name, "empty payload")
+            self._reject(Refusal.EMPTY, topic_name, "empty payload")
             return
         try:
             env = self._decode(payload, topic_name)
             size = len(payload)
             if env.job != self.topics.job:
-                raise WireError("wrong_job", f"message for job {env.job!r}")
+                raise WireError(Refusal.WRONG_JOB, f"message for job {env.job!r}")
             if env.sender != topic.publisher:
                 raise WireError(
-                    "wrong_sender", f"{env.sender!r} published on {topic_name}, reserved to {topic.publisher!r}"
+                    Refusal.WRONG_SENDER, f"{env.sender!r} published on {topic_name}, reserved to {topic.publisher!r}"
                 )
             if env.key in self._seen:
-                raise WireError("duplicate", f"message {env.key} seen before")
+                raise WireError(Refusal.DUPLICATE, f"message {env.key} seen before")
             self._remember(env.key)
             _check_type(env.type, topic, chunk_ok=True)
             if env.type == CHUNK:
@@ -341,17 +341,17 @@ class Link:
                 size = len(whole)  # the chunks' envelopes add about 100 bytes per chunk on top
                 env = self._decode(whole, topic_name)
                 if env.sender != sender or env.job != self.topics.job or env.type == CHUNK:
-                    raise WireError("bad_chunk", "reassembled message does not match its chunks")
+                    raise WireError(Refusal.BAD_CHUNK, "reassembled message does not match its chunks")
                 _check_type(env.type, topic, chunk_ok=False)
                 if env.key in self._seen:
-                    raise WireError("duplicate", f"message {env.key} seen before")
+                    raise WireError(Refusal.DUPLICATE, f"message {env.key} seen before")
                 self._remember(env.key)
         except WireError as exc:
             self._reject(exc.reason, topic_name, exc.detail)
             return
         except Exception as exc:  # a decoder bug must not end the link: count it like any refusal
             log.exception("%s: unexpected error decoding a message on %s", self.name, topic_name)
-            self._reject("decode_error", topic_name, f"{type(exc).__name__}: {exc}")
+            self._reject(Refusal.DECODE_ERROR, topic_name, f"{type(exc).__name__}: {exc}")
             return
         self._queue.put_nowait(Received(topic, env, size))
 
@@ -388,7 +388,7 @@ class Link:
                     async for message in client.messages:
                         payload = message.payload
                         if not isinstance(payload, (bytes, bytearray)):
-                            self._reject("bad_schema", str(message.topic), "payload is not bytes")
+                            self._reject(Refusal.BAD_SCHEMA, str(message.topic), "payload is not bytes")
                             continue
                         self._accept(str(message.topic), bytes(payload))
             except asyncio.CancelledError:

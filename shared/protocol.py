@@ -46,7 +46,10 @@ from .codec import (
     encode_tensor,
     unpack,
 )
-from .errors import ConfigError, WireError
+from .config import SPLITS, OptimizerSettings
+from .defense import DefenseSettings
+from .errors import ConfigError, Refusal, WireError
+from .lora import LoraSettings
 
 PROTOCOL_VERSION = 1
 
@@ -143,12 +146,12 @@ def check_auth(env: Envelope, topic: str, key: bytes, window_s: float | None, no
     connection opens, so both may be old when they arrive (their ``sid`` tells stale ones apart).
     """
     if env.auth is None:
-        raise WireError("unauthenticated", "message carries no authentication tag")
+        raise WireError(Refusal.UNAUTHENTICATED, "message carries no authentication tag")
     if len(env.auth) != AUTH_TAG_BYTES or not hmac.compare_digest(env.auth, envelope_mac(key, topic, env)):
-        raise WireError("bad_auth", "authentication tag does not match (wrong key, topic or content)")
+        raise WireError(Refusal.BAD_AUTH, "authentication tag does not match (wrong key, topic or content)")
     now = time.time() if now is None else now
     if window_s is not None and abs(now - env.ts) > window_s:
-        raise WireError("stale", f"timestamp {now - env.ts:+.0f} s from now, outside the {window_s:g} s window")
+        raise WireError(Refusal.STALE, f"timestamp {now - env.ts:+.0f} s from now, outside the {window_s:g} s window")
 
 
 def load_key(path: str | Path) -> bytes:
@@ -170,28 +173,30 @@ def decode_envelope(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> Envelope
     """Unpack and check the envelope fields; the body is checked later by its ``parse_*`` function."""
     obj = unpack(payload, limits)
     if not isinstance(obj, dict):
-        raise WireError("bad_schema", f"envelope must be a map, got {type(obj).__name__}")
+        raise WireError(Refusal.BAD_SCHEMA, f"envelope must be a map, got {type(obj).__name__}")
     if set(obj) != _ENVELOPE_KEYS:
         missing, extra = sorted(_ENVELOPE_KEYS - set(obj)), len(set(obj) - _ENVELOPE_KEYS)
-        raise WireError("bad_schema", f"envelope keys differ (missing {missing}, {extra} unknown)")
+        raise WireError(Refusal.BAD_SCHEMA, f"envelope keys differ (missing {missing}, {extra} unknown)")
     if type(obj["v"]) is not int or obj["v"] != PROTOCOL_VERSION:
-        raise WireError("bad_version", f"protocol version {_brief(obj['v'])}, this build speaks {PROTOCOL_VERSION}")
+        raise WireError(
+            Refusal.BAD_VERSION, f"protocol version {_brief(obj['v'])}, this build speaks {PROTOCOL_VERSION}"
+        )
     if not isinstance(obj["type"], str) or obj["type"] not in MESSAGE_TYPES:
-        raise WireError("bad_schema", f"unknown message type {_brief(obj['type'])}")
+        raise WireError(Refusal.BAD_SCHEMA, f"unknown message type {_brief(obj['type'])}")
     for name in ("job", "sender", "sid"):
         if not isinstance(obj[name], str) or not obj[name]:
-            raise WireError("bad_schema", f"envelope field {name} must be a non-empty string")
+            raise WireError(Refusal.BAD_SCHEMA, f"envelope field {name} must be a non-empty string")
     for name in ("seq", "round", "step"):
         if type(obj[name]) is not int:
-            raise WireError("bad_schema", f"envelope field {name} must be an integer")
+            raise WireError(Refusal.BAD_SCHEMA, f"envelope field {name} must be an integer")
     if obj["corr"] is not None and not isinstance(obj["corr"], str):
-        raise WireError("bad_schema", "envelope field corr must be a string or nil")
+        raise WireError(Refusal.BAD_SCHEMA, "envelope field corr must be a string or nil")
     if isinstance(obj["ts"], bool) or not isinstance(obj["ts"], (int, float)) or not math.isfinite(obj["ts"]):
-        raise WireError("bad_schema", "envelope field ts must be a finite number")
+        raise WireError(Refusal.BAD_SCHEMA, "envelope field ts must be a finite number")
     if obj["auth"] is not None and not isinstance(obj["auth"], bytes):
-        raise WireError("bad_schema", "envelope field auth must be bytes or nil")
+        raise WireError(Refusal.BAD_SCHEMA, "envelope field auth must be bytes or nil")
     if not isinstance(obj["body"], dict):
-        raise WireError("bad_schema", "envelope body must be a map")
+        raise WireError(Refusal.BAD_SCHEMA, "envelope body must be a map")
     return Envelope(
         type=obj["type"],
         job=obj["job"],
@@ -212,22 +217,22 @@ def decode_envelope(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> Envelope
 
 def _get(body: Mapping[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
     if name not in body:
-        raise WireError("bad_schema", f"message lacks field {name!r}")
+        raise WireError(Refusal.BAD_SCHEMA, f"message lacks field {name!r}")
     value = body[name]
     # bool is an int in Python; never accept one for a number (nor an int for a bool).
     if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-        raise WireError("bad_schema", f"field {name!r} has the wrong type")
+        raise WireError(Refusal.BAD_SCHEMA, f"field {name!r} has the wrong type")
     if not isinstance(value, kind):
-        raise WireError("bad_schema", f"field {name!r} must be {kind}, got {type(value).__name__}")
+        raise WireError(Refusal.BAD_SCHEMA, f"field {name!r} must be {kind}, got {type(value).__name__}")
     if isinstance(value, float) and not math.isfinite(value):
-        raise WireError("nonfinite", f"field {name!r} is not finite")
+        raise WireError(Refusal.NONFINITE, f"field {name!r} is not finite")
     return value
 
 
 def _int(body: Mapping[str, Any], name: str, lo: int, hi: int) -> int:
     value = _get(body, name, int)
     if not lo <= value <= hi:
-        raise WireError("bad_schema", f"field {name!r} = {value} outside [{lo}, {hi}]")
+        raise WireError(Refusal.BAD_SCHEMA, f"field {name!r} = {value} outside [{lo}, {hi}]")
     return int(value)
 
 
@@ -241,7 +246,7 @@ def _timings(body: Mapping[str, Any]) -> dict[str, float]:
         isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
         for k, v in raw.items()
     ):
-        raise WireError("bad_schema", "timings must map at most 64 names to finite numbers")
+        raise WireError(Refusal.BAD_SCHEMA, "timings must map at most 64 names to finite numbers")
     return {k: float(v) for k, v in raw.items()}
 
 
@@ -300,17 +305,19 @@ def parse_act(
     )
     batch, width = hidden.shape[:2]
     if not (1 <= batch <= max_batch and 1 <= width <= max_length):
-        raise WireError("bad_shape", f"activation batch {batch} x {width} outside 1..{max_batch} x 1..{max_length}")
+        raise WireError(
+            Refusal.BAD_SHAPE, f"activation batch {batch} x {width} outside 1..{max_batch} x 1..{max_length}"
+        )
     lengths = decode_tensor(_get(body, "lengths", dict), expect_shape=[batch], expect_dtypes=["int32"])
     if bool((lengths < 1).any()) or bool((lengths > width).any()):
-        raise WireError("bad_shape", f"lengths must lie in [1, {width}]")
+        raise WireError(Refusal.BAD_SHAPE, f"lengths must lie in [1, {width}]")
     if not with_labels:
         if "labels" in body:
-            raise WireError("bad_schema", "labels in a U-split job: they must stay on the device")
+            raise WireError(Refusal.BAD_SCHEMA, "labels in a U-split job: they must stay on the device")
         return Activations(hidden, None, lengths, _timings(body))
     labels = decode_tensor(_get(body, "labels", dict), expect_shape=[batch, width], expect_dtypes=["int32"])
     if bool(((labels != -100) & ((labels < 0) | (labels >= vocab_size))).any()):
-        raise WireError("bad_schema", f"labels must be -100 or token ids in [0, {vocab_size})")
+        raise WireError(Refusal.BAD_SCHEMA, f"labels must be -100 or token ids in [0, {vocab_size})")
     return Activations(hidden, labels, lengths, _timings(body))
 
 
@@ -357,7 +364,7 @@ def parse_tail_grad(body: Mapping[str, Any], shape: tuple[int, ...]) -> tuple[to
     grad = decode_tensor(_get(body, "grad", dict), expect_shape=list(shape), expect_dtypes=FLOAT_WIRE_DTYPES)
     if body.get("loss") is None:
         if "loss" not in body:
-            raise WireError("bad_schema", "message lacks field 'loss'")
+            raise WireError(Refusal.BAD_SCHEMA, "message lacks field 'loss'")
         return grad, None
     return grad, _number(body, "loss")
 
@@ -413,33 +420,216 @@ PROFILE_NUMBERS = frozenset(
 )  # fmt: skip
 
 
-def parse_join(body: Mapping[str, Any]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Join:
+    """What an agent says when it joins: its device profile, the size of its data, the model it runs."""
+
+    profile: dict[str, Any]  # a flat map of measured and declared device figures (see parse_join)
+    data_samples: int
+    data_tokens: int  # a rough count, for planning
+    model: str
+    version: str = ""  # the agent's SplitFT version
+
+
+def join_body(join: Join) -> dict[str, Any]:
+    return {
+        "profile": dict(join.profile),
+        "data_samples": join.data_samples,
+        "data_tokens": join.data_tokens,
+        "model": join.model,
+        "version": join.version,
+    }
+
+
+def parse_join(body: Mapping[str, Any]) -> Join:
     """A join: the agent's device profile and the size of its data.
 
     The profile is a flat map of at most 64 names to scalars (strings of at most 256 characters,
     finite numbers, booleans, nil); the fields in :data:`PROFILE_NUMBERS` must be numbers >= 0.
     """
     profile = _get(body, "profile", dict)
-    _int(body, "data_samples", 1, 1 << 40)
-    _int(body, "data_tokens", 1, 1 << 48)
-    _get(body, "model", str)
+    samples = _int(body, "data_samples", 1, 1 << 40)
+    tokens = _int(body, "data_tokens", 1, 1 << 48)
+    model = _get(body, "model", str)
+    version = body.get("version", "")
+    if not isinstance(version, str) or len(version) > 64:
+        raise WireError(Refusal.BAD_SCHEMA, f"version must be a string of at most 64 characters, got {_brief(version)}")
     if len(profile) > 64:
-        raise WireError("bad_schema", "profile has too many fields")
+        raise WireError(Refusal.BAD_SCHEMA, "profile has too many fields")
     for name, value in profile.items():
         if not isinstance(name, str) or len(name) > 64:
-            raise WireError("bad_schema", f"profile field name {_brief(name)} is not a string of at most 64 characters")
+            raise WireError(
+                Refusal.BAD_SCHEMA, f"profile field name {_brief(name)} is not a string of at most 64 characters"
+            )
         number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         if name in PROFILE_NUMBERS and not (number and value >= 0):
-            raise WireError("bad_schema", f"profile field {name!r} must be a finite number >= 0, got {_brief(value)}")
+            raise WireError(
+                Refusal.BAD_SCHEMA, f"profile field {name!r} must be a finite number >= 0, got {_brief(value)}"
+            )
         if not (number or value is None or isinstance(value, bool) or (isinstance(value, str) and len(value) <= 256)):
-            raise WireError("bad_schema", f"profile field {name!r} must be a scalar, got {_brief(value)}")
-    return dict(body)
+            raise WireError(Refusal.BAD_SCHEMA, f"profile field {name!r} must be a scalar, got {_brief(value)}")
+    return Join(dict(profile), samples, tokens, model, version)
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """A device's part in one round: its layout (cut, tail, LoRA ranks), the adapters it starts from and
+    how to train. ``round`` and ``corr`` travel in the envelope, the rest in the body."""
+
+    round: int
+    model: str
+    cut: int
+    ranks: dict[int, int]  # LoRA rank of every block the device holds
+    lora: LoraSettings
+    adapter: Any  # the encoded state, decoded once the segment's shapes are known
+    local_steps: int
+    batch_size: int
+    max_length: int
+    optimizer: OptimizerSettings
+    wire_dtype: str
+    adapter_wire_dtype: str
+    step_timeout_s: float
+    seed: int
+    attempt: int = 1  # the coordinator's run of this round (a round that fell short of min_agents runs again)
+    corr: str = ""  # the assignment's id, repeated in the activations and the upload
+    split: str = "two-part"  # "u": the device also holds the last `tail` blocks and the head, and takes the loss
+    tail: int = 0  # U split: blocks at the top of the model this device holds
+    report_loss: bool = True  # U split: send the mean loss (a scalar) with each tail gradient
+    # clip / noise on the activations sent, NoPeek in the loss
+    defense: DefenseSettings = field(default_factory=DefenseSettings)
+
+    @property
+    def u_split(self) -> bool:
+        return self.split == "u"
+
+
+def assign_body(a: Assignment) -> dict[str, Any]:
+    """The body of an ``assign`` message (the adapter state already encoded)."""
+    lora: dict[str, Any] = {
+        "r": a.lora.r,
+        "r_cut": a.lora.r_cut,
+        "alpha_per_rank": a.lora.alpha_per_rank,
+        "dropout": a.lora.dropout,
+    }
+    if a.lora.targets is not None:
+        lora["targets"] = list(a.lora.targets)
+    return {
+        "model": a.model,
+        "cut": a.cut,
+        "split": a.split,
+        "tail": a.tail,
+        "report_loss": a.report_loss,
+        "ranks": [a.ranks[j] for j in sorted(a.ranks)],
+        "lora": lora,
+        "adapter": a.adapter,
+        "local_steps": a.local_steps,
+        "batch_size": a.batch_size,
+        "max_length": a.max_length,
+        "optimizer": {
+            "name": a.optimizer.name,
+            "lr": a.optimizer.lr,
+            "weight_decay": a.optimizer.weight_decay,
+            "momentum": a.optimizer.momentum,
+        },
+        "defense": {"noise": a.defense.noise, "clip": a.defense.clip, "nopeek": a.defense.nopeek},
+        "wire_dtype": a.wire_dtype,
+        "adapter_wire_dtype": a.adapter_wire_dtype,
+        "step_timeout_s": a.step_timeout_s,
+        "seed": a.seed,
+        "attempt": a.attempt,
+    }
+
+
+def parse_assign(
+    round_: int,
+    body: Mapping[str, Any],
+    model: str,
+    total_layers: int,
+    max_positions: int | None = None,
+    corr: str | None = None,
+) -> Assignment:
+    """Check an assignment against this agent's model; a WireError says what is wrong."""
+
+    def get(name: str, kind: type | tuple[type, ...]) -> Any:
+        value = body.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise WireError(Refusal.BAD_SCHEMA, f"assignment field {name!r} missing or of the wrong type")
+        return value
+
+    if get("model", str) != model:
+        raise WireError(Refusal.BAD_SCHEMA, f"assignment for model {body['model']!r}, this agent runs {model!r}")
+    cut = get("cut", int)
+    if not 1 <= cut <= total_layers - 1:
+        raise WireError(Refusal.BAD_SCHEMA, f"cut {cut} outside 1..{total_layers - 1}")
+    split = body.get("split", "two-part")
+    if split not in SPLITS:
+        raise WireError(Refusal.BAD_SCHEMA, f"unknown split {split!r}")
+    tail = body.get("tail", 0)
+    if type(tail) is not int or not 0 <= tail <= total_layers - 1 - cut or (split == "two-part" and tail != 0):
+        raise WireError(
+            Refusal.BAD_SCHEMA, f"tail {tail!r} does not fit a {split} split at cut {cut} of {total_layers}"
+        )
+    report_loss = body.get("report_loss", True)
+    if type(report_loss) is not bool:
+        raise WireError(Refusal.BAD_SCHEMA, "report_loss must be a boolean")
+    blocks = [*range(cut), *range(total_layers - tail, total_layers)]
+    ranks = get("ranks", list)
+    if len(ranks) != len(blocks) or not all(type(r) is int and 0 < r <= 4096 for r in ranks):
+        raise WireError(Refusal.BAD_SCHEMA, "ranks must list one positive rank per client block")
+    wire, adapter_wire = get("wire_dtype", str), get("adapter_wire_dtype", str)
+    if wire not in FLOAT_WIRE_DTYPES or adapter_wire not in FLOAT_WIRE_DTYPES:
+        raise WireError(Refusal.BAD_DTYPE, f"unknown wire dtype {wire!r} / {adapter_wire!r}")
+    try:
+        lora_fields = dict(get("lora", dict))
+        if "targets" in lora_fields and isinstance(lora_fields["targets"], list):
+            lora_fields["targets"] = tuple(lora_fields["targets"])
+        lora = LoraSettings(**lora_fields)
+        optimizer = OptimizerSettings(**get("optimizer", dict))
+        raw_defense = body.get("defense", {})
+        if not isinstance(raw_defense, dict):
+            raise ConfigError("defense must be a map")
+        defense = DefenseSettings(**raw_defense)
+    except (TypeError, ConfigError) as exc:
+        raise WireError(Refusal.BAD_SCHEMA, f"assignment settings: {exc}") from exc
+    steps, batch, length = get("local_steps", int), get("batch_size", int), get("max_length", int)
+    if not (1 <= steps <= 100_000 and 1 <= batch <= 4096 and 8 <= length <= 1 << 20):
+        raise WireError(Refusal.BAD_SCHEMA, "local_steps, batch_size or max_length out of range")
+    if max_positions is not None and length > max_positions:
+        raise WireError(Refusal.BAD_SCHEMA, f"max_length {length} exceeds the model's {max_positions} positions")
+    timeout = float(get("step_timeout_s", (int, float)))
+    if not 0 < timeout < 1e7:
+        raise WireError(Refusal.BAD_SCHEMA, "step_timeout_s out of range")
+    attempt = body.get("attempt", 1)
+    if type(attempt) is not int or not 1 <= attempt <= 1_000_000:
+        raise WireError(Refusal.BAD_SCHEMA, "attempt out of range")
+    return Assignment(
+        round=round_,
+        model=model,
+        cut=cut,
+        ranks=dict(zip(blocks, ranks, strict=True)),
+        lora=lora,
+        adapter=get("adapter", dict),
+        local_steps=steps,
+        batch_size=batch,
+        max_length=length,
+        optimizer=optimizer,
+        wire_dtype=wire,
+        adapter_wire_dtype=adapter_wire,
+        step_timeout_s=timeout,
+        seed=get("seed", int),
+        attempt=attempt,
+        split=split,
+        tail=tail,
+        report_loss=report_loss,
+        defense=defense,
+        corr=corr or "",
+    )
 
 
 def parse_status(body: Mapping[str, Any]) -> str:
     state = _get(body, "state", str)
     if state not in ("online", "offline"):
-        raise WireError("bad_schema", f"unknown status {_brief(state)}")
+        raise WireError(Refusal.BAD_SCHEMA, f"unknown status {_brief(state)}")
     return str(state)
 
 
@@ -456,7 +646,7 @@ def notice_body(event: str, reason: str) -> dict[str, Any]:
 def parse_notice(body: Mapping[str, Any]) -> tuple[str, str]:
     event = _get(body, "event", str)
     if event not in NOTICE_EVENTS:
-        raise WireError("bad_schema", f"unknown notice {_brief(event)}")
+        raise WireError(Refusal.BAD_SCHEMA, f"unknown notice {_brief(event)}")
     return str(event), str(_get(body, "reason", str))[:500]
 
 
@@ -553,14 +743,14 @@ class Reassembler:
             partial = self._pending[key] = _Partial(count, {}, 0, now)
         partial.started = now  # the inactivity clock restarts with every chunk
         if partial.count != count:
-            raise WireError("bad_chunk", f"chunk {chunk_id} announces {count} parts, earlier {partial.count}")
+            raise WireError(Refusal.BAD_CHUNK, f"chunk {chunk_id} announces {count} parts, earlier {partial.count}")
         if index in partial.parts:
             return None  # a redelivered chunk
         partial.size += len(data)
         if partial.size > self.max_message_bytes:
             del self._pending[key]
             self.dropped += 1
-            raise WireError("too_large", f"chunked message {chunk_id} exceeds {self.max_message_bytes} bytes")
+            raise WireError(Refusal.TOO_LARGE, f"chunked message {chunk_id} exceeds {self.max_message_bytes} bytes")
         partial.parts[index] = data
         if len(partial.parts) < count:
             return None

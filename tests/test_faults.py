@@ -25,7 +25,7 @@ import torch
 import zstandard
 from test_runtime import assert_equals_centralised, equivalence_job, read_metrics, shards, small_job
 
-from splitft.agent.runtime import Agent, AgentSettings, Assignment
+from splitft.agent.runtime import Agent, AgentSettings
 from splitft.coordinator.checkpoint import state_digest
 from splitft.coordinator.runtime import Coordinator
 from splitft.coordinator.server import ServerModel
@@ -34,7 +34,7 @@ from splitft.shared.config import JobConfig, OptimizerSettings
 from splitft.shared.errors import WireError
 from splitft.shared.link import BrokerSettings
 from splitft.shared.lora import lora_state
-from splitft.shared.protocol import Envelope, decode_envelope, encode_envelope
+from splitft.shared.protocol import Assignment, Envelope, decode_envelope, encode_envelope
 from splitft.shared.split import Segment
 from splitft.shared.topics import Topics
 

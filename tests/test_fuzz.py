@@ -35,7 +35,6 @@ import pytest
 import torch
 import zstandard
 
-from splitft.agent.runtime import parse_assignment
 from splitft.shared import protocol
 from splitft.shared.codec import (
     DEFAULT_LIMITS,
@@ -199,9 +198,9 @@ def assign_expect(ranks: list[int]) -> dict[str, tuple[int, int]]:
     return out
 
 
-def parse_assign(env: Envelope) -> Any:
+def take_assignment(env: Envelope) -> Any:
     """What the agent does with an assignment before training: check it, then decode its adapters."""
-    a = parse_assignment(env.round, env.body, MODEL, LAYERS)
+    a = protocol.parse_assign(env.round, env.body, MODEL, LAYERS)
     expect = assign_expect([a.ranks[j] for j in range(a.cut)])
     decode_state(a.adapter, expect={n: list(s) for n, s in expect.items()})
     return a
@@ -212,7 +211,7 @@ PARSERS: dict[str, Callable[[Envelope, Any], Any] | None] = {
     "adapter": lambda env, ctx: parse_adapter(env.body, ADAPTER_EXPECT),
     "join": lambda env, ctx: parse_join(env.body),
     "status": lambda env, ctx: parse_status(env.body),
-    "assign": lambda env, ctx: parse_assign(env),
+    "assign": lambda env, ctx: take_assignment(env),
     "grad": lambda env, ctx: parse_grad(env.body, ctx),
     "tail_act": lambda env, ctx: parse_tail_act(env.body, ctx),
     "tail_grad": lambda env, ctx: parse_tail_grad(env.body, ctx),
@@ -1178,4 +1177,4 @@ def test_assignment_lora_settings_are_checked(section: str, name: str, value: An
     msg = fuzzer.message("assign")
     msg.env.body[section][name] = value
     with pytest.raises(WireError):
-        parse_assign(msg.env)
+        take_assignment(msg.env)

@@ -176,9 +176,9 @@ def test_sequences_longer_than_the_positions_are_refused() -> None:
     """GPT-2's learned positions end at n_positions: a longer max_length is a clear error, not an IndexError."""
     from transformers import GPT2Config
 
-    from splitft.agent.runtime import parse_assignment
     from splitft.shared.errors import WireError
     from splitft.shared.models import check_max_length, max_positions
+    from splitft.shared.protocol import parse_assign
 
     config = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64)
     assert max_positions(config) == 64 and max_positions(load_config("tiny-llama")) == 1024
@@ -191,5 +191,5 @@ def test_sequences_longer_than_the_positions_are_refused() -> None:
         "step_timeout_s": 10.0, "seed": 0,
     }  # fmt: skip
     with pytest.raises(WireError, match="exceeds the model's 64 positions"):
-        parse_assignment(1, body, "m", 2, max_positions(config))
-    assert parse_assignment(1, {**body, "max_length": 64}, "m", 2, 64).max_length == 64
+        parse_assign(1, body, "m", 2, max_positions(config))
+    assert parse_assign(1, {**body, "max_length": 64}, "m", 2, 64).max_length == 64

@@ -2,22 +2,35 @@
 
 from __future__ import annotations
 
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
 import msgpack
 import pytest
 import torch
 
 from splitft.shared.codec import encode_tensor, pack
-from splitft.shared.errors import WireError
+from splitft.shared.config import OptimizerSettings
+from splitft.shared.defense import DefenseSettings
+from splitft.shared.errors import Refusal, WireError
+from splitft.shared.lora import LoraSettings
 from splitft.shared.protocol import (
     ACT,
+    Assignment,
     Envelope,
+    Join,
     Reassembler,
     act_body,
+    assign_body,
     chunk_payload,
     decode_envelope,
     encode_envelope,
     grad_body,
+    join_body,
     parse_act,
+    parse_assign,
     parse_grad,
     parse_join,
 )
@@ -38,27 +51,44 @@ def test_envelope_roundtrip() -> None:
 
 
 @pytest.mark.parametrize(
-    "changes",
+    ("changes", "reason", "detail"),
     [
-        {"type": [1]},  # unhashable: must be refused, not crash the reader
-        {"type": "nope"},
-        {"v": 2},
-        {"v": [1]},
-        {"job": ""},
-        {"seq": 1.5},
-        {"round": True},
-        {"ts": float("nan")},
-        {"auth": "text"},
-        {"body": []},
-        {"corr": 3},
-        {"extra": 1},
+        ({"type": [1]}, "bad_schema", "unknown message type"),  # unhashable: must be refused, not crash the reader
+        ({"type": "nope"}, "bad_schema", "unknown message type 'nope'"),
+        ({"v": 2}, "bad_version", "protocol version 2"),
+        ({"v": [1]}, "bad_version", "protocol version [1]"),
+        ({"job": ""}, "bad_schema", "job must be a non-empty string"),
+        ({"seq": 1.5}, "bad_schema", "seq must be an integer"),
+        ({"round": True}, "bad_schema", "round must be an integer"),
+        ({"ts": float("nan")}, "bad_schema", "ts must be a finite number"),
+        ({"auth": "text"}, "bad_schema", "auth must be bytes or nil"),
+        ({"body": []}, "bad_schema", "body must be a map"),
+        ({"corr": 3}, "bad_schema", "corr must be a string or nil"),
+        ({"extra": 1}, "bad_schema", "1 unknown"),
     ],
 )
-def test_bad_envelopes(changes: dict) -> None:  # type: ignore[type-arg]
-    with pytest.raises(WireError):
+def test_bad_envelopes(changes: dict, reason: str, detail: str) -> None:  # type: ignore[type-arg]
+    with pytest.raises(WireError) as info:
         decode_envelope(raw_envelope(**changes))
-    with pytest.raises(WireError):
+    assert info.value.reason == reason and detail in info.value.detail, info.value
+
+
+def test_an_envelope_must_be_a_map() -> None:
+    with pytest.raises(WireError) as info:
         decode_envelope(pack([1, 2]))
+    assert info.value.reason == "bad_schema" and "must be a map, got list" in info.value.detail
+
+
+def test_refusal_reasons_are_the_documented_codes() -> None:
+    """Every reason a member counts is a Refusal, and OPERATIONS.md's table explains each one, no more."""
+    table = (Path(__file__).parents[1] / "OPERATIONS.md").read_text().split("### Refusal reasons", 1)[1]
+    documented = re.findall(r"^\| `([a-z_]+)` \|", table, flags=re.M)
+    assert documented == [r.value for r in Refusal]
+    with pytest.raises(ValueError):
+        WireError("no_such_reason", "a bug")  # type: ignore[arg-type]
+    counted: Counter[str] = Counter()
+    counted[WireError(Refusal.STALE, "x").reason] += 1
+    assert json.dumps(counted) == '{"stale": 1}'  # counts serialise under the plain code
 
 
 def test_act_body_checks_shapes_lengths_and_labels() -> None:
@@ -141,8 +171,9 @@ def test_integer_tensors_are_not_activations_or_gradients() -> None:
 
 def test_booleans_are_not_numbers() -> None:
     """``ts: true`` passed the envelope check, and ``loss: true`` the number fields (a tuple of types)."""
-    with pytest.raises(WireError):
+    with pytest.raises(WireError) as info:
         decode_envelope(raw_envelope(ts=True))
+    assert info.value.reason == "bad_schema" and "ts must be a finite number" in info.value.detail
     good = grad_body(torch.randn(1, 2, 3), "fp32", 1.0, 2)
     assert parse_grad(good, (1, 2, 3))[1:] == (1.0, 2)
     for field in ("loss", "tokens"):
@@ -186,6 +217,24 @@ JOIN_PROFILE = {"cpu_logical": 4, "accelerator": "cpu", "class": "jetson-orin-na
 def test_join_profile_is_flat_and_its_numbers_are_numbers(changes: dict) -> None:  # type: ignore[type-arg]
     """Any value passed: the coordinator's estimates then computed with strings, NaN or infinities."""
     body = {"profile": JOIN_PROFILE, "data_samples": 3, "data_tokens": 300, "model": "tiny-gpt2", "version": "0.1"}
-    assert parse_join(body) == body
-    with pytest.raises(WireError):
+    join = parse_join(body)
+    assert join == Join(JOIN_PROFILE, 3, 300, "tiny-gpt2", "0.1") and join_body(join) == body
+    with pytest.raises(WireError) as info:
         parse_join({**body, "profile": {**JOIN_PROFILE, **changes}})
+    assert info.value.reason == "bad_schema" and "profile" in info.value.detail
+
+
+def test_an_assignment_survives_the_wire() -> None:
+    """assign_body and parse_assign are inverse, custom LoRA targets, defense and U layout included."""
+    sent = Assignment(
+        round=3, model="tiny-gpt2", cut=2, ranks={0: 4, 1: 8, 11: 4}, corr="sid:3:2", attempt=2,
+        lora=LoraSettings(r=8, r_cut=4, targets=("c_attn",)), adapter={"x": b"1"}, local_steps=2, batch_size=3,
+        max_length=64, optimizer=OptimizerSettings(name="sgd", lr=0.5, momentum=0.9), wire_dtype="fp16",
+        adapter_wire_dtype="fp32", step_timeout_s=30.0, seed=5, split="u", tail=1, report_loss=False,
+        defense=DefenseSettings(clip=2.0, noise=0.1),
+    )  # fmt: skip
+    body = msgpack.unpackb(msgpack.packb(assign_body(sent)))
+    assert parse_assign(3, body, "tiny-gpt2", 12, corr="sid:3:2") == sent
+    with pytest.raises(WireError) as info:
+        parse_assign(3, body, "other-model", 12)
+    assert info.value.reason == "bad_schema" and "this agent runs 'other-model'" in info.value.detail

@@ -117,6 +117,23 @@ async def test_federated_split_equals_centralised(broker: Broker, tmp_path: Path
     assert_equals_centralised(lora_state(coordinator.server.segment.peft_model), job, data)
 
 
+async def test_custom_lora_targets_train_end_to_end(broker: Broker, tmp_path: Path) -> None:
+    """A job that puts LoRA on the MLP only: the agents build the job's targets (not the family's default),
+    every round completes, the result equals centralised SGD with the same targets, and the exported
+    adapter names them."""
+    job = replace(equivalence_job("targets"), lora=LoraSettings(r=4, r_cut=4, targets=("c_fc",)))
+    data = shards(tmp_path)
+    out = tmp_path / "out"
+    coordinator = await run_job(broker, out, job, data)
+    assert coordinator.server is not None
+    federated = lora_state(coordinator.server.segment.peft_model)
+    assert federated and all(".mlp.c_fc." in name for name in federated)
+    assert_equals_centralised(federated, job, data)
+    assert [m["round"] for m in read_metrics(out)] == [0, 1, 2, 3]
+    exported = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert set(exported["target_modules"]) == {"c_fc"}
+
+
 def equivalence_job(name: str) -> JobConfig:
     """Plain SGD, one step per round, one rank everywhere, cuts 1/2/3, fp32 on the wire."""
     return JobConfig(

@@ -16,13 +16,21 @@ import torch
 import zstandard
 from test_runtime import assert_same_adapters, equivalence_job, read_metrics, run_job, shards
 
-from splitft.agent.runtime import _forward, batch_seed, parse_assignment
+from splitft.agent.runtime import _forward, batch_seed
 from splitft.shared.config import JobConfig
 from splitft.shared.data import Batches, load_records, tokenize
 from splitft.shared.defense import DefenseSettings
 from splitft.shared.errors import ConfigError, WireError
 from splitft.shared.lora import block_ranks, lora_state
-from splitft.shared.protocol import act_body, grad_body, parse_act, parse_grad, parse_tail_grad, tail_grad_body
+from splitft.shared.protocol import (
+    act_body,
+    grad_body,
+    parse_act,
+    parse_assign,
+    parse_grad,
+    parse_tail_grad,
+    tail_grad_body,
+)
 from splitft.shared.split import IGNORE_INDEX, SegmentSpec, build_segment, causal_lm_loss
 from splitft.shared.text import load_tokenizer
 
@@ -216,7 +224,7 @@ def assignment(**changes: Any) -> dict[str, Any]:
 
 
 def test_u_assignment_is_checked() -> None:
-    a = parse_assignment(1, assignment(), "tiny-gpt2", 12)
+    a = parse_assign(1, assignment(), "tiny-gpt2", 12)
     assert a.u_split and a.tail == 1 and a.ranks == {0: 8, 1: 8, 11: 8}
     assert a.defense == DefenseSettings(noise=0.5, clip=2.0)
     for changes, match in [
@@ -229,7 +237,7 @@ def test_u_assignment_is_checked() -> None:
         ({"defense": {"unknown": 1}}, "assignment settings"),
     ]:
         with pytest.raises(WireError, match=match):
-            parse_assignment(1, assignment(**changes), "tiny-gpt2", 12)
+            parse_assign(1, assignment(**changes), "tiny-gpt2", 12)
 
 
 def test_agent_sends_defended_activations() -> None:
