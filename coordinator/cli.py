@@ -10,6 +10,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -352,6 +353,25 @@ def _job(config: Path | None, **overrides: Any) -> JobConfig:
     return base.with_overrides(**overrides)
 
 
+#: what `local` runs without a job file: a short demo that visibly learns (the job file's defaults are for `run`)
+LOCAL_DEFAULTS: dict[str, Any] = {
+    "job": "local", "rounds": 6, "local_steps": 4, "batch_size": 4, "max_length": 192, "policy": "splitft",
+    "lr": 2e-3, "split": "u",
+}  # fmt: skip
+
+
+def local_job(config: Path | None, **flags: Any) -> JobConfig:
+    """The job `local` runs: the flags given win, then the job file; without a file, :data:`LOCAL_DEFAULTS`."""
+    if config is None:
+        flags = {k: LOCAL_DEFAULTS[k] if flags.get(k) is None and k in LOCAL_DEFAULTS else v for k, v in flags.items()}
+        flags["job"] = LOCAL_DEFAULTS["job"]
+    base = JobConfig.from_toml(config) if config is not None else JobConfig()
+    lr = flags.pop("lr", None)
+    if lr is not None:
+        flags["optimizer"] = replace(base.optimizer, lr=lr)
+    return base.with_overrides(**flags)
+
+
 def _preflight(spec: JobConfig, out: Path, cuts: Sequence[int] = ()) -> None:
     """Check what a job needs before anything is written or connected: the output folder, the model (its
     config, tokenizer and weights), the cuts against its blocks, and the evaluation data."""
@@ -449,17 +469,26 @@ def local(
     model: Annotated[str | None, typer.Option(help="Preset or local model folder.")] = None,
     agents: Annotated[int, typer.Option(help="Agent processes to start.")] = 3,
     cuts: Annotated[str, typer.Option(help="First-round cut layers, given to the agents in turn.")] = "1,2,3",
-    rounds: Annotated[int, typer.Option(help="Rounds.")] = 6,
-    local_steps: Annotated[int, typer.Option(help="Steps per agent per round.")] = 4,
-    batch_size: Annotated[int, typer.Option(help="Sequences per step per agent.")] = 4,
-    max_length: Annotated[int, typer.Option(help="Tokens per sequence, at most.")] = 192,
-    lr: Annotated[float, typer.Option(help="Learning rate (AdamW).")] = 2e-3,
+    rounds: Annotated[int | None, typer.Option(help="Rounds [default: 6, or the job file's].")] = None,
+    local_steps: Annotated[
+        int | None, typer.Option(help="Steps per agent per round [default: 4, or the job file's].")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Sequences per step per agent [default: 4, or the job file's].")
+    ] = None,
+    max_length: Annotated[
+        int | None, typer.Option(help="Tokens per sequence, at most [default: 192, or the job file's].")
+    ] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate [default: 2e-3 (AdamW), or the job file's].")] = None,
     samples_per_agent: Annotated[int, typer.Option(help="Training samples per agent.")] = 96,
     alpha: Annotated[
         float, typer.Option(help="Length-based Dirichlet partition of the data (0.1 very skewed; 0 = IID split).")
     ] = 1.0,
     data: Annotated[Path | None, typer.Option(help="JSONL/CSV to shard (default: vendored GSM8K).")] = None,
-    policy: Annotated[str, typer.Option(help="Cut policy: fixed, paper, latency, splitft.")] = "splitft",
+    policy: Annotated[
+        str | None,
+        typer.Option(help="Cut policy: fixed, paper, latency, splitft [default: splitft, or the job file's]."),
+    ] = None,
     split: Annotated[
         str | None,
         typer.Option(
@@ -481,18 +510,15 @@ def local(
     """One command, one machine: broker, coordinator and several agents with different cut layers
     fine-tune a model on GSM8K shards; ends with the adapter folder, metrics.jsonl and run.png."""
     from splitft.coordinator.local import LocalRun, run_local
-    from splitft.shared.config import OptimizerSettings
     from splitft.shared.data import load_records
     from splitft.shared.link import BrokerSettings
     from splitft.shared.profiles import load_profile
 
     console = _console()
     try:
-        base = _job(config, model=model, rounds=rounds, local_steps=local_steps, batch_size=batch_size)
-        spec = base.with_overrides(
-            job=base.job if config else "local", max_length=max_length, policy=policy,
-            optimizer=OptimizerSettings(**{**vars(base.optimizer), "lr": lr}),
-            split=split or (base.split if config else "u"), tail=tail,
+        spec = local_job(
+            config, model=model, rounds=rounds, local_steps=local_steps, batch_size=batch_size,
+            max_length=max_length, policy=policy, lr=lr, split=split, tail=tail,
         )  # fmt: skip
         try:
             cut_list = tuple(int(c) for c in cuts.split(",") if c.strip())

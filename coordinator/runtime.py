@@ -36,7 +36,7 @@ import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -193,6 +193,8 @@ class Coordinator:
 
     async def run(self) -> dict[str, Any]:
         self.out.mkdir(parents=True, exist_ok=True)
+        # The job as run (file, flags and defaults merged): what a run folder needs to be understood later.
+        (self.out / "job.json").write_text(json.dumps(asdict(self.job), indent=2) + "\n")
         subscriptions = [self.topics.all_agents(k) for k in ("status", "join", "act", "tail_grad", "adapter")]
         will = (self.topics.coordinator_status(), {"state": "offline", "role": COORDINATOR})
         async with Link(

@@ -24,7 +24,7 @@ import json
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +110,7 @@ def main() -> int:
             say(f"  final ppl {final['final_ppl']:.2f}; step at cut {s.fixed_cut}: {steps['100'][s.fixed_cut]:.3f} s")
     meta = {
         "command": " ".join(["python", "scripts/bench_usplit.py", *sys.argv[1:]]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "host": cpu_name(),
         "base": str(base),
         "settings": dataclasses.asdict(settings),

@@ -47,7 +47,7 @@ import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -702,7 +702,7 @@ def run_study(settings: StudySettings, out: Path, base: Path | None) -> dict[str
         "threads": torch.get_num_threads(),
         "calibration": calibration,
         "server_tflops": {"blocks": server.block_flops_per_s / 1e12, "head": server.head_flops_per_s / 1e12},
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join(["python", "scripts/study.py", *sys.argv[1:]]),
     }
     (out / "study.json").write_text(json.dumps(meta, indent=2, default=str))

@@ -31,13 +31,13 @@ the message authentication key file), naming the option that is wrong.
 from __future__ import annotations
 
 import math
+import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-import tomllib
 import torch
 
 from .codec import FLOAT_WIRE_DTYPES

@@ -32,12 +32,11 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from .errors import ConfigError
 

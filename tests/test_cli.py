@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import stat
 import subprocess
 import sys
@@ -110,6 +111,21 @@ def test_console_scripts_are_installed() -> None:
         done = subprocess.run([str(path), "--help"], capture_output=True, text=True, timeout=120, check=False)
         assert done.returncode == 0, done.stderr
         assert "SplitFT" in done.stdout
+
+
+def test_one_python_floor_everywhere() -> None:
+    """requires-python, the linters' target, the README and CI name one floor, the one the code needs
+    (tomllib, asyncio.timeout, TaskGroup: 3.11); CI runs the tests on it (.ci/run)."""
+    import tomllib
+
+    root = Path(__file__).parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())
+    assert project["project"]["requires-python"] == ">=3.11"
+    assert project["tool"]["ruff"]["target-version"] == "py311"
+    assert project["tool"]["mypy"]["python_version"] == "3.11"
+    assert "Python 3.11+" in (root / "README.md").read_text()
+    assert "requires-python" in (root / ".ci" / "run").read_text()
+    assert sys.version_info >= (3, 11)
 
 
 def _agent(*args: str) -> subprocess.CompletedProcess[str]:
@@ -431,12 +447,17 @@ def test_local_refuses_bad_input_and_writes_nothing(
 
 
 def test_local_run_end_to_end(tmp_path: Path) -> None:
-    """The README's main job, small: embedded broker, two agent processes, adapter + metrics + plot."""
+    """The README's main job, small: embedded broker, two agent processes, adapter + metrics + plot. Its job
+    comes from a file, and the file's values win over local's defaults unless a flag is given."""
     out = tmp_path / "run"
+    job = tmp_path / "job.toml"
+    job.write_text(
+        'job = "from-file"\nrounds = 2\nlocal_steps = 2\nbatch_size = 2\nmax_length = 64\npolicy = "fixed"\n'
+        'split = "two-part"\n[optimizer]\nlr = 0.004\n'
+    )
     command = [
         sys.executable, "-m", "splitft.coordinator.cli", "local", "--out", str(out), "--agents", "2",
-        "--cuts", "1,3", "--rounds", "2", "--local-steps", "2", "--samples-per-agent", "8", "--max-length", "96",
-        "--policy", "fixed", "--emulate", "",
+        "--cuts", "1,3", "--samples-per-agent", "8", "--max-length", "96", "--emulate", "", "--config", str(job),
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -445,6 +466,20 @@ def test_local_run_end_to_end(tmp_path: Path) -> None:
     assert (out / "run.png").stat().st_size > 10_000
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3 and '"agent-1": 1' in lines[-1] and '"agent-2": 3' in lines[-1]
+    ran = json.loads((out / "job.json").read_text())
+    assert {k: ran[k] for k in ("job", "rounds", "local_steps", "batch_size", "policy", "split")} == {
+        "job": "from-file", "rounds": 2, "local_steps": 2, "batch_size": 2, "policy": "fixed", "split": "two-part"
+    }  # fmt: skip
+    assert ran["max_length"] == 96 and ran["optimizer"]["lr"] == 0.004  # the flag wins; the file's lr is kept
+
+
+def test_local_without_a_job_file_takes_its_own_defaults() -> None:
+    from splitft.coordinator.cli import local_job
+
+    unset = dict.fromkeys(("model", "local_steps", "batch_size", "max_length", "policy", "lr", "split", "tail"))
+    job = local_job(None, **{**unset, "rounds": 3})
+    assert (job.job, job.rounds, job.local_steps, job.batch_size, job.max_length) == ("local", 3, 4, 4, 192)
+    assert (job.policy, job.optimizer.lr, job.split, job.model) == ("splitft", 2e-3, "u", "tiny-gpt2")
 
 
 def test_partition_command_writes_shards_table_and_png(tmp_path: Path) -> None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import math
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from splitft.shared.errors import ConfigError
 from splitft.shared.profiles import DeviceProfile, list_profiles, load_profile, parse_profile, profiles_dir
