@@ -202,13 +202,18 @@ class Coordinator:
         ) as link:
             self._link = link
             await self._announce()
-            reader = asyncio.create_task(self._read(), name="coordinator-reader")
             try:
-                return await self._run_job()
+                # The reader is owned by a TaskGroup: should it fail, the job stops with its error.
+                async with asyncio.TaskGroup() as group:
+                    reader = group.create_task(self._read(), name="coordinator-reader")
+                    try:
+                        return await self._run_job()
+                    finally:
+                        reader.cancel()
+            except BaseExceptionGroup as failed:
+                raise failed.exceptions[0] from None
             finally:
                 self._executor.shutdown(wait=False, cancel_futures=True)
-                reader.cancel()
-                await asyncio.gather(reader, return_exceptions=True)
                 for task in list(self._background):
                     task.cancel()
                 try:

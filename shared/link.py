@@ -16,7 +16,6 @@ payload on a slow uplink, so publish timeouts grow with the payload.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import socket
@@ -185,7 +184,9 @@ class Link:
         self._queue: asyncio.Queue[Received] = asyncio.Queue()  # unbounded: never drop acknowledged messages
         self._client: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
+        self._group: asyncio.TaskGroup | None = None
         self._task: asyncio.Task[None] | None = None
+        self._failed: BaseException | None = None  # what ended the connection task, if it failed
         self._first: asyncio.Future[None] | None = None
         self._reassembler = Reassembler(settings.limits.max_compressed_bytes, timeout_s=settings.reassembly_timeout_s)
         self._seen: OrderedDict[tuple[str, str, int], None] = OrderedDict()
@@ -193,8 +194,13 @@ class Link:
     # ------------------------------------------------------------------ lifecycle
 
     async def __aenter__(self) -> Link:
+        # The connection task lives in a TaskGroup entered here: should it fail (a bug, an on_connect hook
+        # that raises), the group cancels the task that entered the link, and leaving the link raises a
+        # LinkError naming the failure. Nothing waits on a dead link forever.
         self._first = asyncio.get_running_loop().create_future()
-        self._task = asyncio.create_task(self._run(), name=f"mqtt-link-{self.name}")
+        self._group = asyncio.TaskGroup()
+        await self._group.__aenter__()
+        self._task = self._group.create_task(self._run(), name=f"mqtt-link-{self.name}")
         try:
             async with asyncio.timeout(self.settings.connect_timeout_s):
                 await asyncio.shield(self._first)
@@ -205,24 +211,38 @@ class Link:
                 f"cannot reach the MQTT broker at {self.settings.url} within "
                 f"{self.settings.connect_timeout_s:g} s{reason}"
             ) from exc
-        except BaseException:
-            await self.close()
+        except BaseException as exc:
+            await self._leave(exc)
             raise
         return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        await self._leave(exc)
 
     async def close(self) -> None:
+        await self._leave(None)
+
+    async def _leave(self, exc: BaseException | None) -> None:
+        """Stop the connection task and leave its group; a failure of the task is raised as a LinkError."""
+        group, self._group = self._group, None
+        if group is None:
+            return
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        # Only a cancellation is handed to the group (it may be the group's own, after the task failed);
+        # the caller's other errors go on as they are, not wrapped in an ExceptionGroup.
+        cancelled = exc if isinstance(exc, asyncio.CancelledError) else None
+        try:
+            await group.__aexit__(type(cancelled) if cancelled else None, cancelled, None)
+        except BaseExceptionGroup as failed:
+            cause = failed.exceptions[0]
+            raise LinkError(f"the MQTT link of {self.name} failed: {type(cause).__name__}: {cause}") from cause
+        finally:
             self._task = None
 
     @property
     def connected(self) -> bool:
-        return self._connected.is_set()
+        return self._connected.is_set() and self._failed is None
 
     # ------------------------------------------------------------------ sending
 
@@ -274,6 +294,7 @@ class Link:
         timeout = self.settings.publish_timeout_s + len(payload) / self.settings.min_bandwidth_bytes_s
         deadline = time.monotonic() + self.settings.publish_wait_s
         while True:
+            self._check_alive()
             try:
                 async with asyncio.timeout(max(deadline - time.monotonic(), 0.01)):
                     await self._connected.wait()
@@ -281,6 +302,7 @@ class Link:
                 raise LinkError(
                     f"no broker connection for {self.settings.publish_wait_s:g} s; could not publish"
                 ) from exc
+            self._check_alive()
             client = self._client
             try:
                 assert client is not None
@@ -299,8 +321,13 @@ class Link:
 
     async def receive(self, timeout: float | None = None) -> Received:
         """The next accepted message. Raises ``TimeoutError`` after ``timeout`` seconds."""
+        self._check_alive()
         async with asyncio.timeout(timeout):
             return await self._queue.get()
+
+    def _check_alive(self) -> None:
+        if self._failed is not None:
+            raise LinkError(f"the MQTT link of {self.name} failed: {self._failed}")
 
     def pending(self) -> int:
         return self._queue.qsize()
@@ -370,6 +397,16 @@ class Link:
     # ------------------------------------------------------------------ the connection task
 
     async def _run(self) -> None:
+        try:
+            await self._connection_loop()
+        except Exception as exc:
+            self._failed = exc
+            self._client = None
+            self._connected.set()  # wakes publishers waiting for a connection: they find the link failed
+            log.error("%s: the MQTT link failed: %s: %s", self.name, type(exc).__name__, exc)
+            raise  # the group cancels the task that entered the link, which then raises a LinkError
+
+    async def _connection_loop(self) -> None:
         backoff = self.settings.backoff_min_s
         while True:
             try:

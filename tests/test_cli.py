@@ -19,7 +19,7 @@ from splitft.shared.exit_codes import ExitCode
 from splitft.shared.models import load_config
 from splitft.shared.protocol import load_key
 
-from conftest import save_model
+from conftest import Broker, save_model
 
 runner = CliRunner()
 NOWHERE = "mqtt://127.0.0.1:9"  # nothing listens there: a connection attempt fails at once
@@ -144,6 +144,33 @@ def test_agent_process_exit_codes_without_traceback(tmp_path: Path) -> None:
     done = _agent(*base, "--data", str(data))
     assert done.returncode == ExitCode.BROKER and "cannot reach the MQTT broker" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_agent_exits_with_the_broker_code_when_its_link_fails(
+    broker: Broker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure inside the agent's MQTT link (injected: the decoder raises) ends `splitft-agent join` with
+    the broker's exit code and an error naming it, instead of leaving it waiting for messages forever."""
+    import asyncio
+
+    import aiomqtt
+
+    from splitft.shared.link import Link
+    from splitft.shared.topics import Topics
+
+    def broken(self: Link, topic_name: str, payload: bytes) -> None:
+        raise RuntimeError("injected decoder failure")
+
+    async def retain_something() -> None:  # delivered to the agent as soon as it subscribes
+        async with aiomqtt.Client(broker.host, broker.port) as raw:
+            await raw.publish(Topics("j").coordinator_status(), b"x", qos=1, retain=True)
+
+    asyncio.run(retain_something())
+    monkeypatch.setattr(Link, "_accept", broken)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "2+2?", "response": "4"}\n')
+    args = ["join", "--broker", broker.url, "--job", "j", "--model", "tiny-gpt2", "--id", "a1", "--data", str(data)]
+    assert_error(runner.invoke(agent_app, args), ExitCode.BROKER, "link of a1 failed", "injected decoder failure")
 
 
 BAD_PROFILE = """\

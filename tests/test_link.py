@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from splitft.shared.codec import decode_tensor, encode_tensor
+from splitft.shared.errors import LinkError
 from splitft.shared.link import BrokerSettings, Link
 from splitft.shared.protocol import ACT, JOIN, Envelope, encode_envelope
 from splitft.shared.topics import Topics
@@ -88,3 +89,26 @@ async def test_reconnects_after_broker_restart(tmp_path: Path) -> None:
 
 def _restart_on(folder: Path, port: int) -> Broker:
     return start_mosquitto(folder, port)
+
+
+async def test_a_failure_of_the_connection_task_reaches_the_caller(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in the connection task (here decoding raises what no handler expects) ended it silently, and the
+    caller waited on receive() forever; now the caller is interrupted and leaving the link raises a LinkError."""
+
+    def broken(self: Link, topic_name: str, payload: bytes) -> None:
+        raise RuntimeError("injected decoder failure")
+
+    monkeypatch.setattr(Link, "_accept", broken)
+    with pytest.raises(LinkError, match="RuntimeError: injected decoder failure") as info:
+        async with asyncio.timeout(30):
+            async with Link(settings(broker), TOPICS, "coordinator", [TOPICS.all_agents("join")]) as coord:
+                async with aiomqtt.Client(broker.host, broker.port) as raw:
+                    await raw.publish(TOPICS.agent("a1", "join"), b"x", qos=1)
+                await coord.receive()  # before: forever
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert not coord.connected
+    with pytest.raises(LinkError, match="failed"):
+        await coord.publish(TOPICS.agent("a1", "join"), JOIN, {})  # at once, not after publish_wait_s
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]  # the group's cancel was taken back
