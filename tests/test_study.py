@@ -77,14 +77,17 @@ def test_a_small_study_runs_every_part_and_reports_it(base: Path, tmp_path: Path
         ("splitft", "fp16"),
         ("splitft", "int8"),
     ]
+    untrained = []
     for s in summaries:
         rows = [json.loads(line) for line in (out / s["rounds"]).read_text().splitlines()]
         assert [r["round"] for r in rows] == [0, 1, 2]
         assert all(b["virtual_s"] > a["virtual_s"] for a, b in itertools.pairwise(rows))
-        assert all(math.isfinite(r["eval_ppl"]) for r in rows)
-        assert rows[0]["eval_ppl"] == summaries[0]["final_ppl"] or rows[0]["eval_ppl"] > 0
+        assert all(math.isfinite(r["eval_ppl"]) and r["eval_ppl"] > 1 for r in rows)
+        untrained.append(rows[0]["eval_ppl"])
         assert math.isfinite(s["final_ppl"]) and 0 <= s["final_acc"] <= 1
         assert s["gsm8k_problems"] == 2 and 0 <= s["gsm8k_correct"] <= s["gsm8k_answered"] <= 2
+    # Round 0 evaluates the same base on the same problems, whatever the method: one perplexity for all.
+    assert max(untrained) == pytest.approx(min(untrained), rel=1e-5), untrained
     targets = study.with_targets(out, summaries, settings.target_margin)
     assert len({t["target_ppl"] for t in targets}) == 1 and targets[0]["target_ppl"] > 0  # centralised's, for all
     assert targets[0]["time_to_target_s"] is not None  # the reference reaches its own target
@@ -92,7 +95,8 @@ def test_a_small_study_runs_every_part_and_reports_it(base: Path, tmp_path: Path
     assert central["bytes_down"] == 0 and central["bytes_up"] > 0  # the raw data, once
     assert fedavg["bytes_up"] == fedavg["bytes_down"] > 0  # adapters only, the same size each way
     assert split["retried_rounds"] == 0 and set(split["final_cuts"]) == {f"agent-{i}" for i in range(1, 6)}
-    assert split["achieved_over_ideal"] is None or split["achieved_over_ideal"] >= 0.999
+    # Round 2 re-planned from round 1's measurements: its achieved step time is never below the balanced ideal.
+    assert split["achieved_over_ideal"] is not None and split["achieved_over_ideal"] >= 0.999
     up16, _ = study._bytes_per_token(out, split)
     up8, _ = study._bytes_per_token(out, int8)
     assert up8 < 0.75 * up16  # int8 activations are about half of fp16's on the wire
