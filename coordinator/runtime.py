@@ -193,8 +193,6 @@ class Coordinator:
 
     async def run(self) -> dict[str, Any]:
         self.out.mkdir(parents=True, exist_ok=True)
-        # The job as run (file, flags and defaults merged): what a run folder needs to be understood later.
-        (self.out / "job.json").write_text(json.dumps(asdict(self.job), indent=2) + "\n")
         subscriptions = [self.topics.all_agents(k) for k in ("status", "join", "act", "tail_grad", "adapter")]
         will = (self.topics.coordinator_status(), {"state": "offline", "role": COORDINATOR})
         async with Link(
@@ -224,6 +222,9 @@ class Coordinator:
                     log.warning("could not publish the coordinator's offline status")
 
     async def _run_job(self) -> dict[str, Any]:
+        # The job as run (file, flags and defaults merged), once the broker is reached: what a run folder
+        # needs to be understood later.
+        (self.out / "job.json").write_text(json.dumps(asdict(self.job), indent=2) + "\n")
         first_round = 1
         checkpoint = latest_checkpoint(self.out / "checkpoints") if self.resume else None
         state: dict[str, Any] = {}
