@@ -28,7 +28,8 @@ from splitft.shared.partition import length_dirichlet_partition, plot_partition,
 from splitft.shared.text import GSM8K, load_tokenizer
 
 from .report import plot_run
-from .runtime import Coordinator, Progress
+from .runtime import Coordinator
+from .session import Progress
 
 log = logging.getLogger(__name__)
 

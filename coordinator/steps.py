@@ -1,0 +1,218 @@
+"""One step of the round, on the coordinator: the path of a device's message from its arrival to the answer.
+
+``act`` (activations at the cut) -> :meth:`StepExchange._serve_act`: the server runs its blocks; two-part: the
+loss and the backward pass, and the gradient at the cut goes down (``grad``). U split: the activations
+entering the device's tail go down (``tail_act``); its ``tail_grad`` -> :meth:`StepExchange._serve_tail_grad`
+finishes the backward pass, and the gradient at the cut goes down. A repeated message is answered again
+(:meth:`StepExchange._is_repeat`), never trained on twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from typing import Any
+
+from splitft.shared.errors import WireError
+from splitft.shared.link import Received
+from splitft.shared.protocol import (
+    GRAD,
+    TAIL_ACT,
+    grad_body,
+    parse_act,
+    parse_tail_grad,
+    tail_act_body,
+)
+
+from .controller import Decision
+from .session import Offline, Participant, Session
+
+log = logging.getLogger(__name__)
+
+
+class StepExchange(Session):
+    """Serve every agent's step: activations in, gradients out."""
+
+    def _step_deadline_s(self, decision: Decision | None, step: int) -> float:
+        """How long a step may take: the predicted step times ``deadline_factor``, within bounds.
+
+        The first step of a round also covers taking the assignment in (a new cut builds a new segment).
+        """
+        job = self.job
+        if decision is None or not math.isfinite(decision.makespan_s):
+            return job.step_timeout_s
+        deadline = max(job.deadline_factor * decision.makespan_s, job.min_step_timeout_s)
+        if step == 0:
+            deadline += job.min_step_timeout_s
+        return min(deadline, job.step_timeout_s)
+
+    def _is_repeat(self, item: Received, plans: dict[str, Participant], round_: int) -> bool:
+        """A repeated message of a step already answered: answer it the same way again (re-sent, not
+        recomputed), since the agent re-sends only when it did not get the answer. True if it was one.
+
+        Activations are answered with the gradient (two-part) or the tail activations (U split); a U split's
+        tail gradient with the gradient at the cut."""
+        env = item.envelope
+        plan = plans.get(env.sender)
+        if plan is None or plan.dropped is not None or env.round != round_ or env.corr != plan.corr:
+            return False
+        kind = item.topic.kind
+        if kind == "act" and self.job.u_split:
+            answer, type_ = plan.last_tail, TAIL_ACT
+        elif kind == "act" or kind == "tail_grad":
+            answer, type_ = plan.last_grad, GRAD
+        else:
+            return False
+        if answer is None or answer[0] != env.step:
+            return False
+        assert self._link is not None
+        log.info("%s repeated its %s of step %d: re-sending the answer", plan.name, kind, env.step)
+        topic = self.topics.agent(plan.name, type_)
+        self._spawn(self._link.publish(topic, type_, answer[1], round_=round_, step=env.step, corr=plan.corr))
+        return True
+
+    async def _step(self, round_: int, step: int, plans: dict[str, Participant], timeout_s: float) -> None:
+        """Serve one step of every agent still in the round."""
+        assert self.server is not None and self._link is not None
+        job = self.job
+        pending = {n for n, p in plans.items() if p.dropped is None}
+        # Activations that arrived early (an agent a step ahead of the others) go first.
+        for key in [k for k in self._early if k[1] < step]:
+            del self._early[key]
+        ready = [item for n in sorted(pending) for item in self._early.pop((n, step), [])]
+        ready.reverse()  # popped from the end: oldest first
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            for name in [n for n in pending if plans[n].dropped is not None or self._gone(n)]:
+                self._drop(plans[name], "went offline", notify=False)  # (no change if dropped already)
+                pending.discard(name)
+            if not pending:
+                return
+            if ready:
+                item: Received | Offline = ready.pop()
+            else:
+                # Wake up at the deadline, or when an offline agent's grace ends.
+                offline = [self.agents[n].offline_since for n in pending]
+                ends = [since + job.offline_grace_s for since in offline if since is not None]
+                wake = min([deadline, *ends])
+                try:
+                    async with asyncio.timeout(max(wake - time.monotonic(), 0.0)):
+                        item = await self._events.get()
+                except TimeoutError:
+                    if time.monotonic() < deadline:
+                        continue
+                    for name in pending:
+                        self._drop(plans[name], f"no activations for step {step} within the {timeout_s:.1f} s deadline")
+                    return
+            if isinstance(item, Offline):
+                continue  # the loop's top drops it once its grace is over
+            env = item.envelope
+            name = env.sender  # the link checked it is the agent named in the topic
+            plan = plans.get(name)
+            if self._is_repeat(item, plans, round_):
+                continue
+            if plan is None or plan.dropped is not None or env.round != round_ or env.corr != plan.corr:
+                log.info("ignoring %s from %s of another assignment (%s)", item.topic.kind, name, env.corr)
+                continue
+            if env.step < step or (env.step == step and name not in pending):
+                log.info("ignoring a stale %s from %s (round %d step %d)", item.topic.kind, name, env.round, env.step)
+                continue
+            if env.step > step:
+                early = self._early.setdefault((name, env.step), [])
+                if item.topic.kind == "act" and env.step < job.local_steps and len(early) < 4:  # bounded
+                    early.append(item)
+                continue
+            if item.topic.kind == "tail_grad":
+                done = await self._serve_tail_grad(item, plan, step)
+            elif job.u_split and plan.middle is not None:
+                log.info("ignoring activations from %s: step %d is waiting for its tail gradient", name, step)
+                continue
+            else:
+                done = await self._serve_act(item, plan, step)
+            if done:
+                pending.discard(name)
+
+    async def _serve_act(self, item: Received, plan: Participant, step: int) -> bool:
+        """An agent's activations at its cut: the server's part of its step (the first half in the U split).
+
+        True when the agent's step is done (two-part: its gradient was sent, or it was dropped)."""
+        assert self.server is not None and self._link is not None
+        server, job, name = self.server, self.job, plan.name
+        try:
+            act = parse_act(
+                item.envelope.body, server.hidden_size, job.batch_size, job.max_length, server.vocab_size,
+                with_labels=not job.u_split,
+            )  # fmt: skip
+        except WireError as exc:
+            # Counted and ignored; the agent's real activations may still come before the deadline.
+            self._count_rejection(exc.reason, name, exc.detail)
+            return False
+        plan.started = True
+        plan.bytes_up += item.size
+        t0 = time.perf_counter()
+        try:
+            if job.u_split:
+                middle = await self._compute(server.forward_middle, plan.cut, server.num_layers - plan.tail, act)
+            else:
+                result = await self._compute(server.train_on, plan.cut, act)
+        except RuntimeError as exc:  # e.g. out of memory on this batch: lose the agent's round, not the job
+            log.exception("server step for %s failed", name)
+            self._drop(plan, f"the server could not process its batch ({exc})")
+            return True
+        plan.server_times.append(time.perf_counter() - t0)
+        if job.u_split:
+            plan.middle = (step, middle)
+            body = tail_act_body(middle.top.detach(), job.wire_dtype)
+            plan.last_tail = (step, body)
+            plan.bytes_down += await self._link.publish(
+                self.topics.agent(name, "tail_act"), TAIL_ACT, body, round_=self._round_now, step=step, corr=plan.corr
+            )
+            return False
+        body = grad_body(result.grad, job.wire_dtype, result.loss, result.tokens)
+        await self._send_grad(plan, step, body)
+        plan.tokens += result.tokens
+        plan.losses.append(result.loss)
+        plan.accuracies.append(result.accuracy)
+        return True
+
+    async def _serve_tail_grad(self, item: Received, plan: Participant, step: int) -> bool:
+        """U split: the agent's gradient at its tail finishes the server's backward pass; the gradient at its
+        cut goes down. True when the agent's step is done."""
+        assert self.server is not None
+        if plan.middle is None or plan.middle[0] != step:
+            log.info("ignoring a tail gradient from %s: no forward pass of step %d waits for it", plan.name, step)
+            return False
+        middle = plan.middle[1]
+        try:
+            tail_grad, loss = parse_tail_grad(item.envelope.body, tuple(middle.top.shape))
+        except WireError as exc:
+            self._count_rejection(exc.reason, plan.name, exc.detail)
+            return False
+        plan.bytes_up += item.size
+        t0 = time.perf_counter()
+        try:
+            grad = await self._compute(self.server.backward_middle, middle, tail_grad)
+        except RuntimeError as exc:
+            log.exception("server backward for %s failed", plan.name)
+            self._drop(plan, f"the server could not process its batch ({exc})")
+            return True
+        plan.server_times[-1] += time.perf_counter() - t0
+        plan.middle = None
+        await self._send_grad(plan, step, grad_body(grad, self.job.wire_dtype))
+        plan.tokens += middle.tokens
+        if loss is not None:
+            plan.losses.append(loss)
+        return True
+
+    async def _send_grad(self, plan: Participant, step: int, body: dict[str, Any]) -> None:
+        assert self._link is not None
+        plan.last_grad = (step, body)
+        plan.bytes_down += await self._link.publish(
+            self.topics.agent(plan.name, "grad"), GRAD, body, round_=self._round_now, step=step, corr=plan.corr
+        )
+        now = time.monotonic()
+        if plan.last_grad_at:
+            plan.step_times.append(now - plan.last_grad_at)
+        plan.last_grad_at = now
