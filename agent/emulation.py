@@ -9,7 +9,7 @@ every message down ``bytes * 8 / downlink + rtt / 2`` after it arrives.
 Virtual emulation (``virtual=True``) waits for none of it: the agent computes at host speed, but
 reports the profile's compute time as its own, so that the coordinator's controller plans for the
 emulated fleet while the run goes as fast as this host allows. Studies then measure time on a
-simulated clock (``scripts/virtual_clock.py``) instead of the wall clock.
+simulated clock (``splitft.coordinator.bench.clock``) instead of the wall clock.
 
 The FLOP count of a block (``splitft.shared.models.block_flops``) is the usual estimate for training with frozen base
 weights: the forward pass costs ``2 P n`` for the block's ``P`` weights over ``n`` tokens plus

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 import tempfile
 from datetime import date
 from pathlib import Path
@@ -25,11 +24,9 @@ from typing import Any
 
 import torch
 
+from splitft.coordinator.bench.sections import cpu_name, write_section
 from splitft.coordinator.local import LocalRun, run_local
 from splitft.shared.config import JobConfig
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_report import cpu_name, write_section
 
 FLEET = ("jetson-nano", "jetson-orin-nano", "laptop")
 

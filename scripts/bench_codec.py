@@ -13,20 +13,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from datetime import date
 from pathlib import Path
 
 import torch
 
+from splitft.coordinator.bench.sections import cpu_name, write_section
 from splitft.shared.codec import FLOAT_WIRE_DTYPES, decode_tensor, encode_tensor, pack, unpack
 from splitft.shared.data import load_records
 from splitft.shared.split import SegmentSpec, build_segment
 from splitft.shared.text import GSM8K, load_tokenizer
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_report import cpu_name, write_section
 
 
 def real_activations(preset: str, cut: int, batch: int, length: int) -> torch.Tensor:

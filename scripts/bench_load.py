@@ -55,15 +55,13 @@ import psutil
 import torch
 
 import splitft.coordinator.runtime as coordinator_runtime
+from splitft.agent.fleet import set_tcp_nodelay
+from splitft.coordinator.bench.sections import cpu_name, write_section
+from splitft.coordinator.brokers import start_mosquitto, stop_broker
 from splitft.coordinator.runtime import Coordinator
 from splitft.shared.config import JobConfig
 from splitft.shared.link import BrokerSettings, Link
 from splitft.shared.text import GSM8K
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from agent_fleet import set_tcp_nodelay
-from bench_report import cpu_name, write_section
-from local_broker import start_mosquitto, stop_broker
 
 SCRIPTS = Path(__file__).resolve().parent
 T = TypeVar("T")

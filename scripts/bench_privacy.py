@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from transformers.utils import logging as hf_logging
 
+from splitft.coordinator import pretrain as pretrain_base
 from splitft.coordinator.audit import (
     AttackSettings,
     AuditReport,
@@ -47,15 +48,12 @@ from splitft.coordinator.audit import (
     plot_recovery,
     public_tokens,
 )
+from splitft.coordinator.bench.sections import cpu_name, write_section
 from splitft.shared.data import load_records, tokenize
 from splitft.shared.defense import DefenseSettings
 from splitft.shared.lora import LoraSettings, lora_state
 from splitft.shared.models import hidden_size, load_config, num_layers
 from splitft.shared.text import GSM8K, load_tokenizer
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import pretrain_base
-from bench_report import cpu_name, write_section
 
 NOISES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # (b): attacked at every defense cut
 COST_NOISES = (1.0, 2.0, 4.0)  # (c): fine-tuned too (a fine-tuning step is ~2.5 s on 2 cores: few settings)

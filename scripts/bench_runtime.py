@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import statistics
-import sys
 import tempfile
 import time
 from datetime import date
@@ -31,16 +30,14 @@ from pathlib import Path
 import torch
 
 from splitft.agent.runtime import batch_seed
+from splitft.coordinator.bench.sections import cpu_name, write_section
+from splitft.coordinator.brokers import start_mosquitto, stop_broker
 from splitft.coordinator.local import LocalRun, run_local
 from splitft.shared.config import JobConfig, OptimizerSettings
 from splitft.shared.data import Batches, load_records, tokenize
 from splitft.shared.lora import LoraSettings, block_ranks
 from splitft.shared.split import SegmentSpec, build_segment, causal_lm_loss
 from splitft.shared.text import load_tokenizer
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_report import cpu_name, write_section
-from local_broker import start_mosquitto, stop_broker
 
 
 def union_step_batches(data: dict[str, Path], batch: int, length: int, steps: int) -> list[tuple[torch.Tensor, ...]]:

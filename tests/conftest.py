@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,9 +24,8 @@ def _deterministic() -> None:
 
 # --------------------------------------------------------------------------- a real Mosquitto broker
 
-# The broker helpers live in scripts/local_broker.py, shared with the benchmarks.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-from local_broker import Broker, start_mosquitto, stop_broker  # noqa: E402
+# The broker helpers (splitft.coordinator.brokers) are shared with the benchmarks and scripts/local_broker.py.
+from splitft.coordinator.brokers import Broker, start_mosquitto, stop_broker  # noqa: E402
 
 __all__ = ["Broker", "save_model", "start_mosquitto", "stop_broker"]
 

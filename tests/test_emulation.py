@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import bench_emulation  # scripts/ is on sys.path (conftest)
-
+from splitft.coordinator.bench import emulation as bench_emulation
 from splitft.shared.models import block_flops, block_params, load_config
 from splitft.shared.split import SegmentSpec, build_segment
 

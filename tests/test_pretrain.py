@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pretrain_base as pb  # scripts/ is on sys.path (conftest)
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from splitft.coordinator import pretrain as pb
 from splitft.shared.text import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,7 +1,7 @@
 """Fleet security over a real Mosquitto: TLS, a password per member, the broker ACL, and message HMACs.
 
 One Mosquitto for the module, started with the secrets of scripts/fleet_secrets.py (a throwaway CA,
-the broker certificate, the password file, the ACL rendered from scripts/mosquitto/acl.conf, the job key);
+the broker certificate, the password file, the ACL rendered from coordinator/mosquitto/acl.conf, the job key);
 every test uses a job name of its own, so that retained messages do not cross tests.
 """
 
@@ -26,10 +26,17 @@ from typing import Any
 
 import aiomqtt
 import pytest
-from fleet_secrets import FleetSecrets, SecretsError, load_fleet_secrets, main, make_fleet_secrets, render_acl
-from local_broker import free_port, mosquitto_binary, start_secure_mosquitto
 
 from splitft.agent.runtime import Agent, AgentSettings
+from splitft.coordinator.brokers import free_port, mosquitto_binary, start_secure_mosquitto
+from splitft.coordinator.fleet_secrets import (
+    FleetSecrets,
+    SecretsError,
+    load_fleet_secrets,
+    main,
+    make_fleet_secrets,
+    render_acl,
+)
 from splitft.coordinator.runtime import Coordinator
 from splitft.shared.config import JobConfig
 from splitft.shared.data import load_records, write_shards
@@ -159,7 +166,7 @@ def test_fleet_secrets_files(fleet: FleetSecrets, tmp_path: Path) -> None:
 
 
 def test_missing_tools_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import fleet_secrets
+    from splitft.coordinator import fleet_secrets
 
     monkeypatch.setattr(fleet_secrets.shutil, "which", lambda *a, **k: None)
     with pytest.raises(SecretsError, match="'openssl' command is not installed"):
@@ -171,9 +178,9 @@ def test_missing_tools_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 
 async def test_example_mosquitto_config_runs(fleet: FleetSecrets, tmp_path: Path) -> None:
-    """scripts/mosquitto/splitft-tls.conf, installed as OPERATIONS.md says (a conf.d drop-in under Debian's main
+    """coordinator/mosquitto/splitft-tls.conf, installed as OPERATIONS.md says (a conf.d drop-in under Debian's main
     mosquitto.conf) and pointed at the fleet's files and at free ports, starts and takes a member."""
-    example = (Path(__file__).resolve().parent.parent / "scripts" / "mosquitto" / "splitft-tls.conf").read_text()
+    example = (Path(__file__).resolve().parent.parent / "coordinator" / "mosquitto" / "splitft-tls.conf").read_text()
     tls_port, plain_port = free_port(), free_port()
     conf = (
         example.replace("/etc/mosquitto/splitft/", f"{fleet.folder}/")

@@ -10,9 +10,12 @@ import json
 import math
 from pathlib import Path
 
-import pretrain_base as pb  # scripts/ is on sys.path (conftest)
 import pytest
-import study
+
+from splitft.coordinator import pretrain as pb
+from splitft.coordinator.bench import study
+from splitft.coordinator.bench.study.methods import gsm8k_answer
+from splitft.coordinator.bench.study.reporting import _bytes_per_token
 
 TINY_BASE = pb.Settings(
     family="gpt2",
@@ -46,9 +49,9 @@ def test_the_settings_refuse_a_study_without_its_reference() -> None:
 
 
 def test_gsm8k_answers_are_read_after_the_marker() -> None:
-    assert study.gsm8k_answer("so 3 + 4 = 7\n#### 1,234") == "1234"
-    assert study.gsm8k_answer("#### -5.") == "-5"
-    assert study.gsm8k_answer("the answer is 7") is None
+    assert gsm8k_answer("so 3 + 4 = 7\n#### 1,234") == "1234"
+    assert gsm8k_answer("#### -5.") == "-5"
+    assert gsm8k_answer("the answer is 7") is None
 
 
 def test_a_small_study_runs_every_part_and_reports_it(base: Path, tmp_path: Path) -> None:
@@ -97,8 +100,8 @@ def test_a_small_study_runs_every_part_and_reports_it(base: Path, tmp_path: Path
     assert split["retried_rounds"] == 0 and set(split["final_cuts"]) == {f"agent-{i}" for i in range(1, 6)}
     # Round 2 re-planned from round 1's measurements: its achieved step time is never below the balanced ideal.
     assert split["achieved_over_ideal"] is not None and split["achieved_over_ideal"] >= 0.999
-    up16, _ = study._bytes_per_token(out, split)
-    up8, _ = study._bytes_per_token(out, int8)
+    up16, _ = _bytes_per_token(out, split)
+    up8, _ = _bytes_per_token(out, int8)
     assert up8 < 0.75 * up16  # int8 activations are about half of fp16's on the wire
 
     text = study.report(out)

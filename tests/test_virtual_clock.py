@@ -1,4 +1,4 @@
-"""The study's simulated clock (scripts/virtual_clock.py) and virtual emulation (agent/emulation.py)."""
+"""The study's simulated clock (splitft.coordinator.bench.clock) and virtual emulation (agent/emulation.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import asyncio
 import time
 
 import pytest
-from virtual_clock import (  # scripts/ is on sys.path (conftest)
+
+from splitft.agent.emulation import Emulation
+from splitft.coordinator.bench.clock import (
     CostModel,
     Device,
     LocalParticipant,
@@ -17,8 +19,6 @@ from virtual_clock import (  # scripts/ is on sys.path (conftest)
     local_round,
     split_round,
 )
-
-from splitft.agent.emulation import Emulation
 from splitft.shared.config import JobConfig
 from splitft.shared.errors import ConfigError
 from splitft.shared.models import block_flops, load_config

@@ -1,6 +1,6 @@
 """A simulated clock for studies on an emulated fleet: how long each round would take on the real devices.
 
-In a study every part runs on this one host (``scripts/study.py``): the agents compute at host speed
+In a study every part runs on this one host (the study, ``splitft.coordinator.bench.study``): the agents compute at host speed
 and report their device profiles' times (virtual emulation, agent/emulation.py), and the server is
 this host's CPU. The wall clock then measures this host, not the fleet. This clock replays each round
 as a discrete-event simulation from first principles instead:
