@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         "## Emulation accuracy\n\n"
         f"`python scripts/bench_emulation.py --repeats {args.repeats}` on {cpu_name()}, "
         f"{torch.get_num_threads()} torch threads, {date.today().isoformat()}. One client step of tiny-gpt2 "
-        f"(cut 1, 32 tokens) on a made-up 0.1 GFLOP/s board: wall time over the profile's prediction "
+        f"(cut 1, 32 tokens) on a made-up 0.01 GFLOP/s board: wall time over the profile's prediction "
         f"({predicted:.3f} s).\n\n"
         "| steps | median | best | worst |\n|---|---|---|---|\n"
         f"| {len(ratios)} | {statistics.median(ratios):.3f}x | {min(ratios):.3f}x | {max(ratios):.3f}x |\n\n"

@@ -22,7 +22,7 @@ name = "slow-board"
 description = "a made-up device, slower than any test host"
 
 [compute]
-peak_gflops = 0.2     # assumed, for the benchmark: far slower than any host, even a busy one
+peak_gflops = 0.02    # assumed, for the benchmark: far slower than any host, even a busy one
 efficiency = 0.5      # assumed
 dtype = "fp32"
 
