@@ -376,15 +376,14 @@ def _preflight(spec: JobConfig, out: Path, cuts: Sequence[int] = ()) -> None:
     """Check what a job needs before anything is written or connected: the output folder, the model (its
     config, tokenizer and weights), the cuts against its blocks, and the evaluation data."""
     from splitft.shared.data import load_records
-    from splitft.shared.models import check_max_length, load_config, num_layers
-    from splitft.shared.split import _weight_files
+    from splitft.shared.models import check_max_length, load_config, num_layers, weight_files
     from splitft.shared.text import load_tokenizer
 
     _check_out(out)
     config = load_config(spec.model, spec.attn_implementation)
     load_tokenizer(spec.model)
     if spec.model not in PRESETS:
-        _weight_files(Path(spec.model))  # a ModelError naming the folder when it has no safetensors weights
+        weight_files(Path(spec.model))  # a ModelError naming the folder when it has no safetensors weights
     layers = num_layers(config)
     spec.check_cuts(layers)
     check_max_length(config, spec.max_length)

@@ -100,6 +100,24 @@ def load_config(source: str | Path, attn_implementation: str | None = None) -> P
     return config
 
 
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a model folder (one, or those its index names)."""
+    index_file = folder / "model.safetensors.index.json"
+    if index_file.is_file():
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelError(f"{index_file} is not a valid safetensors index: {exc}") from exc
+        return sorted({folder / name for name in weight_map.values()})
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise ModelError(
+        f"{folder} has no model.safetensors (or index). SplitFT reads safetensors only, never pickled "
+        "weights: convert with `model.save_pretrained(folder, safe_serialization=True)`."
+    )
+
+
 # --------------------------------------------------------------------------- families
 
 

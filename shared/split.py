@@ -14,7 +14,6 @@ adapter names identical on every side. LoRA is applied by PEFT to the blocks the
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import threading
@@ -35,7 +34,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from .errors import ConfigError, ModelError
 from .lora import LoraSettings, block_ranks, init_lora, lora_parameters, peft_config
-from .models import PRESET_SEED, PRESETS, Family, family_of, load_config, num_layers
+from .models import PRESET_SEED, PRESETS, Family, family_of, load_config, num_layers, weight_files
 
 log = logging.getLogger(__name__)
 
@@ -483,7 +482,7 @@ class _FolderWeights:
     def __init__(self, model: nn.Module, folder: Path) -> None:
         self.folder = folder
         self.index: dict[str, Path] = {}
-        for file in _weight_files(folder):
+        for file in weight_files(folder):
             with safe_open(file, framework="pt", device="cpu") as f:
                 self.index.update(dict.fromkeys(f.keys(), file))
         self.prefix = getattr(model, "base_model_prefix", "")
@@ -503,23 +502,6 @@ class _FolderWeights:
             with safe_open(self.index[key], framework="pt", device="cpu") as f:
                 self._cache[key] = f.get_tensor(key)
         return self._cache[key]
-
-
-def _weight_files(folder: Path) -> list[Path]:
-    index_file = folder / "model.safetensors.index.json"
-    if index_file.is_file():
-        try:
-            weight_map = json.loads(index_file.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError) as exc:
-            raise ModelError(f"{index_file} is not a valid safetensors index: {exc}") from exc
-        return sorted({folder / name for name in weight_map.values()})
-    single = folder / "model.safetensors"
-    if single.is_file():
-        return [single]
-    raise ModelError(
-        f"{folder} has no model.safetensors (or index). SplitFT reads safetensors only, never pickled "
-        "weights: convert with `model.save_pretrained(folder, safe_serialization=True)`."
-    )
 
 
 def _is_persistent(model: nn.Module, buffer_name: str) -> bool:
