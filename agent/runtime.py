@@ -44,10 +44,18 @@ from splitft.shared import __version__
 from splitft.shared.codec import decode_state
 from splitft.shared.data import Batches, Example, load_records, tokenize
 from splitft.shared.defense import DefenseSettings, defend, nopeek_loss
-from splitft.shared.errors import ConfigError, LinkError, SplitFTError, WireError
+from splitft.shared.errors import ConfigError, DataError, LinkError, ModelError, SplitFTError, WireError
 from splitft.shared.link import BrokerSettings, Link, Received
 from splitft.shared.lora import load_lora_state, lora_state
-from splitft.shared.models import head_flops, load_config, max_positions, num_layers
+from splitft.shared.models import (
+    check_weights,
+    head_flops,
+    is_preset,
+    load_config,
+    max_positions,
+    model_fingerprint,
+    num_layers,
+)
 from splitft.shared.profiles import load_profile
 from splitft.shared.protocol import (
     ACT,
@@ -132,6 +140,8 @@ class Agent:
         self._last_assign: tuple[str, int, int] | None = None  # (coordinator session, round, attempt) last taken
         self._coordinator_sid: str | None = None  # the coordinator process last seen online
         self.notices: list[tuple[str, str]] = []  # (event, reason) the coordinator sent
+        self._job_max_length: int | None = None  # the job's, from the coordinator's status
+        self._refused: SplitFTError | None = None  # why the coordinator did not admit this agent
         self.rejected: Counter[str] = Counter()  # message bodies refused, by reason (the link counts the rest)
         # All model work on one thread (see the coordinator): one OpenMP pool, no model shared across threads.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitft-compute")
@@ -139,6 +149,9 @@ class Agent:
         # Fail before connecting if the data or the model cannot be used.
         self.pairs = load_records(settings.data, settings.prompt_field, settings.response_field, settings.max_samples)
         self.model_config = load_config(settings.model)
+        if not is_preset(settings.model):
+            check_weights(Path(settings.model), self.model_config)
+        self.fingerprint = model_fingerprint(settings.model)  # what the coordinator compares, not the path
         self.tokenizer = load_tokenizer(settings.model)
         if settings.emulate_scale <= 0:
             raise ConfigError(f"emulate_scale must be positive, got {settings.emulate_scale}")
@@ -175,6 +188,8 @@ class Agent:
                     async with asyncio.timeout(2):
                         await link.publish(*self._goodbye(), retain=True)
         self._executor.shutdown(wait=False)
+        if self._refused is not None:
+            raise self._refused
 
     def _goodbye(self) -> tuple[str, str, dict[str, Any]]:
         return self.topics.agent(self.name, "status"), STATUS, {"state": "offline", "role": "agent"}
@@ -184,7 +199,7 @@ class Agent:
 
     def _parse_assignment(self, env: Envelope) -> Assignment:
         layers, positions = num_layers(self.model_config), max_positions(self.model_config)
-        return parse_assign(env.round, env.body, self.settings.model, layers, positions, corr=env.corr)
+        return parse_assign(env.round, env.body, self.fingerprint, layers, positions, corr=env.corr)
 
     def _is_new(self, env: Envelope) -> bool:
         """An assignment is taken once, and never one older than the last from the same coordinator process
@@ -205,12 +220,15 @@ class Agent:
         await link.publish(
             self.topics.agent(self.name, "status"), STATUS, {"state": "online", "role": "agent"}, retain=True
         )
+        length = self._job_max_length
         join = Join(
             profile={**device_profile(), **self._link_profile(), "block_s": self.block_s, "block_tokens": 4 * 128},
             data_samples=len(self.pairs),
             data_tokens=max(sum(len(p) + len(r) for p, r in self.pairs) // 4, 1),  # rough, for planning
             model=self.settings.model,
             version=__version__,
+            fingerprint=self.fingerprint,
+            usable_samples=None if length is None else len(self._examples_at(length)),
         )
         await link.publish(self.topics.agent(self.name, "join"), JOIN, join_body(join))
         for out in (self._pending_act, self._last_upload):  # what may have been lost with a connection
@@ -233,6 +251,9 @@ class Agent:
                 state = parse_status(env.body)
                 if state == "online":
                     self._coordinator_sid = env.sid
+                    length = env.body.get("max_length")
+                    if type(length) is int and 1 <= length <= 1 << 20:
+                        self._job_max_length = length  # so that the join says how many examples fit
                     await self._hello()
                 elif env.body.get("done") is True and env.sid == self._coordinator_sid:
                     log.info("%s: the coordinator finished the job", self.name)
@@ -254,9 +275,15 @@ class Agent:
                 finally:
                     self._pending_act = None
             elif kind == "notice":
-                event, reason = parse_notice(env.body)
-                self.notices.append((event, reason))
-                log.warning("%s: the coordinator says: %s (%s)", self.name, event, reason)
+                notice = parse_notice(env.body)
+                self.notices.append((notice.event, notice.reason))
+                if notice.event == "not_admitted":
+                    error = ModelError if notice.cause == "model" else DataError
+                    self._refused = error(f"the coordinator did not admit {self.name}: {notice.reason}")
+                    self._done = True
+                    log.error("%s: not admitted: %s", self.name, notice.reason)
+                else:
+                    log.warning("%s: the coordinator says: %s (%s)", self.name, notice.event, notice.reason)
             elif kind == "grad":
                 log.debug("%s: ignoring a gradient outside a step (round %d step %d)", self.name, env.round, env.step)
         except WireError as exc:
@@ -443,9 +470,9 @@ class Agent:
         if kind == "assign" or (kind == "round" and env.body.get("event") == "done"):
             self._stashed.append(received)  # the coordinator moved on without us
             raise RoundAborted(f"the coordinator moved on ({kind})")
-        if kind == "notice" and env.corr == a.corr:
+        if kind == "notice" and (env.corr == a.corr or env.body.get("event") == "not_admitted"):
             try:
-                _, reason = parse_notice(env.body)
+                reason = parse_notice(env.body).reason
             except WireError as exc:
                 self._refuse(kind, exc)
                 return
@@ -489,9 +516,14 @@ class Agent:
             self._segment_key = key
         return self._segment
 
+    def _examples_at(self, max_length: int) -> list[Example]:
+        """This agent's examples that fit ``max_length`` tokens (tokenized once per length)."""
+        if max_length not in self._examples:
+            self._examples[max_length] = tokenize(self.pairs, self.tokenizer, max_length)
+        return self._examples[max_length]
+
     def _batches_for(self, a: Assignment) -> Batches:
-        if a.max_length not in self._examples:
-            self._examples[a.max_length] = tokenize(self.pairs, self.tokenizer, a.max_length)
+        self._examples_at(a.max_length)
         key = (a.max_length, a.batch_size, a.seed)
         if key not in self._batches:
             pad = int(self.tokenizer.pad_token_id)

@@ -126,7 +126,9 @@ def _check_data_file(path: Path, option: str = "--data") -> None:
 
 @app.command()
 def inspect(model: ModelOpt, cut: CutOpt, rank: RankOpt = 16, cut_rank: CutRankOpt = 8) -> None:
-    """Print the split plan: what each side holds, the LoRA ranks, and the activation bytes per token."""
+    """Print the split plan: what each side holds, the LoRA ranks, and the activation bytes per token.
+
+    A model folder's config is checked against its weights (the blocks and the width they hold)."""
     from splitft.shared.plan import plan_split
 
     console = _console()
@@ -375,15 +377,15 @@ def local_job(config: Path | None, **flags: Any) -> JobConfig:
 def _preflight(spec: JobConfig, out: Path, cuts: Sequence[int] = ()) -> None:
     """Check what a job needs before anything is written or connected: the output folder, the model (its
     config, tokenizer and weights), the cuts against its blocks, and the evaluation data."""
-    from splitft.shared.data import load_records
-    from splitft.shared.models import check_max_length, load_config, num_layers, weight_files
-    from splitft.shared.text import load_tokenizer
+    from splitft.shared.data import eval_examples
+    from splitft.shared.models import check_max_length, check_weights, load_config, num_layers
+    from splitft.shared.text import GSM8K, load_tokenizer
 
     _check_out(out)
     config = load_config(spec.model, spec.attn_implementation)
-    load_tokenizer(spec.model)
+    tokenizer = load_tokenizer(spec.model)
     if spec.model not in PRESETS:
-        weight_files(Path(spec.model))  # a ModelError naming the folder when it has no safetensors weights
+        check_weights(Path(spec.model), config)  # safetensors weights, and the ones its config describes
     layers = num_layers(config)
     spec.check_cuts(layers)
     check_max_length(config, spec.max_length)
@@ -392,7 +394,7 @@ def _preflight(spec: JobConfig, out: Path, cuts: Sequence[int] = ()) -> None:
             raise ConfigError(f"--cuts: cut {cut} is outside the model's cut layers 1..{layers - 1}")
     if spec.eval_data is not None:
         _check_data_file(Path(spec.eval_data), "eval_data")
-        load_records(spec.eval_data, limit=spec.eval_samples)
+    eval_examples(spec.eval_data or GSM8K / "test.jsonl", tokenizer, spec.max_length, spec.eval_samples)
 
 
 @app.command()
@@ -458,7 +460,10 @@ def run(
     except KeyboardInterrupt:
         _remove_empty(made)
         raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
-    console.print(f"adapter: {summary['adapter']}\nmetrics: {summary['metrics']}")
+    from splitft.coordinator.report import plot_run
+
+    plot = plot_run(out / "metrics.jsonl", out / "run.png", title=f"SplitFT run: {spec.job}")
+    console.print(f"adapter: {summary['adapter']}\nmetrics: {summary['metrics']}\nplot:    {plot}")
 
 
 @app.command()
@@ -484,6 +489,16 @@ def local(
         float, typer.Option(help="Length-based Dirichlet partition of the data (0.1 very skewed; 0 = IID split).")
     ] = 1.0,
     data: Annotated[Path | None, typer.Option(help="JSONL/CSV to shard (default: vendored GSM8K).")] = None,
+    prompt_field: Annotated[
+        str | None, typer.Option(help="--data's prompt field (default: prompt, question or instruction).")
+    ] = None,
+    response_field: Annotated[
+        str | None, typer.Option(help="--data's response field (default: response, answer or output).")
+    ] = None,
+    eval_data: Annotated[
+        Path | None,
+        typer.Option(help="JSONL/CSV evaluated after every round [default: the job file's, or GSM8K test]."),
+    ] = None,
     policy: Annotated[
         str | None,
         typer.Option(help="Cut policy: fixed, paper, latency, splitft [default: splitft, or the job file's]."),
@@ -518,6 +533,7 @@ def local(
         spec = local_job(
             config, model=model, rounds=rounds, local_steps=local_steps, batch_size=batch_size,
             max_length=max_length, policy=policy, lr=lr, split=split, tail=tail,
+            eval_data=None if eval_data is None else str(eval_data),
         )  # fmt: skip
         try:
             cut_list = tuple(int(c) for c in cuts.split(",") if c.strip())
@@ -533,11 +549,16 @@ def local(
             raise ConfigError(f"--emulate-scale must be a positive number, got {emulate_scale}")
         if broker is not None:
             BrokerSettings(url=broker, protocol=mqtt_protocol)
+        if (prompt_field is None) != (response_field is None):
+            raise ConfigError("--prompt-field and --response-field must be given together")
         if data is not None:
             _check_data_file(data)
-            load_records(data, limit=1)
+            load_records(data, prompt_field, response_field, limit=1)
+        elif prompt_field is not None:
+            raise ConfigError("--prompt-field and --response-field name the fields of --data, which is not given")
         plan = LocalRun(
             spec, out, agents=agents, cuts=cut_list, samples_per_agent=samples_per_agent, data=data, alpha=alpha or None,
+            prompt_field=prompt_field, response_field=response_field,
             broker_url=broker, mqtt_protocol=mqtt_protocol, device=torch_device(device),
             emulate=profiles, emulate_scale=emulate_scale,
         )  # fmt: skip

@@ -43,6 +43,8 @@ class LocalRun:
     samples_per_agent: int = 96
     alpha: float | None = 1.0  # length-based Dirichlet partition; None: an IID split
     data: Path | None = None  # JSONL/CSV to shard; default: the vendored GSM8K train split
+    prompt_field: str | None = None  # data's fields (default: the first known pair, see shared/data.py)
+    response_field: str | None = None
     broker_url: str | None = None  # an external broker; default: the embedded one
     mqtt_protocol: str = "5"  # for an external broker
     device: str = "cpu"
@@ -68,7 +70,7 @@ async def run_local(run: LocalRun, progress: Progress | None = None) -> dict[str
     run.out.mkdir(parents=True, exist_ok=True)
     names = run.agent_names()
     source = run.data or GSM8K / "train.jsonl"
-    pairs = load_records(source, limit=run.agents * run.samples_per_agent)
+    pairs = load_records(source, run.prompt_field, run.response_field, limit=run.agents * run.samples_per_agent)
     if run.alpha is None:
         written = write_shards(pairs, run.agents, run.out / "data", seed=run.job.seed, prefix="shard")
     else:

@@ -64,6 +64,7 @@ class Rounds(Uploads):
             assignment = Assignment(
                 round=round_,
                 model=job.model,
+                fingerprint=self.fingerprint,
                 cut=cut,
                 ranks=ranks,
                 lora=job.lora,

@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from splitft.shared.data import collate, load_records, tokenize
+from splitft.shared.data import collate, eval_examples
 from splitft.shared.errors import Refusal, SplitFTError, WireError
 from splitft.shared.link import Link
 from splitft.shared.models import block_params, check_max_length, load_config, num_layers
@@ -207,8 +207,7 @@ class Coordinator(Rounds):
     def _eval_batches(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         tokenizer = load_tokenizer(self.job.model)
         source = Path(self.job.eval_data) if self.job.eval_data else GSM8K / "test.jsonl"
-        pairs = load_records(source, limit=self.job.eval_samples)
-        examples = tokenize(pairs, tokenizer, self.job.max_length)
+        examples = eval_examples(source, tokenizer, self.job.max_length, self.job.eval_samples)
         size = self.job.eval_batch_size
         pad = int(tokenizer.pad_token_id)
         return [collate(examples[i : i + size], pad) for i in range(0, len(examples), size)]

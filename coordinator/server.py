@@ -43,7 +43,7 @@ import torch
 
 from splitft.shared.config import JobConfig
 from splitft.shared.lora import LoraSettings, block_ranks, load_lora_state, lora_state
-from splitft.shared.models import load_config, num_layers
+from splitft.shared.models import is_preset, load_config, num_layers
 from splitft.shared.protocol import Activations
 from splitft.shared.split import (
     EvalResult,
@@ -264,7 +264,11 @@ class ServerModel:
     def export(self, folder: Path) -> Path:
         """Write a standard PEFT adapter folder (``PeftModel.from_pretrained(base, folder)`` loads it)."""
         peft_model = self.segment.peft_model
-        peft_model.peft_config["default"].base_model_name_or_path = self.job.model
+        # A folder by its absolute path, so that AutoPeftModelForCausalLM finds it from any directory; a preset
+        # by its name.
+        model = self.job.model
+        base = model if is_preset(model) else str(Path(model).resolve())
+        peft_model.peft_config["default"].base_model_name_or_path = base
         # save_embedding_layers=False: PEFT would otherwise look the base model up on the hub.
         peft_model.save_pretrained(str(folder), save_embedding_layers=False)
         log.info("exported the adapter to %s", folder)

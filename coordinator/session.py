@@ -20,6 +20,7 @@ import torch
 from splitft.shared.config import JobConfig
 from splitft.shared.errors import JobError, Refusal
 from splitft.shared.link import BrokerSettings, Link, Received
+from splitft.shared.models import model_fingerprint
 from splitft.shared.protocol import (
     ASSIGN,
     NOTICE,
@@ -122,6 +123,7 @@ class Session:
         self.device = device
         self.progress = progress or (lambda event, data: None)
         self.topics = Topics(job.job)
+        self.fingerprint = model_fingerprint(job.model)  # agents are admitted by their model's content, not path
         self.agents: dict[str, AgentInfo] = {}
         self.server: ServerModel | None = None
         self.metrics_path = self.out / "metrics.jsonl"
@@ -154,7 +156,9 @@ class Session:
     # ------------------------------------------------------------------ membership
 
     def _status(self, state: str) -> tuple[str, str, dict[str, Any]]:
-        return self.topics.coordinator_status(), STATUS, {"state": state, "role": COORDINATOR}
+        # max_length: so that a joining agent can say how many of its examples fit
+        body = {"state": state, "role": COORDINATOR, "max_length": self.job.max_length}
+        return self.topics.coordinator_status(), STATUS, body
 
     async def _announce(self) -> None:
         # Retained: agents that start later, or reconnect, learn that the coordinator is up and (re)join.
@@ -166,8 +170,15 @@ class Session:
         log.warning("rejected a message from %s: %s (%s)", agent, reason, detail)
 
     def _agent_joined(self, name: str, sid: str, join: Join) -> None:
-        if join.model != self.job.model:
-            log.warning("agent %s runs model %r, the job uses %r: not admitted", name, join.model, self.job.model)
+        refusal = self._refusal(join)
+        if refusal is not None:
+            cause, reason = refusal
+            log.warning("agent %s not admitted: %s", name, reason)
+            if name in self.agents and self.agents[name].sid in (sid, ""):
+                self._agent_offline(name)  # admitted before it could say (its first join came before our status)
+            if self._link is not None:
+                topic = self.topics.agent(name, "notice")
+                self._spawn(self._link.publish(topic, NOTICE, notice_body("not_admitted", reason, cause)))
             return
         info = self.agents.get(name)
         if info is None:
@@ -186,6 +197,22 @@ class Session:
         elif not plan.started:
             # Reconnected before its first step: the assignment may have been lost with the connection.
             self._spawn(self._publish_plan(plan))
+
+    def _refusal(self, join: Join) -> tuple[str, str] | None:
+        """Why an agent cannot take part (cause, reason), or None."""
+        job = self.job
+        if join.fingerprint != self.fingerprint:
+            return "model", (
+                f"its model {join.model!r} (fingerprint {join.fingerprint}) is not the job's model {job.model!r} "
+                f"(fingerprint {self.fingerprint}): give --model a copy of the job's model"
+            )
+        if join.usable_samples == 0:
+            return "data", (
+                f"none of its {join.data_samples} examples fits the job's max_length of {job.max_length} tokens "
+                "(an example needs its prompt and at least one response token): give it shorter prompts, or "
+                "raise max_length"
+            )
+        return None
 
     def _agent_offline(self, name: str) -> None:
         info = self.agents.get(name)

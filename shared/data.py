@@ -28,9 +28,16 @@ JSONL_SUFFIXES = (".jsonl", ".json")
 
 
 def _jsonl_rows(path: Path, f: TextIO) -> Iterator[tuple[int, dict[str, Any]]]:
+    first = True
     for lineno, line in enumerate(f, 1):
         if not line.strip():
             continue
+        if first and line.lstrip().startswith("["):
+            raise DataError(
+                f"{path}: holds a JSON array; SplitFT reads one JSON object per line (JSONL): convert it with "
+                f"`jq -c '.[]' {path} > data.jsonl`"
+            )
+        first = False
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
@@ -46,7 +53,8 @@ def _pick_fields(names: Collection[str], where: str) -> tuple[str, str]:
             return pair
     known = ", ".join(f"{p}/{r}" for p, r in FIELD_PAIRS)
     raise DataError(
-        f"{where}: none of the field pairs {known} in {sorted(names)}; pass prompt_field and response_field"
+        f"{where}: none of the field pairs {known} in {sorted(names)}; name the fields with --prompt-field and "
+        "--response-field (splitft-agent join, splitft-coordinator local)"
     )
 
 
@@ -146,6 +154,21 @@ def tokenize(pairs: Sequence[tuple[str, str]], tokenizer: PreTrainedTokenizerBas
             continue
         labels = [IGNORE_INDEX] * len(prompt) + ids[len(prompt) :]
         examples.append(Example(tuple(ids), tuple(labels)))
+    return examples
+
+
+def eval_examples(
+    source: str | Path, tokenizer: PreTrainedTokenizerBase, max_length: int, limit: int | None = None
+) -> list[Example]:
+    """The evaluation examples of a data file: the first ``limit`` records that fit ``max_length``. None fitting
+    is a DataError (an evaluation on nothing would report a perplexity of 1)."""
+    pairs = load_records(source, limit=limit)
+    examples = tokenize(pairs, tokenizer, max_length)
+    if not examples:
+        raise DataError(
+            f"{source}: none of the {len(pairs)} evaluation examples read fits max_length {max_length} (each needs "
+            "its prompt and at least one response token): use shorter prompts or a larger max_length"
+        )
     return examples
 
 

@@ -334,7 +334,10 @@ class Link:
 
     def _reject(self, reason: Refusal, topic: str, detail: str) -> None:
         self.rejected[reason] += 1
-        log.warning("%s: rejected a message on %s: %s (%s)", self.name, topic, reason, detail)
+        # Duplicates are normal (QoS 1 redeliveries, a retained status delivered again on a resubscribe):
+        # counted, but not a warning.
+        level = logging.INFO if reason == Refusal.DUPLICATE else logging.WARNING
+        log.log(level, "%s: rejected a message on %s: %s (%s)", self.name, topic, reason, detail)
 
     def _accept(self, topic_name: str, payload: bytes) -> None:
         """Decode one MQTT message; queue it, or count and log why not. Never raises."""

@@ -13,7 +13,9 @@ Nothing is ever downloaded: a source is either a preset name or an existing fold
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,6 +118,93 @@ def weight_files(folder: Path) -> list[Path]:
         f"{folder} has no model.safetensors (or index). SplitFT reads safetensors only, never pickled "
         "weights: convert with `model.save_pretrained(folder, safe_serialization=True)`."
     )
+
+
+#: config fields that say where or with what a model was saved, not what it is
+_VOLATILE_CONFIG = frozenset({"_name_or_path", "transformers_version", "torch_dtype", "dtype", "_attn_implementation"})
+_SAMPLE_BYTES = 1 << 16
+
+
+def model_fingerprint(source: str | Path) -> str:
+    """A short id of a model's content: its config, the names, shapes and dtypes of its weights, and samples
+    of the weights' bytes. Two copies of one model have the same id wherever they are kept (``models/x``,
+    ``/abs/models/x/``); another model, or the same architecture with other weights, has another."""
+    digest = hashlib.sha256()
+    name = str(source)
+    if name in PRESETS:
+        config = {k: v for k, v in PRESETS[name]().to_dict().items() if k not in _VOLATILE_CONFIG}
+        digest.update(b"preset\0" + name.encode() + b"\0" + json.dumps(config, sort_keys=True, default=str).encode())
+        return digest.hexdigest()[:16]
+    folder = Path(source)
+    load_config(folder)  # a ModelError naming the folder if it is not a model
+    try:
+        raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read the config in {folder}: {exc}") from exc
+    config = {k: v for k, v in raw.items() if k not in _VOLATILE_CONFIG}
+    digest.update(b"folder\0" + json.dumps(config, sort_keys=True, default=str).encode())
+    for file in weight_files(folder):
+        header, data_start = _safetensors_header(file)
+        digest.update(json.dumps(header, sort_keys=True).encode())
+        try:
+            with file.open("rb") as f:
+                size = file.stat().st_size
+                for offset in (data_start, (data_start + size) // 2, max(size - _SAMPLE_BYTES, data_start)):
+                    f.seek(offset)
+                    digest.update(f.read(_SAMPLE_BYTES))
+        except OSError as exc:
+            raise ModelError(f"cannot read the weights {file}: {exc}") from exc
+    return digest.hexdigest()[:16]
+
+
+def _safetensors_header(file: Path) -> tuple[dict[str, Any], int]:
+    """A safetensors file's tensor table (name -> dtype, shape, offsets) and where its data starts."""
+    try:
+        with file.open("rb") as f:
+            header_size = int.from_bytes(f.read(8), "little")
+            if not 0 < header_size < 1 << 28:
+                raise ModelError(f"{file} is not a safetensors file")
+            header = json.loads(f.read(header_size))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read the weights {file}: {exc}") from exc
+    if not isinstance(header, dict):
+        raise ModelError(f"{file} is not a safetensors file")
+    header.pop("__metadata__", None)
+    return header, 8 + header_size
+
+
+def check_weights(folder: Path, config: PretrainedConfig) -> None:
+    """The weights of a model folder are those its config describes: as many blocks, the same hidden size.
+    A ModelError names the difference (a 24-block config over 4 blocks of weights would otherwise train on
+    20 randomly initialised blocks)."""
+    family = family_of(config)
+    # "transformer.h.3.attn..." or, saved without the model's prefix, "h.3.attn..."
+    block = re.compile(rf"(?:^|\.){re.escape(family.layers.rsplit('.', 1)[-1])}\.(\d+)\.")
+    embedding = family.embeddings[0].rsplit(".", 1)[-1] + ".weight"  # wte / embed_tokens
+    blocks: set[int] = set()
+    widths: set[int] = set()
+    for file in weight_files(folder):
+        header, _ = _safetensors_header(file)
+        for name, entry in header.items():
+            match = block.search(name)
+            if match:
+                blocks.add(int(match.group(1)))
+            elif name.endswith(embedding) and isinstance(entry, dict):
+                shape = entry.get("shape") or []
+                if len(shape) == 2:
+                    widths.add(int(shape[1]))
+    layers, width = num_layers(config), hidden_size(config)
+    if blocks != set(range(layers)):
+        found = f"blocks {min(blocks)}..{max(blocks)} ({len(blocks)})" if blocks else "no block"
+        raise ModelError(
+            f"{folder}: config.json describes {layers} blocks, but its weights hold {found}: the config and the "
+            "weights are of different models"
+        )
+    if widths and widths != {width}:
+        raise ModelError(
+            f"{folder}: config.json says hidden size {width}, but the token embedding is {sorted(widths)} wide: the "
+            "config and the weights are of different models"
+        )
 
 
 # --------------------------------------------------------------------------- families

@@ -427,8 +427,11 @@ class Join:
     profile: dict[str, Any]  # a flat map of measured and declared device figures (see parse_join)
     data_samples: int
     data_tokens: int  # a rough count, for planning
-    model: str
+    model: str  # as the agent was given it (a preset name or its own path): for the logs
     version: str = ""  # the agent's SplitFT version
+    fingerprint: str = ""  # the model's content id (splitft.shared.models.model_fingerprint): what is compared
+    # examples of its data that fit the job's max_length (read from the coordinator's status); None: not known
+    usable_samples: int | None = None
 
 
 def join_body(join: Join) -> dict[str, Any]:
@@ -438,6 +441,8 @@ def join_body(join: Join) -> dict[str, Any]:
         "data_tokens": join.data_tokens,
         "model": join.model,
         "version": join.version,
+        "fingerprint": join.fingerprint,
+        "usable_samples": join.usable_samples,
     }
 
 
@@ -454,6 +459,12 @@ def parse_join(body: Mapping[str, Any]) -> Join:
     version = body.get("version", "")
     if not isinstance(version, str) or len(version) > 64:
         raise WireError(Refusal.BAD_SCHEMA, f"version must be a string of at most 64 characters, got {_brief(version)}")
+    fingerprint = _get(body, "fingerprint", str)
+    if not 0 < len(fingerprint) <= 64:
+        raise WireError(Refusal.BAD_SCHEMA, "fingerprint must be a string of 1 to 64 characters")
+    usable = body.get("usable_samples")
+    if usable is not None and (type(usable) is not int or not 0 <= usable <= samples):
+        raise WireError(Refusal.BAD_SCHEMA, f"usable_samples must be nil or an integer in [0, {samples}]")
     if len(profile) > 64:
         raise WireError(Refusal.BAD_SCHEMA, "profile has too many fields")
     for name, value in profile.items():
@@ -468,7 +479,7 @@ def parse_join(body: Mapping[str, Any]) -> Join:
             )
         if not (number or value is None or isinstance(value, bool) or (isinstance(value, str) and len(value) <= 256)):
             raise WireError(Refusal.BAD_SCHEMA, f"profile field {name!r} must be a scalar, got {_brief(value)}")
-    return Join(dict(profile), samples, tokens, model, version)
+    return Join(dict(profile), samples, tokens, model, version, fingerprint, usable)
 
 
 @dataclass(frozen=True)
@@ -477,7 +488,8 @@ class Assignment:
     how to train. ``round`` and ``corr`` travel in the envelope, the rest in the body."""
 
     round: int
-    model: str
+    model: str  # the coordinator's name for it (for the logs)
+    fingerprint: str  # its content id: the agent checks it against its own model's
     cut: int
     ranks: dict[int, int]  # LoRA rank of every block the device holds
     lora: LoraSettings
@@ -515,6 +527,7 @@ def assign_body(a: Assignment) -> dict[str, Any]:
         lora["targets"] = list(a.lora.targets)
     return {
         "model": a.model,
+        "fingerprint": a.fingerprint,
         "cut": a.cut,
         "split": a.split,
         "tail": a.tail,
@@ -543,7 +556,7 @@ def assign_body(a: Assignment) -> dict[str, Any]:
 def parse_assign(
     round_: int,
     body: Mapping[str, Any],
-    model: str,
+    fingerprint: str,
     total_layers: int,
     max_positions: int | None = None,
     corr: str | None = None,
@@ -556,8 +569,13 @@ def parse_assign(
             raise WireError(Refusal.BAD_SCHEMA, f"assignment field {name!r} missing or of the wrong type")
         return value
 
-    if get("model", str) != model:
-        raise WireError(Refusal.BAD_SCHEMA, f"assignment for model {body['model']!r}, this agent runs {model!r}")
+    model = get("model", str)
+    if get("fingerprint", str) != fingerprint:
+        raise WireError(
+            Refusal.BAD_SCHEMA,
+            f"assignment for model {_brief(model)} (fingerprint {_brief(body['fingerprint'])}), this agent's model "
+            f"has fingerprint {fingerprint}",
+        )
     cut = get("cut", int)
     if not 1 <= cut <= total_layers - 1:
         raise WireError(Refusal.BAD_SCHEMA, f"cut {cut} outside 1..{total_layers - 1}")
@@ -605,6 +623,7 @@ def parse_assign(
     return Assignment(
         round=round_,
         model=model,
+        fingerprint=fingerprint,
         cut=cut,
         ranks=dict(zip(blocks, ranks, strict=True)),
         lora=lora,
@@ -634,20 +653,36 @@ def parse_status(body: Mapping[str, Any]) -> str:
 
 
 #: what the coordinator tells one agent: it was dropped from a round, or its upload was refused
-NOTICE_EVENTS = frozenset({"dropped", "refused"})
+#: dropped: out of the current round; refused: its upload was refused; not_admitted: its join was refused
+NOTICE_EVENTS = frozenset({"dropped", "refused", "not_admitted"})
+#: why a join was refused: the agent's model is another one, or its data has no usable example
+NOTICE_CAUSES = frozenset({"model", "data"})
 
 
-def notice_body(event: str, reason: str) -> dict[str, Any]:
-    if event not in NOTICE_EVENTS:
-        raise ValueError(f"unknown notice {event!r}")
-    return {"event": event, "reason": reason[:500]}
+@dataclass(frozen=True)
+class Notice:
+    event: str
+    reason: str
+    cause: str | None = None  # not_admitted only
 
 
-def parse_notice(body: Mapping[str, Any]) -> tuple[str, str]:
+def notice_body(event: str, reason: str, cause: str | None = None) -> dict[str, Any]:
+    if event not in NOTICE_EVENTS or (cause is not None and cause not in NOTICE_CAUSES):
+        raise ValueError(f"unknown notice {event!r} ({cause!r})")
+    body: dict[str, Any] = {"event": event, "reason": reason[:500]}
+    if cause is not None:
+        body["cause"] = cause
+    return body
+
+
+def parse_notice(body: Mapping[str, Any]) -> Notice:
     event = _get(body, "event", str)
     if event not in NOTICE_EVENTS:
         raise WireError(Refusal.BAD_SCHEMA, f"unknown notice {_brief(event)}")
-    return str(event), str(_get(body, "reason", str))[:500]
+    cause = body.get("cause")
+    if cause is not None and cause not in NOTICE_CAUSES:
+        raise WireError(Refusal.BAD_SCHEMA, f"unknown notice cause {_brief(cause)}")
+    return Notice(str(event), str(_get(body, "reason", str))[:500], cause)
 
 
 # --------------------------------------------------------------------------- chunking

@@ -29,6 +29,11 @@ def load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
             tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
         except (OSError, ValueError) as exc:
             raise ModelError(f"no usable tokenizer in {source}: {exc}") from exc
+    if tokenizer.eos_token is None:
+        raise ModelError(
+            f"the tokenizer in {source} has no EOS token; SplitFT ends every training response with it: set "
+            '"eos_token" in its tokenizer_config.json (e.g. "<|endoftext|>" or "</s>", a token of its vocabulary)'
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"

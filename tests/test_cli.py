@@ -286,6 +286,59 @@ def test_run_refuses_a_broken_job_file_and_writes_nothing(
     assert not (tmp_path / "runs").exists()
 
 
+def test_run_refuses_eval_data_without_a_usable_example(tmp_path: Path, no_connect: None) -> None:
+    """An evaluation of nothing reported a perplexity of 1.0; it is a data error, found before connecting."""
+    evaluation = tmp_path / "eval.jsonl"
+    evaluation.write_text(json.dumps({"prompt": "word " * 200, "response": "x"}) + "\n")
+    job = tmp_path / "job.toml"
+    job.write_text(f'eval_data = "{evaluation}"\nmax_length = 32\n')
+    out = tmp_path / "runs" / "job"
+    result = _run(tmp_path, "--out", str(out), "--config", str(job))
+    assert_error(result, ExitCode.DATA, "eval.jsonl", "none of the 1 evaluation examples read fits max_length 32")
+    assert not (tmp_path / "runs").exists()
+
+
+def _folder(tmp_path: Path, name: str, layers: int = 2) -> Path:
+    from splitft.shared.text import load_tokenizer
+
+    config = load_config("tiny-gpt2")
+    config.n_layer = layers
+    folder = save_model(config, tmp_path / name)
+    load_tokenizer("tiny-gpt2").save_pretrained(folder)
+    return folder
+
+
+def test_model_folders_are_checked_before_use(tmp_path: Path, no_connect: None) -> None:
+    """A tokenizer without an EOS token, and a config that describes other weights, are model errors that
+    name the folder and the fix, in `run` and `splitft-agent join` (and `inspect`, for the config)."""
+    no_eos = _folder(tmp_path, "no-eos")
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = no_eos / name
+        if path.is_file():
+            settings = json.loads(path.read_text())
+            for key in ("eos_token", "bos_token", "pad_token", "unk_token"):
+                settings.pop(key, None)
+            path.write_text(json.dumps(settings))
+    mismatched = _folder(tmp_path, "mismatched", layers=2)
+    config = json.loads((mismatched / "config.json").read_text())
+    config["n_layer"] = 24
+    (mismatched / "config.json").write_text(json.dumps(config))
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "2+2?", "response": "4"}\n')
+    for folder, names in (
+        (no_eos, ["no-eos", "no EOS token", "eos_token", "tokenizer_config.json"]),
+        (mismatched, ["mismatched", "describes 24 blocks", "blocks 0..1 (2)"]),
+    ):
+        if folder is mismatched:
+            inspected = runner.invoke(app, ["inspect", "--model", str(folder), "--cut", "1"])
+            assert_error(inspected, ExitCode.MODEL, *names)
+        job = tmp_path / f"{folder.name}.toml"
+        job.write_text(f'model = "{folder}"\ncut = 1\n')
+        assert_error(_run(tmp_path, "--out", str(tmp_path / "o"), "--config", str(job)), ExitCode.MODEL, *names)
+        args = ["join", "--broker", NOWHERE, "--job", "j", "--model", str(folder), "--id", "a1", "--data", str(data)]
+        assert_error(runner.invoke(agent_app, args), ExitCode.MODEL, *names)
+
+
 def test_run_refuses_bad_files_and_flags_and_writes_nothing(tmp_path: Path, no_connect: None) -> None:
     out = tmp_path / "out"
     result = _run(tmp_path, "--out", str(out), "--config", str(tmp_path / "nope.toml"))
@@ -462,6 +515,9 @@ def test_help_explains_the_security_options() -> None:
         (["--broker", "mqtt//nowhere"], ExitCode.CONFIG, ["broker url"]),
         (["--model", "MISSING"], ExitCode.MODEL, ["missing.jsonl"]),
         (["--agents", "0"], ExitCode.CONFIG, ["agents"]),
+        (["--prompt-field", "q"], ExitCode.CONFIG, ["--prompt-field and --response-field must be given together"]),
+        (["--prompt-field", "q", "--response-field", "a"], ExitCode.CONFIG, ["name the fields of --data"]),
+        (["--eval-data", "MISSING"], ExitCode.DATA, ["missing.jsonl"]),
     ],
 )
 def test_local_refuses_bad_input_and_writes_nothing(
@@ -482,9 +538,18 @@ def test_local_run_end_to_end(tmp_path: Path) -> None:
         'job = "from-file"\nrounds = 2\nlocal_steps = 2\nbatch_size = 2\nmax_length = 64\npolicy = "fixed"\n'
         'split = "two-part"\n[optimizer]\nlr = 0.004\n'
     )
+    from splitft.shared.data import load_records
+    from splitft.shared.text import GSM8K
+
+    pairs = load_records(GSM8K / "train.jsonl", limit=24)
+    data = tmp_path / "mine.jsonl"  # a user's file, with field names of its own
+    data.write_text("".join(json.dumps({"q": p, "a": r}) + "\n" for p, r in pairs[:16]))
+    evaluation = tmp_path / "eval.jsonl"
+    evaluation.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in pairs[16:]))
     command = [
         sys.executable, "-m", "splitft.coordinator.cli", "local", "--out", str(out), "--agents", "2",
         "--cuts", "1,3", "--samples-per-agent", "8", "--max-length", "96", "--emulate", "", "--config", str(job),
+        "--data", str(data), "--prompt-field", "q", "--response-field", "a", "--eval-data", str(evaluation),
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -498,6 +563,7 @@ def test_local_run_end_to_end(tmp_path: Path) -> None:
         "job": "from-file", "rounds": 2, "local_steps": 2, "batch_size": 2, "policy": "fixed", "split": "two-part"
     }  # fmt: skip
     assert ran["max_length"] == 96 and ran["optimizer"]["lr"] == 0.004  # the flag wins; the file's lr is kept
+    assert ran["eval_data"] == str(evaluation) and json.loads(lines[0])["eval_tokens"] > 0
 
 
 def test_local_without_a_job_file_takes_its_own_defaults() -> None:

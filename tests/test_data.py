@@ -231,13 +231,22 @@ def test_jsonl_record_errors(tmp_path: Path) -> None:
         good + '["a", "b"]\n': r"bad\.jsonl:2: a record must be a JSON object, got list",
         good + '{"prompt": "a"}\n': r"bad\.jsonl:2: record lacks field\(s\) 'response'",
         good + '{"prompt": "a", "response": 3}\n': r"bad\.jsonl:2: field 'response' must be a string, got int",
-        '{"text": "a", "label": "b"}\n': r"bad\.jsonl:1: none of the field pairs prompt/response.*\['label', 'text'\]",
+        '{"text": "a", "label": "b"}\n': r"bad\.jsonl:1: none of the field pairs prompt/response.*\['label', 'text'\]; "
+        r"name the fields with --prompt-field and --response-field",
+        '[{"prompt": "a", "response": "b"}]\n': r"bad\.jsonl: holds a JSON array; SplitFT reads one JSON object per line",
+        '[\n  {"prompt": "a", "response": "b"}\n]\n': r"bad\.jsonl: holds a JSON array.*jq -c",
         "\n\n": r"bad\.jsonl: no usable records",
     }
     for text, message in cases.items():
         path.write_text(text, encoding="utf-8")
         with pytest.raises(DataError, match=message):
             load_records(path)
+    array = tmp_path / "data.json"  # a .json file is read as JSONL too: an array gets its own hint
+    array.write_text('[{"prompt": "a", "response": "b"}]', encoding="utf-8")
+    with pytest.raises(
+        DataError, match=r"data\.json: holds a JSON array; SplitFT reads one JSON object per line \(JSONL\)"
+    ):
+        load_records(array)
     path.write_text(good, encoding="utf-8")
     with pytest.raises(DataError, match=r"bad\.jsonl:1: record lacks field\(s\) 'src', 'dst'"):
         load_records(path, "src", "dst")

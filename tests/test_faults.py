@@ -249,6 +249,7 @@ async def test_coordinator_killed_resumes_bit_for_bit_and_agents_carry_on(broker
     metrics = read_metrics(out)
     assert [m["round"] for m in metrics] == [0, 1, 2, 3]
     assert all(a["dropped"] is None for m in metrics[round_:] for a in m["agents"].values())
+    assert (out / "run.png").read_bytes()[:4] == b"\x89PNG" and f"plot:    {out / 'run.png'}" in resumed.stdout
     assert all(a.rounds_done >= 3 for a in agents)  # round 2 may have been started twice
 
 

@@ -90,6 +90,7 @@ TOPICS = Topics("fuzz")
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(100, 132))
 MODEL, LAYERS = "tiny-gpt2", 4
+FINGERPRINT = "0123456789abcdef"  # the model content id both sides compare
 HIDDEN, MAX_B, MAX_T, VOCAB = 128, 8, 64, 50257
 AGENTS = ("a1", "a2", "a3")
 ADAPTER_EXPECT = {
@@ -112,10 +113,11 @@ SCHEMA: dict[str, dict[str, str]] = {
     "adapter": {"adapter": "dict", "tokens": "int", "samples": "int", "loss": "number_or_nil", "timings": "dict"},
     "tail_act": {"act": "tensor"},
     "tail_grad": {"grad": "tensor", "loss": "number_or_nil"},
-    "join": {"profile": "dict", "data_samples": "int", "data_tokens": "int", "model": "str"},
+    "join": {"profile": "dict", "data_samples": "int", "data_tokens": "int", "model": "str", "fingerprint": "str"},
     "status": {"state": "str"},
     "assign": {
         "model": "str",
+        "fingerprint": "str",
         "cut": "int",
         "ranks": "list",
         "lora": "dict",
@@ -200,7 +202,7 @@ def assign_expect(ranks: list[int]) -> dict[str, tuple[int, int]]:
 
 def take_assignment(env: Envelope) -> Any:
     """What the agent does with an assignment before training: check it, then decode its adapters."""
-    a = protocol.parse_assign(env.round, env.body, MODEL, LAYERS)
+    a = protocol.parse_assign(env.round, env.body, FINGERPRINT, LAYERS)
     expect = assign_expect([a.ranks[j] for j in range(a.cut)])
     decode_state(a.adapter, expect={n: list(s) for n, s in expect.items()})
     return a
@@ -430,7 +432,7 @@ class Fuzzer:
             profile.update(emulated=True, uplink_mbps=20.0, downlink_mbps=50.0, rtt_ms=30.0, usable_mb=2800,
                            throughput_gflops=120.0)  # fmt: skip
         body = {"profile": profile, "data_samples": self.rng.randint(1, 10**5), "data_tokens": self.rng.randint(1, 10**8),
-                "model": MODEL, "version": "0.1.0"}  # fmt: skip
+                "model": MODEL, "version": "0.1.0", "fingerprint": FINGERPRINT}  # fmt: skip
         return body, None
 
     def body_status(self) -> tuple[dict[str, Any], Any]:
@@ -445,6 +447,7 @@ class Fuzzer:
         state = {n: self.randn(*s) for n, s in assign_expect(ranks).items()}
         body = {
             "model": MODEL,
+            "fingerprint": FINGERPRINT,
             "cut": cut,
             "ranks": ranks,
             "lora": {"r": 8, "r_cut": 4, "alpha_per_rank": 2.0, "dropout": 0.0},
@@ -461,7 +464,9 @@ class Fuzzer:
         return body, None
 
     def body_notice(self) -> tuple[dict[str, Any], Any]:
-        return notice_body(self.rng.choice(["dropped", "refused"]), "late " * self.rng.randint(0, 150)), None
+        event = self.rng.choice(["dropped", "refused", "not_admitted"])
+        cause = self.rng.choice(["model", "data"]) if event == "not_admitted" else None
+        return notice_body(event, "late " * self.rng.randint(0, 150), cause), None
 
     def body_round(self) -> tuple[dict[str, Any], Any]:
         return self.rng.choice([{"event": "start", "agents": list(AGENTS)}, {"event": "done"}]), None
@@ -943,12 +948,15 @@ RANGE: dict[str, list[tuple[Any, ...]]] = {
         (("profile", "class"), {"k": 1}),
         (("profile", "class"), b"\x00" * 100),
         (("profile", "load_1m"), NAN),
+        (("fingerprint",), ""),
+        (("usable_samples",), -1),
+        (("usable_samples",), 1.5),
     ],
     "status": [(("state",), "busy"), (("state",), ""), (("state",), "ONLINE")],
     "coordinator_status": [(("state",), "busy"), (("state",), "")],
     "notice": [(("event",), "kicked"), (("event",), "")],
     "assign": [
-        (("model",), "other-model"),
+        (("fingerprint",), "fedcba9876543210"),  # another model (its name may differ: paths do)
         (("cut",), 0),
         (("cut",), LAYERS),
         (("cut",), -1),

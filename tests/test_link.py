@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import aiomqtt
@@ -42,7 +43,10 @@ async def test_small_and_chunked_messages(broker: Broker) -> None:
         assert not coord.rejected
 
 
-async def test_garbage_wrong_sender_and_duplicates_are_counted(broker: Broker) -> None:
+async def test_garbage_wrong_sender_and_duplicates_are_counted(
+    broker: Broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="splitft.shared.link")
     async with Link(settings(broker), TOPICS, "coordinator", [TOPICS.all_agents("act")]) as coord:
         async with aiomqtt.Client(broker.host, broker.port) as raw:
             topic = TOPICS.agent("a1", "act")
@@ -60,6 +64,10 @@ async def test_garbage_wrong_sender_and_duplicates_are_counted(broker: Broker) -
         with pytest.raises(TimeoutError):
             await coord.receive(timeout=0.5)
         assert coord.rejected == {"bad_compression": 1, "wrong_sender": 1, "wrong_job": 1, "duplicate": 1}
+        # A duplicate is normal (a redelivery, a retained status seen again): counted, logged, not a warning.
+        warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warned) == 3 and not any("duplicate" in m for m in warned), warned
+        assert any("duplicate" in r.getMessage() for r in caplog.records if r.levelno == logging.INFO)
 
 
 async def test_reconnects_after_broker_restart(tmp_path: Path) -> None:

@@ -186,10 +186,10 @@ def test_sequences_longer_than_the_positions_are_refused() -> None:
     with pytest.raises(ConfigError, match="max_length 65 exceeds the model's 64 positions"):
         check_max_length(config, 65)
     body = {
-        "model": "m", "cut": 1, "ranks": [8], "lora": {}, "adapter": {}, "local_steps": 1, "batch_size": 1,
+        "model": "m", "fingerprint": "m1", "cut": 1, "ranks": [8], "lora": {}, "adapter": {}, "local_steps": 1, "batch_size": 1,
         "max_length": 65, "optimizer": {}, "wire_dtype": "fp16", "adapter_wire_dtype": "fp32",
         "step_timeout_s": 10.0, "seed": 0,
     }  # fmt: skip
     with pytest.raises(WireError, match="exceeds the model's 64 positions"):
-        parse_assign(1, body, "m", 2, max_positions(config))
-    assert parse_assign(1, {**body, "max_length": 64}, "m", 2, 64).max_length == 64
+        parse_assign(1, body, "m1", 2, max_positions(config))
+    assert parse_assign(1, {**body, "max_length": 64}, "m1", 2, 64).max_length == 64

@@ -216,9 +216,14 @@ JOIN_PROFILE = {"cpu_logical": 4, "accelerator": "cpu", "class": "jetson-orin-na
 )
 def test_join_profile_is_flat_and_its_numbers_are_numbers(changes: dict) -> None:  # type: ignore[type-arg]
     """Any value passed: the coordinator's estimates then computed with strings, NaN or infinities."""
-    body = {"profile": JOIN_PROFILE, "data_samples": 3, "data_tokens": 300, "model": "tiny-gpt2", "version": "0.1"}
+    body = {"profile": JOIN_PROFILE, "data_samples": 3, "data_tokens": 300, "model": "tiny-gpt2", "version": "0.1",
+            "fingerprint": "f1", "usable_samples": 2}  # fmt: skip
     join = parse_join(body)
-    assert join == Join(JOIN_PROFILE, 3, 300, "tiny-gpt2", "0.1") and join_body(join) == body
+    assert join == Join(JOIN_PROFILE, 3, 300, "tiny-gpt2", "0.1", "f1", 2) and join_body(join) == body
+    for bad in ({"usable_samples": 4}, {"usable_samples": -1}, {"fingerprint": ""}, {"fingerprint": 3}):
+        with pytest.raises(WireError) as info:
+            parse_join({**body, **bad})
+        assert info.value.reason == "bad_schema"
     with pytest.raises(WireError) as info:
         parse_join({**body, "profile": {**JOIN_PROFILE, **changes}})
     assert info.value.reason == "bad_schema" and "profile" in info.value.detail
@@ -227,14 +232,14 @@ def test_join_profile_is_flat_and_its_numbers_are_numbers(changes: dict) -> None
 def test_an_assignment_survives_the_wire() -> None:
     """assign_body and parse_assign are inverse, custom LoRA targets, defense and U layout included."""
     sent = Assignment(
-        round=3, model="tiny-gpt2", cut=2, ranks={0: 4, 1: 8, 11: 4}, corr="sid:3:2", attempt=2,
+        round=3, model="tiny-gpt2", fingerprint="f1", cut=2, ranks={0: 4, 1: 8, 11: 4}, corr="sid:3:2", attempt=2,
         lora=LoraSettings(r=8, r_cut=4, targets=("c_attn",)), adapter={"x": b"1"}, local_steps=2, batch_size=3,
         max_length=64, optimizer=OptimizerSettings(name="sgd", lr=0.5, momentum=0.9), wire_dtype="fp16",
         adapter_wire_dtype="fp32", step_timeout_s=30.0, seed=5, split="u", tail=1, report_loss=False,
         defense=DefenseSettings(clip=2.0, noise=0.1),
     )  # fmt: skip
     body = msgpack.unpackb(msgpack.packb(assign_body(sent)))
-    assert parse_assign(3, body, "tiny-gpt2", 12, corr="sid:3:2") == sent
+    assert parse_assign(3, body, "f1", 12, corr="sid:3:2") == sent
     with pytest.raises(WireError) as info:
-        parse_assign(3, body, "other-model", 12)
-    assert info.value.reason == "bad_schema" and "this agent runs 'other-model'" in info.value.detail
+        parse_assign(3, body, "f2", 12)  # another model, wherever it is kept
+    assert info.value.reason == "bad_schema" and "this agent's model has fingerprint f2" in info.value.detail

@@ -215,7 +215,7 @@ def test_u_split_messages_are_checked() -> None:
 
 def assignment(**changes: Any) -> dict[str, Any]:
     body: dict[str, Any] = {
-        "model": "tiny-gpt2", "cut": 2, "split": "u", "tail": 1, "ranks": [8, 8, 8], "lora": {"r": 8, "r_cut": 8},
+        "model": "tiny-gpt2", "fingerprint": "f1", "cut": 2, "split": "u", "tail": 1, "ranks": [8, 8, 8], "lora": {"r": 8, "r_cut": 8},
         "adapter": {}, "local_steps": 1, "batch_size": 2, "max_length": 64, "optimizer": {"name": "sgd", "lr": 0.1},
         "wire_dtype": "fp16", "adapter_wire_dtype": "fp32", "step_timeout_s": 10.0, "seed": 0,
         "defense": {"clip": 2.0, "noise": 0.5},
@@ -224,7 +224,7 @@ def assignment(**changes: Any) -> dict[str, Any]:
 
 
 def test_u_assignment_is_checked() -> None:
-    a = parse_assign(1, assignment(), "tiny-gpt2", 12)
+    a = parse_assign(1, assignment(), "f1", 12)
     assert a.u_split and a.tail == 1 and a.ranks == {0: 8, 1: 8, 11: 8}
     assert a.defense == DefenseSettings(noise=0.5, clip=2.0)
     for changes, match in [
@@ -237,7 +237,7 @@ def test_u_assignment_is_checked() -> None:
         ({"defense": {"unknown": 1}}, "assignment settings"),
     ]:
         with pytest.raises(WireError, match=match):
-            parse_assign(1, assignment(**changes), "tiny-gpt2", 12)
+            parse_assign(1, assignment(**changes), "f1", 12)
 
 
 def test_agent_sends_defended_activations() -> None:
