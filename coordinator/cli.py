@@ -462,8 +462,11 @@ def run(
         raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
     from splitft.coordinator.report import plot_run
 
-    plot = plot_run(out / "metrics.jsonl", out / "run.png", title=f"SplitFT run: {spec.job}")
-    console.print(f"adapter: {summary['adapter']}\nmetrics: {summary['metrics']}\nplot:    {plot}")
+    metrics = Path(summary["metrics"])
+    lines = [f"adapter: {summary['adapter']}", f"metrics: {metrics}"]
+    if metrics.is_file():
+        lines.append(f"plot:    {plot_run(metrics, out / 'run.png', title=f'SplitFT run: {spec.job}')}")
+    console.print("\n".join(lines))
 
 
 @app.command()
