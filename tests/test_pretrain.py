@@ -99,7 +99,7 @@ def test_pretrain_saves_a_loadable_deterministic_cached_base(
     def no_training(*args: object, **kwargs: object) -> None:
         raise AssertionError("retrained despite the cache")
 
-    monkeypatch.setattr(pb, "pretrain", no_training)
+    monkeypatch.setattr(pb.train, "pretrain", no_training)  # where build_base looks it up
     logged.clear()
     assert pb.build_base(settings, log=logged.append) == out
     assert logged == [f"cached: {out}"]
