@@ -765,8 +765,16 @@ def audit(
     console.print(f"table {out / 'audit.md'}, numbers {out / 'audit.json'}, plot {out / 'audit.png'}")
 
 
+@app.callback()
+def _root(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more: every message refused, and why.")] = False,
+) -> None:
+    """SplitFT coordinator: runs the server segment of a split model and coordinates the edge agents."""
+    logging.getLogger().setLevel(logging.INFO if verbose else logging.WARNING)
+
+
 def main() -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app()
 
 

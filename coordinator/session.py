@@ -167,7 +167,9 @@ class Session:
 
     def _count_rejection(self, reason: Refusal, agent: str, detail: str) -> None:
         self.rejected_bodies[reason] = self.rejected_bodies.get(reason, 0) + 1
-        log.warning("rejected a message from %s: %s (%s)", agent, reason, detail)
+        # A message for no current assignment is usually late (after a retry or a restart): counted, not alarming.
+        level = logging.INFO if reason == Refusal.UNEXPECTED else logging.WARNING
+        log.log(level, "rejected a message from %s: %s (%s)", agent, reason, detail)
 
     def _agent_joined(self, name: str, sid: str, join: Join) -> None:
         refusal = self._refusal(join)

@@ -15,7 +15,7 @@ import math
 import time
 from typing import Any
 
-from splitft.shared.errors import WireError
+from splitft.shared.errors import Refusal, WireError
 from splitft.shared.link import Received
 from splitft.shared.protocol import (
     GRAD,
@@ -114,20 +114,27 @@ class StepExchange(Session):
             if self._is_repeat(item, plans, round_):
                 continue
             if plan is None or plan.dropped is not None or env.round != round_ or env.corr != plan.corr:
-                log.info("ignoring %s from %s of another assignment (%s)", item.topic.kind, name, env.corr)
+                self._count_rejection(Refusal.UNEXPECTED, name, f"{item.topic.kind} of another assignment ({env.corr})")
                 continue
             if env.step < step or (env.step == step and name not in pending):
-                log.info("ignoring a stale %s from %s (round %d step %d)", item.topic.kind, name, env.round, env.step)
+                self._count_rejection(
+                    Refusal.UNEXPECTED, name, f"a stale {item.topic.kind} (round {env.round} step {env.step})"
+                )
                 continue
             if env.step > step:
                 early = self._early.setdefault((name, env.step), [])
                 if item.topic.kind == "act" and env.step < job.local_steps and len(early) < 4:  # bounded
                     early.append(item)
+                else:
+                    detail = f"{item.topic.kind} of step {env.step}, beyond what is kept for later steps"
+                    self._count_rejection(Refusal.UNEXPECTED, name, detail)
                 continue
             if item.topic.kind == "tail_grad":
                 done = await self._serve_tail_grad(item, plan, step)
             elif job.u_split and plan.middle is not None:
-                log.info("ignoring activations from %s: step %d is waiting for its tail gradient", name, step)
+                self._count_rejection(
+                    Refusal.UNEXPECTED, name, f"activations while step {step} waits for its tail gradient"
+                )
                 continue
             else:
                 done = await self._serve_act(item, plan, step)
@@ -182,7 +189,9 @@ class StepExchange(Session):
         cut goes down. True when the agent's step is done."""
         assert self.server is not None
         if plan.middle is None or plan.middle[0] != step:
-            log.info("ignoring a tail gradient from %s: no forward pass of step %d waits for it", plan.name, step)
+            self._count_rejection(
+                Refusal.UNEXPECTED, plan.name, f"a tail gradient, but no forward pass of step {step} waits for it"
+            )
             return False
         middle = plan.middle[1]
         try:

@@ -29,7 +29,7 @@ class Uploads(StepExchange):
         env, name = received.envelope, received.envelope.sender
         plan = self._plans.get(name)
         if plan is None or plan.dropped is not None or env.round != self._round_now or env.corr != plan.corr:
-            log.info("ignoring an adapter upload from %s: not of a current assignment", name)
+            self._count_rejection(Refusal.UNEXPECTED, name, f"an adapter upload of no current assignment ({env.corr})")
             return
         if plan.upload is not None:
             return  # a repeat (re-sent after a reconnect)
@@ -54,8 +54,9 @@ class Uploads(StepExchange):
         while True:
             while not self._events.empty():  # activations repeated after a reconnect still get their gradient
                 item = self._events.get_nowait()
-                if isinstance(item, Received):
-                    self._is_repeat(item, plans, round_)
+                if isinstance(item, Received) and not self._is_repeat(item, plans, round_):
+                    detail = f"{item.topic.kind} of step {item.envelope.step} after the round's last step"
+                    self._count_rejection(Refusal.UNEXPECTED, item.envelope.sender, detail)
             for name, plan in plans.items():
                 if plan.dropped is None and plan.upload is None and self._gone(name):
                     self._drop(plan, "went offline before uploading", notify=False)

@@ -67,6 +67,8 @@ class Refusal(StrEnum):
     BAD_DTYPE = "bad_dtype"  # a wire dtype that is unknown or not accepted for this tensor
     BAD_SHAPE = "bad_shape"  # a shape other than the one expected, or out of bounds
     NONFINITE = "nonfinite"  # NaN or Inf
+    # the job's state
+    UNEXPECTED = "unexpected"  # well-formed, but for no current assignment, or a step already served or not begun
     # bugs on the receiving side, counted rather than fatal
     DECODE_ERROR = "decode_error"  # the decoder raised something other than a refusal
     HANDLER_ERROR = "handler_error"  # handling an accepted message raised

@@ -104,6 +104,20 @@ def test_verify_split_reports_a_corrupted_wire(monkeypatch: pytest.MonkeyPatch) 
     assert "MISMATCH" in result.output
 
 
+def test_coordinator_verbose_logs_every_refusal() -> None:
+    """`splitft-coordinator --verbose` logs at INFO (refusals of late messages among them); without it, WARNING."""
+    import logging
+
+    root = logging.getLogger()
+    try:
+        assert runner.invoke(app, ["--verbose", "inspect", "--model", "tiny-gpt2", "--cut", "1"]).exit_code == 0
+        assert root.level == logging.INFO
+        assert runner.invoke(app, ["inspect", "--model", "tiny-gpt2", "--cut", "1"]).exit_code == 0
+        assert root.level == logging.WARNING
+    finally:
+        root.setLevel(logging.WARNING)
+
+
 def test_console_scripts_are_installed() -> None:
     for script in ("splitft-coordinator", "splitft-agent"):
         path = Path(sys.executable).parent / script  # installed beside the interpreter running the tests

@@ -251,6 +251,8 @@ async def test_garbage_on_activation_and_adapter_topics_is_rejected(broker: Brok
     assert all(a["dropped"] is None for m in metrics[1:] for a in m["agents"].values())
     rejected = metrics[-1]["rejected"]
     assert rejected["bad_compression"] > 0 and rejected["wrong_sender"] > 0 and rejected["too_large"] > 0
+    # Well-formed, but of no assignment (no corr): counted too, not dropped unseen.
+    assert rejected["unexpected"] >= 2
     assert sum(rejected.values()) >= 50  # most of the flood arrived while the job ran, all of it refused
     assert sent == 50 * 2 * len(payloads)
 
