@@ -34,8 +34,11 @@ KEEP = 3  # checkpoints kept; older ones are removed
 
 def state_digest(server: ServerModel) -> str:
     """SHA-256 of the global adapters and the optimiser state, as they are in memory now."""
-    adapters = lora_state(server.segment.peft_model)
     tensors, scalars, groups = _flatten(server.optimizer.state_dict())
+    return _digest(lora_state(server.segment.peft_model), tensors, scalars, groups)
+
+
+def _digest(adapters: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], scalars: Any, groups: Any) -> str:
     h = hashlib.sha256()
     for prefix, named in (("adapter", adapters), ("optimizer", tensors)):
         for name in sorted(named):
@@ -89,6 +92,24 @@ def read_state(folder: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or "round" not in state:
         raise ConfigError(f"checkpoint {folder} has no round")
     return state
+
+
+def verify_checkpoint(folder: Path) -> str:
+    """Check a checkpoint's files against its state digest, without a model (before anything connects);
+    returns the digest. A ConfigError says the checkpoint is damaged."""
+    state = read_state(folder)
+    try:
+        adapters = load_file(folder / "adapter.safetensors")
+        tensors = load_file(folder / "optimizer.safetensors")
+        digest = _digest(adapters, tensors, state["optimizer_scalars"], state["optimizer_groups"])
+    except Exception as exc:  # a missing file or field, or safetensors' own error on a damaged header
+        raise ConfigError(f"checkpoint {folder} is damaged: {type(exc).__name__}: {exc}") from exc
+    if digest != state.get("state_digest"):
+        raise ConfigError(
+            f"checkpoint {folder} is damaged: its files do not reproduce its state digest (a flipped or lost "
+            "byte); remove it to resume from the one before"
+        )
+    return digest
 
 
 def load_checkpoint(folder: Path, server: ServerModel) -> dict[str, Any]:

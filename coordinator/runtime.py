@@ -55,7 +55,7 @@ from splitft.shared.protocol import (
 from splitft.shared.text import GSM8K, load_tokenizer
 from splitft.shared.topics import COORDINATOR
 
-from .checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint, verify_checkpoint
 from .controller import Controller
 from .estimates import FleetEstimates
 from .rounds import Rounds
@@ -71,6 +71,8 @@ class Coordinator(Rounds):
     # ------------------------------------------------------------------ main
 
     async def run(self) -> dict[str, Any]:
+        if self.resume and (checkpoint := latest_checkpoint(self.out / "checkpoints")) is not None:
+            verify_checkpoint(checkpoint)  # a damaged checkpoint is refused now, not after the agents joined
         self.out.mkdir(parents=True, exist_ok=True)
         subscriptions = [self.topics.all_agents(k) for k in ("status", "join", "act", "tail_grad", "adapter")]
         will = (self.topics.coordinator_status(), {"state": "offline", "role": COORDINATOR})

@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from splitft.coordinator.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from splitft.coordinator.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    read_state,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from splitft.coordinator.server import ServerModel
 from splitft.shared.config import JobConfig
 from splitft.shared.errors import ConfigError
@@ -69,3 +75,23 @@ def test_checkpoint_of_another_layout_is_refused(tmp_path: Path) -> None:
     other = ServerModel(JobConfig(model="tiny-gpt2", cut=5), [5])
     with pytest.raises(ConfigError, match="block ranks"):
         load_checkpoint(folder, other)
+
+
+def damaged_checkpoint(root: Path) -> Path:
+    """A real checkpoint with one byte of its adapter weights flipped."""
+    folder = save_checkpoint(root, 1, trained_server(JobConfig(model="tiny-gpt2", cut=2), steps=2), {})
+    assert verify_checkpoint(folder) == read_state(folder)["state_digest"]  # intact: its files reproduce it
+    path = folder / "adapter.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0x01
+    path.write_bytes(bytes(data))
+    return folder
+
+
+def test_a_damaged_checkpoint_is_found_from_its_files(tmp_path: Path) -> None:
+    folder = damaged_checkpoint(tmp_path)
+    with pytest.raises(ConfigError, match="damaged: its files do not reproduce its state digest"):
+        verify_checkpoint(folder)
+    (folder / "optimizer.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ConfigError, match="is damaged"):
+        verify_checkpoint(folder)

@@ -353,6 +353,16 @@ def test_model_folders_are_checked_before_use(tmp_path: Path, no_connect: None) 
         assert_error(runner.invoke(agent_app, args), ExitCode.MODEL, *names)
 
 
+def test_resume_refuses_a_damaged_checkpoint_before_connecting(tmp_path: Path, no_connect: None) -> None:
+    """One flipped byte: `run --resume` waited for the agents and only then exited 3; now at once."""
+    from test_checkpoint import damaged_checkpoint
+
+    out = tmp_path / "out"
+    damaged_checkpoint(out / "checkpoints")
+    result = _run(tmp_path, "--out", str(out), "--resume")
+    assert_error(result, ExitCode.CONFIG, "round-00001", "is damaged")
+
+
 def test_run_refuses_bad_files_and_flags_and_writes_nothing(tmp_path: Path, no_connect: None) -> None:
     out = tmp_path / "out"
     result = _run(tmp_path, "--out", str(out), "--config", str(tmp_path / "nope.toml"))
