@@ -210,6 +210,8 @@ rtt_ms = 20.0
         ("data missing", ExitCode.DATA, ["missing.jsonl"]),
         ("data is a folder", ExitCode.DATA, ["is a folder", "--data"]),
         ("data malformed", ExitCode.DATA, ["bad.jsonl:2", "malformed JSON"]),
+        ("data is a JSON array", ExitCode.DATA, ["array.json", "holds a JSON array", "(JSONL)"]),
+        ("data with other field names", ExitCode.DATA, ["fields.jsonl:1", "--prompt-field and --response-field"]),
         ("model folder missing", ExitCode.MODEL, ["no-model"]),
         ("model folder without config.json", ExitCode.MODEL, ["empty-model", "config.json"]),
         ("unknown emulated device", ExitCode.CONFIG, ["--emulate", "no-such-device", "jetson-nano"]),
@@ -240,6 +242,12 @@ def test_agent_refuses_bad_input_before_connecting(
             options["--data"] = str(tmp_path)
         case "data malformed":
             options["--data"] = str(tmp_path / "bad.jsonl")
+        case "data is a JSON array":
+            options["--data"] = str(tmp_path / "array.json")
+            (tmp_path / "array.json").write_text('[{"prompt": "a", "response": "b"}]')
+        case "data with other field names":
+            options["--data"] = str(tmp_path / "fields.jsonl")
+            (tmp_path / "fields.jsonl").write_text('{"text": "a", "label": "b"}\n')
         case "model folder missing":
             options["--model"] = str(tmp_path / "no-model")
         case "model folder without config.json":
