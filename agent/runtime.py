@@ -308,6 +308,9 @@ class Agent:
         load_lora_state(segment.peft_model, {n: t.to(segment.device) for n, t in state.items()})
         optimizer = a.optimizer.build(segment.lora_parameters().values())
         batches = self._batches_for(a)
+        # The batches of (round, step) are a function of the seed and this agent's name alone: a round that
+        # runs again (a retry, a resumed coordinator) trains on the same data, and two runs on the same data.
+        batches.seek((a.round - 1) * a.local_steps)
         totals: dict[str, float] = {}
         timings: dict[str, float] = {}
         tokens, losses = 0, []

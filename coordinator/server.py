@@ -142,6 +142,9 @@ class ServerModel:
         self.optimizer = job.optimizer.build(self.params.values())
         self._blocks = {name: block_of(name) for name in self.params}
         self._step_tokens: Counter[int] = Counter()  # block -> tokens it served this step
+        # agent -> its LoRA gradients this step, summed in agent order at the step's end: the step does not
+        # depend on the order the devices' batches arrived in (floating-point sums are not associative)
+        self._step_grads: dict[str, dict[str, torch.Tensor]] = {}
         self.round_tokens: Counter[int] = Counter()  # block -> tokens it served this round
 
     # ------------------------------------------------------------------ adapters
@@ -172,14 +175,23 @@ class ServerModel:
 
     # ------------------------------------------------------------------ training
 
-    def train_on(self, cut: int, act: Activations) -> StepResult:
-        """Forward and backward one device's batch from block ``cut``; gradients accumulate."""
+    def _stash(self, agent: str) -> None:
+        """Move the gradients of the backward pass just done into ``agent``'s share of the step."""
+        grads = self._step_grads.setdefault(agent, {})
+        for name, p in self.params.items():
+            if p.grad is not None:
+                grads[name] = grads[name] + p.grad if name in grads else p.grad
+                p.grad = None
+
+    def train_on(self, cut: int, act: Activations, agent: str = "") -> StepResult:
+        """Forward and backward one device's batch from block ``cut``; its gradients join ``agent``'s share."""
         if act.labels is None:
             raise ValueError("a two-part step needs the batch's labels")
         self.segment.train()
         hidden = act.hidden.to(self.device).requires_grad_()  # (B, T, C)
         result = self.segment.target_loss(hidden, act.attention_mask.to(self.device), act.labels.to(self.device), cut)
         result.loss_sum.backward()
+        self._stash(agent)
         tokens, correct, loss_sum = result.tokens, result.correct, result.loss_sum
         for block in range(cut, self.num_layers):
             self._step_tokens[block] += tokens
@@ -195,13 +207,14 @@ class ServerModel:
         top = self.segment(hidden, mask, start=cut, stop=tail_start, with_head=False)  # (B, T, C)
         return MiddleStep(cut, tail_start, hidden, top, int(act.lengths.sum()))
 
-    def backward_middle(self, step: MiddleStep, tail_grad: torch.Tensor) -> torch.Tensor:
+    def backward_middle(self, step: MiddleStep, tail_grad: torch.Tensor, agent: str = "") -> torch.Tensor:
         """U split: the device's d(mean loss)/d(top) in, d(mean loss)/d(activations at the cut) out.
 
         The server's LoRA gradients accumulate ``tokens x`` the device's, so that :meth:`finish_step`'s
         division by the step's tokens makes them the token-weighted mean over devices.
         """
         step.top.backward(tail_grad.to(self.device) * step.tokens)
+        self._stash(agent)
         for block in range(step.cut, step.tail_start):
             self._step_tokens[block] += step.tokens
         assert step.hidden.grad is not None
@@ -226,12 +239,22 @@ class ServerModel:
         return ServerEstimate(block_s=block, head_s=max(times[deepest] - block, 0.0))
 
     def finish_step(self) -> None:
-        """One optimiser step of the server's copy, each block's gradient a mean over its tokens."""
+        """One optimiser step of the server's copy, each block's gradient a mean over its tokens; the devices'
+        shares are summed in the order of their names, whatever order they arrived in."""
         with torch.no_grad():
+            shares = [grads for _, grads in sorted(self._step_grads.items())]
             for name, p in self.params.items():
+                parts = [grads[name] for grads in shares if name in grads]
+                if not parts:
+                    continue
+                total = parts[0].clone()
+                for part in parts[1:]:
+                    total += part
                 tokens = self._step_tokens.get(self._blocks[name], 0)
-                if p.grad is not None and tokens > 0:
-                    p.grad /= tokens
+                if tokens > 0:
+                    total /= tokens
+                p.grad = total
+        self._step_grads.clear()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.round_tokens.update(self._step_tokens)
@@ -253,6 +276,7 @@ class ServerModel:
         """Drop the gradients of an unfinished step (e.g. the coordinator is stopping)."""
         self.optimizer.zero_grad(set_to_none=True)
         self._step_tokens.clear()
+        self._step_grads.clear()
 
     # ------------------------------------------------------------------ evaluation and export
 

@@ -163,7 +163,7 @@ class StepExchange(Session):
             if job.u_split:
                 middle = await self._compute(server.forward_middle, plan.cut, server.num_layers - plan.tail, act)
             else:
-                result = await self._compute(server.train_on, plan.cut, act)
+                result = await self._compute(server.train_on, plan.cut, act, name)
         except RuntimeError as exc:  # e.g. out of memory on this batch: lose the agent's round, not the job
             log.exception("server step for %s failed", name)
             self._drop(plan, f"the server could not process its batch ({exc})")
@@ -202,7 +202,7 @@ class StepExchange(Session):
         plan.bytes_up += item.size
         t0 = time.perf_counter()
         try:
-            grad = await self._compute(self.server.backward_middle, middle, tail_grad)
+            grad = await self._compute(self.server.backward_middle, middle, tail_grad, plan.name)
         except RuntimeError as exc:
             log.exception("server backward for %s failed", plan.name)
             self._drop(plan, f"the server could not process its batch ({exc})")

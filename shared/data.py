@@ -237,6 +237,15 @@ class Batches:
         """Where the stream stands, for :meth:`restore`."""
         return {"epoch": self._epoch, "position": self._position}
 
+    def seek(self, index: int) -> None:
+        """Go to batch number ``index`` of the stream (0: the first): where it stands after ``index`` batches."""
+        if index < 0:
+            raise ConfigError(f"batch index must be >= 0, got {index}")
+        epoch, position = divmod(index * self.batch_size, len(self.examples))
+        if epoch != self._epoch:
+            self._order = self._permutation(epoch)
+        self._epoch, self._position = epoch, position
+
     def restore(self, state: Mapping[str, object]) -> None:
         """Continue from a :meth:`state` of a stream over the same examples and seed."""
         epoch, position = state.get("epoch"), state.get("position")

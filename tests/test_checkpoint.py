@@ -95,3 +95,21 @@ def test_a_damaged_checkpoint_is_found_from_its_files(tmp_path: Path) -> None:
     (folder / "optimizer.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(ConfigError, match="is damaged"):
         verify_checkpoint(folder)
+
+
+def test_a_server_step_does_not_depend_on_the_order_the_batches_arrived_in() -> None:
+    """Three devices' batches in two arrival orders: the same adapters and optimiser state, bit for bit."""
+    gen = torch.Generator().manual_seed(4)
+    batches = {
+        name: Activations(torch.randn(2, 9, 128, generator=gen), torch.randint(0, 50257, (2, 9), generator=gen),
+                          torch.tensor([9, 6]), {})
+        for name in ("a1", "a2", "a3")
+    }  # fmt: skip
+    states = []
+    for order in (("a1", "a2", "a3"), ("a3", "a1", "a2")):
+        server = ServerModel(JobConfig(model="tiny-gpt2", cut=2), [2])
+        for name in order:
+            server.train_on(2, batches[name], name)
+        server.finish_step()
+        states.append(lora_state(server.segment.peft_model))
+    assert all(torch.equal(states[0][n], states[1][n]) for n in states[0])

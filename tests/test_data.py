@@ -290,3 +290,16 @@ def test_config_errors(tmp_path: Path, tokenizer: PreTrainedTokenizerBase) -> No
     with pytest.raises(ConfigError, match="prefix"):
         write_shards(PAIRS, 2, tmp_path / "s", prefix="a/b")
     assert not (tmp_path / "s").exists()  # argument errors are raised before anything is written
+
+
+def test_batches_seek_lands_where_the_stream_would_be() -> None:
+    """Batch ``i`` of a stream is a function of the seed and ``i``: a round that runs again sees the same data."""
+    for batch_size in (1, 2, 3, 7, 9):  # dividing the 7 examples, not dividing them, larger than an epoch
+        stream = Batches(examples_of(7), batch_size, pad_id=0, seed=3)
+        seen = [stream.next()[0] for _ in range(12)]
+        for index in (0, 1, 5, 11, 3):
+            jumped = Batches(examples_of(7), batch_size, pad_id=0, seed=3)
+            jumped.seek(index)
+            assert torch.equal(jumped.next()[0], seen[index]), (batch_size, index)
+    with pytest.raises(ConfigError, match="batch index"):
+        stream.seek(-1)

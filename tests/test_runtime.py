@@ -38,11 +38,16 @@ def shards(tmp_path: Path, n: int = 3, samples: int = 48) -> dict[str, Path]:
 
 
 async def run_job(
-    broker: Broker, out: Path, job: JobConfig, data: dict[str, Path], emulate: dict[str, Path] | None = None
+    broker: Broker,
+    out: Path,
+    job: JobConfig,
+    data: dict[str, Path],
+    emulate: dict[str, Path] | None = None,
+    resume: bool = False,
 ) -> Coordinator:
     """Run ``job`` to the end: a coordinator and one in-process agent per data shard (emulating a profile)."""
     settings = BrokerSettings(url=broker.url)
-    coordinator = Coordinator(job, settings, out)
+    coordinator = Coordinator(job, settings, out, resume=resume)
     agents = [
         Agent(
             AgentSettings(name, job.job, job.model, path, emulate=str((emulate or {})[name]) if emulate else None),
@@ -58,7 +63,7 @@ async def run_job(
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-    assert all(a.rounds_done == job.rounds for a in agents)
+    assert all(a.rounds_done == job.rounds for a in agents) or resume
     return coordinator
 
 
@@ -132,6 +137,35 @@ async def test_custom_lora_targets_train_end_to_end(broker: Broker, tmp_path: Pa
     assert [m["round"] for m in read_metrics(out)] == [0, 1, 2, 3]
     exported = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert set(exported["target_modules"]) == {"c_fc"}
+
+
+async def test_runs_are_reproducible_and_a_resume_is_bit_for_bit(broker: Broker, tmp_path: Path) -> None:
+    """Two runs of one job give the same adapters bit for bit, and so does a run resumed from a checkpoint:
+    the server sums the devices' gradients in the order of their names, not of their arrival, and each
+    device's batches are a function of (seed, device, round, step). AdamW, three devices at three cuts."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # bit for bit on CPU: the same reduction order inside each kernel
+    try:
+        job = replace(small_job("repro", rounds=3), optimizer=OptimizerSettings(name="adamw", lr=3e-3))
+        data = shards(tmp_path)
+        runs = []
+        for name in ("first", "second"):
+            coordinator = await run_job(broker, tmp_path / name, job, data)
+            assert coordinator.server is not None
+            runs.append(lora_state(coordinator.server.segment.peft_model))
+        await run_job(broker, tmp_path / "resumed", replace(job, rounds=2), data)  # stopped after round 2 ...
+        coordinator = await run_job(broker, tmp_path / "resumed", job, data, resume=True)  # ... then resumed
+        assert coordinator.server is not None
+        runs.append(lora_state(coordinator.server.segment.peft_model))
+    finally:
+        torch.set_num_threads(threads)
+    first, second, resumed = runs
+    assert all(t.abs().max() > 0 for n, t in first.items() if "lora_B" in n)  # trained, on every block
+    for other, what in ((second, "a second run"), (resumed, "the resumed run")):
+        differ = [n for n in first if not torch.equal(first[n], other[n])]
+        assert not differ, f"{what}: {len(differ)} of {len(first)} tensors differ, e.g. {differ[:3]}"
+    metrics = [read_metrics(tmp_path / name)[-1] for name in ("first", "resumed")]
+    assert metrics[0]["eval_loss"] == metrics[1]["eval_loss"] and metrics[1]["round"] == 3
 
 
 def equivalence_job(name: str) -> JobConfig:
