@@ -526,12 +526,11 @@ class Agent:
         return self._examples[max_length]
 
     def _batches_for(self, a: Assignment) -> Batches:
-        self._examples_at(a.max_length)
         key = (a.max_length, a.batch_size, a.seed)
         if key not in self._batches:
             pad = int(self.tokenizer.pad_token_id)
             seed = batch_seed(a.seed, self.name)
-            self._batches[key] = Batches(self._examples[a.max_length], a.batch_size, pad, seed=seed)
+            self._batches[key] = Batches(self._examples_at(a.max_length), a.batch_size, pad, seed=seed)
         return self._batches[key]
 
 

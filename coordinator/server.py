@@ -247,7 +247,7 @@ class ServerModel:
                 parts = [grads[name] for grads in shares if name in grads]
                 if not parts:
                     continue
-                total = parts[0].clone()
+                total = parts[0]  # the step's own tensor (moved out of p.grad), cleared below
                 for part in parts[1:]:
                     total += part
                 tokens = self._step_tokens.get(self._blocks[name], 0)

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import torch
 
 from splitft.shared.config import JobConfig
-from splitft.shared.errors import JobError, Refusal
+from splitft.shared.errors import ROUTINE_REFUSALS, JobError, Refusal
 from splitft.shared.link import BrokerSettings, Link, Received
 from splitft.shared.models import model_fingerprint
 from splitft.shared.protocol import (
@@ -167,8 +167,7 @@ class Session:
 
     def _count_rejection(self, reason: Refusal, agent: str, detail: str) -> None:
         self.rejected_bodies[reason] = self.rejected_bodies.get(reason, 0) + 1
-        # A message for no current assignment is usually late (after a retry or a restart): counted, not alarming.
-        level = logging.INFO if reason == Refusal.UNEXPECTED else logging.WARNING
+        level = logging.INFO if reason in ROUTINE_REFUSALS else logging.WARNING
         log.log(level, "rejected a message from %s: %s (%s)", agent, reason, detail)
 
     def _agent_joined(self, name: str, sid: str, join: Join) -> None:

@@ -74,6 +74,11 @@ class Refusal(StrEnum):
     HANDLER_ERROR = "handler_error"  # handling an accepted message raised
 
 
+#: refusals that happen in a healthy job, counted and logged at INFO rather than as warnings: duplicates (QoS 1
+#: redeliveries, a retained status delivered again on a resubscribe) and late messages (after a retry or a restart)
+ROUTINE_REFUSALS = frozenset({Refusal.DUPLICATE, Refusal.UNEXPECTED})
+
+
 class WireError(SplitFTError):
     """Data received from the network was refused: ``reason`` says why (a :class:`Refusal`, suitable as a
     counter key), ``detail`` what exactly was wrong."""

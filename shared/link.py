@@ -31,7 +31,7 @@ import aiomqtt
 from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
 
 from .codec import Limits
-from .errors import ConfigError, LinkError, Refusal, WireError
+from .errors import ROUTINE_REFUSALS, ConfigError, LinkError, Refusal, WireError
 from .protocol import (
     CHUNK,
     MIN_KEY_BYTES,
@@ -236,7 +236,7 @@ class Link:
             await group.__aexit__(type(cancelled) if cancelled else None, cancelled, None)
         except BaseExceptionGroup as failed:
             cause = failed.exceptions[0]
-            raise LinkError(f"the MQTT link of {self.name} failed: {type(cause).__name__}: {cause}") from cause
+            raise self._failure(cause) from cause
         finally:
             self._task = None
 
@@ -294,8 +294,7 @@ class Link:
         timeout = self.settings.publish_timeout_s + len(payload) / self.settings.min_bandwidth_bytes_s
         deadline = time.monotonic() + self.settings.publish_wait_s
         while True:
-            self._check_alive()
-            try:
+            try:  # a failed link sets `_connected`, so the check below comes at once
                 async with asyncio.timeout(max(deadline - time.monotonic(), 0.01)):
                     await self._connected.wait()
             except TimeoutError as exc:
@@ -327,16 +326,17 @@ class Link:
 
     def _check_alive(self) -> None:
         if self._failed is not None:
-            raise LinkError(f"the MQTT link of {self.name} failed: {self._failed}")
+            raise self._failure(self._failed)
+
+    def _failure(self, cause: BaseException) -> LinkError:
+        return LinkError(f"the MQTT link of {self.name} failed: {type(cause).__name__}: {cause}")
 
     def pending(self) -> int:
         return self._queue.qsize()
 
     def _reject(self, reason: Refusal, topic: str, detail: str) -> None:
         self.rejected[reason] += 1
-        # Duplicates are normal (QoS 1 redeliveries, a retained status delivered again on a resubscribe):
-        # counted, but not a warning.
-        level = logging.INFO if reason == Refusal.DUPLICATE else logging.WARNING
+        level = logging.INFO if reason in ROUTINE_REFUSALS else logging.WARNING
         log.log(level, "%s: rejected a message on %s: %s (%s)", self.name, topic, reason, detail)
 
     def _accept(self, topic_name: str, payload: bytes) -> None:
