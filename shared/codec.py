@@ -243,8 +243,9 @@ def compress(raw: bytes, level: int = 1) -> bytes:
     return zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=True).compress(raw)
 
 
-def unpack(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
-    """Inverse of :func:`pack`, bounded by ``limits`` before any large allocation."""
+def declared_size(data: bytes, limits: Limits = DEFAULT_LIMITS) -> int:
+    """The bytes the zstd frame ``data`` says it decompresses to, read from its header alone (nothing is
+    decompressed), after the checks :func:`unpack` makes first: bytes, within ``limits``, a size declared."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise WireError(Refusal.BAD_SCHEMA, f"payload must be bytes, got {type(data).__name__}")
     if len(data) > limits.max_compressed_bytes:
@@ -258,6 +259,12 @@ def unpack(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
         raise WireError(Refusal.BAD_COMPRESSION, "zstd frame does not declare its content size")
     if declared > limits.max_decoded_bytes:
         raise WireError(Refusal.TOO_LARGE, f"frame declares {declared} bytes > limit {limits.max_decoded_bytes}")
+    return int(declared)
+
+
+def unpack(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
+    """Inverse of :func:`pack`, bounded by ``limits`` before any large allocation."""
+    declared = declared_size(data, limits)
     if declared > _PLAUSIBLE_RATIO * len(data) + _STREAM_STEP:
         _check_expands_to(data, declared)
     try:
