@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from typing import Any
 
 import psutil
@@ -150,7 +151,7 @@ class Rounds(Uploads):
             },
             "bytes_up": sum(p.bytes_up for p in plans.values()),
             "bytes_down": sum(p.bytes_down for p in plans.values()),
-            "rejected": {**dict(link.rejected), **self.rejected_bodies},
+            "rejected": dict(Counter(link.rejected) + Counter(self.rejected_bodies)),  # the link's and the runtime's
             "coordinator_rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1),
         }
         record["step_time_s"] = max(

@@ -77,8 +77,9 @@ class Coordinator(Rounds):
         subscriptions = [self.topics.all_agents(k) for k in ("status", "join", "act", "tail_grad", "adapter")]
         will = (self.topics.coordinator_status(), {"state": "offline", "role": COORDINATOR})
         async with Link(
-            self.broker, self.topics, COORDINATOR, subscriptions, will=will, on_connect=self._announce
-        ) as link:
+            self.broker, self.topics, COORDINATOR, subscriptions, will=will, on_connect=self._announce,
+            expect=self._expect,
+        ) as link:  # fmt: skip
             self._link = link
             await self._announce()
             try:
@@ -125,6 +126,8 @@ class Coordinator(Rounds):
         layouts = [device_layout(total, self.job.cut_of(n), self.job.tail_of(n)) for n in self._online()]
         cuts = state.get("cuts") or sorted({tuple(spec.cuts(total)) for spec in layouts})
         self.server = await self._compute(ServerModel, self.job, cuts, self.device)
+        # What waits for the step loop, per agent: four activation messages (a step ahead, repeats).
+        self._events.per_sender_bytes = 4 * self._act_bytes()
         self.job.check_cuts(self.server.num_layers)
         check_max_length(self.server.segment.config, self.job.max_length)
         if checkpoint is not None:
@@ -194,7 +197,7 @@ class Coordinator(Rounds):
                 elif kind == "join":
                     self._agent_joined(name, env.sid, parse_join(env.body))
                 elif kind in ("act", "tail_grad"):
-                    self._events.put_nowait(received)
+                    self._queue_step_message(received)
                     self._upload_arrived.set()  # wakes the upload wait, which answers repeated activations
                 elif kind == "adapter":
                     self._adapter_arrived(received)

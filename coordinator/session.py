@@ -28,7 +28,8 @@ from splitft.shared.protocol import (
     Join,
     notice_body,
 )
-from splitft.shared.topics import COORDINATOR, Topics
+from splitft.shared.queues import ByteQueue
+from splitft.shared.topics import COORDINATOR, Topic, Topics
 
 from .controller import Controller
 from .estimates import FleetEstimates
@@ -40,6 +41,11 @@ T = TypeVar("T")
 #: progress callback: (event, data) with events "waiting", "admitted", "resumed", "round_start", "step",
 #: "round_retry", "round_end", "done"
 Progress = Callable[[str, dict[str, Any]], None]
+
+#: the most a status or join may decompress to (a join's profile is a few hundred bytes)
+SMALL_MESSAGE_BYTES = 64 << 10
+#: room for the envelope, names and small fields next to the tensors of a message
+ENVELOPE_BYTES = 64 << 10
 
 
 @dataclass
@@ -128,7 +134,8 @@ class Session:
         self.server: ServerModel | None = None
         self.metrics_path = self.out / "metrics.jsonl"
         self.rejected_bodies: dict[str, int] = {}
-        self._events: asyncio.Queue[Received | Offline] = asyncio.Queue()
+        # Messages for the step loop, bounded per agent: a few steps' activations (an agent a step ahead, repeats).
+        self._events: ByteQueue[Received | Offline] = ByteQueue(1 << 30, 1 << 62)  # per agent: set with the server
         # Activations for a later step of this round (an agent ahead of the others), a few per (agent, step).
         self._early: dict[tuple[str, int], list[Received]] = {}
         self._upload_arrived = asyncio.Event()
@@ -152,6 +159,43 @@ class Session:
 
     async def _compute(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # ------------------------------------------------------------------ what the coordinator expects
+
+    def _expect(self, topic: Topic) -> int | None:
+        """The most bytes a message on ``topic`` may decompress to now; None: nothing is expected on it.
+
+        The link asks before it decompresses anything. Anyone may join and report a status (small
+        messages); activations, tail gradients and adapter uploads come only from an agent with a live
+        assignment, at most the size the job's shapes give (fp32, the widest wire dtype)."""
+        if topic.kind in ("status", "join"):
+            return SMALL_MESSAGE_BYTES
+        plan = self._plans.get(topic.agent or "")
+        if plan is None or plan.dropped is not None or self.server is None:
+            return None
+        if topic.kind in ("act", "tail_grad"):
+            return self._act_bytes()
+        if topic.kind == "adapter":
+            return ENVELOPE_BYTES + sum(4 * t.numel() + 256 for t in plan.sent.values())
+        return None
+
+    def _act_bytes(self) -> int:
+        """The most an activation message may decompress to: (B, T, C) fp32 activations, int32 labels."""
+        assert self.server is not None
+        tokens = self.job.batch_size * self.job.max_length
+        return ENVELOPE_BYTES + tokens * (4 * self.server.hidden_size + 8)
+
+    def _queue_step_message(self, received: Received) -> None:
+        """Hand an activation or tail gradient of the current assignment to the step loop, within bounds."""
+        env, name = received.envelope, received.envelope.sender
+        plan = self._plans.get(name)
+        if plan is None or plan.dropped is not None or env.round != self._round_now or env.corr != plan.corr:
+            self._count_rejection(Refusal.UNEXPECTED, name, f"{received.topic.kind} of another assignment ({env.corr})")
+            return
+        if not self._events.offer(name, received, max(received.decoded, 1)):
+            self._count_rejection(
+                Refusal.OVERLOADED, name, f"{self._events.held(name)} bytes of its messages wait for the step loop"
+            )
 
     # ------------------------------------------------------------------ membership
 
@@ -194,7 +238,7 @@ class Session:
         if sid != plan.sid:
             # A new process: whatever the old one did in this round is gone with it.
             self._drop(plan, "restarted during the round", notify=False)
-            self._events.put_nowait(Offline(name))
+            self._events.offer(name, Offline(name), 0)
         elif not plan.started:
             # Reconnected before its first step: the assignment may have been lost with the connection.
             self._spawn(self._publish_plan(plan))
@@ -220,7 +264,7 @@ class Session:
         if info is not None and info.online:
             info.offline_since = time.monotonic()
             log.warning("agent %s went offline", name)
-            self._events.put_nowait(Offline(name))
+            self._events.offer(name, Offline(name), 0)
             self._upload_arrived.set()
 
     def _online(self) -> list[str]:

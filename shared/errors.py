@@ -69,6 +69,9 @@ class Refusal(StrEnum):
     NONFINITE = "nonfinite"  # NaN or Inf
     # the job's state
     UNEXPECTED = "unexpected"  # well-formed, but for no current assignment, or a step already served or not begun
+    # the receiver's bounds
+    OVERLOADED = "overloaded"  # the receiver holds as many bytes from this sender, or from all, as it may
+    INCOMPLETE = "incomplete"  # a chunked message given up: its parts stopped coming, or a newer one took its place
     # bugs on the receiving side, counted rather than fatal
     DECODE_ERROR = "decode_error"  # the decoder raised something other than a refusal
     HANDLER_ERROR = "handler_error"  # handling an accepted message raised

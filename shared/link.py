@@ -4,8 +4,17 @@ A :class:`Link` is an async context manager that owns one background task. That 
 (MQTT v5, or 3.1.1 for brokers that speak nothing newer), subscribes, runs the caller's
 ``on_connect`` hook (publish a status, re-join), then decodes every incoming payload: topic checked,
 envelope checked, the sender of an agent topic must be that agent, chunks reassembled, duplicates
-(QoS 1 redeliveries) dropped. What passes lands in an unbounded queue read with :meth:`receive`;
-what fails is logged with its reason and counted in :attr:`rejected`, and the link carries on.
+(QoS 1 redeliveries) dropped. What passes lands in a queue read with :meth:`receive`; what fails is
+logged with its reason and counted in :attr:`rejected`, and the link carries on.
+
+Hostile traffic must not grow the receiver's memory or stall it. Before anything is decompressed the
+link reads the size the zstd frame declares and asks the owner's ``expect`` hook what the topic may
+carry now: nothing (an agent with no assignment: ``unexpected``) or at most so many bytes (more:
+``too_large``). Decompression and decoding run on a thread of their own, so that a flood of frames
+that are expensive to decode leaves the event loop free for honest agents' messages and deadlines.
+The queue is bounded in bytes per sender and in total (:class:`~splitft.shared.queues.ByteQueue`;
+beyond: ``overloaded``); chunked messages only start for topics that expect that many bytes, are
+bounded in total, and expire on a timer (``incomplete``).
 
 When the connection drops, the task reconnects with capped, jittered exponential backoff and
 subscribes again; :meth:`publish` waits for the connection (up to ``publish_wait_s``) and retries.
@@ -22,6 +31,7 @@ import socket
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +40,7 @@ from urllib.parse import urlparse
 import aiomqtt
 from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
 
-from .codec import Limits
+from .codec import Limits, declared_size
 from .errors import ROUTINE_REFUSALS, ConfigError, LinkError, Refusal, WireError
 from .protocol import (
     CHUNK,
@@ -44,6 +54,7 @@ from .protocol import (
     encode_envelope,
     new_session_id,
 )
+from .queues import ByteQueue
 from .topics import Topic, Topics
 
 log = logging.getLogger(__name__)
@@ -98,6 +109,11 @@ class BrokerSettings:
     min_bandwidth_bytes_s: float = 250_000.0
     max_payload_bytes: int = 1_000_000  # larger payloads are chunked (EMQX's default packet cap is 1 MB)
     reassembly_timeout_s: float = 120.0
+    # Memory bounds of what waits: received messages not yet taken by the runtime (decoded bytes, per sender
+    # and in total; a sender holding nothing may always queue one message), and partial chunked messages.
+    max_queued_bytes_per_sender: int = 64 << 20
+    max_queued_bytes: int = 1 << 30
+    max_reassembly_bytes: int = 512 << 20
     backoff_min_s: float = 0.2
     backoff_max_s: float = 10.0
     limits: Limits = field(default_factory=Limits)
@@ -126,6 +142,11 @@ class BrokerSettings:
             raise ConfigError(f"broker protocol must be one of {sorted(_PROTOCOLS)}, got {self.protocol!r}")
         if self.max_payload_bytes < 4096:
             raise ConfigError(f"max_payload_bytes must be at least 4096, got {self.max_payload_bytes}")
+        for name in ("max_queued_bytes_per_sender", "max_queued_bytes", "max_reassembly_bytes"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 < self.reassembly_timeout_s < 1e6:
+            raise ConfigError(f"reassembly_timeout_s must be positive, got {self.reassembly_timeout_s}")
 
     @property
     def host(self) -> str:
@@ -153,6 +174,12 @@ class Received:
     topic: Topic
     envelope: Envelope
     size: int  # bytes on the wire (all chunks)
+    decoded: int = 0  # bytes it decompressed to (what it holds in memory, about)
+
+
+#: ``expect(topic)``: the most bytes a message on ``topic`` may decompress to now, or None when nothing is
+#: expected on it (refused ``unexpected`` without being decompressed)
+Expect = Callable[[Topic], "int | None"]
 
 
 class Link:
@@ -167,6 +194,7 @@ class Link:
         *,
         will: tuple[str, dict[str, Any]] | None = None,
         on_connect: Callable[[], Awaitable[None]] | None = None,
+        expect: Expect | None = None,
     ) -> None:
         self.settings = settings
         self.topics = topics
@@ -175,20 +203,28 @@ class Link:
         self.subscriptions = list(subscriptions)
         self.will = will
         self.on_connect = on_connect
+        self.expect = expect
         self.rejected: Counter[str] = Counter()
         self.bytes_sent = 0
         self.bytes_received = 0
         self.connects = 0
         self.last_error: str | None = None  # why the latest connection attempt failed or dropped
         self._seq = 0
-        self._queue: asyncio.Queue[Received] = asyncio.Queue()  # unbounded: never drop acknowledged messages
+        self._queue: ByteQueue[Received] = ByteQueue(settings.max_queued_bytes_per_sender, settings.max_queued_bytes)
         self._client: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
         self._group: asyncio.TaskGroup | None = None
         self._task: asyncio.Task[None] | None = None
         self._failed: BaseException | None = None  # what ended the connection task, if it failed
         self._first: asyncio.Future[None] | None = None
-        self._reassembler = Reassembler(settings.limits.max_compressed_bytes, timeout_s=settings.reassembly_timeout_s)
+        self._reassembler = Reassembler(
+            settings.limits.max_compressed_bytes,
+            timeout_s=settings.reassembly_timeout_s,
+            max_total_bytes=settings.max_reassembly_bytes,
+            on_drop=lambda sender, detail: self._reject(Refusal.INCOMPLETE, f"a chunked message of {sender}", detail),
+        )
+        self._decoder: ThreadPoolExecutor | None = None  # decompression and decoding, off the event loop
+        self._expiry: asyncio.Task[None] | None = None
         self._seen: OrderedDict[tuple[str, str, int], None] = OrderedDict()
 
     # ------------------------------------------------------------------ lifecycle
@@ -198,9 +234,11 @@ class Link:
         # that raises), the group cancels the task that entered the link, and leaving the link raises a
         # LinkError naming the failure. Nothing waits on a dead link forever.
         self._first = asyncio.get_running_loop().create_future()
+        self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"splitft-decode-{self.name}")
         self._group = asyncio.TaskGroup()
         await self._group.__aenter__()
         self._task = self._group.create_task(self._run(), name=f"mqtt-link-{self.name}")
+        self._expiry = self._group.create_task(self._expire_chunks(), name=f"mqtt-link-{self.name}-expiry")
         try:
             async with asyncio.timeout(self.settings.connect_timeout_s):
                 await asyncio.shield(self._first)
@@ -227,8 +265,9 @@ class Link:
         group, self._group = self._group, None
         if group is None:
             return
-        if self._task is not None:
-            self._task.cancel()
+        for task in (self._task, self._expiry):
+            if task is not None:
+                task.cancel()
         # Only a cancellation is handed to the group (it may be the group's own, after the task failed);
         # the caller's other errors go on as they are, not wrapped in an ExceptionGroup.
         cancelled = exc if isinstance(exc, asyncio.CancelledError) else None
@@ -238,7 +277,10 @@ class Link:
             cause = failed.exceptions[0]
             raise self._failure(cause) from cause
         finally:
-            self._task = None
+            self._task = self._expiry = None
+            if self._decoder is not None:
+                self._decoder.shutdown(wait=False, cancel_futures=True)
+                self._decoder = None
 
     @property
     def connected(self) -> bool:
@@ -339,7 +381,7 @@ class Link:
         level = logging.INFO if reason in ROUTINE_REFUSALS else logging.WARNING
         log.log(level, "%s: rejected a message on %s: %s (%s)", self.name, topic, reason, detail)
 
-    def _accept(self, topic_name: str, payload: bytes) -> None:
+    async def _accept(self, topic_name: str, payload: bytes) -> None:
         """Decode one MQTT message; queue it, or count and log why not. Never raises."""
         self.bytes_received += len(payload)
         topic = self.topics.parse(topic_name)
@@ -351,7 +393,9 @@ class Link:
             self._reject(Refusal.EMPTY, topic_name, "empty payload")
             return
         try:
-            env = self._decode(payload, topic_name)
+            # What the topic may carry, from the frame's header alone: nothing is decompressed yet.
+            decoded, bound = self._bound(topic, payload, topic_name)
+            env = await self._decode_off_loop(payload, topic_name)
             size = len(payload)
             if env.job != self.topics.job:
                 raise WireError(Refusal.WRONG_JOB, f"message for job {env.job!r}")
@@ -365,11 +409,12 @@ class Link:
             _check_type(env.type, topic, chunk_ok=True)
             if env.type == CHUNK:
                 sender = env.sender
-                whole = self._reassembler.add(sender, env.body)
+                whole = self._reassembler.add(sender, env.body, limit=bound)
                 if whole is None:
                     return
                 size = len(whole)  # the chunks' envelopes add about 100 bytes per chunk on top
-                env = self._decode(whole, topic_name)
+                decoded, _ = self._bound(topic, whole, topic_name)
+                env = await self._decode_off_loop(whole, topic_name)
                 if env.sender != sender or env.job != self.topics.job or env.type == CHUNK:
                     raise WireError(Refusal.BAD_CHUNK, "reassembled message does not match its chunks")
                 _check_type(env.type, topic, chunk_ok=False)
@@ -383,7 +428,35 @@ class Link:
             log.exception("%s: unexpected error decoding a message on %s", self.name, topic_name)
             self._reject(Refusal.DECODE_ERROR, topic_name, f"{type(exc).__name__}: {exc}")
             return
-        self._queue.put_nowait(Received(topic, env, size))
+        if not self._queue.offer(env.sender, Received(topic, env, size, decoded), decoded):
+            held, total = self._queue.held(env.sender), self._queue.bytes
+            self._reject(Refusal.OVERLOADED, topic_name, f"{env.sender} holds {held} bytes unread, all senders {total}")
+
+    def _bound(self, topic: Topic, payload: bytes, topic_name: str) -> tuple[int, int | None]:
+        """Check a frame against what its topic may carry now, before it is decompressed.
+
+        Returns the bytes it declares and the topic's bound (None: only the link's limits)."""
+        declared = declared_size(payload, self.settings.limits)
+        if self.expect is None:
+            return declared, None
+        bound = self.expect(topic)
+        if bound is None:
+            raise WireError(Refusal.UNEXPECTED, f"nothing is expected on {topic_name} now ({declared} bytes unread)")
+        if declared > bound:
+            raise WireError(Refusal.TOO_LARGE, f"frame declares {declared} bytes; {topic.kind} carries at most {bound}")
+        return declared, bound
+
+    async def _decode_off_loop(self, payload: bytes, topic_name: str) -> Envelope:
+        if self._decoder is None:  # (not entered: decoding where we are is all there is)
+            return self._decode(payload, topic_name)
+        return await asyncio.get_running_loop().run_in_executor(self._decoder, self._decode, payload, topic_name)
+
+    async def _expire_chunks(self) -> None:
+        """Drop partial chunked messages nobody completes, on a timer (not only when the next chunk comes)."""
+        period = min(max(self.settings.reassembly_timeout_s / 4, 0.05), 5.0)
+        while True:
+            await asyncio.sleep(period)
+            self._reassembler.expire()
 
     def _decode(self, payload: bytes, topic_name: str) -> Envelope:
         env = decode_envelope(payload, self.settings.limits)
@@ -430,7 +503,7 @@ class Link:
                         if not isinstance(payload, (bytes, bytearray)):
                             self._reject(Refusal.BAD_SCHEMA, str(message.topic), "payload is not bytes")
                             continue
-                        self._accept(str(message.topic), bytes(payload))
+                        await self._accept(str(message.topic), bytes(payload))
             except asyncio.CancelledError:
                 self._connected.clear()
                 raise

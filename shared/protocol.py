@@ -26,7 +26,7 @@ import math
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -740,24 +740,37 @@ class _Partial:
 class Reassembler:
     """Collects chunks into whole payloads, within bounds.
 
-    A sender may have at most ``per_sender`` messages in flight and all senders together
-    ``max_pending`` (the oldest is dropped beyond either), a message may total at most
-    ``max_message_bytes``, and a message that receives no chunk for ``timeout_s`` is dropped (an
-    inactivity timeout: a large message on a slow link keeps going as long as chunks keep coming).
-    ``dropped`` counts the messages given up.
+    A sender may have at most ``per_sender`` messages in flight (a newer one replaces its oldest), a
+    message may total at most ``max_message_bytes`` (or the smaller ``limit`` the caller gives for its
+    topic), all partial messages together at most ``max_total_bytes``, and a message that receives no
+    chunk for ``timeout_s`` is dropped (an inactivity timeout: a large message on a slow link keeps going
+    as long as chunks keep coming). The owner calls :meth:`expire` on a timer, so that partial messages
+    nobody completes do not wait for the next chunk to be dropped. ``dropped`` counts the messages given
+    up; ``on_drop(sender, detail)``, when given, hears of each.
     """
 
     def __init__(
-        self, max_message_bytes: int, max_pending: int = 256, timeout_s: float = 60.0, per_sender: int = 2
+        self,
+        max_message_bytes: int,
+        max_pending: int = 256,
+        timeout_s: float = 60.0,
+        per_sender: int = 2,
+        max_total_bytes: int = 512 << 20,
+        on_drop: Callable[[str, str], None] | None = None,
     ) -> None:
         self.max_message_bytes = max_message_bytes
         self.max_pending = max_pending
         self.per_sender = per_sender
         self.timeout_s = timeout_s
+        self.max_total_bytes = max_total_bytes
+        self.on_drop = on_drop
         self.dropped = 0
+        self._bytes = 0
         self._pending: OrderedDict[tuple[str, str], _Partial] = OrderedDict()
 
-    def add(self, sender: str, body: Mapping[str, Any], now: float | None = None) -> bytes | None:
+    def add(
+        self, sender: str, body: Mapping[str, Any], now: float | None = None, limit: int | None = None
+    ) -> bytes | None:
         """Take one chunk; return the whole payload when this chunk completes it."""
         now = time.monotonic() if now is None else now
         self.expire(now)
@@ -765,39 +778,62 @@ class Reassembler:
         count = _int(body, "count", 1, 1 << 20)
         index = _int(body, "index", 0, count - 1)
         data = _get(body, "data", bytes)
+        most = self.max_message_bytes if limit is None else min(limit, self.max_message_bytes)
         key = (sender, chunk_id)
         partial = self._pending.get(key)
         if partial is None:
             mine = [k for k in self._pending if k[0] == sender]
             if len(mine) >= self.per_sender:
-                del self._pending[mine[0]]
-                self.dropped += 1
+                self._drop(mine[0], "a newer chunked message from the same sender took its place")
             elif len(self._pending) >= self.max_pending:
-                self._pending.popitem(last=False)
-                self.dropped += 1
+                self._drop(next(iter(self._pending)), f"{self.max_pending} chunked messages in progress")
             partial = self._pending[key] = _Partial(count, {}, 0, now)
         partial.started = now  # the inactivity clock restarts with every chunk
         if partial.count != count:
             raise WireError(Refusal.BAD_CHUNK, f"chunk {chunk_id} announces {count} parts, earlier {partial.count}")
         if index in partial.parts:
             return None  # a redelivered chunk
-        partial.size += len(data)
-        if partial.size > self.max_message_bytes:
-            del self._pending[key]
+        if partial.size + len(data) > most:
+            self._forget(key)
             self.dropped += 1
-            raise WireError(Refusal.TOO_LARGE, f"chunked message {chunk_id} exceeds {self.max_message_bytes} bytes")
+            raise WireError(Refusal.TOO_LARGE, f"chunked message {chunk_id} exceeds {most} bytes")
+        if self._bytes + len(data) > self.max_total_bytes:
+            self._forget(key)
+            self.dropped += 1
+            raise WireError(
+                Refusal.OVERLOADED, f"chunked messages in progress hold {self._bytes} of {self.max_total_bytes} bytes"
+            )
+        partial.size += len(data)
+        self._bytes += len(data)
         partial.parts[index] = data
         if len(partial.parts) < count:
             return None
-        del self._pending[key]
+        self._forget(key)
         return b"".join(partial.parts[i] for i in range(count))
 
-    def expire(self, now: float) -> None:
+    def expire(self, now: float | None = None) -> None:
+        """Drop the partial messages that received no chunk for ``timeout_s``."""
+        now = time.monotonic() if now is None else now
         stale = [k for k, p in self._pending.items() if now - p.started > self.timeout_s]
         for key in stale:
-            del self._pending[key]
-            self.dropped += 1
+            self._drop(key, f"no part of it for {self.timeout_s:g} s")
+
+    def _drop(self, key: tuple[str, str], why: str) -> None:
+        partial = self._forget(key)
+        self.dropped += 1
+        if self.on_drop is not None:
+            self.on_drop(key[0], f"chunked message {key[1]} ({len(partial.parts)} of {partial.count} parts): {why}")
+
+    def _forget(self, key: tuple[str, str]) -> _Partial:
+        partial = self._pending.pop(key)
+        self._bytes -= partial.size
+        return partial
 
     @property
     def pending(self) -> int:
         return len(self._pending)
+
+    @property
+    def bytes(self) -> int:
+        """The bytes held in partial messages."""
+        return self._bytes
