@@ -61,7 +61,9 @@ ATTACKS = [
 async def attack(broker_url: str, host: str, port: int, folder: Path, name: str, sends: list) -> dict:  # type: ignore[type-arg]
     job = JobConfig(job=name.replace(" ", "-"), model="tiny-gpt2", rounds=1, min_agents=1, join_timeout_s=600)
     topics = Topics(job.job)
-    payloads = [(agent, kind, bomb(job.job, agent, type_, mb, f"s{i}")) for i, (agent, kind, type_, mb) in enumerate(sends)]
+    payloads = [
+        (agent, kind, bomb(job.job, agent, type_, mb, f"s{i}")) for i, (agent, kind, type_, mb) in enumerate(sends)
+    ]
     coordinator = Coordinator(job, BrokerSettings(url=broker_url), folder / job.job)
     task = asyncio.create_task(coordinator.run())
     try:
