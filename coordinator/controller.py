@@ -5,10 +5,13 @@ answered this one, and the server serves one device batch at a time and steps it
 every batch of the step is in, so a step lasts as long as the longer of the server's total work and
 any one device's round trip (its own compute and link, plus the server's work on its batch):
 
-    device i at cut c:   d_i(c) = fixed_i + c * block_i + up_i / uplink_i + down_i / downlink_i + rtt_i
+    device i at cut c:   d_i(c) = fixed_i + c * (block_i + adapter_i) + up_i / uplink_i + down_i / downlink_i + rtt_i
     server, one batch:   s(c)   = (L - c) * server_block + server_head
     step time:           M(c)   = max(max_i (d_i(c_i) + s(c_i)), sum_i s(c_i))
 
+``adapter_i`` is a block's share of the round's adapter exchange, per step: the device receives the
+global adapters of its blocks and sends its own back once a round, ``c * a`` bytes each way over its
+link, spread over the round's ``steps`` (on a slow link a deep cut costs more than its compute).
 A deeper cut moves work from the shared server to the device; activation bytes do not depend on
 the cut. So when the server is far faster than every device, the latency-optimal cut is ``c_min``
 for all: adaptation pays when the server's shared load matters (many devices or a modest server),
@@ -68,10 +71,18 @@ class DeviceEstimate:
     rtt_s: float = 0.0
     max_blocks: int = 1 << 30  # the most blocks its memory holds
     accuracy: float | None = None  # local next-token accuracy, for the performance rule
+    adapter_block_bytes: float = 0.0  # one block's adapters, each way once a round ...
+    steps: int = 1  # ... spread over the round's steps
+
+    @property
+    def per_block_s(self) -> float:
+        """One more block on this device, per step: its compute and its share of the adapter exchange."""
+        exchange = self.adapter_block_bytes * 8 * (1 / self.uplink_bps + 1 / self.downlink_bps) / max(self.steps, 1)
+        return self.block_s + exchange
 
     def step_s(self, cut: float) -> float:
         link = self.up_bytes * 8 / self.uplink_bps + self.down_bytes * 8 / self.downlink_bps + self.rtt_s
-        return self.fixed_s + cut * self.block_s + link
+        return self.fixed_s + cut * self.per_block_s + link
 
 
 @dataclass(frozen=True)
@@ -285,7 +296,7 @@ def ideal_bound(
 
     def deepest(d: DeviceEstimate, limit: float) -> float | None:
         cap = float(min(c_max, d.max_blocks))
-        slope = d.block_s - server.block_s  # what one more block on the device does to its round trip
+        slope = d.per_block_s - server.block_s  # what one more block on the device does to its round trip
         if slope <= 0:
             return cap if turnaround_s(d, server, num_layers, cap) <= limit else None
         x = (limit - turnaround_s(d, server, num_layers, 0.0)) / slope

@@ -1,8 +1,12 @@
 """Latency estimates the controller decides from: EWMA-smoothed device and server costs.
 
 Devices report, with every adapter upload, their mean per-step timings: ``block_s`` (forward plus
-backward per block), bytes up and down, and in the U split ``head_s`` (the head and loss on the device). Their link comes from their join profile when they know it
-(an emulated device does), and is taken as free otherwise. The server's cost is calibrated once
+backward per block), bytes up and down, the time their uploads took (``upload_s``), and in the U split
+``head_s`` (the head and loss on the device). Their link comes from their join profile when they know it
+(an emulated device does), and is taken as free otherwise, unless the uploads they time say it is
+slower: then the measured uplink is used, and the downlink is taken to have slowed in the same
+proportion (a link that degrades, Wi-Fi to cellular, is seen one round after it happened). Each
+figure is an EWMA, except that a measurement off by :data:`CHANGE_RATIO` or more replaces it. The server's cost is calibrated once
 (one forward/backward from the shallowest and from the deepest cut gives the per-block and the
 head cost) and then scaled, round by round, by how its measured time per device batch compares
 with the prediction.
@@ -11,11 +15,16 @@ with the prediction.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from .controller import DeviceEstimate, ServerEstimate
+
+#: A measurement this far from the estimate (either way, as a ratio) is a change, not noise: the estimate
+#: restarts from it instead of creeping towards it (a device that throttles, a link that degrades).
+CHANGE_RATIO = 2.0
 
 
 @dataclass
@@ -24,7 +33,10 @@ class Ewma:
     value: float | None = None
 
     def update(self, x: float) -> float:
-        self.value = x if self.value is None else self.weight * x + (1 - self.weight) * self.value
+        if self.value is None or (x > 0 < self.value and max(x / self.value, self.value / x) >= CHANGE_RATIO):
+            self.value = x
+        else:
+            self.value = self.weight * x + (1 - self.weight) * self.value
         return self.value
 
 
@@ -34,6 +46,7 @@ class _Device:
     up: Ewma
     down: Ewma
     fixed: Ewma  # the device's per-step cost that does not depend on its blocks (the U split's head)
+    upload: Ewma  # seconds its uploads of a step took
     profile: dict[str, Any] = field(default_factory=dict)
     accuracy: float | None = None
 
@@ -46,12 +59,21 @@ class FleetEstimates:
         block_mb: float,
         server_speedup: float = 1.0,
         round_trips: int = 1,
+        adapter_block_bytes: float = 0.0,
+        local_steps: int = 1,
+        step_bytes: tuple[float, float] = (0.0, 0.0),
     ) -> None:
         """``server`` is the server's calibration; the estimates see it, and every later measurement of it,
         ``server_speedup`` times faster (an emulated study's stand-in for a faster server; 1 in real jobs).
-        ``round_trips``: the link round trips of a step (2 in the U split)."""
+        ``round_trips``: the link round trips of a step (2 in the U split). ``adapter_block_bytes``: one
+        client block's adapters on the wire, sent each way once a round of ``local_steps`` steps.
+        ``step_bytes``: the bytes a step is expected to send up and down (the job's shapes), used for a
+        device until it reports its own (its first round, planned from its join measurement)."""
         self.weight = weight
         self.round_trips = round_trips
+        self.adapter_block_bytes = adapter_block_bytes
+        self.local_steps = local_steps
+        self.step_bytes = step_bytes
         self.server_speedup = server_speedup
         self.base_server = ServerEstimate(
             block_s=server.block_s / server_speedup, head_s=server.head_s / server_speedup
@@ -70,6 +92,8 @@ class FleetEstimates:
         d.fixed.update(float(timings.get("head_s", 0.0)))
         d.up.update(float(timings.get("bytes_up", 0.0)))
         d.down.update(float(timings.get("bytes_down", 0.0)))
+        if timings.get("upload_s", 0) > 0:
+            d.upload.update(float(timings["upload_s"]))
         d.accuracy = accuracy
 
     def observe_join(self, name: str, profile: Mapping[str, Any], job_tokens: int) -> None:
@@ -85,7 +109,7 @@ class FleetEstimates:
 
     def _new(self, name: str) -> _Device:
         w = self.weight
-        return self._devices.setdefault(name, _Device(Ewma(w), Ewma(w), Ewma(w), Ewma(w)))
+        return self._devices.setdefault(name, _Device(Ewma(w), Ewma(w), Ewma(w), Ewma(w), Ewma(w)))
 
     def observe_server(self, num_layers: int, cut: int, seconds: float) -> None:
         seconds /= self.server_speedup
@@ -103,16 +127,49 @@ class FleetEstimates:
             return None
         p = d.profile
         usable = float(p.get("usable_mb") or p.get("memory_available_mb") or math.inf)
+        rtt_s = float(p.get("rtt_ms", 0.0)) / 1000 * self.round_trips
+        uplink, downlink = self._link(
+            d, float(p.get("uplink_mbps", math.inf)) * 1e6, float(p.get("downlink_mbps", math.inf)) * 1e6, rtt_s
+        )
         return DeviceEstimate(
             name=name,
             block_s=d.block.value,
             fixed_s=d.fixed.value or 0.0,
-            up_bytes=d.up.value or 0.0,
-            down_bytes=d.down.value or 0.0,
-            uplink_bps=float(p.get("uplink_mbps", math.inf)) * 1e6,
-            downlink_bps=float(p.get("downlink_mbps", math.inf)) * 1e6,
-            rtt_s=float(p.get("rtt_ms", 0.0)) / 1000 * self.round_trips,
+            up_bytes=d.up.value or self.step_bytes[0],
+            down_bytes=d.down.value or self.step_bytes[1],
+            uplink_bps=uplink,
+            downlink_bps=downlink,
+            rtt_s=rtt_s,
             # Half the usable memory for the client blocks: the rest is the runtime, data and batch.
             max_blocks=max(1, int(usable * 0.5 / self.block_mb)) if math.isfinite(usable) else 1 << 30,
             accuracy=d.accuracy,
+            adapter_block_bytes=self.adapter_block_bytes,
+            steps=self.local_steps,
         )
+
+    @staticmethod
+    def _link(d: _Device, up_bps: float, down_bps: float, rtt_s: float) -> tuple[float, float]:
+        """(uplink, downlink) in bit/s: the profile's, or where the timed uploads were slower, the measured
+        uplink and the profile's downlink slowed in the same proportion (the measured rate without one)."""
+        seconds, nbytes = d.upload.value, d.up.value
+        if not seconds or not nbytes:
+            return up_bps, down_bps
+        measured = nbytes * 8 / max(seconds - rtt_s / 2, 1e-9)
+        if measured >= up_bps * 0.9:  # within the profile's figure: keep it (timing noise, virtual links)
+            return up_bps, down_bps
+        if not math.isfinite(down_bps):
+            return measured, measured
+        return measured, down_bps * measured / up_bps if math.isfinite(up_bps) else down_bps
+
+
+_BLOCK = re.compile(r"\.(\d+)\.")
+
+
+def adapter_block_bytes(parameters: Mapping[str, Any]) -> float:
+    """Mean bytes of one block's adapters on the wire (fp32), from a segment's LoRA parameters by name."""
+    blocks: dict[str, int] = {}
+    for name, tensor in parameters.items():
+        match = _BLOCK.search(name)
+        if match:
+            blocks[match.group(1)] = blocks.get(match.group(1), 0) + int(tensor.numel())
+    return 4.0 * sum(blocks.values()) / len(blocks) if blocks else 0.0

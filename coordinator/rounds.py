@@ -180,7 +180,8 @@ class Rounds(Uploads):
         """The controller's cuts for this round, once every online agent has been measured."""
         if self.controller is None or self.estimates is None:
             return None
-        if self._round_now == self._first_round:
+        planned = self.job.plan_first_round and self.job.policy in ("latency", "splitft")
+        if self._round_now == self._first_round and not planned:
             return None  # the configured cuts first; decisions rest on this run's own measurements
         for name in self._online():  # a device that joined since the last round has only its own measurement
             self.estimates.observe_join(name, self.agents[name].profile, self.job.batch_size * self.job.max_length)

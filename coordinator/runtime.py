@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 
+from splitft.shared.codec import wire_bytes_per_element
 from splitft.shared.data import collate, eval_examples
 from splitft.shared.errors import Refusal, SplitFTError, WireError
 from splitft.shared.link import Link
@@ -57,7 +58,7 @@ from splitft.shared.topics import COORDINATOR
 
 from .checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint, verify_checkpoint
 from .controller import Controller
-from .estimates import FleetEstimates
+from .estimates import FleetEstimates, adapter_block_bytes
 from .rounds import Rounds
 from .server import ServerModel, device_layout
 from .session import eval_fields
@@ -153,8 +154,10 @@ class Coordinator(Rounds):
         if self.job.u_split:  # the head is on the devices: the server's work per batch is its blocks alone
             calibration = replace(calibration, head_s=0.0)
         self.estimates = FleetEstimates(
-            self.job.ewma, calibration, block_mb, self.job.server_speedup, round_trips=2 if self.job.u_split else 1
-        )
+            self.job.ewma, calibration, block_mb, self.job.server_speedup, round_trips=2 if self.job.u_split else 1,
+            adapter_block_bytes=adapter_block_bytes(self.server.segment.lora_parameters()),
+            local_steps=self.job.local_steps, step_bytes=self._step_bytes(),
+        )  # fmt: skip
         self.controller = Controller(self._controller_settings(self.server.num_layers))
         if first_round == 1:
             result = await self._compute(self.server.evaluate, eval_batches)
@@ -208,6 +211,16 @@ class Coordinator(Rounds):
                 self._count_rejection(Refusal.HANDLER_ERROR, name, f"{type(exc).__name__}: {exc}")
 
     # ------------------------------------------------------------------ evaluation
+
+    def _step_bytes(self) -> tuple[float, float]:
+        """The bytes a step is expected to move up and down before any agent has reported (the job's shapes):
+        the activations (and in the two-part split the labels, int64); the U split moves two tensors each way."""
+        assert self.server is not None
+        tokens, hidden = self.job.batch_size * self.job.max_length, self.server.hidden_size
+        tensor = tokens * hidden * wire_bytes_per_element(self.job.wire_dtype, hidden)
+        if self.job.u_split:
+            return 2 * tensor, 2 * tensor
+        return tensor + 8 * tokens, tensor
 
     def _eval_batches(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         tokenizer = load_tokenizer(self.job.model)

@@ -118,6 +118,8 @@ class JobConfig:
     c_max: int | None = None  # the deepest (default: num_layers - 1)
     gamma: float = 1.0  # weight of the accuracy term (paper, splitft)
     hysteresis: float = 0.1  # splitft: new cuts must be predicted this much faster to replace the old
+    # latency, splitft: plan round 1 from the agents' join measurements (false: the configured cuts first)
+    plan_first_round: bool = True
     ewma: float = 0.3  # weight of the newest measurement in the latency estimates
     wire_dtype: str = "fp16"  # activations and gradients
     adapter_wire_dtype: str = "fp32"  # adapters are small: keep them exact
@@ -185,8 +187,9 @@ class JobConfig:
                     raise ConfigError(f"{agent} = {tail} is outside k_min..k_max ({self.k_min}..{self.k_max or 'L'})")
         if self.k_max is not None and (type(self.k_max) is not int or self.k_max < self.k_min):
             raise ConfigError(f"k_max must be an integer >= k_min ({self.k_min}), got {self.k_max!r}")
-        if type(self.report_loss) is not bool:
-            raise ConfigError(f"report_loss must be true or false, got {self.report_loss!r}")
+        for flag in ("report_loss", "plan_first_round"):
+            if type(getattr(self, flag)) is not bool:
+                raise ConfigError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         if type(self.c_min) is not int or self.c_min < 1:
             raise ConfigError(f"c_min must be a positive integer, got {self.c_min!r}")
         if self.c_max is not None and (type(self.c_max) is not int or self.c_max < self.c_min):

@@ -66,6 +66,8 @@ def test_latency_cuts_are_optimal_on_random_fleets(seed: int) -> None:
             downlink_bps=100e6,
             rtt_s=rng.uniform(0, 0.05),
             max_blocks=rng.choice([3, 6, 11]),
+            adapter_block_bytes=rng.choice([0.0, 2.6e5]),  # a block's adapters, each way once a round ...
+            steps=rng.choice([1, 4]),  # ... of this many steps
         )
         for i in range(rng.randint(1, 4))
     ]
@@ -113,6 +115,21 @@ def test_paper_rule_moves_cuts_by_accuracy() -> None:
     ]
     decision = Controller(ControllerSettings(policy="paper", fixed_cut=4)).decide(devices, MODEST_SERVER)
     assert decision.cuts["a"] > 4 > decision.cuts["b"] and decision.cuts["c"] == 4
+
+
+def test_on_a_slow_link_a_deep_cut_costs_its_adapters() -> None:
+    """A fast device on a 2 Mbit/s link: each block it takes adds its adapters to the round's exchange."""
+    server = ServerEstimate(block_s=0.05, head_s=0.01)  # a modest server: deep cuts pay for compute alone
+    slow_link = {"up_bytes": 4e5, "down_bytes": 4e5, "uplink_bps": 2e6, "downlink_bps": 2e6, "rtt_s": 0.08}
+    fast = [DeviceEstimate("agx", block_s=0.002, **slow_link), DeviceEstimate("laptop", block_s=0.004, **slow_link)]
+    free = latency_cuts(fast, server, L, 1, L - 1)
+    assert min(free.values()) == L - 1  # the adapters ignored: the devices take every block they can
+    costed = [DeviceEstimate(d.name, d.block_s, adapter_block_bytes=2.6e5, steps=4, **slow_link) for d in fast]
+    cuts = latency_cuts(costed, server, L, 1, L - 1)
+    assert max(cuts.values()) < L - 1, cuts
+    # 2.6e5 bytes each way per block over 2 Mbit/s, a quarter per step: 0.52 s a block, far more than its compute.
+    assert costed[0].per_block_s == pytest.approx(0.002 + 2.6e5 * 8 * 2 / 2e6 / 4)
+    assert makespan(costed, server, cuts) == pytest.approx(brute_force(costed, server, 1, L - 1))
 
 
 def test_noisy_reports_do_not_make_cuts_flap() -> None:
