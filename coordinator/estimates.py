@@ -31,9 +31,10 @@ CHANGE_RATIO = 2.0
 class Ewma:
     weight: float  # of the newest value
     value: float | None = None
+    change: float = CHANGE_RATIO
 
     def update(self, x: float) -> float:
-        if self.value is None or (x > 0 < self.value and max(x / self.value, self.value / x) >= CHANGE_RATIO):
+        if self.value is None or (x > 0 < self.value and max(x / self.value, self.value / x) >= self.change):
             self.value = x
         else:
             self.value = self.weight * x + (1 - self.weight) * self.value
@@ -62,18 +63,21 @@ class FleetEstimates:
         adapter_block_bytes: float = 0.0,
         local_steps: int = 1,
         step_bytes: tuple[float, float] = (0.0, 0.0),
+        change_ratio: float = CHANGE_RATIO,
     ) -> None:
         """``server`` is the server's calibration; the estimates see it, and every later measurement of it,
         ``server_speedup`` times faster (an emulated study's stand-in for a faster server; 1 in real jobs).
         ``round_trips``: the link round trips of a step (2 in the U split). ``adapter_block_bytes``: one
         client block's adapters on the wire, sent each way once a round of ``local_steps`` steps.
         ``step_bytes``: the bytes a step is expected to send up and down (the job's shapes), used for a
-        device until it reports its own (its first round, planned from its join measurement)."""
+        device until it reports its own (its first round, planned from its join measurement).
+        ``change_ratio``: see :data:`CHANGE_RATIO` (``math.inf``: smooth every measurement)."""
         self.weight = weight
         self.round_trips = round_trips
         self.adapter_block_bytes = adapter_block_bytes
         self.local_steps = local_steps
         self.step_bytes = step_bytes
+        self.change_ratio = change_ratio
         self.server_speedup = server_speedup
         self.base_server = ServerEstimate(
             block_s=server.block_s / server_speedup, head_s=server.head_s / server_speedup
@@ -108,8 +112,9 @@ class FleetEstimates:
             d.block.update(float(block) * job_tokens / tokens)
 
     def _new(self, name: str) -> _Device:
-        w = self.weight
-        return self._devices.setdefault(name, _Device(Ewma(w), Ewma(w), Ewma(w), Ewma(w), Ewma(w)))
+        w, change = self.weight, self.change_ratio
+        block, up, down, fixed, upload = (Ewma(w, change=change) for _ in range(5))
+        return self._devices.setdefault(name, _Device(block, up, down, fixed, upload))
 
     def observe_server(self, num_layers: int, cut: int, seconds: float) -> None:
         seconds /= self.server_speedup
