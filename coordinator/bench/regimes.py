@@ -344,13 +344,15 @@ def run_policy(costs: Costs, scenario: Scenario, policy: str) -> list[dict[str, 
     """One run of ``scenario`` under ``policy`` (``fixed-C``, ``oracle``, ``splitft`` or ``latency``): a row per round."""
     controlled = ControlledPolicy(costs, policy) if policy in ("splitft", "latency") else None
     rows, elapsed = [], 0.0
+    planned: dict[tuple[Any, ...], dict[str, int]] = {}  # the oracle's cuts by fleet state (same state, same cuts)
     for round_ in range(1, scenario.rounds + 1):
         fleet = fleet_at(scenario, round_)
         predicted: tuple[float, float] | None = None
         if controlled is not None:
             cuts, predicted = controlled.decide(fleet)
         elif policy == "oracle":
-            cuts = oracle_cuts(costs, fleet)
+            state = tuple((d.name, d.profile.name, d.compute, d.link) for d in fleet)
+            cuts = planned.get(state) or planned.setdefault(state, oracle_cuts(costs, fleet))
         else:
             cut = int(policy.removeprefix("fixed-"))
             cuts = {d.name: min(cut, costs.max_blocks(d.profile)) for d in fleet}
