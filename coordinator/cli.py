@@ -358,7 +358,7 @@ def _job(config: Path | None, **overrides: Any) -> JobConfig:
 #: what `local` runs without a job file: a short demo that visibly learns (the job file's defaults are for `run`)
 LOCAL_DEFAULTS: dict[str, Any] = {
     "job": "local", "rounds": 6, "local_steps": 4, "batch_size": 4, "max_length": 192, "policy": "splitft",
-    "lr": 2e-3, "split": "u",
+    "lr": 2e-3, "split": "u", "plan_first_round": False,  # --cuts are round 1's cuts
 }  # fmt: skip
 
 
@@ -475,7 +475,9 @@ def local(
     config: ConfigOpt = None,
     model: Annotated[str | None, typer.Option(help="Preset or local model folder.")] = None,
     agents: Annotated[int, typer.Option(help="Agent processes to start.")] = 3,
-    cuts: Annotated[str, typer.Option(help="First-round cut layers, given to the agents in turn.")] = "1,2,3",
+    cuts: Annotated[
+        str, typer.Option(help="First-round cut layers, given to the agents in turn (without --config: every policy).")
+    ] = "1,2,3",
     rounds: Annotated[int | None, typer.Option(help="Rounds [default: 6, or the job file's].")] = None,
     local_steps: Annotated[
         int | None, typer.Option(help="Steps per agent per round [default: 4, or the job file's].")
@@ -536,7 +538,7 @@ def local(
         spec = local_job(
             config, model=model, rounds=rounds, local_steps=local_steps, batch_size=batch_size,
             max_length=max_length, policy=policy, lr=lr, split=split, tail=tail,
-            eval_data=None if eval_data is None else str(eval_data),
+            eval_data=None if eval_data is None else str(eval_data), plan_first_round=None,
         )  # fmt: skip
         try:
             cut_list = tuple(int(c) for c in cuts.split(",") if c.strip())

@@ -145,8 +145,8 @@ def tokenize(pairs: Sequence[tuple[str, str]], tokenizer: PreTrainedTokenizerBas
     if not pairs:
         return []
     # One batched call each: the fast tokenizer works on the whole list in Rust.
-    prompts = tokenizer([p + "\n" for p, _ in pairs], add_special_tokens=False)["input_ids"]
-    responses = tokenizer([r for _, r in pairs], add_special_tokens=False)["input_ids"]
+    prompts = tokenizer([p + "\n" for p, _ in pairs], add_special_tokens=False, verbose=False)["input_ids"]
+    responses = tokenizer([r for _, r in pairs], add_special_tokens=False, verbose=False)["input_ids"]
     examples = []
     for prompt, response in zip(prompts, responses, strict=True):
         ids = (list(prompt) + list(response) + [eos])[:max_length]

@@ -116,8 +116,8 @@ def token_lengths(pairs: Sequence[tuple[str, str]], tokenizer: PreTrainedTokeniz
     """Tokens of ``prompt + "\\n"``, ``response`` and EOS per pair: the recipe of :func:`data.tokenize`, untruncated."""
     if not pairs:
         return []
-    prompts = tokenizer([p + "\n" for p, _ in pairs], add_special_tokens=False)["input_ids"]
-    responses = tokenizer([r for _, r in pairs], add_special_tokens=False)["input_ids"]
+    prompts = tokenizer([p + "\n" for p, _ in pairs], add_special_tokens=False, verbose=False)["input_ids"]
+    responses = tokenizer([r for _, r in pairs], add_special_tokens=False, verbose=False)["input_ids"]
     return [len(p) + len(r) + 1 for p, r in zip(prompts, responses, strict=True)]
 
 

@@ -605,6 +605,7 @@ def test_local_without_a_job_file_takes_its_own_defaults() -> None:
     job = local_job(None, **{**unset, "rounds": 3})
     assert (job.job, job.rounds, job.local_steps, job.batch_size, job.max_length) == ("local", 3, 4, 4, 192)
     assert (job.policy, job.optimizer.lr, job.split, job.model) == ("splitft", 2e-3, "u", "tiny-gpt2")
+    assert local_job(None, plan_first_round=None).plan_first_round is False  # --cuts are round 1's cuts
 
 
 def test_partition_command_writes_shards_table_and_png(tmp_path: Path) -> None:

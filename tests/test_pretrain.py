@@ -6,6 +6,7 @@ real run (12 blocks, ~11M parameters, ~12 minutes a family) is the script's defa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -63,7 +64,9 @@ def test_pretrain_saves_a_loadable_deterministic_cached_base(
     monkeypatch.setenv("SPLITFT_CACHE", str(tmp_path / "cache"))
     settings = tiny(family)
     logged: list[str] = []
-    out = pb.build_base(settings, log=logged.append)
+    steps: list[tuple[int, int | None]] = []
+    out = pb.build_base(settings, log=logged.append, progress=lambda step, total: steps.append((step, total)))
+    assert steps == [(i, 20) for i in range(1, 21)]  # the progress bar's feed: every step, of the planned 20
     assert out == tmp_path / "cache" / "base" / f"{family}-{pb.settings_hash(settings)[:12]}"
     assert any("tokens/s" in line for line in logged) and any("perplexity" in line for line in logged)
     assert not list(out.parent.glob(".*")), "the temp folder was left behind"
@@ -125,3 +128,8 @@ def test_the_budget_and_the_command_line(tmp_path: Path, monkeypatch: pytest.Mon
     printed = Path(capsys.readouterr().out.strip())
     assert printed == pb.default_output(pb.Settings(family="llama", precision="fp32"))
     assert printed.parent == tmp_path / "base" and not printed.exists()
+    # --demo: the main job's small base; its settings are the defaults, and the other options still apply.
+    demo, _ = pb.parse_args(["--demo", "--precision", "fp32"])
+    assert demo == dataclasses.replace(pb.DEMO, precision="fp32") and (demo.layers, demo.hidden) == (6, 128)
+    assert pb.parse_args(["--demo", "--precision", "fp32", "--layers", "4"])[0].layers == 4
+    assert pb.default_output(demo) != pb.default_output(pb.Settings(precision="fp32"))

@@ -1,5 +1,6 @@
 """Pretrain a small base model worth fine-tuning, from the text vendored in the package (nothing is
-downloaded): a BPE tokenizer and a 12-block GPT-2- or LLaMA-style model, cached by their settings.
+downloaded): a BPE tokenizer and a 12-block GPT-2- or LLaMA-style model (``DEMO``: the main job's 6 blocks),
+cached by their settings.
 
 The command and what it writes: :mod:`.cli` (``python scripts/pretrain_base.py --help``). Modules:
 :mod:`.settings` (settings, data, cache), :mod:`.corpus` (text, tokenizer), :mod:`.train` (model,
@@ -12,6 +13,7 @@ from .settings import (
     DATA_FILES,
     DATASETS,
     DEFAULT_TOKENS,
+    DEMO,
     EOS,
     FACTS_FILE,
     FAMILIES,
@@ -24,7 +26,7 @@ from .settings import (
 from .train import build_base, cached_facts, pretrain
 
 __all__ = [
-    "DATASETS", "DATA_FILES", "DEFAULT_TOKENS", "EOS", "FACTS_FILE", "FAMILIES", "PAD", "Settings", "bf16_is_fast",
+    "DATASETS", "DATA_FILES", "DEFAULT_TOKENS", "DEMO", "EOS", "FACTS_FILE", "FAMILIES", "PAD", "Settings", "bf16_is_fast",
     "build_base", "cache_root", "cached_facts", "corpus", "default_output", "main", "parse_args", "pretrain",
     "settings_hash", "train_tokenizer",
 ]  # fmt: skip

@@ -21,6 +21,7 @@ every setting that decides the result and of the data; if it exists the script p
     python scripts/pretrain_base.py --family gpt2          # ~12 min on 2 cores; prints the folder
     python scripts/pretrain_base.py --family llama
     python scripts/pretrain_base.py --family gpt2 --minutes 5   # size the run to a wall-clock budget
+    python scripts/pretrain_base.py --demo                 # the main job's 6-block base (~1.5 min)
     splitft-coordinator inspect --model "$(python scripts/pretrain_base.py --family gpt2 --print-path)" --cut 3
 
 ``--minutes`` sizes the run from the measured speed of its first steps (so the learning-rate schedule
@@ -30,15 +31,17 @@ still completes); such a run depends on the machine's speed, and its step count 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 from transformers.utils import logging as hf_logging
 
 #: Bump when a change to this script changes what a given set of settings produces (invalidates caches).
-from .settings import FAMILIES, PRECISIONS, Settings, default_output
+from .settings import DEMO, FAMILIES, PRECISIONS, Settings, default_output
 from .train import build_base
 
 # --------------------------------------------------------------------------- command line
@@ -52,9 +55,16 @@ def bf16_is_fast(device: str) -> bool:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Namespace]:
-    d = Settings()
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--demo", action="store_true")
+    d = DEMO if first.parse_known_args(argv)[0].demo else Settings()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--family", choices=FAMILIES, default="gpt2")
+    p.add_argument(
+        "--demo",
+        action="store_true",
+        help="the main job's small base (scripts/demo.sh): its settings become the defaults below",
+    )
+    p.add_argument("--family", choices=FAMILIES, default=d.family)
     p.add_argument("--out", type=Path, help="output folder (default: the cache, see --print-path)")
     p.add_argument("--force", action="store_true", help="retrain even if the output exists")
     p.add_argument("--print-path", action="store_true", help="print the output folder and exit")
@@ -68,7 +78,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
     )
     budget = p.add_mutually_exclusive_group()
     budget.add_argument(
-        "--tokens", type=int, default=0, help="token budget (default: about 12 minutes, see DEFAULT_TOKENS)"
+        "--tokens",
+        type=int,
+        default=d.tokens,
+        help="token budget (default: about 12 minutes, see DEFAULT_TOKENS; --demo: about a minute)",
     )
     budget.add_argument("--steps", type=int, default=0, help="optimizer steps (overrides the token budget)")
     budget.add_argument("--minutes", type=float, default=0.0, help="wall-clock budget: size the run to it")
@@ -95,6 +108,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     torch.set_num_threads(args.threads)
     hf_logging.disable_progress_bar()
-    path = build_base(settings, out, force=args.force, device=args.device)
+    with _progress_bar() as progress:
+        log = progress.console.print if progress is not None else None
+        path = build_base(
+            settings, out, force=args.force, device=args.device, progress=progress, **({"log": log} if log else {})
+        )
     print(path)
     return 0
+
+
+class _StepBar:
+    """A progress bar over the training steps on stderr (a terminal only; logs keep the lines)."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.console = Console(stderr=True)
+        self.bar = Progress(
+            TextColumn("pretraining"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=self.console
+        )
+        self.task = self.bar.add_task("steps", total=None)
+
+    def __call__(self, step: int, total: int | None) -> None:
+        if not self.bar.live.is_started:
+            self.bar.start()
+        self.bar.update(self.task, completed=step, total=total)
+
+
+@contextlib.contextmanager
+def _progress_bar() -> Iterator[_StepBar | None]:
+    if not sys.stderr.isatty():
+        yield None
+        return
+    bar = _StepBar()
+    try:
+        yield bar
+    finally:
+        bar.bar.stop()

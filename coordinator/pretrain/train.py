@@ -18,7 +18,17 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Pretrain
 from .corpus import corpus, encode, train_tokenizer
 
 #: Bump when a change to this script changes what a given set of settings produces (invalidates caches).
-from .settings import FACTS_FILE, FORMAT_VERSION, Log, Settings, _print, data_digest, default_output, settings_hash
+from .settings import (
+    FACTS_FILE,
+    FORMAT_VERSION,
+    Log,
+    Progress,
+    Settings,
+    _print,
+    data_digest,
+    default_output,
+    settings_hash,
+)
 
 # --------------------------------------------------------------------------- model
 
@@ -145,8 +155,11 @@ def _optimizer(model: torch.nn.Module, settings: Settings) -> torch.optim.Optimi
     return torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.95), eps=1e-8)
 
 
-def pretrain(settings: Settings, out: Path, *, device: str = "cpu", log: Log = _print) -> dict[str, Any]:
-    """Train the tokenizer and the model, save both to ``out`` atomically; return the training facts."""
+def pretrain(
+    settings: Settings, out: Path, *, device: str = "cpu", log: Log = _print, progress: Progress | None = None
+) -> dict[str, Any]:
+    """Train the tokenizer and the model, save both to ``out`` atomically; return the training facts.
+    ``progress(step, total)`` is called after every optimizer step (total None until ``--minutes`` fixes it)."""
     started = time.perf_counter()
     digest = settings_hash(settings)
     if device.startswith("cuda"):  # deterministic cuBLAS (set before the first CUDA matmul)
@@ -156,7 +169,7 @@ def pretrain(settings: Settings, out: Path, *, device: str = "cpu", log: Log = _
         torch.use_deterministic_algorithms(True)
         try:
             torch.manual_seed(settings.seed)
-            model, tokenizer, facts = _train(settings, device, log)
+            model, tokenizer, facts = _train(settings, device, log, progress)
         finally:
             torch.use_deterministic_algorithms(deterministic)
     facts.update(
@@ -174,7 +187,9 @@ def pretrain(settings: Settings, out: Path, *, device: str = "cpu", log: Log = _
     return facts
 
 
-def _train(settings: Settings, device: str, log: Log) -> tuple[torch.nn.Module, PreTrainedTokenizerFast, dict]:
+def _train(
+    settings: Settings, device: str, log: Log, progress: Progress | None = None
+) -> tuple[torch.nn.Module, PreTrainedTokenizerFast, dict]:
     s = settings
     t0 = time.perf_counter()
     train_docs, valid_docs = corpus(s)
@@ -226,6 +241,8 @@ def _train(settings: Settings, device: str, log: Log) -> tuple[torch.nn.Module, 
         step += 1
         tokens += batch.shape[0] * (batch.shape[1] - 1)
         now = time.perf_counter()
+        if progress is not None:
+            progress(step, total)
         if total is None and step == probe:
             per_step = (now - train_start) / step
             budget = s.minutes * 60 * 0.92 - (now - t0)  # keep ~8% for validations and saving
@@ -318,7 +335,13 @@ def cached_facts(out: Path, settings: Settings) -> dict | None:
 
 
 def build_base(
-    settings: Settings, out: Path | None = None, *, force: bool = False, device: str = "cpu", log: Log = _print
+    settings: Settings,
+    out: Path | None = None,
+    *,
+    force: bool = False,
+    device: str = "cpu",
+    log: Log = _print,
+    progress: Progress | None = None,
 ) -> Path:
     """The folder of a base model for ``settings``: the cached one, or a new one trained into ``out``."""
     out = out or default_output(settings)
@@ -329,5 +352,5 @@ def build_base(
         raise FileExistsError(
             f"{out} exists and is not a finished build of these settings: pick another --out or --force"
         )
-    pretrain(settings, out, device=device, log=log)
+    pretrain(settings, out, device=device, log=log, progress=progress)
     return out
