@@ -20,6 +20,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from transformers import PretrainedConfig
+
+from splitft.shared.models import block_params
+
 from .controller import DeviceEstimate, ServerEstimate
 
 #: A measurement this far from the estimate (either way, as a ratio) is a change, not noise: the estimate
@@ -145,8 +149,7 @@ class FleetEstimates:
             uplink_bps=uplink,
             downlink_bps=downlink,
             rtt_s=rtt_s,
-            # Half the usable memory for the client blocks: the rest is the runtime, data and batch.
-            max_blocks=max(1, int(usable * 0.5 / self.block_mb)) if math.isfinite(usable) else 1 << 30,
+            max_blocks=blocks_that_fit(usable, self.block_mb),
             accuracy=d.accuracy,
             adapter_block_bytes=self.adapter_block_bytes,
             steps=self.local_steps,
@@ -165,6 +168,16 @@ class FleetEstimates:
         if not math.isfinite(down_bps):
             return measured, measured
         return measured, down_bps * measured / up_bps if math.isfinite(up_bps) else down_bps
+
+
+def block_memory_mb(config: PretrainedConfig, batch_size: int, max_length: int) -> float:
+    """Memory one client block needs on a device: its fp32 weights and a step's activations."""
+    return (block_params(config) * 4 + batch_size * max_length * int(config.hidden_size) * 64) / 2**20
+
+
+def blocks_that_fit(usable_mb: float, block_mb: float) -> int:
+    """The most client blocks a device holds: half its usable memory (the rest is the runtime, data and batch)."""
+    return max(1, int(usable_mb * 0.5 / block_mb)) if math.isfinite(usable_mb) else 1 << 30
 
 
 _BLOCK = re.compile(r"\.(\d+)\.")

@@ -47,7 +47,7 @@ from splitft.shared.codec import wire_bytes_per_element
 from splitft.shared.data import collate, eval_examples
 from splitft.shared.errors import Refusal, SplitFTError, WireError
 from splitft.shared.link import Link
-from splitft.shared.models import block_params, check_max_length, load_config, num_layers
+from splitft.shared.models import check_max_length, load_config, num_layers
 from splitft.shared.protocol import (
     ROUND,
     parse_join,
@@ -58,7 +58,7 @@ from splitft.shared.topics import COORDINATOR
 
 from .checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint, verify_checkpoint
 from .controller import Controller
-from .estimates import FleetEstimates, adapter_block_bytes
+from .estimates import FleetEstimates, adapter_block_bytes, block_memory_mb
 from .rounds import Rounds
 from .server import ServerModel, device_layout
 from .session import eval_fields
@@ -147,10 +147,7 @@ class Coordinator(Rounds):
             calibration.block_s,
             calibration.head_s,
         )
-        block_mb = (
-            block_params(self.server.segment.config) * 4
-            + self.job.batch_size * self.job.max_length * self.server.hidden_size * 64
-        ) / 2**20
+        block_mb = block_memory_mb(self.server.segment.config, self.job.batch_size, self.job.max_length)
         if self.job.u_split:  # the head is on the devices: the server's work per batch is its blocks alone
             calibration = replace(calibration, head_s=0.0)
         self.estimates = FleetEstimates(

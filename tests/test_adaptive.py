@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 from test_runtime import read_metrics, run_job, shards
 
 from splitft.shared.config import JobConfig
@@ -32,10 +31,9 @@ rtt_ms = 5.0
 FLEET = {"a1": ("nano-like", 2.0, 50.0), "a2": ("orin-like", 3.0, 100.0), "a3": ("laptop-like", 6.0, 200.0)}
 
 
-# The configured-first path (plan_first_round = false) runs in every `local` job (tests/test_cli.py): --cuts
-# are round 1's cuts there.
-@pytest.mark.parametrize("plan_first_round", [True], ids=["planned-first"])
-async def test_cuts_adapt_to_the_fleet(broker: Broker, tmp_path: Path, plan_first_round: bool) -> None:
+# Round 1 is planned (plan_first_round, the default); the configured-first path runs in every `local` job
+# (tests/test_cli.py), where --cuts are round 1's cuts.
+async def test_cuts_adapt_to_the_fleet(broker: Broker, tmp_path: Path) -> None:
     job = JobConfig(
         job="adaptive",
         model="tiny-gpt2",
@@ -50,7 +48,6 @@ async def test_cuts_adapt_to_the_fleet(broker: Broker, tmp_path: Path, plan_firs
         step_timeout_s=120,
         upload_timeout_s=120,
         join_window_s=0.2,
-        plan_first_round=plan_first_round,
     )
     profiles = {}
     for agent, (name, gflops, mbps) in FLEET.items():
@@ -59,11 +56,8 @@ async def test_cuts_adapt_to_the_fleet(broker: Broker, tmp_path: Path, plan_firs
     await run_job(broker, tmp_path / "out", job, shards(tmp_path), emulate=profiles)
 
     rounds = read_metrics(tmp_path / "out")[1:]
-    if plan_first_round:
-        # Round 1 is planned from the agents' join benchmarks: the slow device already holds fewer blocks.
-        assert "controller" in rounds[0] and rounds[0]["cuts"]["a1"] < rounds[0]["cuts"]["a3"], rounds[0]["cuts"]
-    else:
-        assert rounds[0]["cuts"] == {"a1": 11, "a2": 11, "a3": 11} and "controller" not in rounds[0]
+    # Round 1 is planned from the agents' join benchmarks: the slow device already holds fewer blocks.
+    assert "controller" in rounds[0] and rounds[0]["cuts"]["a1"] < rounds[0]["cuts"]["a3"], rounds[0]["cuts"]
     later = rounds[-1]
     assert later["cuts"] != {"a1": 11, "a2": 11, "a3": 11}, [r["cuts"] for r in rounds]
     assert later["cuts"]["a3"] > later["cuts"]["a1"]  # the faster device takes more blocks
@@ -75,4 +69,4 @@ async def test_cuts_adapt_to_the_fleet(broker: Broker, tmp_path: Path, plan_firs
     assert control["predicted_step_s"] > 0 and control["achieved_over_ideal"] > 0, control
     # Every round after the first was planned: a fresh decision, or the last one kept (hysteresis).
     assert all("controller" in r for r in rounds[1:])
-    assert any(not r["controller"]["kept"] for r in rounds[0 if plan_first_round else 1 :])
+    assert any(not r["controller"]["kept"] for r in rounds)

@@ -41,11 +41,11 @@ from typing import Any
 
 from transformers import GPT2Config, PretrainedConfig
 
-from splitft.shared.models import block_flops, block_params, head_flops
+from splitft.shared.models import block_flops, head_flops
 from splitft.shared.profiles import DeviceProfile
 
 from ..controller import Controller, ControllerSettings, DeviceEstimate, ServerEstimate, latency_cuts, makespan_s
-from ..estimates import CHANGE_RATIO, FleetEstimates
+from ..estimates import CHANGE_RATIO, FleetEstimates, block_memory_mb, blocks_that_fit
 from .clock import CostModel, Device, Server, SplitParticipant, split_round
 from .scenario import Scenario
 from .study.methods import split_step
@@ -193,11 +193,10 @@ class Costs:
 
     def block_mb(self) -> float:
         """Memory of one client block on a device (the runtime's own figure: weights and activations)."""
-        s = self.settings
-        return (block_params(self.model.config) * 4 + s.batch * s.length * self.hidden * 64) / 2**20
+        return block_memory_mb(self.model.config, self.settings.batch, self.settings.length)
 
     def max_blocks(self, profile: DeviceProfile) -> int:
-        return max(1, int(profile.usable_mb * 0.5 / self.block_mb()))
+        return blocks_that_fit(profile.usable_mb, self.block_mb())
 
     def truth(self, device: LiveDevice) -> DeviceEstimate:
         """What an all-knowing controller would know of a device this round."""
@@ -352,7 +351,9 @@ def run_policy(costs: Costs, scenario: Scenario, policy: str) -> list[dict[str, 
             cuts, predicted = controlled.decide(fleet)
         elif policy == "oracle":
             state = tuple((d.name, d.profile.name, d.compute, d.link) for d in fleet)
-            cuts = planned.get(state) or planned.setdefault(state, oracle_cuts(costs, fleet))
+            if state not in planned:
+                planned[state] = oracle_cuts(costs, fleet)
+            cuts = planned[state]
         else:
             cut = int(policy.removeprefix("fixed-"))
             cuts = {d.name: min(cut, costs.max_blocks(d.profile)) for d in fleet}

@@ -36,9 +36,8 @@ class Event:
     action: str  # one of ACTIONS
     device: str
     compute: float = 1.0  # throttle: the share of the profile's compute
-    link: tuple[float, float, float] | None = (
-        None  # link: (uplink Mbit/s, downlink Mbit/s, RTT ms); None: the profile's
-    )
+    # link: (uplink Mbit/s, downlink Mbit/s, RTT ms); None: the profile's own
+    link: tuple[float, float, float] | None = None
     profile: DeviceProfile | None = None  # join: the new device's class
     line: int = 0
 
