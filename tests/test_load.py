@@ -10,14 +10,13 @@ rejected, no round run twice, and the coordinator's memory must stay flat.
 from __future__ import annotations
 
 import asyncio
-import ctypes
+import gc
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 
 from splitft.coordinator.runtime import Coordinator
@@ -31,23 +30,30 @@ FLEET = Path(__file__).resolve().parent.parent / "scripts" / "agent_fleet.py"
 AGENTS = 50
 ROUNDS = 4
 # Memory flat: growth from round 2 (after warm-up: the server's optimiser state, the first checkpoint,
-# the estimates of every agent) to the last round. Measured on a 2-core VM over 12 rounds (RSS about
-# 0.5 GiB): with glibc's free memory returned first (malloc_trim), +0.1 MiB a round (the link's bounded
-# duplicate filter: 150 message ids a round); the raw RSS of metrics.jsonl swings by up to +55 MiB from
-# one round to the next, transient buffers (6 MiB logits, adapters) that glibc keeps without returning
-# them, with the same Python objects and tensors alive. A leak of per-message state (150 activations and
-# uploads of 1-60 KiB a round) or per-round state (50 adapter sets, ~0.2 MiB each) shows in the trimmed RSS.
-TRIMMED_GROWTH_MIB = 8.0
+# the estimates of every agent) to the last round, counted in what the coordinator holds, not in RSS.
+# RSS is the allocator's view: on a 2-core VM, even with glibc's free memory returned first (malloc_trim),
+# it swings by 10-12 MiB from one round to the next with the same Python objects and tensors alive, and
+# the raw RSS of metrics.jsonl by up to 55 MiB (transient buffers, 6 MiB logits, adapters, that glibc
+# keeps). What is alive is exact: measured over rounds 2-4, live tensor storage +0.0 MiB and the objects
+# the garbage collector tracks +30 to +100 (one controller decision a round, the event loop's cancelled
+# timers, which it drops in batches). A leak of per-round state (50 adapter sets, ~0.2 MiB each) shows in
+# the tensor bytes; a leak of per-message state (150 activations and uploads a round, each at least a
+# dict) in the object count. RSS keeps a coarse bound that catches a leak the heap census cannot see.
+TENSOR_GROWTH_MIB = 1.0
+OBJECT_GROWTH = 300  # one object per message of the two rounds measured
 RAW_GROWTH_MIB = 64.0
 
 
-def trimmed_rss_mib() -> float | None:
-    """This process's RSS once glibc has returned its free memory to the system (None without glibc)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        return None
-    return psutil.Process().memory_info().rss / 2**20
+def live_heap() -> tuple[int, float]:
+    """(objects the garbage collector tracks, MiB of live tensor storage), after a full collection."""
+    gc.collect()
+    objects = gc.get_objects()
+    storages: dict[int, int] = {}
+    for obj in objects:
+        if isinstance(obj, torch.Tensor) and obj.device.type != "meta":
+            storage = obj.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return len(objects), sum(storages.values()) / 2**20
 
 
 def load_job(name: str) -> JobConfig:
@@ -81,11 +87,11 @@ async def test_fifty_agents_in_one_fleet_every_step_answered(broker: Broker, tmp
     )  # fmt: skip
     output = asyncio.create_task(fleet.communicate())
     out = tmp_path / "out"
-    trimmed: dict[int, float | None] = {}
+    heap: dict[int, tuple[int, float]] = {}
 
     def progress(event: str, data: dict[str, Any]) -> None:
         if event == "round_end":  # after the round's metrics line (and its RSS) is written
-            trimmed[data["round"]] = trimmed_rss_mib()
+            heap[data["round"]] = live_heap()
 
     # One torch thread for the server, as the fleet's agents have: a pool as wide as the machine spin-waits
     # against the fleet and the broker on the same cores (a 0.07 s server step took 0.2-8 s on a busy 2-core VM).
@@ -126,6 +132,6 @@ async def test_fifty_agents_in_one_fleet_every_step_answered(broker: Broker, tmp
             assert a["bytes_up"] > 0 and a["bytes_down"] > 0, (m["round"], name)
     rss = {m["round"]: m["coordinator_rss_mb"] for m in metrics[1:]}
     assert rss[ROUNDS] - rss[2] < RAW_GROWTH_MIB, rss
-    first, last = trimmed[2], trimmed[ROUNDS]
-    if first is not None and last is not None:  # glibc: the allocator's free memory returned first
-        assert last - first < TRIMMED_GROWTH_MIB, trimmed
+    (objects_first, tensors_first), (objects_last, tensors_last) = heap[2], heap[ROUNDS]
+    assert tensors_last - tensors_first < TENSOR_GROWTH_MIB, heap
+    assert objects_last - objects_first < OBJECT_GROWTH, heap
