@@ -9,7 +9,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
@@ -348,6 +348,17 @@ BrokerOpt = Annotated[
 OutOpt = Annotated[Path, typer.Option("--out", help="Output folder: metrics, checkpoints, adapter, plot.")]
 DeviceOpt = Annotated[str, typer.Option(help="Torch device of the server segment: auto, cpu, cuda.")]
 ConnectTimeoutOpt = Annotated[float, typer.Option(help="Seconds to reach the broker at start-up.")]
+DashboardTokenOpt = Annotated[
+    str | None,
+    typer.Option(
+        envvar="SPLITFT_DASHBOARD_TOKEN",
+        help="A secret the dashboard and /metrics want (?token=... or Authorization: Bearer ...); "
+        "give one when --dashboard listens beyond 127.0.0.1.",
+    ),
+]
+TensorBoardOpt = Annotated[
+    Path | None, typer.Option("--tensorboard", help="Write the per-round scalars for TensorBoard into this folder.")
+]
 
 
 def _job(config: Path | None, **overrides: Any) -> JobConfig:
@@ -372,6 +383,30 @@ def local_job(config: Path | None, **flags: Any) -> JobConfig:
     if lr is not None:
         flags["optimizer"] = replace(base.optimizer, lr=lr)
     return base.with_overrides(**flags)
+
+
+def _observatory(
+    spec: JobConfig, console: Console, dashboard: str, token: str | None, tensorboard: Path | None, *, default: bool
+) -> Any:
+    """The job's observers (see coordinator/observe/), its flags checked: a ConfigError names the bad one.
+    ``default``: ``dashboard`` is the command's default, and a taken port falls back to a free one."""
+    from splitft.coordinator.observe.dashboard import Observatory, parse_address
+    from splitft.coordinator.observe.tensorboard import check_writable
+
+    address = parse_address(dashboard, fallback=default)
+    if tensorboard is not None:
+        check_writable(tensorboard)
+    return Observatory(
+        spec, dashboard=address, token=token, tensorboard=tensorboard, forward=_ProgressView(console, spec)
+    )
+
+
+async def _observed(observatory: Any, console: Console, job: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+    """Run ``job`` with its observers: the dashboard is bound first (a port in use fails before the job)."""
+    async with observatory:
+        if observatory.url is not None:
+            console.print(f"dashboard: {observatory.url}  (Prometheus: {observatory.url.split('?')[0]}metrics)")
+        return await job()
 
 
 def _preflight(spec: JobConfig, out: Path, cuts: Sequence[int] = ()) -> None:
@@ -417,6 +452,11 @@ def run(
     mqtt_protocol: Annotated[str, typer.Option(help="MQTT version: 5, or 3.1.1.")] = "5",
     connect_timeout: ConnectTimeoutOpt = 30.0,
     device: DeviceOpt = "auto",
+    dashboard: Annotated[
+        str, typer.Option(help="Serve the live dashboard and /metrics on [HOST:]PORT (HOST: 127.0.0.1), or off.")
+    ] = "off",
+    dashboard_token: DashboardTokenOpt = None,
+    tensorboard: TensorBoardOpt = None,
 ) -> None:
     """Coordinate a job: admit agents, run the rounds, write metrics, checkpoints and the final adapter.
 
@@ -441,6 +481,7 @@ def run(
         )
         server_device = torch_device(device)
         _preflight(spec, out)
+        observatory = _observatory(spec, console, dashboard, dashboard_token, tensorboard, default=False)
     except SplitFTError as exc:
         raise _fail(exc) from exc
     if not spec.u_split:
@@ -450,10 +491,8 @@ def run(
         )
     made = _new_folders(out)  # removed again if the run fails before writing anything in them
     try:
-        coordinator = Coordinator(
-            spec, settings, out, resume=resume, device=server_device, progress=_ProgressView(console, spec)
-        )
-        summary = asyncio.run(coordinator.run())
+        coordinator = Coordinator(spec, settings, out, resume=resume, device=server_device, progress=observatory)
+        summary = asyncio.run(_observed(observatory, console, coordinator.run))
     except SplitFTError as exc:
         _remove_empty(made)
         raise _fail(exc) from exc
@@ -525,6 +564,15 @@ def local(
     broker: Annotated[str | None, typer.Option(help="Use this broker instead of the embedded one.")] = None,
     mqtt_protocol: Annotated[str, typer.Option(help="MQTT version of --broker: 5, or 3.1.1.")] = "5",
     device: DeviceOpt = "auto",
+    dashboard: Annotated[
+        str,
+        typer.Option(
+            help="Serve the live dashboard and /metrics on [HOST:]PORT (HOST: 127.0.0.1), or off "
+            "[default: 127.0.0.1:8765, or a free port if that one is taken]."
+        ),
+    ] = "",
+    dashboard_token: DashboardTokenOpt = None,
+    tensorboard: TensorBoardOpt = None,
 ) -> None:
     """One command, one machine: broker, coordinator and several agents with different cut layers
     fine-tune a model on GSM8K shards; ends with the adapter folder, metrics.jsonl and run.png."""
@@ -568,6 +616,11 @@ def local(
             emulate=profiles, emulate_scale=emulate_scale,
         )  # fmt: skip
         _preflight(spec, out, cut_list)
+        from splitft.coordinator.observe.dashboard import LOCAL_DEFAULT
+
+        observatory = _observatory(
+            spec, console, dashboard or LOCAL_DEFAULT, dashboard_token, tensorboard, default=not dashboard
+        )
     except SplitFTError as exc:
         raise _fail(exc) from exc
     layout = f"U split, tail {spec.tail}" if spec.u_split else "two-part split"
@@ -577,7 +630,7 @@ def local(
     )
     made = _new_folders(out)
     try:
-        summary = asyncio.run(run_local(plan, progress=_ProgressView(console, spec)))
+        summary = asyncio.run(_observed(observatory, console, lambda: run_local(plan, progress=observatory)))
     except SplitFTError as exc:
         _remove_empty(made)
         raise _fail(exc) from exc

@@ -79,7 +79,7 @@ class Coordinator(Rounds):
         will = (self.topics.coordinator_status(), {"state": "offline", "role": COORDINATOR})
         async with Link(
             self.broker, self.topics, COORDINATOR, subscriptions, will=will, on_connect=self._announce,
-            expect=self._expect,
+            expect=self._expect, on_reject=lambda reason, topic: self.progress("rejected", {"reason": reason, "topic": topic}),
         ) as link:  # fmt: skip
             self._link = link
             await self._announce()
@@ -158,7 +158,9 @@ class Coordinator(Rounds):
         self.controller = Controller(self._controller_settings(self.server.num_layers))
         if first_round == 1:
             result = await self._compute(self.server.evaluate, eval_batches)
-            self._write_metrics({"round": 0, "time_s": 0.0, **eval_fields(result)})
+            baseline = {"round": 0, "time_s": 0.0, **eval_fields(result)}
+            self._write_metrics(baseline)
+            self.progress("baseline", baseline)
 
         for round_ in range(first_round, self.job.rounds + 1):
             record = await self._run_round(round_, eval_batches)

@@ -38,8 +38,9 @@ from .server import MiddleStep, ServerModel
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-#: progress callback: (event, data) with events "waiting", "admitted", "resumed", "round_start", "step",
-#: "round_retry", "round_end", "done"
+#: progress callback: (event, data) with events "waiting", "admitted", "resumed", "baseline" (round 0's
+#: evaluation), "round_start", "step", "round_retry", "round_end", "done", and as they happen "agent" (one
+#: joined, rejoined or went offline: name, online, profile) and "rejected" (a message refused: reason, agent)
 Progress = Callable[[str, dict[str, Any]], None]
 
 #: the most a status or join may decompress to (a join's profile is a few hundred bytes)
@@ -211,6 +212,7 @@ class Session:
 
     def _count_rejection(self, reason: Refusal, agent: str, detail: str) -> None:
         self.rejected_bodies[reason] = self.rejected_bodies.get(reason, 0) + 1
+        self.progress("rejected", {"reason": str(reason), "agent": agent})
         level = logging.INFO if reason in ROUTINE_REFUSALS else logging.WARNING
         log.log(level, "rejected a message from %s: %s (%s)", agent, reason, detail)
 
@@ -232,6 +234,7 @@ class Session:
         info.offline_since = None
         info.sid = sid
         self._joined.set()
+        self.progress("agent", {"name": name, "online": True, "profile": info.profile})
         plan = self._plans.get(name)
         if plan is None or plan.dropped is not None:
             return
@@ -264,6 +267,7 @@ class Session:
         if info is not None and info.online:
             info.offline_since = time.monotonic()
             log.warning("agent %s went offline", name)
+            self.progress("agent", {"name": name, "online": False, "profile": info.profile})
             self._events.offer(name, Offline(name), 0)
             self._upload_arrived.set()
 

@@ -7,14 +7,17 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 PY=${SPLITFT_VENV:-.venv}/bin
 
-# The security tests also need mosquitto_passwd (in the mosquitto package) and the openssl command.
+# The security tests also need mosquitto_passwd (in the mosquitto package) and the openssl command; the
+# dashboard's tests a headless Chromium (Debian's chromium package, or $SPLITFT_CHROMIUM).
 have() { command -v "$1" >/dev/null || [ -x "/usr/sbin/$1" ]; }
-if ! have mosquitto || ! have mosquitto_passwd || ! have openssl; then
+browser() { [ -n "${SPLITFT_CHROMIUM:-}" ] || have chromium || have chromium-browser || have google-chrome; }
+if ! have mosquitto || ! have mosquitto_passwd || ! have openssl || ! browser; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        echo "== installing mosquitto and openssl"
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto openssl >/dev/null
+        echo "== installing mosquitto, openssl and chromium"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto openssl chromium >/dev/null
     else
-        echo "the tests need mosquitto, mosquitto_passwd and openssl (e.g. sudo apt-get install mosquitto openssl)" >&2
+        echo "the tests need mosquitto, mosquitto_passwd, openssl and chromium" \
+            "(e.g. sudo apt-get install mosquitto openssl chromium)" >&2
         exit 1
     fi
 fi

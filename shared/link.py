@@ -195,6 +195,7 @@ class Link:
         will: tuple[str, dict[str, Any]] | None = None,
         on_connect: Callable[[], Awaitable[None]] | None = None,
         expect: Expect | None = None,
+        on_reject: Callable[[str, str], None] | None = None,
     ) -> None:
         self.settings = settings
         self.topics = topics
@@ -204,6 +205,7 @@ class Link:
         self.will = will
         self.on_connect = on_connect
         self.expect = expect
+        self.on_reject = on_reject  # (reason, topic) of every message refused, as it happens
         self.rejected: Counter[str] = Counter()
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -380,6 +382,8 @@ class Link:
         self.rejected[reason] += 1
         level = logging.INFO if reason in ROUTINE_REFUSALS else logging.WARNING
         log.log(level, "%s: rejected a message on %s: %s (%s)", self.name, topic, reason, detail)
+        if self.on_reject is not None:
+            self.on_reject(str(reason), topic)
 
     async def _accept(self, topic_name: str, payload: bytes) -> None:
         """Decode one MQTT message; queue it, or count and log why not. Never raises."""

@@ -1,0 +1,63 @@
+"""Per-round scalars in TensorBoard's event-file format (``torch.utils.tensorboard.SummaryWriter``).
+
+Tags: ``eval/loss``, ``eval/perplexity``, ``eval/accuracy``, ``train/loss``, ``train/tokens``,
+``round/seconds``, ``step/seconds`` (the slowest device's mean step), ``controller/predicted_step_seconds``,
+``controller/ideal_step_seconds``, ``bytes/up``, ``bytes/down``, ``cut/<agent>`` and in the U split
+``tail/<agent>``, ``step/<agent>``; the global step is the round (round 0: the base before training).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from splitft.shared.errors import ConfigError
+
+
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` and write a file in it, or raise a ConfigError saying why not (before the job starts)."""
+    probe = folder / ".splitft-write-test"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"--tensorboard {folder}: cannot write there ({exc.strerror or exc})") from exc
+
+
+class TensorBoardLog:
+    def __init__(self, folder: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        check_writable(folder)
+        self.writer = SummaryWriter(log_dir=str(folder))
+
+    def update(self, event: str, data: dict[str, Any]) -> None:
+        if event not in ("baseline", "round_end"):
+            return
+        r, add = int(data["round"]), self.writer.add_scalar
+        add("eval/loss", data["eval_loss"], r)
+        add("eval/perplexity", data["eval_ppl"], r)
+        add("eval/accuracy", data["eval_acc"], r)
+        if event == "round_end":
+            if data.get("train_loss") is not None:
+                add("train/loss", data["train_loss"], r)
+            add("train/tokens", data["train_tokens"], r)
+            add("round/seconds", data["round_time_s"], r)
+            add("step/seconds", data["step_time_s"], r)
+            add("bytes/up", data["bytes_up"], r)
+            add("bytes/down", data["bytes_down"], r)
+            for name, a in data["agents"].items():
+                add(f"cut/{name}", a["cut"], r)
+                if "tail" in a:
+                    add(f"tail/{name}", a["tail"], r)
+                if a["dropped"] is None:
+                    add(f"step/{name}", a["step_time_s"], r)
+            decision = data.get("controller")
+            if decision is not None:
+                add("controller/predicted_step_seconds", decision["predicted_step_s"], r)
+                add("controller/ideal_step_seconds", decision["ideal_step_s"], r)
+        self.writer.flush()  # a round is minutes apart: TensorBoard sees it at once
+
+    def close(self) -> None:
+        self.writer.close()
