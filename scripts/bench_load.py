@@ -80,9 +80,9 @@ class CountingLink(Link):
         CountingLink.publish_wait_s[0] += time.perf_counter() - started
         CountingLink.sent[topic.rsplit("/", 1)[-1]] += 1
 
-    def _accept(self, topic_name: str, payload: bytes) -> None:
+    async def _accept(self, topic_name: str, payload: bytes) -> None:
         CountingLink.received[topic_name.rsplit("/", 1)[-1]] += 1
-        super()._accept(topic_name, payload)
+        await super()._accept(topic_name, payload)
 
 
 @dataclass
