@@ -22,6 +22,7 @@ import ipaddress
 import json
 import logging
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,21 +106,24 @@ class Observatory:
         self._encoded: tuple[int, bytes] = (-1, b"")
         self._stopping = False
         self.pushes = 0  # snapshots sent to pages, all clients
+        self.busy_s = 0.0  # time the coordinator's loop spent on observers: events, encoding, /metrics
 
     # ------------------------------------------------------------------ events
 
     def __call__(self, event: str, data: dict[str, Any]) -> None:
+        if self.forward is not None:
+            self.forward(event, data)
+        started = time.perf_counter()
         self.view.update(event, data)
         self.metrics.update(event, data)
         if self.tensorboard is not None:
             self.tensorboard.update(event, data)
-        if self.forward is not None:
-            self.forward(event, data)
         if self._loop is not None:
             if threading.get_ident() == self._loop_thread:
                 self._wake()
             else:
                 self._loop.call_soon_threadsafe(self._wake)
+        self.busy_s += time.perf_counter() - started
 
     def _wake(self) -> None:
         for waiter in self._waiters:
@@ -213,15 +217,19 @@ class Observatory:
     def _snapshot(self) -> bytes:
         version, encoded = self._encoded
         if version != self.view.version:
+            started = time.perf_counter()
             encoded = json.dumps(self.view.snapshot(), separators=(",", ":")).encode()
             self._encoded = (self.view.version, encoded)
+            self.busy_s += time.perf_counter() - started
         return encoded
 
     async def _state(self, request: web.Request) -> web.StreamResponse:
         return web.Response(body=self._snapshot(), content_type="application/json")
 
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
         response = web.Response(body=self.metrics.exposition())
+        self.busy_s += time.perf_counter() - started
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return response
 

@@ -244,7 +244,11 @@ function connect() {
   const source = new EventSource(withToken("events"));
   source.addEventListener("state", (event) => {
     document.getElementById("banner").hidden = true;
+    const started = performance.now();
     render(JSON.parse(event.data));
+    const ms = performance.now() - started;  // kept for the benchmarks: what drawing one snapshot costs
+    const r = (window.splitftRender ||= { count: 0, totalMs: 0, maxMs: 0, bytes: 0 });
+    r.count += 1; r.totalMs += ms; r.maxMs = Math.max(r.maxMs, ms); r.bytes = event.data.length;
   });
   source.onerror = () => {
     const finished = ["done", "failed"].includes(document.body.dataset.status);
