@@ -135,6 +135,15 @@ def report(args: argparse.Namespace, runs: list[dict[str, Any]]) -> str:
     lags = [lag for r in on for lag in r["lag_s"]]
     render = [r["render"] for r in on]
     lines = [
+        "## Watching a job: what the dashboard, /metrics and TensorBoard cost",
+        "",
+        "The load benchmark's fleet (tiny-gpt2, B=1, T<=32, cut 1, one coordinator with 1 torch thread, all "
+        "agents in one `scripts/agent_fleet.py` process, Mosquitto on loopback) with the observers off, and on: "
+        "the dashboard and /metrics served, the TensorBoard log written, a headless Chromium showing the page "
+        "and a scraper reading /metrics every second. The browser runs on the same two cores as everything "
+        "else (an operator's runs elsewhere), so the wall-time ratio is an upper bound; the coordinator's own "
+        "time on the observers is measured directly.",
+        "",
         f"Measured {time.strftime('%Y-%m-%d')} on {cpu_name()} ({torch.get_num_threads()} torch threads available), "
         f"{args.agents} agents, {args.rounds} rounds of {args.local_steps} steps, {len(off)} runs off and {len(on)} on, "
         "alternating; steady rounds 2.."
