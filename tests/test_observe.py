@@ -74,6 +74,7 @@ async def test_dashboard_in_a_browser_metrics_and_tensorboard(broker: Broker, tm
 
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     # The page: every agent in the table, the loss chart gaining points as rounds finished, live.
+    assert page.errors == []  # the page's script never failed
     assert final["rows"] == ["a1", "a2"]
     assert final["points"] == ROUNDS + 1 and final["bars"] == ROUNDS and final["cutPoints"] == 2 * ROUNDS
     assert final["parts"] == 2 * 5  # each row's step split into its five parts
@@ -122,8 +123,8 @@ async def test_dashboard_token() -> None:
 
 
 def test_bad_observer_flags_fail_before_the_job(tmp_path: Path) -> None:
-    """A taken port, an unwritable TensorBoard folder, a malformed address: one clear error, nothing written
-    (the broker named is never reached: nothing listens there)."""
+    """A taken port, an unwritable TensorBoard folder, a malformed address: one clear error, nothing written,
+    not even the TensorBoard folder checked first (the broker named is never reached: nothing listens there)."""
     runner = CliRunner()
     out = tmp_path / "run"
     base = [
@@ -141,7 +142,7 @@ def test_bad_observer_flags_fail_before_the_job(tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = runner.invoke(app, [*base, "--dashboard", f"127.0.0.1:{port}"])
+        result = runner.invoke(app, [*base, "--dashboard", f"127.0.0.1:{port}", "--tensorboard", str(out / "tb")])
         assert_error(result, ExitCode.CONFIG, "--dashboard", port, "cannot listen")
     blocker = tmp_path / "a-file"
     blocker.write_text("")

@@ -44,12 +44,16 @@ class Page:
     def __init__(self, socket: aiohttp.ClientWebSocketResponse) -> None:
         self.socket = socket
         self._ids = itertools.count(1)
+        self.errors: list[str] = []  # uncaught exceptions of the page's scripts, as they came
 
     async def call(self, method: str, **params: Any) -> dict[str, Any]:
         call_id = next(self._ids)
         await self.socket.send_json({"id": call_id, "method": method, "params": params})
-        while True:  # events of the page come in between: skip them
+        while True:  # events of the page come in between: keep its script errors, skip the rest
             message = await self.socket.receive_json(timeout=60)
+            if message.get("method") == "Runtime.exceptionThrown":
+                details = message["params"]["exceptionDetails"]
+                self.errors.append(str(details.get("exception", {}).get("description") or details.get("text")))
             if message.get("id") == call_id:
                 if "error" in message:
                     raise BrowserError(f"{method}: {message['error']}")
@@ -75,7 +79,8 @@ class Page:
             if value:
                 return value
             if time.monotonic() > deadline:
-                raise BrowserError(f"waited {timeout_s:g} s for {expression!r}")
+                errors = f"; the page's script failed: {self.errors[-1]}" if self.errors else ""
+                raise BrowserError(f"waited {timeout_s:g} s for {expression!r}{errors}")
             await asyncio.sleep(poll_s)
 
     async def screenshot(self, path: Path) -> Path:
@@ -114,6 +119,7 @@ async def chromium(width: int = 1400, height: int = 1000, binary: str | None = N
             async with session.ws_connect(page_url, max_msg_size=0) as socket:
                 page = Page(socket)
                 await page.call("Page.enable")
+                await page.call("Runtime.enable")  # the page's script errors reach Page.errors
                 yield page
     finally:
         if process.poll() is None:

@@ -96,7 +96,8 @@ class Observatory:
         self.metrics = JobMetrics(job.job)
         self.address = dashboard
         self.token = token or None
-        self.tensorboard = TensorBoardLog(tensorboard) if tensorboard is not None else None
+        self.tensorboard_dir = tensorboard
+        self.tensorboard: TensorBoardLog | None = None  # opened with the server, when the job starts
         self.forward = forward
         self.url: str | None = None  # once bound
         self._runner: web.AppRunner | None = None
@@ -139,6 +140,8 @@ class Observatory:
         self._loop, self._loop_thread = asyncio.get_running_loop(), threading.get_ident()
         if self.address is not None:
             await self._serve(self.address)
+        if self.tensorboard_dir is not None:
+            self.tensorboard = TensorBoardLog(self.tensorboard_dir)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

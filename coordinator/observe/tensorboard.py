@@ -8,6 +8,7 @@ Tags: ``eval/loss``, ``eval/perplexity``, ``eval/accuracy``, ``train/loss``, ``t
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,12 @@ from splitft.shared.errors import ConfigError
 
 
 def check_writable(folder: Path) -> None:
-    """Create ``folder`` and write a file in it, or raise a ConfigError saying why not (before the job starts)."""
+    """Raise a ConfigError saying why not if ``folder`` cannot be made and written (before the job starts);
+    the folders made to find out are removed again (the writer makes them when the job starts)."""
+    missing = folder
+    while not missing.parent.exists() and missing.parent != missing:
+        missing = missing.parent
+    made = missing if not missing.exists() else None
     probe = folder / ".splitft-write-test"
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -23,6 +29,9 @@ def check_writable(folder: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise ConfigError(f"--tensorboard {folder}: cannot write there ({exc.strerror or exc})") from exc
+    finally:
+        if made is not None and made.is_dir():
+            shutil.rmtree(made, ignore_errors=True)
 
 
 class TensorBoardLog:
@@ -30,6 +39,7 @@ class TensorBoardLog:
         from torch.utils.tensorboard import SummaryWriter
 
         check_writable(folder)
+        folder.mkdir(parents=True, exist_ok=True)
         self.writer = SummaryWriter(log_dir=str(folder))
 
     def update(self, event: str, data: dict[str, Any]) -> None:

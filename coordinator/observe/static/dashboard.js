@@ -87,16 +87,17 @@ function drawLoss(svg, rounds) {
   svg.append(el("text", { x: W - M.r, y: M.t + 10, "text-anchor": "end", class: "note" }, note));
 }
 
-function drawCuts(svg, rounds, agents, split) {
+function drawCuts(svg, rounds, agents) {
   const played = rounds.filter((r) => r.cuts);
   if (!played.length) return empty(svg, "no round finished yet");
   const names = agents.map((a) => a.name);
   let top = 1;
   for (const r of played) for (const n of names) top = Math.max(top, (r.cuts[n] || 0), (r.tails && r.tails[n]) || 0);
   const x0 = played[0].round, x1 = Math.max(played[played.length - 1].round, x0 + 1);
+  const tails = played.some((r) => r.tails && Object.values(r.tails).some((k) => k > 0));  // else: no tail lines
   const { sx, sy } = axes(svg, x0, x1, 0, top + 0.5,
-    { xLabel: "round", yLabel: split === "u" ? "cut (solid), tail (dashed)" : "cut layer", xInt: true, yInt: true });
-  const kinds = split === "u" ? [["cuts", ""], ["tails", "5 3"]] : [["cuts", ""]];
+    { xLabel: "round", yLabel: tails ? "cut (solid), tail (dashed)" : "cut layer", xInt: true, yInt: true });
+  const kinds = tails ? [["cuts", ""], ["tails", "5 3"]] : [["cuts", ""]];
   names.forEach((n, k) => {
     const jitter = (k - (names.length - 1) / 2) * Math.min(2, 8 / names.length);
     for (const [key, dash] of kinds) {
@@ -118,7 +119,7 @@ function drawBytes(svg, rounds) {
   if (!played.length) return empty(svg, "no round finished yet");
   const top = Math.max(...played.map((r) => Math.max(r.bytes_up, r.bytes_down)), 1) / 1e6;
   const x0 = played[0].round - 0.5, x1 = played[played.length - 1].round + 0.5;
-  const { sx, sy } = axes(svg, x0, x1, 0, top * 1.1, { xLabel: "round", yLabel: "MB", xInt: true });
+  const { sx, sy } = axes(svg, x0, x1, 0, top * 1.4, { xLabel: "round", yLabel: "MB", xInt: true });  // room for the legend
   const width = Math.max(2, ((W - M.l - M.r) / (x1 - x0)) * 0.35);
   for (const r of played) {
     for (const [key, dx, color] of [["bytes_up", -width, PALETTE[1]], ["bytes_down", 0, PALETTE[2]]]) {
@@ -152,7 +153,7 @@ function drawFleet(state) {
     name.prepend(Object.assign(document.createElement("span"), { className: "dot", style: `background:${colors[a.name]}` }));
     cell(tr, a.class);
     cell(tr, a.online ? "online" : "offline", a.online ? "online" : "offline");
-    cell(tr, a.cut === null ? "-" : a.tail ? `${a.cut} + ${a.tail}` : `${a.cut}`, "num");
+    cell(tr, a.cut === null ? "-" : a.tail !== null && a.tail !== undefined ? `${a.cut} + ${a.tail}` : `${a.cut}`, "num");
     cell(tr, a.step_s === null ? "-" : `${fmt(a.step_s)} s`, "num");
     const bar = document.createElement("div");
     bar.className = "bar";
@@ -196,7 +197,7 @@ function drawController(c) {
   const add = (k, v) => dl.append(Object.assign(document.createElement("dt"), { textContent: k }),
                                   Object.assign(document.createElement("dd"), { textContent: v }));
   add("round", `${c.round} (${c.policy})`);
-  add("decision", `${c.kept ? "kept the cuts" : "moved cuts"}: ${c.reason}`);
+  add("decision", c.reason);
   const turnarounds = Object.entries(c.predicted_device_s || {}).sort((a, b) => b[1] - a[1]);
   const slowest = turnarounds.length ? `, slowest device ${turnarounds[0][0]} ${fmt(turnarounds[0][1])} s` : "";
   add("predicted step", `${fmt(c.predicted_step_s)} s (server ${fmt(c.predicted_server_s)} s${slowest})`);
@@ -231,7 +232,7 @@ function render(state) {
   banner.textContent = state.error ? `the job failed: ${state.error}` : "";
   drawFleet(state);
   drawLoss(document.getElementById("loss-chart"), state.rounds);
-  drawCuts(document.getElementById("cut-chart"), state.rounds, state.agents, job.split);
+  drawCuts(document.getElementById("cut-chart"), state.rounds, state.agents);
   drawBytes(document.getElementById("bytes-chart"), state.rounds);
   drawController(state.controller);
   drawRejected(state.rejected);
