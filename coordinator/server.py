@@ -46,6 +46,7 @@ from splitft.shared.lora import LoraSettings, block_ranks, load_lora_state, lora
 from splitft.shared.models import is_preset, load_config, num_layers
 from splitft.shared.protocol import Activations
 from splitft.shared.split import (
+    IGNORE_INDEX,
     EvalResult,
     Segment,
     SegmentSpec,
@@ -108,6 +109,30 @@ class MiddleStep:
     hidden: torch.Tensor  # (B, T, C) the device's activations at the cut, requiring grad
     top: torch.Tensor  # (B, T, C) the activations entering the device's tail, with their graph
     tokens: int  # the batch's real tokens: its weight
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One device's batch of a step, for :meth:`ServerModel.train_batch`."""
+
+    agent: str
+    cut: int
+    act: Activations
+
+
+def _passes(items: Sequence[BatchItem], max_tokens: int) -> list[list[BatchItem]]:
+    """Consecutive runs of ``items`` whose rows x longest length stay within ``max_tokens`` (one item at least)."""
+    passes: list[list[BatchItem]] = []
+    rows = width = 0
+    for item in items:
+        b, t = item.act.hidden.shape[:2]
+        if passes and (max_tokens <= 0 or (rows + b) * max(width, t) <= max_tokens):
+            passes[-1].append(item)
+            rows, width = rows + b, max(width, t)
+        else:
+            passes.append([item])
+            rows, width = b, t
+    return passes
 
 
 @dataclass(frozen=True)
@@ -198,6 +223,81 @@ class ServerModel:
         assert hidden.grad is not None
         grad = (hidden.grad / max(tokens, 1)).cpu()
         return StepResult(grad, float(loss_sum.detach()) / max(tokens, 1), tokens, correct / max(tokens, 1))
+
+    def train_batch(self, items: Sequence[BatchItem], max_tokens: int = 0) -> dict[str, StepResult]:
+        """Two-part: several devices' batches of one step in as few forward/backward passes as they fit in,
+        each device's result as :meth:`train_on` would give it (to floating-point rounding).
+
+        The batches are padded to the longest (right padding, masked: a row's real positions see the same
+        keys and positions as alone) and ordered by cut. The devices cut shallowest run alone up to the
+        next cut, where the next devices' batches join them, and so on: every block runs once on every
+        row that passes through it. ``max_tokens`` (rows x padded length, 0: no bound) caps one pass; the
+        devices beyond it go in another. One pass's LoRA gradients are one share of the step, stashed
+        under the names of its devices (so the step is the same whatever order they arrived in).
+        """
+        results: dict[str, StepResult] = {}
+        for chunk in _passes(sorted(items, key=lambda i: (i.cut, i.agent)), max_tokens):
+            results.update(self._train_merged(chunk))
+        return results
+
+    def _train_merged(self, items: Sequence[BatchItem]) -> dict[str, StepResult]:
+        items = sorted(items, key=lambda i: (i.cut, i.agent))  # the rows of the merged batch, in this order
+        self.segment.train()
+        width = max(item.act.hidden.shape[1] for item in items)
+        leaves, masks, labels = [], [], []
+        for item in items:
+            act = item.act
+            if act.labels is None:
+                raise ValueError("a two-part step needs the batch's labels")
+            pad = width - act.hidden.shape[1]
+            leaves.append(act.hidden.detach().to(self.device).requires_grad_())  # (B_i, T_i, C), a leaf of our own
+            masks.append(torch.nn.functional.pad(act.attention_mask, (0, pad)).to(self.device))  # (B_i, T)
+            labels.append(torch.nn.functional.pad(act.labels, (0, pad), value=IGNORE_INDEX).to(self.device))
+        padded = [torch.nn.functional.pad(h, (0, 0, 0, width - h.shape[1])) for h in leaves]  # (B_i, T, C)
+        cuts = sorted({item.cut for item in items})
+        hidden: torch.Tensor | None = None
+        joined = 0  # items in the merged batch so far
+        for k, cut in enumerate(cuts):
+            group = [i for i, item in enumerate(items) if item.cut == cut]
+            hidden = torch.cat(([hidden] if hidden is not None else []) + [padded[i] for i in group])
+            joined += len(group)
+            stop = cuts[k + 1] if k + 1 < len(cuts) else self.num_layers
+            mask = torch.cat(masks[:joined])
+            hidden = self.segment(hidden, mask, start=cut, stop=stop, with_head=False)  # (R, T, C)
+        assert hidden is not None
+        # The head and the loss device by device, on the merged blocks' output cut off from their graph: the
+        # head is per token (merging gains nothing there), and one device's logits (targets x vocabulary)
+        # are freed before the next's are made. Then one backward pass through the merged blocks.
+        top = hidden.detach().requires_grad_()  # (R, T, C)
+        losses, counts, hits = [], [], []
+        first = 0
+        for target_rows in labels:
+            rows = slice(first, first + target_rows.shape[0])
+            first = rows.stop
+            targets = target_rows[:, 1:]  # position t predicts labels[t + 1]
+            picked = targets != IGNORE_INDEX
+            logits = self.segment.head(top[rows, :-1][picked])  # (N_i, V)
+            wanted = targets[picked]
+            loss_sum = torch.nn.functional.cross_entropy(logits.float(), wanted, reduction="sum")
+            if wanted.numel():
+                loss_sum.backward()
+            losses.append(float(loss_sum.detach()))
+            counts.append(int(wanted.numel()))
+            hits.append(int((logits.detach().argmax(-1) == wanted).sum()))
+        if top.grad is not None:
+            hidden.backward(top.grad)
+        self._stash(",".join(item.agent for item in items))
+        results = {}
+        for i, item in enumerate(items):
+            tokens = counts[i]
+            for block in range(item.cut, self.num_layers):
+                self._step_tokens[block] += tokens
+            leaf_grad = leaves[i].grad
+            grad: torch.Tensor = leaf_grad if leaf_grad is not None else torch.zeros_like(leaves[i])
+            results[item.agent] = StepResult(
+                (grad / max(tokens, 1)).cpu(), losses[i] / max(tokens, 1), tokens, hits[i] / max(tokens, 1)
+            )
+        return results
 
     def forward_middle(self, cut: int, tail_start: int, act: Activations) -> MiddleStep:
         """U split: run one device's batch through blocks ``cut..tail_start-1``; the graph is kept."""

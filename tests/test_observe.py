@@ -99,7 +99,9 @@ async def test_dashboard_in_a_browser_metrics_and_tensorboard(broker: Broker, tm
         assert samples[("splitft_agent_cut", (("agent", name),))] == metrics[-1]["cuts"][name]
 
     # TensorBoard's own reader sees every round.
-    events = EventAccumulator(str(out / "tb"))
+    (run,) = (out / "tb").iterdir()  # one run per job: tb/<job>-<date>-<time>
+    assert run.name.startswith("watch-")
+    events = EventAccumulator(str(run))
     events.Reload()
     losses = [(e.step, round(e.value, 4)) for e in events.Scalars("eval/loss")]
     assert losses == [(m["round"], round(m["eval_loss"], 4)) for m in metrics]
@@ -115,10 +117,12 @@ async def test_dashboard_token() -> None:
             async with session.get(base + path) as response:
                 assert response.status == 401, path
         async with session.get(base + "api/state?token=wrong") as response:
-            assert response.status == 401
+            assert response.status == 401 and response.headers["WWW-Authenticate"].startswith("Bearer")
+        async with session.get(base + "static/dashboard.js") as response:  # the package's files: no data
+            assert response.status == 200
         async with session.get(base + "api/state?token=s3cret") as response:
             assert (await response.json())["job"]["name"] == "guarded"
-        async with session.get(base + "metrics", headers={"Authorization": "Bearer s3cret"}) as response:
+        async with session.get(base + "metrics", headers={"Authorization": "bearer s3cret"}) as response:
             assert response.status == 200 and "splitft_job_info" in await response.text()
 
 

@@ -21,8 +21,10 @@ import hmac
 import ipaddress
 import json
 import logging
+import socket
 import threading
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,8 +98,7 @@ class Observatory:
         self.metrics = JobMetrics(job.job)
         self.address = dashboard
         self.token = token or None
-        self.tensorboard_dir = tensorboard
-        self.tensorboard: TensorBoardLog | None = None  # opened with the server, when the job starts
+        self.tensorboard = TensorBoardLog(tensorboard, job.job) if tensorboard is not None else None
         self.forward = forward
         self.url: str | None = None  # once bound
         self._runner: web.AppRunner | None = None
@@ -105,6 +106,8 @@ class Observatory:
         self._loop_thread = 0
         self._waiters: set[asyncio.Event] = set()  # one per open event stream
         self._encoded: tuple[int, bytes] = (-1, b"")
+        self._encoded_at = 0.0
+        self._failures: set[str] = set()  # the observers that failed (each is logged once)
         self._stopping = False
         self.pushes = 0  # snapshots sent to pages, all clients
         self.busy_s = 0.0  # time the coordinator's loop spent on observers: events, encoding, /metrics
@@ -115,10 +118,16 @@ class Observatory:
         if self.forward is not None:
             self.forward(event, data)
         started = time.perf_counter()
-        self.view.update(event, data)
-        self.metrics.update(event, data)
+        observers: list[tuple[str, Progress]] = [("dashboard", self.view.update), ("metrics", self.metrics.update)]
         if self.tensorboard is not None:
-            self.tensorboard.update(event, data)
+            observers.append(("tensorboard", self.tensorboard.update))
+        for name, update in observers:
+            try:
+                update(event, data)
+            except Exception:  # an observer must never stop the job (e.g. a full disk under the TensorBoard log)
+                if name not in self._failures:
+                    self._failures.add(name)
+                    log.exception("the %s observer failed on a %r event; the job goes on", name, event)
         if self._loop is not None:
             if threading.get_ident() == self._loop_thread:
                 self._wake()
@@ -140,8 +149,6 @@ class Observatory:
         self._loop, self._loop_thread = asyncio.get_running_loop(), threading.get_ident()
         if self.address is not None:
             await self._serve(self.address)
-        if self.tensorboard_dir is not None:
-            self.tensorboard = TensorBoardLog(self.tensorboard_dir)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -180,8 +187,11 @@ class Observatory:
         server = getattr(site, "_server", None)
         sockets = getattr(server, "sockets", None) or []
         bound = sockets[0].getsockname()[1] if sockets else port
-        shown = address.host if ":" not in address.host else f"[{address.host}]"
-        self.url = f"http://{shown}:{bound}/" + (f"?token={self.token}" if self.token else "")
+        host = socket.gethostname() if address.host in ("0.0.0.0", "::", "") else address.host
+        shown = host if ":" not in host else f"[{host}]"
+        self.url = f"http://{shown}:{bound}/" + (
+            f"?token={urllib.parse.quote(self.token, safe='')}" if self.token else ""
+        )
         if not address.loopback and self.token is None:
             log.warning("the dashboard listens on %s without a token: anyone who can reach it can read it", shown)
 
@@ -201,14 +211,17 @@ class Observatory:
     async def _guard(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        if self.token is not None:
+        # The page's script and style sheet are the package's own files, the same for everyone: they carry no
+        # data of the job, and the browser fetches them without the page's ?token=.
+        if self.token is not None and not request.path.startswith("/static/"):
             given = request.query.get("token", "")
-            header = request.headers.get("Authorization", "")
-            if header.startswith("Bearer "):
-                given = header.removeprefix("Bearer ")
+            scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() == "bearer":
+                given = credentials.strip()
             if not hmac.compare_digest(given.encode(), self.token.encode()):
                 raise web.HTTPUnauthorized(
-                    text="this dashboard wants its token: ?token=... or Authorization: Bearer ..."
+                    text="this dashboard wants its token: ?token=... or Authorization: Bearer ...",
+                    headers={"WWW-Authenticate": 'Bearer realm="splitft"'},
                 )
         response = await handler(request)
         response.headers.setdefault("Cache-Control", "no-store")
@@ -217,17 +230,20 @@ class Observatory:
     async def _index(self, request: web.Request) -> web.StreamResponse:
         return web.FileResponse(STATIC / "index.html")
 
-    def _snapshot(self) -> bytes:
+    def _snapshot(self) -> tuple[int, bytes]:
+        """(version, JSON) of the view: made again at most :data:`MAX_PUSHES_PER_S` times a second, however
+        many pages are open and however fast events come (a flood of refused messages bumps the version)."""
         version, encoded = self._encoded
-        if version != self.view.version:
+        now = time.monotonic()
+        if version != self.view.version and now - self._encoded_at >= 1 / MAX_PUSHES_PER_S:
             started = time.perf_counter()
-            encoded = json.dumps(self.view.snapshot(), separators=(",", ":")).encode()
-            self._encoded = (self.view.version, encoded)
+            version, encoded = self.view.version, json.dumps(self.view.snapshot(), separators=(",", ":")).encode()
+            self._encoded, self._encoded_at = (version, encoded), now
             self.busy_s += time.perf_counter() - started
-        return encoded
+        return version, encoded
 
     async def _state(self, request: web.Request) -> web.StreamResponse:
-        return web.Response(body=self._snapshot(), content_type="application/json")
+        return web.Response(body=self._snapshot()[1], content_type="application/json")
 
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
@@ -245,10 +261,12 @@ class Observatory:
         try:
             while True:
                 if self.view.version != sent:
-                    sent = self.view.version
-                    await response.write(b"event: state\ndata: " + self._snapshot() + b"\n\n")
-                    self.pushes += 1
-                if self._stopping:
+                    version, encoded = self._snapshot()
+                    if version != sent:
+                        sent = version
+                        await response.write(b"event: state\ndata: " + encoded + b"\n\n")
+                        self.pushes += 1
+                if self._stopping and sent == self.view.version:
                     break
                 await asyncio.sleep(1 / MAX_PUSHES_PER_S)  # pushes are coalesced: one per interval at most
                 changed.clear()
@@ -257,8 +275,8 @@ class Observatory:
                         await asyncio.wait_for(changed.wait(), HEARTBEAT_S)
                     except TimeoutError:
                         await response.write(b": heartbeat\n\n")
-        except (ConnectionResetError, asyncio.CancelledError):
-            pass  # the page went away, or the server stops
+        except ConnectionResetError:
+            pass  # the page went away
         finally:
             self._waiters.discard(changed)
         return response

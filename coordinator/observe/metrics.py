@@ -30,8 +30,9 @@ class JobMetrics:
 
     def __init__(self, job: str) -> None:
         self.registry = r = CollectorRegistry()
-        self.info = Gauge("splitft_job_info", "The job being run (always 1).", ["job"], registry=r)
-        self.info.labels(job=job).set(1)
+        # `splitft_job`, not `job`: Prometheus sets `job` itself (the scrape job) and would rename ours
+        self.info = Gauge("splitft_job_info", "The job being run (always 1).", ["splitft_job"], registry=r)
+        self.info.labels(splitft_job=job).set(1)
         self.round = Gauge("splitft_round", "The round running (or last run).", registry=r)
         self.rounds = Counter("splitft_rounds_completed_total", "Rounds applied (evaluated and written).", registry=r)
         self.retries = Counter("splitft_round_retries_total", "Round attempts rolled back.", registry=r)
@@ -69,7 +70,14 @@ class JobMetrics:
         self.ideal = Gauge(
             "splitft_controller_ideal_step_seconds", "The controller's ideal (bound) step time.", registry=r
         )
-        self.achieved = Gauge("splitft_step_seconds_achieved", "The last round's slowest mean step time.", registry=r)
+        self.achieved = Gauge(
+            "splitft_step_achieved_seconds", "The last round's slowest mean step time, as the coordinator times it.",
+            registry=r,
+        )  # fmt: skip
+        # Not known before the first evaluation or decision: NaN (no value), not a 0 that a graph would draw.
+        for gauge in (self.eval_loss, self.eval_ppl, self.eval_acc, self.train_loss, self.predicted, self.ideal,
+                      self.achieved):  # fmt: skip
+            gauge.set(float("nan"))
         self._online: set[str] = set()
         self._version = 0  # bumped by every change; the exposition is made again only after one
         self._exposed: tuple[int, bytes] = (-1, b"")

@@ -1,14 +1,18 @@
 """Per-round scalars in TensorBoard's event-file format (``torch.utils.tensorboard.SummaryWriter``).
 
-Tags: ``eval/loss``, ``eval/perplexity``, ``eval/accuracy``, ``train/loss``, ``train/tokens``,
-``round/seconds``, ``step/seconds`` (the slowest device's mean step), ``controller/predicted_step_seconds``,
-``controller/ideal_step_seconds``, ``bytes/up``, ``bytes/down``, ``cut/<agent>`` and in the U split
-``tail/<agent>``, ``step/<agent>``; the global step is the round (round 0: the base before training).
+Each job writes a run of its own, ``<folder>/<job>-<date>-<time>``, so that several jobs (or a job run
+again) in one folder show as separate runs. The writer opens with the first evaluation, so a job that
+fails before it leaves nothing behind. Tags: ``eval/loss``, ``eval/perplexity``, ``eval/accuracy``,
+``train/loss``, ``train/tokens``, ``round/seconds``, ``round/step_seconds`` (the slowest device's mean
+step, as the coordinator times it), ``controller/predicted_step_seconds``, ``controller/ideal_step_seconds``,
+``bytes/up``, ``bytes/down``, and per device ``cut/<agent>``, in the U split ``tail/<agent>``, and
+``step_seconds/<agent>`` (its mean step as it timed it, the sum of the parts the dashboard shows); the global step is the round (round 0: the base before training).
 """
 
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,17 +39,23 @@ def check_writable(folder: Path) -> None:
 
 
 class TensorBoardLog:
-    def __init__(self, folder: Path) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+    def __init__(self, folder: Path, job: str) -> None:
+        self.folder = folder / f"{job}-{time.strftime('%Y%m%d-%H%M%S')}"
+        self._writer: Any = None
 
-        check_writable(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.writer = SummaryWriter(log_dir=str(folder))
+    def writer(self) -> Any:
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._writer = SummaryWriter(log_dir=str(self.folder))
+        return self._writer
 
     def update(self, event: str, data: dict[str, Any]) -> None:
         if event not in ("baseline", "round_end"):
             return
-        r, add = int(data["round"]), self.writer.add_scalar
+        writer = self.writer()
+        r, add = int(data["round"]), writer.add_scalar
         add("eval/loss", data["eval_loss"], r)
         add("eval/perplexity", data["eval_ppl"], r)
         add("eval/accuracy", data["eval_acc"], r)
@@ -54,20 +64,22 @@ class TensorBoardLog:
                 add("train/loss", data["train_loss"], r)
             add("train/tokens", data["train_tokens"], r)
             add("round/seconds", data["round_time_s"], r)
-            add("step/seconds", data["step_time_s"], r)
+            add("round/step_seconds", data["step_time_s"], r)
             add("bytes/up", data["bytes_up"], r)
             add("bytes/down", data["bytes_down"], r)
             for name, a in data["agents"].items():
                 add(f"cut/{name}", a["cut"], r)
                 if "tail" in a:
                     add(f"tail/{name}", a["tail"], r)
-                if a["dropped"] is None:
-                    add(f"step/{name}", a["step_time_s"], r)
+                timings = a.get("timings") or {}
+                if a["dropped"] is None and "step_s" in timings:
+                    add(f"step_seconds/{name}", timings["step_s"], r)
             decision = data.get("controller")
             if decision is not None:
                 add("controller/predicted_step_seconds", decision["predicted_step_s"], r)
                 add("controller/ideal_step_seconds", decision["ideal_step_s"], r)
-        self.writer.flush()  # a round is minutes apart: TensorBoard sees it at once
+        writer.flush()  # a round is minutes apart: TensorBoard sees it at once
 
     def close(self) -> None:
-        self.writer.close()
+        if self._writer is not None:
+            self._writer.close()

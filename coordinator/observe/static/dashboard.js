@@ -32,27 +32,31 @@ function bytes(n) {
   return `${n} B`;
 }
 
+// Round tick values between lo and hi, at most about `count`, with the decimals their step needs.
 function ticks(lo, hi, count, integer) {
   if (hi <= lo) hi = lo + 1;
   let step = Math.pow(10, Math.floor(Math.log10((hi - lo) / count)));
   for (const m of [1, 2, 5, 10]) { if ((hi - lo) / (step * m) <= count) { step *= m; break; } }
   if (integer) step = Math.max(1, Math.round(step));
+  const decimals = Math.max(0, -Math.floor(Math.log10(step) + 1e-9));
   const out = [];
-  for (let v = Math.ceil(lo / step) * step; v <= hi + 1e-9; v += step) out.push(+v.toFixed(10));
+  for (let v = Math.ceil(lo / step) * step; v <= hi + 1e-9; v += step) {
+    out.push({ value: v, label: v.toFixed(decimals) });
+  }
   return out;
 }
 
 // Axes and grid on an emptied SVG; returns the scales.
-function axes(svg, x0, x1, y0, y1, { xLabel, yLabel, xInt, yInt, yFormat = fmt }) {
+function axes(svg, x0, x1, y0, y1, { xLabel, yLabel, xInt, yInt }) {
   svg.replaceChildren();
   const sx = (x) => M.l + ((x - x0) / (x1 - x0 || 1)) * (W - M.l - M.r);
   const sy = (y) => H - M.b - ((y - y0) / (y1 - y0 || 1)) * (H - M.t - M.b);
   for (const t of ticks(y0, y1, 5, yInt)) {
-    svg.append(el("line", { class: "grid", x1: M.l, x2: W - M.r, y1: sy(t), y2: sy(t) }));
-    svg.append(el("text", { x: M.l - 6, y: sy(t) + 4, "text-anchor": "end" }, yFormat(t)));
+    svg.append(el("line", { class: "grid", x1: M.l, x2: W - M.r, y1: sy(t.value), y2: sy(t.value) }));
+    svg.append(el("text", { x: M.l - 6, y: sy(t.value) + 4, "text-anchor": "end" }, t.label));
   }
   for (const t of ticks(x0, x1, 6, xInt)) {
-    svg.append(el("text", { x: sx(t), y: H - M.b + 15, "text-anchor": "middle" }, fmt(t)));
+    svg.append(el("text", { x: sx(t.value), y: H - M.b + 15, "text-anchor": "middle" }, t.label));
   }
   svg.append(el("line", { class: "axis", x1: M.l, x2: W - M.r, y1: H - M.b, y2: H - M.b }));
   svg.append(el("line", { class: "axis", x1: M.l, x2: M.l, y1: M.t, y2: H - M.b }));
@@ -226,7 +230,7 @@ function render(state) {
   const online = state.agents.filter((a) => a.online).length;
   document.getElementById("job-facts").textContent =
     `${job.model} | ${job.split === "u" ? "U split" : "two-part split"} | policy ${job.policy} | ` +
-    `${online} of ${state.agents.length} devices online (${job.min_agents} needed) | ${fmt(state.elapsed_s)} s`;
+    `${online} of ${state.agents.length} devices online (${job.min_agents} needed) | elapsed ${fmt(state.elapsed_s)} s`;
   const banner = document.getElementById("banner");
   banner.hidden = !state.error;
   banner.textContent = state.error ? `the job failed: ${state.error}` : "";

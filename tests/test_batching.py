@@ -1,0 +1,65 @@
+"""The batched server segment: several devices' batches of a step merged into as few passes as fit, equal to
+serving them one by one (loss, accuracy, the gradient each device gets, every LoRA gradient; fp32, 1e-5)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from splitft.coordinator.server import BatchItem, ServerModel
+from splitft.shared.config import JobConfig, OptimizerSettings
+from splitft.shared.protocol import Activations
+
+# (agent, cut, rows, length): devices cut at three depths, batches of different lengths
+DEVICES = [("d1", 1, 2, 20), ("d2", 3, 2, 32), ("d3", 1, 3, 17), ("d4", 5, 2, 32), ("d5", 3, 1, 9)]
+
+
+def batches(hidden_size: int, vocab: int) -> list[BatchItem]:
+    gen = torch.Generator().manual_seed(3)
+    items = []
+    for agent, cut, rows, length in DEVICES:
+        lengths = torch.randint(length // 2, length + 1, (rows,), generator=gen)
+        lengths[0] = length
+        labels = torch.randint(0, vocab, (rows, length), generator=gen)
+        prompt = torch.arange(length).unsqueeze(0) < (lengths // 3).unsqueeze(1)  # no loss on the prompt
+        padding = torch.arange(length).unsqueeze(0) >= lengths.unsqueeze(1)
+        labels[prompt | padding] = -100
+        hidden = torch.randn(rows, length, hidden_size, generator=gen)
+        items.append(BatchItem(agent, cut, Activations(hidden, labels, lengths, {})))
+    return items
+
+
+def server() -> ServerModel:
+    job = JobConfig(model="tiny-gpt2", optimizer=OptimizerSettings(name="sgd", lr=0.1))
+    return ServerModel(job, [1, 3, 5])
+
+
+def summed_grads(model: ServerModel) -> dict[str, torch.Tensor]:
+    shares = model._step_grads.values()
+    return {n: sum(s[n] for s in shares if n in s) for n in model.params if any(n in s for s in shares)}  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("max_tokens", [0, 96])  # one pass; several passes under a cap
+def test_merged_passes_equal_one_device_at_a_time(max_tokens: int) -> None:
+    one, merged = server(), server()
+    items = batches(one.hidden_size, one.vocab_size)
+    alone = {i.agent: one.train_on(i.cut, i.act, i.agent) for i in items}
+    together = merged.train_batch(items, max_tokens=max_tokens)
+    assert set(together) == set(alone)
+    for agent, expected in alone.items():
+        got = together[agent]
+        assert got.tokens == expected.tokens
+        assert got.loss == pytest.approx(expected.loss, rel=1e-5)
+        assert got.accuracy == pytest.approx(expected.accuracy, abs=1e-9)
+        torch.testing.assert_close(got.grad, expected.grad, rtol=1e-5, atol=1e-7)
+    assert merged._step_tokens == one._step_tokens
+    expected_grads, got_grads = summed_grads(one), summed_grads(merged)
+    assert set(got_grads) == set(expected_grads) and expected_grads
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    if max_tokens:
+        assert len(merged._step_grads) > 1  # the cap did split the step into passes
+    one.finish_step()
+    merged.finish_step()
+    for name, p in one.params.items():  # one SGD step from equal gradients: equal adapters
+        torch.testing.assert_close(merged.params[name], p, rtol=1e-5, atol=1e-7, msg=name)
