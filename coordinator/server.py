@@ -18,6 +18,13 @@ Normalisation, so that federated split SGD equals centralised SGD on the union b
 * at aggregation, block ``j`` is averaged over its holders weighted by tokens: the devices cut above
   ``j`` (weight ``N_i``) and the server (weight ``N_j``).
 
+Batched (``server_batching``, two-part): :meth:`ServerModel.train_batch` takes a step's batches of every
+device at once, pads them to the longest and runs them ordered by cut: the devices cut shallowest go
+first, and the others join the merged batch at their own cut ("run to the deepest cut, then merge").
+The head and the loss are computed device by device (they act per token: merging gains nothing there),
+then one backward pass runs through the merged blocks. The results equal the per-device path's to
+floating-point rounding (tests/test_batching.py); ``server_max_batch_tokens`` bounds one pass.
+
 The U split (``split = "u"``): a device cut at ``c`` with a tail of ``k`` blocks holds blocks
 ``0..c-1`` and ``L-k..L-1`` and the head; the server runs ``c..L-k-1`` (:meth:`ServerModel.forward_middle`),
 sends the activations at ``L-k`` down, takes the device's gradient there and finishes its backward

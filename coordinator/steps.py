@@ -20,6 +20,7 @@ from splitft.shared.link import Received
 from splitft.shared.protocol import (
     GRAD,
     TAIL_ACT,
+    Activations,
     grad_body,
     parse_act,
     parse_tail_grad,
@@ -27,6 +28,7 @@ from splitft.shared.protocol import (
 )
 
 from .controller import Decision
+from .server import BatchItem, StepResult
 from .session import Offline, Participant, Session
 
 log = logging.getLogger(__name__)
@@ -84,10 +86,19 @@ class StepExchange(Session):
         ready = [item for n in sorted(pending) for item in self._early.pop((n, step), [])]
         ready.reverse()  # popped from the end: oldest first
         deadline = time.monotonic() + timeout_s
+        # server_batching (two-part): the step's activations wait here until every agent still in it sent its own
+        batching = job.server_batching and not job.u_split
+        collected: dict[str, Activations] = {}
         while pending:
             for name in [n for n in pending if plans[n].dropped is not None or self._gone(n)]:
                 self._drop(plans[name], "went offline", notify=False)  # (no change if dropped already)
                 pending.discard(name)
+            for name in [n for n in collected if n not in pending]:
+                del collected[name]
+            if collected and pending <= collected.keys():
+                await self._serve_batch(collected, plans, step)
+                pending -= collected.keys()
+                collected.clear()
             if not pending:
                 return
             if ready:
@@ -103,6 +114,9 @@ class StepExchange(Session):
                 except TimeoutError:
                     if time.monotonic() < deadline:
                         continue
+                    if collected:  # those that sent theirs are served; the others are late
+                        await self._serve_batch(collected, plans, step)
+                        pending -= collected.keys()
                     for name in pending:
                         self._drop(plans[name], f"no activations for step {step} within the {timeout_s:.1f} s deadline")
                     return
@@ -136,6 +150,11 @@ class StepExchange(Session):
                     Refusal.UNEXPECTED, name, f"activations while step {step} waits for its tail gradient"
                 )
                 continue
+            elif batching:
+                act = self._parse_act(item, plan)
+                if act is not None:
+                    collected[name] = act  # served with the step's others, at the loop's top
+                continue
             else:
                 done = await self._serve_act(item, plan, step)
             if done:
@@ -147,17 +166,9 @@ class StepExchange(Session):
         True when the agent's step is done (two-part: its gradient was sent, or it was dropped)."""
         assert self.server is not None and self._link is not None
         server, job, name = self.server, self.job, plan.name
-        try:
-            act = parse_act(
-                item.envelope.body, server.hidden_size, job.batch_size, job.max_length, server.vocab_size,
-                with_labels=not job.u_split,
-            )  # fmt: skip
-        except WireError as exc:
-            # Counted and ignored; the agent's real activations may still come before the deadline.
-            self._count_rejection(exc.reason, name, exc.detail)
+        act = self._parse_act(item, plan)
+        if act is None:
             return False
-        plan.started = True
-        plan.bytes_up += item.size
         t0 = time.perf_counter()
         try:
             if job.u_split:
@@ -177,12 +188,52 @@ class StepExchange(Session):
                 self.topics.agent(name, "tail_act"), TAIL_ACT, body, round_=self._round_now, step=step, corr=plan.corr
             )
             return False
-        body = grad_body(result.grad, job.wire_dtype, result.loss, result.tokens)
-        await self._send_grad(plan, step, body)
+        await self._reply(plan, step, result)
+        return True
+
+    def _parse_act(self, item: Received, plan: Participant) -> Activations | None:
+        """An agent's activations, checked against the job's shapes; None (counted) if they are not."""
+        assert self.server is not None
+        server, job = self.server, self.job
+        try:
+            act = parse_act(
+                item.envelope.body, server.hidden_size, job.batch_size, job.max_length, server.vocab_size,
+                with_labels=not job.u_split,
+            )  # fmt: skip
+        except WireError as exc:
+            # Counted and ignored; the agent's real activations may still come before the deadline.
+            self._count_rejection(exc.reason, plan.name, exc.detail)
+            return None
+        plan.started = True
+        plan.bytes_up += item.size
+        return act
+
+    async def _reply(self, plan: Participant, step: int, result: StepResult) -> None:
+        """Two-part: the gradient at the agent's cut goes down; its step's figures are kept."""
+        await self._send_grad(plan, step, grad_body(result.grad, self.job.wire_dtype, result.loss, result.tokens))
         plan.tokens += result.tokens
         plan.losses.append(result.loss)
         plan.accuracies.append(result.accuracy)
-        return True
+
+    async def _serve_batch(self, collected: dict[str, Activations], plans: dict[str, Participant], step: int) -> None:
+        """Two-part, ``server_batching``: the step's activations of these agents in merged passes
+        (:meth:`ServerModel.train_batch`), then every gradient down. The server's time is shared between
+        the agents by their rows' tokens (what the controller's estimates expect per device batch)."""
+        assert self.server is not None
+        items = [BatchItem(name, plans[name].cut, act) for name, act in sorted(collected.items())]
+        t0 = time.perf_counter()
+        try:
+            results = await self._compute(self.server.train_batch, items, self.job.server_max_batch_tokens)
+        except RuntimeError as exc:  # e.g. out of memory: lose these agents' round, not the job
+            log.exception("merged server step for %s failed", ", ".join(collected))
+            for name in collected:
+                self._drop(plans[name], f"the server could not process its batch ({exc})")
+            return
+        elapsed = time.perf_counter() - t0
+        total = sum(int(act.lengths.sum()) for act in collected.values()) or 1
+        for name, act in sorted(collected.items()):
+            plans[name].server_times.append(elapsed * int(act.lengths.sum()) / total)
+            await self._reply(plans[name], step, results[name])
 
     async def _serve_tail_grad(self, item: Received, plan: Participant, step: int) -> bool:
         """U split: the agent's gradient at its tail finishes the server's backward pass; the gradient at its

@@ -47,10 +47,10 @@ def timed(fn) -> float:  # type: ignore[no-untyped-def]
     return time.perf_counter() - started
 
 
-def measure(name: str, cuts: list[int], args: argparse.Namespace) -> dict[str, object]:
-    job = JobConfig(model=name, max_length=args.length, optimizer=OptimizerSettings(name="sgd", lr=1e-6))
+def measure(name: str, cuts: list[int], rows: int, length: int, args: argparse.Namespace) -> dict[str, object]:
+    job = JobConfig(model=name, max_length=length, optimizer=OptimizerSettings(name="sgd", lr=1e-6))
     server = ServerModel(job, sorted(set(cuts)))
-    batch = items(server, cuts, args.rows, args.length)
+    batch = items(server, cuts, rows, length)
 
     def per_device() -> None:
         for item in batch:
@@ -72,9 +72,10 @@ def measure(name: str, cuts: list[int], args: argparse.Namespace) -> dict[str, o
         times["per device"].append(timed(per_device))
         times["batched"].append(timed(lambda: merged(0)))
         times[f"batched, cap {args.cap}"].append(timed(lambda: merged(args.cap)))
-    tokens = len(cuts) * args.rows * args.length
+    tokens = len(cuts) * rows * length
     median = {k: statistics.median(v) for k, v in times.items()}
-    return {"model": name, "cuts": cuts, "median": median, "tokens": tokens, "diff": diff}
+    shape = f"{len(cuts)} x {rows} x {length}"
+    return {"model": name, "cuts": cuts, "shape": shape, "median": median, "tokens": tokens, "diff": diff}
 
 
 def report(args: argparse.Namespace, runs: list[dict[str, object]]) -> str:
@@ -82,11 +83,11 @@ def report(args: argparse.Namespace, runs: list[dict[str, object]]) -> str:
         "## The batched server segment",
         "",
         f"Measured {time.strftime('%Y-%m-%d')} on {cpu_name()} ({torch.get_num_threads()} torch threads), one global "
-        f"step of {args.devices} devices x {args.rows} x {args.length} tokens (fp32), median of {args.repeats} "
-        f"alternating repeats. Command: `python scripts/bench_batching.py --write BENCHMARKS.md`.",
+        f"step of devices x rows x tokens each (fp32), median of {args.repeats} alternating repeats. Command: "
+        f"`python scripts/bench_batching.py --shapes {args.shapes} --write BENCHMARKS.md`.",
         "",
-        "| model | cuts | path | step s | tokens/s | vs per device | largest relative difference |",
-        "|---|---|---|---:|---:|---:|---:|",
+        "| model | devices x rows x tokens | cuts | path | step s | tokens/s | vs per device | largest relative difference |",
+        "|---|---|---|---|---:|---:|---:|---:|",
     ]
     for run in runs:
         median: dict[str, float] = run["median"]  # type: ignore[assignment]
@@ -96,7 +97,7 @@ def report(args: argparse.Namespace, runs: list[dict[str, object]]) -> str:
         for path, seconds in median.items():
             diff = f"{run['diff']:.1e}" if path == "batched" else ""
             lines.append(
-                f"| {run['model']} | {shown} | {path} | {seconds:.3f} | {run['tokens'] / seconds:,.0f} | "  # type: ignore[operator]
+                f"| {run['model']} | {run['shape']} | {shown} | {path} | {seconds:.3f} | {run['tokens'] / seconds:,.0f} | "  # type: ignore[operator]
                 f"{base / seconds:.2f}x | {diff} |"
             )
     return "\n".join(lines)
@@ -104,19 +105,21 @@ def report(args: argparse.Namespace, runs: list[dict[str, object]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--devices", type=int, default=16)
-    parser.add_argument("--rows", type=int, default=4)
-    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument(
+        "--shapes", default="16x4x256,50x1x32", help="devices x rows x tokens of a step, comma-separated"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cap", type=int, default=4096, help="tokens per pass in the capped variant")
     parser.add_argument("--models", default="tiny-gpt2,tiny-llama")
     parser.add_argument("--write", type=Path, help="replace the 'batching' section of this markdown file")
     args = parser.parse_args()
     runs = []
-    for name in args.models.split(","):
-        for cuts in ([1 + i % 4 for i in range(args.devices)], [1] * args.devices):
-            runs.append(measure(name, cuts, args))
-            print(runs[-1], flush=True)
+    for shape in args.shapes.split(","):
+        devices, rows, length = (int(x) for x in shape.split("x"))
+        for name in args.models.split(","):
+            for cuts in ([1 + i % 4 for i in range(devices)], [1] * devices):
+                runs.append(measure(name, cuts, rows, length, args))
+                print(runs[-1], flush=True)
     text = report(args, runs)
     print(text)
     if args.write:

@@ -137,6 +137,10 @@ class JobConfig:
     # The controller plans as if the server were this many times faster than it measures: an emulated
     # study's stand-in for a GPU server (this host's measured speed x server_speedup). Real jobs keep 1.
     server_speedup: float = 1.0
+    # Two-part: merge the step's activations of every device into as few server passes as fit (for a GPU
+    # host with many devices); the server then waits for the step's last device before it answers any.
+    server_batching: bool = False
+    server_max_batch_tokens: int = 16384  # one merged pass: rows x padded length at most (more: another pass)
 
     def __post_init__(self) -> None:
         check_name("job", self.job)
@@ -187,7 +191,11 @@ class JobConfig:
                     raise ConfigError(f"{agent} = {tail} is outside k_min..k_max ({self.k_min}..{self.k_max or 'L'})")
         if self.k_max is not None and (type(self.k_max) is not int or self.k_max < self.k_min):
             raise ConfigError(f"k_max must be an integer >= k_min ({self.k_min}), got {self.k_max!r}")
-        for flag in ("report_loss", "plan_first_round"):
+        if type(self.server_max_batch_tokens) is not int or self.server_max_batch_tokens < 1:
+            raise ConfigError(
+                f"server_max_batch_tokens must be a positive integer, got {self.server_max_batch_tokens!r}"
+            )
+        for flag in ("report_loss", "plan_first_round", "server_batching"):
             if type(getattr(self, flag)) is not bool:
                 raise ConfigError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         if type(self.c_min) is not int or self.c_min < 1:

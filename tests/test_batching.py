@@ -3,12 +3,19 @@ serving them one by one (loss, accuracy, the gradient each device gets, every Lo
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 import torch
+from test_runtime import assert_equals_centralised, equivalence_job, read_metrics, run_job, shards
 
 from splitft.coordinator.server import BatchItem, ServerModel
 from splitft.shared.config import JobConfig, OptimizerSettings
+from splitft.shared.lora import lora_state
 from splitft.shared.protocol import Activations
+
+from conftest import Broker
 
 # (agent, cut, rows, length): devices cut at three depths, batches of different lengths
 DEVICES = [("d1", 1, 2, 20), ("d2", 3, 2, 32), ("d3", 1, 3, 17), ("d4", 5, 2, 32), ("d5", 3, 1, 9)]
@@ -63,3 +70,26 @@ def test_merged_passes_equal_one_device_at_a_time(max_tokens: int) -> None:
     merged.finish_step()
     for name, p in one.params.items():  # one SGD step from equal gradients: equal adapters
         torch.testing.assert_close(merged.params[name], p, rtol=1e-5, atol=1e-7, msg=name)
+
+
+async def test_batched_job_equals_centralised_sgd(
+    broker: Broker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through Mosquitto, with the server merging every step's activations: still centralised SGD on the
+    union batch (the cuts 1, 2, 3 join the merged pass at their own blocks)."""
+    job = replace(equivalence_job("batched"), server_batching=True)
+    data = shards(tmp_path)
+    merged: list[list[str]] = []
+    train_batch = ServerModel.train_batch
+
+    def spy(self: ServerModel, items: list[BatchItem], max_tokens: int = 0) -> dict:
+        merged.append([i.agent for i in items])  # which agents each merged step took; then the real thing
+        return train_batch(self, items, max_tokens)
+
+    monkeypatch.setattr(ServerModel, "train_batch", spy)
+    coordinator = await run_job(broker, tmp_path / "out", job, data)
+    assert coordinator.server is not None
+    assert merged == [sorted(data)] * job.rounds  # one merged pass per step, every agent in it
+    assert_equals_centralised(lora_state(coordinator.server.segment.peft_model), job, data)
+    metrics = read_metrics(tmp_path / "out")
+    assert all(a["server_s"] > 0 and a["dropped"] is None for m in metrics[1:] for a in m["agents"].values())
