@@ -248,7 +248,7 @@ class ServerModel:
         return results
 
     def _train_merged(self, items: Sequence[BatchItem]) -> dict[str, StepResult]:
-        items = sorted(items, key=lambda i: (i.cut, i.agent))  # the rows of the merged batch, in this order
+        """One merged pass of ``items``, given in the order of their cuts (their rows' order in the batch)."""
         self.segment.train()
         width = max(item.act.hidden.shape[1] for item in items)
         leaves, masks, labels = [], [], []
@@ -276,33 +276,26 @@ class ServerModel:
         # head is per token (merging gains nothing there), and one device's logits (targets x vocabulary)
         # are freed before the next's are made. Then one backward pass through the merged blocks.
         top = hidden.detach().requires_grad_()  # (R, T, C)
-        losses, counts, hits = [], [], []
+        heads = []
         first = 0
         for target_rows in labels:
             rows = slice(first, first + target_rows.shape[0])
             first = rows.stop
-            targets = target_rows[:, 1:]  # position t predicts labels[t + 1]
-            picked = targets != IGNORE_INDEX
-            logits = self.segment.head(top[rows, :-1][picked])  # (N_i, V)
-            wanted = targets[picked]
-            loss_sum = torch.nn.functional.cross_entropy(logits.float(), wanted, reduction="sum")
-            if wanted.numel():
-                loss_sum.backward()
-            losses.append(float(loss_sum.detach()))
-            counts.append(int(wanted.numel()))
-            hits.append(int((logits.detach().argmax(-1) == wanted).sum()))
-        if top.grad is not None:
-            hidden.backward(top.grad)
+            head = self.segment.head_loss(top[rows], target_rows)
+            head.loss_sum.backward()  # into top.grad (a zero loss without targets: zeros)
+            heads.append(head)
+        assert top.grad is not None
+        hidden.backward(top.grad)
         self._stash(",".join(item.agent for item in items))
         results = {}
-        for i, item in enumerate(items):
-            tokens = counts[i]
+        for item, leaf, head in zip(items, leaves, heads, strict=True):
+            tokens = head.tokens
             for block in range(item.cut, self.num_layers):
                 self._step_tokens[block] += tokens
-            leaf_grad = leaves[i].grad
-            grad: torch.Tensor = leaf_grad if leaf_grad is not None else torch.zeros_like(leaves[i])
+            assert leaf.grad is not None
+            loss = float(head.loss_sum.detach())
             results[item.agent] = StepResult(
-                (grad / max(tokens, 1)).cpu(), losses[i] / max(tokens, 1), tokens, hits[i] / max(tokens, 1)
+                (leaf.grad / max(tokens, 1)).cpu(), loss / max(tokens, 1), tokens, head.correct / max(tokens, 1)
             )
         return results
 

@@ -215,6 +215,11 @@ class Segment(nn.Module):
         single cost of a small model's step (V x C per token), and a U-shaped device pays it.
         """
         hidden = self(inputs, attention_mask, start=start, with_head=False)  # (B, T, C) after the last block
+        return self.head_loss(hidden, labels)
+
+    def head_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> TargetLoss:
+        """The head at the positions of ``hidden`` (the last block's output, ``(B, T, C)``) that predict a
+        target of ``labels`` (``(B, T)``), and the summed next-token cross-entropy there."""
         targets = labels[:, 1:]  # position t predicts labels[t + 1]
         picked = targets != IGNORE_INDEX  # (B, T-1)
         logits = self.head(hidden[:, :-1][picked])  # (N, V)

@@ -108,6 +108,12 @@ class Observatory:
         self._encoded: tuple[int, bytes] = (-1, b"")
         self._encoded_at = 0.0
         self._failures: set[str] = set()  # the observers that failed (each is logged once)
+        self._observers: list[tuple[str, Progress]] = [
+            ("dashboard", self.view.update),
+            ("metrics", self.metrics.update),
+        ]
+        if self.tensorboard is not None:
+            self._observers.append(("tensorboard", self.tensorboard.update))
         self._stopping = False
         self.pushes = 0  # snapshots sent to pages, all clients
         self.busy_s = 0.0  # time the coordinator's loop spent on observers: events, encoding, /metrics
@@ -118,10 +124,7 @@ class Observatory:
         if self.forward is not None:
             self.forward(event, data)
         started = time.perf_counter()
-        observers: list[tuple[str, Progress]] = [("dashboard", self.view.update), ("metrics", self.metrics.update)]
-        if self.tensorboard is not None:
-            observers.append(("tensorboard", self.tensorboard.update))
-        for name, update in observers:
+        for name, update in self._observers:
             try:
                 update(event, data)
             except Exception:  # an observer must never stop the job (e.g. a full disk under the TensorBoard log)
