@@ -34,7 +34,7 @@ KEEP = 3  # checkpoints kept; older ones are removed
 
 def state_digest(server: ServerModel) -> str:
     """SHA-256 of the global adapters and the optimiser state, as they are in memory now."""
-    tensors, scalars, groups = _flatten(server.optimizer.state_dict())
+    tensors, scalars, groups = flatten_optimizer(server.optimizer.state_dict())
     return _digest(lora_state(server.segment.peft_model), tensors, scalars, groups)
 
 
@@ -58,7 +58,7 @@ def save_checkpoint(root: Path, round_: int, server: ServerModel, extra: dict[st
     tmp.mkdir()
     adapters = {n: t.detach().cpu().contiguous() for n, t in lora_state(server.segment.peft_model).items()}
     save_file(adapters, tmp / "adapter.safetensors")
-    tensors, scalars, groups = _flatten(server.optimizer.state_dict())
+    tensors, scalars, groups = flatten_optimizer(server.optimizer.state_dict())
     save_file(tensors, tmp / "optimizer.safetensors")
     state = {
         "round": round_,
@@ -121,7 +121,9 @@ def load_checkpoint(folder: Path, server: ServerModel) -> dict[str, Any]:
     adapters = load_file(folder / "adapter.safetensors")
     load_lora_state(server.segment.peft_model, {n: t.to(server.device) for n, t in adapters.items()})
     tensors = load_file(folder / "optimizer.safetensors")
-    server.optimizer.load_state_dict(_unflatten(tensors, state["optimizer_scalars"], state["optimizer_groups"]))
+    server.optimizer.load_state_dict(
+        unflatten_optimizer(tensors, state["optimizer_scalars"], state["optimizer_groups"])
+    )
     digest = state_digest(server)
     if "state_digest" in state and digest != state["state_digest"]:
         raise ConfigError(f"checkpoint {folder} does not reproduce its state digest: the files are damaged")
@@ -129,7 +131,11 @@ def load_checkpoint(folder: Path, server: ServerModel) -> dict[str, Any]:
     return {**state, "state_digest": digest}
 
 
-def _flatten(opt_state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[dict[str, Any]]]:
+def flatten_optimizer(
+    opt_state: dict[str, Any],
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[dict[str, Any]]]:
+    """An optimiser's state dict as (tensors by "<param index>.<key>", the other values so named, its groups):
+    what safetensors and JSON can hold, for :func:`unflatten_optimizer` to put back together."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, Any] = {}
     for index, entry in opt_state["state"].items():
@@ -141,7 +147,7 @@ def _flatten(opt_state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[s
     return tensors, scalars, opt_state["param_groups"]
 
 
-def _unflatten(
+def unflatten_optimizer(
     tensors: dict[str, torch.Tensor], scalars: dict[str, Any], groups: list[dict[str, Any]]
 ) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}

@@ -342,14 +342,11 @@ class ServerModel:
         """One optimiser step of the server's copy, each block's gradient a mean over its tokens; the devices'
         shares are summed in the order of their names, whatever order they arrived in."""
         with torch.no_grad():
-            shares = [grads for _, grads in sorted(self._step_grads.items())]
+            totals = self._step_totals()
             for name, p in self.params.items():
-                parts = [grads[name] for grads in shares if name in grads]
-                if not parts:
+                total = totals[name]
+                if total is None:
                     continue
-                total = parts[0]  # the step's own tensor (moved out of p.grad), cleared below
-                for part in parts[1:]:
-                    total += part
                 tokens = self._step_tokens.get(self._blocks[name], 0)
                 if tokens > 0:
                     total /= tokens
@@ -359,6 +356,22 @@ class ServerModel:
         self.optimizer.zero_grad(set_to_none=True)
         self.round_tokens.update(self._step_tokens)
         self._step_tokens.clear()
+
+    def _step_totals(self) -> dict[str, torch.Tensor | None]:
+        """Every LoRA weight's gradient summed over the step's shares in the order of their names (None: no
+        share has one). The first share's tensor is summed into, not copied (it was moved out of p.grad)."""
+        shares = [grads for _, grads in sorted(self._step_grads.items())]
+        totals: dict[str, torch.Tensor | None] = {}
+        for name in self.params:
+            parts = [grads[name] for grads in shares if name in grads]
+            if not parts:
+                totals[name] = None
+                continue
+            total = parts[0]
+            for part in parts[1:]:
+                total += part
+            totals[name] = total
+        return totals
 
     def snapshot(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """A copy of the global adapters and the optimiser state, to roll a failed round back to."""
