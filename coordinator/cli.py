@@ -360,6 +360,13 @@ TensorBoardOpt = Annotated[
     Path | None, typer.Option("--tensorboard", help="Write the per-round scalars for TensorBoard into this folder.")
 ]
 
+WorkerTimeoutOpt = Annotated[
+    float,
+    typer.Option(
+        help="Seconds a worker collective may wait for the others (rank 0 admitting and evaluating included)."
+    ),
+]
+
 
 def _job(config: Path | None, **overrides: Any) -> JobConfig:
     base = JobConfig.from_toml(config) if config is not None else JobConfig()
@@ -457,12 +464,24 @@ def run(
     ] = "off",
     dashboard_token: DashboardTokenOpt = None,
     tensorboard: TensorBoardOpt = None,
+    workers: Annotated[
+        int, typer.Option(min=1, help="Coordinator workers sharing the server segment (this process is rank 0).")
+    ] = 1,
+    rendezvous: Annotated[
+        str | None,
+        typer.Option(
+            help="HOST:PORT this process hosts the workers' rendezvous on; given, it starts no workers itself: "
+            "start `splitft-coordinator worker` on the other hosts. Default: 127.0.0.1, workers started here."
+        ),
+    ] = None,
+    worker_timeout: WorkerTimeoutOpt = 1800.0,
 ) -> None:
     """Coordinate a job: admit agents, run the rounds, write metrics, checkpoints and the final adapter.
 
     The job file, the options, the model and the evaluation data are checked first: if any is wrong,
     the command says which and stops before it connects or writes anything."""
     from splitft.coordinator.runtime import Coordinator
+    from splitft.coordinator.workers import WorkerGroup, start_local_workers, stop_local_workers
 
     console = _console()
     try:
@@ -482,8 +501,25 @@ def run(
         server_device = torch_device(device)
         _preflight(spec, out)
         observatory = _observatory(spec, console, dashboard, dashboard_token, tensorboard, default=False)
+        address = rendezvous or f"127.0.0.1:{_free_port()}"
+        group = WorkerGroup(0, workers, address, timeout_s=worker_timeout) if workers > 1 else None
     except SplitFTError as exc:
         raise _fail(exc) from exc
+    if rendezvous is not None and group is None:
+        raise _fail(ConfigError("--rendezvous is for --workers 2 or more"))
+    processes = []
+    if group is not None and rendezvous is None:
+        worker_args = _broker_args(
+            broker, username=username, ca_file=ca_file, cert_file=cert_file, key_file=key_file,
+            auth_key_file=auth_key_file, auth_window=auth_window, mqtt_protocol=mqtt_protocol,
+            connect_timeout=connect_timeout,
+        )  # fmt: skip
+        worker_args += ["--device", server_device, "--worker-timeout", str(worker_timeout)]
+        env = {"SPLITFT_PASSWORD": password} if password is not None else {}  # not on a command line
+        processes = start_local_workers(workers, address, worker_args, env)
+        console.print(f"workers: rank 0 here, ranks 1..{workers - 1} started on this host ({address})")
+    elif group is not None:
+        console.print(f"workers: rank 0 here; waiting for ranks 1..{workers - 1} at {address}")
     if not spec.u_split:
         console.print(
             "[yellow]two-part split:[/yellow] every step's activations carry the devices' labels (their response "
@@ -491,7 +527,10 @@ def run(
         )
     made = _new_folders(out)  # removed again if the run fails before writing anything in them
     try:
-        coordinator = Coordinator(spec, settings, out, resume=resume, device=server_device, progress=observatory)
+        coordinator = Coordinator(
+            spec, settings, out, resume=resume, device=server_device, progress=observatory, workers=group,
+            worker_processes=processes,
+        )  # fmt: skip
         summary = asyncio.run(_observed(observatory, console, coordinator.run))
     except SplitFTError as exc:
         _remove_empty(made)
@@ -499,6 +538,8 @@ def run(
     except KeyboardInterrupt:
         _remove_empty(made)
         raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
+    finally:
+        stop_local_workers(processes)
     from splitft.coordinator.report import plot_run
 
     metrics = Path(summary["metrics"])
@@ -506,6 +547,63 @@ def run(
     if metrics.is_file():
         lines.append(f"plot:    {plot_run(metrics, out / 'run.png', title=f'SplitFT run: {spec.job}')}")
     console.print("\n".join(lines))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _broker_args(broker: str, **options: Any) -> list[str]:
+    """The broker options of `run` again, for the `worker` processes it starts (the password goes by
+    SPLITFT_PASSWORD, not on a command line)."""
+    args = ["--broker", broker]
+    for name, value in options.items():
+        if value is not None:
+            args += [f"--{name.replace('_', '-')}", str(value)]
+    return args
+
+
+@app.command()
+def worker(
+    broker: BrokerOpt,
+    rendezvous: Annotated[str, typer.Option(help="HOST:PORT of rank 0's rendezvous (its `run --rendezvous`).")],
+    rank: Annotated[int, typer.Option(min=1, help="This worker's rank: 1..workers-1, each once.")],
+    workers: Annotated[int, typer.Option(min=2, help="Workers in all, rank 0 included (its `run --workers`).")],
+    username: Annotated[str | None, typer.Option(envvar="SPLITFT_USERNAME", help="Broker user name.")] = None,
+    password: Annotated[str | None, typer.Option(envvar="SPLITFT_PASSWORD", help="Broker password.")] = None,
+    ca_file: CaFileOpt = None,
+    cert_file: CertFileOpt = None,
+    key_file: KeyFileOpt = None,
+    auth_key_file: AuthKeyFileOpt = None,
+    auth_window: AuthWindowOpt = 300.0,
+    mqtt_protocol: Annotated[str, typer.Option(help="MQTT version: 5, or 3.1.1.")] = "5",
+    connect_timeout: ConnectTimeoutOpt = 30.0,
+    device: DeviceOpt = "auto",
+    worker_timeout: WorkerTimeoutOpt = 1800.0,
+) -> None:
+    """Serve a share of a job's devices for the coordinator `run --workers N` (rank 0): the server segment
+    of the agents rank 0 gives this worker, its gradients all-reduced with the other workers'.
+
+    It needs the job's model at the same path (or preset) as rank 0, the broker, and the job's message key;
+    the job itself comes from rank 0. It ends when the job does."""
+    from splitft.coordinator.workers import WorkerGroup, run_worker
+
+    try:
+        settings = broker_settings(
+            broker, username=username, password=password, ca_file=ca_file, cert_file=cert_file,
+            key_file=key_file, auth_key_file=auth_key_file, auth_window_s=auth_window, protocol=mqtt_protocol,
+            connect_timeout_s=connect_timeout,
+        )  # fmt: skip
+        group = WorkerGroup(rank, workers, rendezvous, timeout_s=worker_timeout)
+        asyncio.run(run_worker(group, settings, torch_device(device)))
+    except SplitFTError as exc:
+        raise _fail(exc) from exc
+    except KeyboardInterrupt:
+        raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
 
 
 @app.command()
@@ -573,6 +671,9 @@ def local(
     ] = "",
     dashboard_token: DashboardTokenOpt = None,
     tensorboard: TensorBoardOpt = None,
+    workers: Annotated[
+        int, typer.Option(min=1, help="Coordinator workers sharing the server segment, as processes here.")
+    ] = 1,
 ) -> None:
     """One command, one machine: broker, coordinator and several agents with different cut layers
     fine-tune a model on GSM8K shards; ends with the adapter folder, metrics.jsonl and run.png."""
@@ -613,7 +714,7 @@ def local(
             spec, out, agents=agents, cuts=cut_list, samples_per_agent=samples_per_agent, data=data, alpha=alpha or None,
             prompt_field=prompt_field, response_field=response_field,
             broker_url=broker, mqtt_protocol=mqtt_protocol, device=torch_device(device),
-            emulate=profiles, emulate_scale=emulate_scale,
+            emulate=profiles, emulate_scale=emulate_scale, workers=workers,
         )  # fmt: skip
         _preflight(spec, out, cut_list)
         from splitft.coordinator.observe.dashboard import LOCAL_DEFAULT
@@ -669,6 +770,13 @@ class _ProgressView:
             self.console.print(
                 f"resumed from {data['checkpoint']} at round {data['round']} (state digest {data['digest']} verified)"
             )
+        elif event == "worker_lost":
+            self.console.print(
+                f"[red]round {data['round']:>3}: a coordinator worker is gone[/red] ({escape(data['error'])}); "
+                "the job goes on with every device on this process"
+            )
+        elif event == "round_retry" and data.get("reason") == "worker_lost":
+            self.console.print(f"round {data['round']:>3}: attempt {data['attempt']} rolled back, running it again")
         elif event == "round_retry":
             self.console.print(
                 f"round {data['round']:>3}: fewer than {self.job.min_agents} agents finished attempt "

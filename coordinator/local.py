@@ -30,6 +30,7 @@ from splitft.shared.text import GSM8K, load_tokenizer
 from .report import plot_run
 from .runtime import Coordinator
 from .session import Progress
+from .workers import WorkerGroup, start_local_workers, stop_local_workers
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class LocalRun:
     emulate: tuple[str, ...] = ()  # device profiles, given to the agents in turn (none: run at host speed)
     emulate_scale: float = 1.0
     emulate_virtual: bool = False  # agents report their profiles' times without waiting (agent/emulation.py)
+    workers: int = 1  # coordinator workers (coordinator/workers.py): ranks 1.. started here as processes
 
     def __post_init__(self) -> None:
         if self.agents < 1:
@@ -59,6 +61,8 @@ class LocalRun:
             raise ConfigError("cuts must list at least one cut layer")
         if self.samples_per_agent < 1:
             raise ConfigError(f"samples_per_agent must be at least 1, got {self.samples_per_agent}")
+        if self.workers < 1:
+            raise ConfigError(f"workers must be at least 1, got {self.workers}")
 
     def agent_names(self) -> list[str]:
         return [f"agent-{i + 1}" for i in range(self.agents)]
@@ -86,14 +90,24 @@ async def run_local(run: LocalRun, progress: Progress | None = None) -> dict[str
     async with _broker(run) as (url, protocol):
         settings = BrokerSettings(url=url, protocol=protocol)
         processes: list[subprocess.Popen[bytes]] = []
+        workers: list[subprocess.Popen[bytes]] = []
+        group = None
         try:
+            if run.workers > 1:
+                address = f"127.0.0.1:{_free_port()}"
+                args = ["--broker", url, "--mqtt-protocol", protocol, "--device", run.device]
+                workers = start_local_workers(run.workers, address, args)
+                group = WorkerGroup(0, run.workers, address)
             for name, shard in zip(names, shards, strict=True):
                 processes.append(_start_agent(run, job, name, shard, url, protocol))
-            coordinator = Coordinator(job, settings, run.out, device=run.device, progress=progress)
+            coordinator = Coordinator(
+                job, settings, run.out, device=run.device, progress=progress, workers=group, worker_processes=workers
+            )
             summary = await coordinator.run()
             await _wait_agents(processes, timeout_s=60)
         finally:
             await asyncio.to_thread(_stop, processes)  # the embedded broker keeps serving meanwhile
+            await asyncio.to_thread(stop_local_workers, workers)
     summary["plot"] = str(
         plot_run(run.out / "metrics.jsonl", run.out / "run.png", title=f"SplitFT local run: {job.job}")
     )

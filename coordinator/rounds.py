@@ -23,6 +23,7 @@ from .controller import ControllerSettings, Decision, split_blocks
 from .server import device_ranks
 from .session import Participant, eval_fields, jsonable
 from .uploads import Uploads
+from .workers import WorkerLost, assign_ranks, figures, merge_figures, round_message, route_step_topics
 
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3  # runs of one round that fall short of min_agents before the job gives up
@@ -36,11 +37,16 @@ class Rounds(Uploads):
         assert self.server is not None
         for attempt in range(1, MAX_ATTEMPTS + 1):
             snapshot = await self._compute(self.server.snapshot)
-            record = await self._round(round_, attempt, eval_batches)
+            reason = "too_few_agents"
+            try:
+                record = await self._round(round_, attempt, eval_batches)
+            except WorkerLost as exc:
+                self._lose_workers(round_, exc)
+                record, reason = None, "worker_lost"
             if record is not None:
                 return record
             await self._compute(self.server.restore, snapshot)
-            self.progress("round_retry", {"round": round_, "attempt": attempt})
+            self.progress("round_retry", {"round": round_, "attempt": attempt, "reason": reason})
         raise JobError(
             f"round {round_}: fewer than min_agents={self.job.min_agents} agents finished it in {MAX_ATTEMPTS} attempts"
         )
@@ -87,6 +93,8 @@ class Rounds(Uploads):
             )
             plan.assign_body = assign_body(assignment)
             plans[name] = plan
+        mine = await self._share_round(round_, attempt, plans, decision)  # the agents this process serves
+        for plan in plans.values():
             await self._publish_plan(plan)
         layout: dict[str, Any] = {"cuts": {n: p.cut for n, p in plans.items()}}
         if job.u_split:
@@ -96,12 +104,16 @@ class Rounds(Uploads):
             self.topics.job_topic("round"), ROUND, {"event": "start", "agents": sorted(plans)}, round_=round_
         )
 
+        group = self.group
         for step in range(job.local_steps):
-            if not any(p.dropped is None for p in plans.values()):
-                break
-            await self._step(round_, step, plans, self._step_deadline_s(decision, step))
-            await self._compute(server.finish_step)
+            if group is None and not any(p.dropped is None for p in plans.values()):
+                break  # (with workers, every rank takes every step: their collectives must pair up)
+            await self._step(round_, step, mine, self._step_deadline_s(decision, step))
+            await self._compute(server.finish_step, group.reduce if group is not None else None)
             self.progress("step", {"round": round_, "step": step + 1, "of": job.local_steps})
+        if group is not None:
+            for served in (await self._compute(group.gather, figures({})))[1:]:
+                merge_figures(plans, served)
 
         uploads = self._screen_uploads(await self._collect_uploads(round_, plans), plans)
         live = [p for p in plans.values() if p.dropped is None]
@@ -146,6 +158,7 @@ class Rounds(Uploads):
                     "update_norm": p.update_norm,
                     "dropped": p.dropped,
                     "timings": p.timings,
+                    **({"worker": self._ranks.get(p.name, 0)} if self._route_steps else {}),
                 }
                 for p in plans.values()
             },
@@ -173,6 +186,36 @@ class Rounds(Uploads):
         await link.publish(self.topics.job_topic("metrics"), METRICS, jsonable(record), round_=round_)
         self.progress("round_end", record)
         return record
+
+    # ------------------------------------------------------------------ several coordinator workers
+
+    async def _share_round(
+        self, round_: int, attempt: int, plans: dict[str, Participant], decision: Decision | None
+    ) -> dict[str, Participant]:
+        """With workers: deal the agents out to the ranks, send the round to the workers, and return the
+        agents this process serves once every rank listens to its own (before any assignment goes out)."""
+        if not self._route_steps:
+            return plans  # one process from the start: the step topics are subscribed with a wildcard
+        assert self._link is not None and self.server is not None
+        group = self.group
+        self._ranks = assign_ranks(sorted(plans), group.world if group is not None else 1, self._ranks)
+        mine = {n: p for n, p in plans.items() if self._ranks[n] == 0}
+        await route_step_topics(self._link, self.topics, mine)
+        if group is not None:
+            deadlines = [self._step_deadline_s(decision, step) for step in range(self.job.local_steps)]
+            message = await self._compute(round_message, round_, attempt, plans, self._ranks, deadlines, self.server)
+            await self._compute(group.broadcast, message)
+            await self._compute(group.barrier)
+        return mine
+
+    def _lose_workers(self, round_: int, exc: WorkerLost) -> None:
+        """A worker is gone: leave the group; the round is rolled back and run again on this process alone."""
+        log.error("round %d: %s; the job goes on with every device on this process", round_, exc)
+        self.progress("worker_lost", {"round": round_, "error": str(exc)})
+        if self.group is not None:
+            self.group.close()
+        self.group = None
+        self._plans = {}
 
     # ------------------------------------------------------------------ the cut controller
 

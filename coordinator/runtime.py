@@ -45,7 +45,7 @@ import torch
 
 from splitft.shared.codec import wire_bytes_per_element
 from splitft.shared.data import collate, eval_examples
-from splitft.shared.errors import Refusal, SplitFTError, WireError
+from splitft.shared.errors import JobError, Refusal, SplitFTError, WireError
 from splitft.shared.link import Link
 from splitft.shared.models import check_max_length, load_config, num_layers
 from splitft.shared.protocol import (
@@ -62,6 +62,7 @@ from .estimates import FleetEstimates, adapter_block_bytes, block_memory_mb
 from .rounds import Rounds
 from .server import ServerModel, device_layout
 from .session import eval_fields
+from .workers import WorkerLost, job_message, open_group
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,11 @@ class Coordinator(Rounds):
         if self.resume and (checkpoint := latest_checkpoint(self.out / "checkpoints")) is not None:
             verify_checkpoint(checkpoint)  # a damaged checkpoint is refused now, not after the agents joined
         self.out.mkdir(parents=True, exist_ok=True)
-        subscriptions = [self.topics.all_agents(k) for k in ("status", "join", "act", "tail_grad", "adapter")]
+        # With workers, each rank subscribes to the step topics of its own agents (workers.route_step_topics).
+        kinds = (
+            ("status", "join", "adapter") if self._route_steps else ("status", "join", "act", "tail_grad", "adapter")
+        )
+        subscriptions = [self.topics.all_agents(k) for k in kinds]
         will = (self.topics.coordinator_status(), {"state": "offline", "role": COORDINATOR})
         async with Link(
             self.broker, self.topics, COORDINATOR, subscriptions, will=will, on_connect=self._announce,
@@ -94,6 +99,8 @@ class Coordinator(Rounds):
             except BaseExceptionGroup as failed:
                 raise failed.exceptions[0] from None
             finally:
+                if self.group is not None:
+                    self.group.close()  # (after a failure the workers see rank 0 go, and stop)
                 self._executor.shutdown(wait=False, cancel_futures=True)
                 for task in list(self._background):
                     task.cancel()
@@ -122,11 +129,19 @@ class Coordinator(Rounds):
         elif self.metrics_path.exists():
             self.metrics_path.unlink()  # a fresh run starts a fresh metrics file
 
+        if self.group is not None:
+            await open_group(self.group, self.device, self._worker_processes)
         await self._admit()
         total = num_layers(load_config(self.job.model, self.job.attn_implementation))
         layouts = [device_layout(total, self.job.cut_of(n), self.job.tail_of(n)) for n in self._online()]
         cuts = state.get("cuts") or sorted({tuple(spec.cuts(total)) for spec in layouts})
         self.server = await self._compute(ServerModel, self.job, cuts, self.device)
+        if self.group is not None:  # the workers build their server segments and connect to the broker
+            try:
+                await self._compute(self.group.broadcast, job_message(self.job, cuts, self.fingerprint))
+                await self._compute(self.group.barrier)
+            except WorkerLost as exc:
+                raise JobError(f"a coordinator worker failed to start (its own error is in its log): {exc}") from exc
         # What waits for the step loop, per agent: four activation messages (a step ahead, repeats).
         self._events.per_sender_bytes = 4 * self._act_bytes()
         self.job.check_cuts(self.server.num_layers)
@@ -173,6 +188,8 @@ class Coordinator(Rounds):
             )
 
         adapter_dir = await self._compute(self.server.export, self.out / "adapter")
+        if self.group is not None:
+            await self._compute(self.group.broadcast, {"op": "done"})
         assert self._link is not None
         await self._link.publish(self.topics.job_topic("round"), ROUND, {"event": "done"}, round_=self.job.rounds)
         self._done = True

@@ -41,7 +41,7 @@ import copy
 import logging
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,6 +105,10 @@ def block_of(name: str) -> int:
         if part in ("h", "layers") and parts[i + 1].isdigit():
             return int(parts[i + 1])
     raise ValueError(f"no block index in {name!r}")
+
+
+#: sums a step's flat gradient tensor and its counts over every coordinator worker, in place
+Reduce = Callable[[torch.Tensor, torch.Tensor], None]
 
 
 @dataclass
@@ -338,11 +342,18 @@ class ServerModel:
         block = max((times[c_min] - times[deepest]) / max(deepest - c_min, 1), 1e-6)
         return ServerEstimate(block_s=block, head_s=max(times[deepest] - block, 0.0))
 
-    def finish_step(self) -> None:
+    def finish_step(self, reduce: Reduce | None = None) -> None:
         """One optimiser step of the server's copy, each block's gradient a mean over its tokens; the devices'
-        shares are summed in the order of their names, whatever order they arrived in."""
+        shares are summed in the order of their names, whatever order they arrived in.
+
+        ``reduce`` (several coordinator workers, :mod:`~splitft.coordinator.workers`): sums, in place and over
+        every worker, the step's gradients (one flat tensor of every LoRA weight's, zeros where it has none)
+        and counts (the tokens of every block, then one per weight that has a gradient); every worker then
+        takes the same step."""
         with torch.no_grad():
             totals = self._step_totals()
+            if reduce is not None:
+                totals = self._reduce(totals, reduce)
             for name, p in self.params.items():
                 total = totals[name]
                 if total is None:
@@ -356,6 +367,27 @@ class ServerModel:
         self.optimizer.zero_grad(set_to_none=True)
         self.round_tokens.update(self._step_tokens)
         self._step_tokens.clear()
+
+    def _reduce(self, totals: dict[str, torch.Tensor | None], reduce: Reduce) -> dict[str, torch.Tensor | None]:
+        """The step's gradients and block tokens summed over the workers (see :meth:`finish_step`)."""
+        names = list(self.params)
+        flat = torch.cat(
+            [(t if (t := totals[n]) is not None else torch.zeros_like(self.params[n])).reshape(-1) for n in names]
+        )
+        counts = torch.tensor(
+            [self._step_tokens.get(b, 0) for b in range(self.num_layers)] + [int(totals[n] is not None) for n in names],
+            dtype=torch.int64,
+        )
+        reduce(flat, counts)
+        tokens, present = counts[: self.num_layers].tolist(), counts[self.num_layers :].tolist()
+        self._step_tokens = Counter({b: t for b, t in enumerate(tokens) if t})
+        reduced: dict[str, torch.Tensor | None] = {}
+        first = 0
+        for name, has in zip(names, present, strict=True):
+            p = self.params[name]
+            reduced[name] = flat[first : first + p.numel()].view_as(p) if has else None
+            first += p.numel()
+        return reduced
 
     def _step_totals(self) -> dict[str, torch.Tensor | None]:
         """Every LoRA weight's gradient summed over the step's shares in the order of their names (None: no

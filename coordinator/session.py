@@ -8,12 +8,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -34,6 +35,9 @@ from splitft.shared.topics import COORDINATOR, Topic, Topics
 from .controller import Controller
 from .estimates import FleetEstimates
 from .server import MiddleStep, ServerModel
+
+if TYPE_CHECKING:
+    from .workers import WorkerGroup
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -122,6 +126,8 @@ class Session:
         resume: bool = False,
         device: str = "cpu",
         progress: Progress | None = None,
+        workers: WorkerGroup | None = None,
+        worker_processes: Sequence[subprocess.Popen[bytes]] = (),
     ) -> None:
         self.job = job
         self.broker = broker
@@ -155,6 +161,13 @@ class Session:
         self._plans: dict[str, Participant] = {}  # the current round's participants
         self._background: set[asyncio.Task[Any]] = set()  # notices and re-sends in flight
         self._done = False
+        # Several coordinator workers (coordinator/workers.py): this process is rank 0 of ``group``; the
+        # worker processes it started on this host; which rank serves each agent. ``_route_steps``: the
+        # step topics are subscribed agent by agent (for this rank's agents), not with a wildcard.
+        self.group = workers
+        self._worker_processes = list(worker_processes)
+        self._ranks: dict[str, int] = {}
+        self._route_steps = workers is not None
 
     # ------------------------------------------------------------------ compute
 

@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 _PROTOCOLS = {"5": aiomqtt.ProtocolVersion.V5, "3.1.1": aiomqtt.ProtocolVersion.V311}
 
 
+#: topic filters per SUBSCRIBE packet (a coordinator worker subscribes to its agents' topics one by one)
+_FILTERS_PER_PACKET = 100
 _SCHEMES = {"mqtt": 1883, "tcp": 1883, "mqtts": 8883, "ssl": 8883}
 #: CONNACK reason codes that retrying will not change: bad user name or password, not authorized, banned,
 #: bad authentication method (Mosquitto 2.0 answers a wrong password with 135, "not authorized")
@@ -334,6 +336,38 @@ class Link:
             await self._publish_raw(topic, part, qos=qos, retain=retain)
         return sum(len(p) for p in parts)
 
+    async def subscribe(self, filters: Sequence[str]) -> None:
+        """Add subscriptions (kept across reconnects); returns once the broker acknowledged them."""
+        new = [f for f in dict.fromkeys(filters) if f not in self.subscriptions]
+        self.subscriptions.extend(new)
+        await self._send_subscriptions("subscribe", new)
+
+    async def unsubscribe(self, filters: Sequence[str]) -> None:
+        """Drop subscriptions (not made again on a reconnect)."""
+        gone = [f for f in dict.fromkeys(filters) if f in self.subscriptions]
+        self.subscriptions = [f for f in self.subscriptions if f not in gone]
+        await self._send_subscriptions("unsubscribe", gone)
+
+    async def _send_subscriptions(self, what: str, filters: Sequence[str]) -> None:
+        client = self._client
+        if not filters or client is None or not self.connected:
+            return  # the next connection subscribes to what the list holds
+        try:
+            for first in range(0, len(filters), _FILTERS_PER_PACKET):
+                part = list(filters[first : first + _FILTERS_PER_PACKET])
+                if what == "subscribe":
+                    await client.subscribe([(f, 1) for f in part], timeout=self.settings.publish_timeout_s)
+                else:
+                    await client.unsubscribe(part, timeout=self.settings.publish_timeout_s)
+        except aiomqtt.MqttError as exc:  # the connection dropped: the reconnect subscribes from the list
+            log.warning(
+                "%s: %s of %d topics failed (%s); the next connection takes the list",
+                self.name,
+                what,
+                len(filters),
+                exc,
+            )
+
     async def _publish_raw(self, topic: str, payload: bytes, *, qos: int, retain: bool) -> None:
         timeout = self.settings.publish_timeout_s + len(payload) / self.settings.min_bandwidth_bytes_s
         deadline = time.monotonic() + self.settings.publish_wait_s
@@ -492,8 +526,10 @@ class Link:
             try:
                 async with self._make_client() as client:
                     self._client = client
-                    for sub in self.subscriptions:
-                        await client.subscribe(sub, qos=1, timeout=self.settings.publish_timeout_s)
+                    subscriptions = list(self.subscriptions)
+                    for first in range(0, len(subscriptions), _FILTERS_PER_PACKET):
+                        part = subscriptions[first : first + _FILTERS_PER_PACKET]
+                        await client.subscribe([(f, 1) for f in part], timeout=self.settings.publish_timeout_s)
                     self.connects += 1
                     self._connected.set()
                     backoff = self.settings.backoff_min_s
