@@ -95,6 +95,40 @@ def share_constructor_work() -> None:
         agent_runtime.measure_block = functools.cache(agent_runtime.measure_block)
 
 
+#: the frozen base weights of this process's segments, one tensor per (name, shape, dtype, device)
+_FROZEN: dict[tuple[str, tuple[int, ...], torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def share_frozen_weights() -> None:
+    """Make the agents of this process hold one copy of the model's frozen weights, not one each.
+
+    Agents build their segments with ``build_segment`` by the name bound in ``splitft.agent.runtime``;
+    wrapped here (this process only), every frozen parameter of a new segment is replaced by the first
+    segment's tensor of the same name and shape. The base never changes (only the LoRA adapters train,
+    and they stay each agent's own), so sharing it changes no result; the agents' compute threads only
+    read it. What an agent then holds is its adapters, optimiser state, batches and activations.
+    """
+    original = agent_runtime.build_segment
+    if getattr(original, "shares_frozen_weights", False):
+        return
+
+    @functools.wraps(original)
+    def build(*args: Any, **kwargs: Any) -> Any:
+        segment = original(*args, **kwargs)
+        with torch.no_grad():
+            for name, param in segment.peft_model.named_parameters():
+                if param.requires_grad:
+                    continue
+                key = (name, tuple(param.shape), param.dtype, param.device)
+                shared = _FROZEN.setdefault(key, param.data)
+                if shared is not param.data:
+                    param.data = shared
+        return segment
+
+    build.shares_frozen_weights = True  # type: ignore[attr-defined]
+    agent_runtime.build_segment = build
+
+
 def set_tcp_nodelay(on: bool) -> None:
     """An experiment, for this process only: every MQTT connection made from now on sets TCP_NODELAY
     to ``on``, whatever splitft.shared.link asks for (it asks for TCP_NODELAY by default).
@@ -259,7 +293,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--auth-key-file", type=Path, help="the job's message authentication key, if it uses one")
     parser.add_argument("--timeout", type=float, help="give up (exit 2) after this many seconds")
     parser.add_argument("--report", type=Path, help="write per-agent results as JSON here")
-    parser.add_argument("--no-share", action="store_true", help="every agent loads its own tokenizer and measures")
+    parser.add_argument(
+        "--no-share",
+        action="store_true",
+        help="every agent loads its own tokenizer, measures, and holds its own copy of the frozen weights",
+    )
     parser.add_argument(
         "--tcp-nodelay", choices=("on", "off"), help="experiment: force TCP_NODELAY on the agents' MQTT sockets"
     )
@@ -280,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     if not args.no_share:
         share_constructor_work()
+        share_frozen_weights()
     if args.tcp_nodelay is not None:
         set_tcp_nodelay(args.tcp_nodelay == "on")
     with tempfile.TemporaryDirectory(prefix="splitft-fleet-") as work:

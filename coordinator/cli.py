@@ -517,9 +517,9 @@ def run(
         worker_args += ["--device", server_device, "--worker-timeout", str(worker_timeout)]
         env = {"SPLITFT_PASSWORD": password} if password is not None else {}  # not on a command line
         processes = start_local_workers(workers, address, worker_args, env)
-        console.print(f"workers: rank 0 here, ranks 1..{workers - 1} started on this host ({address})")
+        console.print(f"workers: rank 0 here, {_ranks(workers)} started on this host ({address})")
     elif group is not None:
-        console.print(f"workers: rank 0 here; waiting for ranks 1..{workers - 1} at {address}")
+        console.print(f"workers: rank 0 here; waiting for {_ranks(workers)} at {address}")
     if not spec.u_split:
         console.print(
             "[yellow]two-part split:[/yellow] every step's activations carry the devices' labels (their response "
@@ -547,6 +547,10 @@ def run(
     if metrics.is_file():
         lines.append(f"plot:    {plot_run(metrics, out / 'run.png', title=f'SplitFT run: {spec.job}')}")
     console.print("\n".join(lines))
+
+
+def _ranks(workers: int) -> str:
+    return "rank 1" if workers == 2 else f"ranks 1..{workers - 1}"
 
 
 def _free_port() -> int:

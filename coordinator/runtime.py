@@ -189,7 +189,10 @@ class Coordinator(Rounds):
 
         adapter_dir = await self._compute(self.server.export, self.out / "adapter")
         if self.group is not None:
-            await self._compute(self.group.broadcast, {"op": "done"})
+            try:
+                await self._compute(self.group.broadcast, {"op": "done"})
+            except WorkerLost as exc:  # the job is complete: a worker gone since its last round changes nothing
+                log.warning("could not tell the workers the job is done: %s", exc)
         assert self._link is not None
         await self._link.publish(self.topics.job_topic("round"), ROUND, {"event": "done"}, round_=self.job.rounds)
         self._done = True

@@ -73,7 +73,7 @@ T = TypeVar("T")
 STEP_KINDS = ("act", "tail_grad")
 
 
-class WorkerLost(SplitFTError):
+class WorkerLost(JobError):
     """A member of the process group is gone (a collective failed or timed out)."""
 
 
@@ -277,13 +277,15 @@ def figures(plans: Mapping[str, Participant]) -> dict[str, Any]:
 
 
 def merge_figures(plans: Mapping[str, Participant], served: Mapping[str, Any]) -> None:
-    """Rank 0: a worker's figures into its own record of the agents (a drop either side stands)."""
+    """Rank 0: a worker's figures of its agents added to rank 0's own (the assignment it sent, the upload it
+    took: bytes); a drop on either side stands."""
     for name, got in served.get("agents", {}).items():
         plan = plans.get(name)
         if plan is None:
             continue
         for key in FIGURES:
-            setattr(plan, key, got[key])
+            mine, theirs = getattr(plan, key), got[key]
+            setattr(plan, key, (mine or theirs) if isinstance(mine, bool) else mine + theirs)
         if plan.dropped is None and got["dropped"] is not None:
             plan.dropped = got["dropped"]  # the worker told the agent already
 

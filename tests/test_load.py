@@ -14,6 +14,7 @@ import gc
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +50,11 @@ def live_heap() -> tuple[int, float]:
     gc.collect()
     objects = gc.get_objects()
     storages: dict[int, int] = {}
-    for obj in objects:
-        if isinstance(obj, torch.Tensor) and obj.device.type != "meta":
+    with warnings.catch_warnings():  # isinstance() on torch.distributed's deprecated reduce_op object warns
+        warnings.simplefilter("ignore", FutureWarning)
+        tensors = [obj for obj in objects if isinstance(obj, torch.Tensor)]
+    for obj in tensors:
+        if obj.device.type != "meta":
             storage = obj.untyped_storage()
             storages[storage.data_ptr()] = storage.nbytes()
     return len(objects), sum(storages.values()) / 2**20

@@ -83,9 +83,10 @@ def two_worker_job(name: str) -> JobConfig:
     return replace(base, rounds=2, local_steps=2, min_agents=4, cuts={**base.cuts, "a4": 2})
 
 
-async def test_two_workers_give_the_adapters_of_one(broker: Broker, tmp_path: Path) -> None:
+@pytest.mark.parametrize("split", ["two-part", "u"])
+async def test_two_workers_give_the_adapters_of_one(broker: Broker, tmp_path: Path, split: str) -> None:
     data = shards(tmp_path, n=4, samples=64)
-    job = two_worker_job("workers")
+    job = replace(two_worker_job("workers"), split=split)
     one = await run_job(broker, tmp_path / "one", job, data)
     two, procs = await run_with_workers(broker, tmp_path / "two", replace(job, job="workers2"), data, 2)
     assert all(p.returncode == 0 for p in procs)  # the worker ended with the job
@@ -100,6 +101,11 @@ async def test_two_workers_give_the_adapters_of_one(broker: Broker, tmp_path: Pa
         assert workers == [0, 0, 1, 1]
         assert all(a["dropped"] is None and a["tokens"] > 0 and a["server_s"] > 0 for a in record["agents"].values())
     single = read_metrics(tmp_path / "one")
+    for a, b in zip(single[1:], metrics[1:], strict=True):  # each agent's figures, whichever rank served it
+        for name, agent in a["agents"].items():
+            assert b["agents"][name]["tokens"] == agent["tokens"]
+            for key in ("bytes_up", "bytes_down"):  # (the envelopes' ids differ: compressed, a few bytes)
+                assert b["agents"][name][key] == pytest.approx(agent[key], rel=0.01), key
     for a, b in zip(single[1:], metrics[1:], strict=True):
         assert b["eval_loss"] == pytest.approx(a["eval_loss"], abs=1e-6)
         assert b["train_tokens"] == a["train_tokens"]
