@@ -25,8 +25,11 @@ the device's per-block time in its constructor (about 0.14 s and 12 MiB, and 0.2
 2-core VM). Both give the same answer for every agent of one process on one machine, so the fleet
 does each once and shares it (``--no-share`` turns that off): the tokenizer is only ever used on the
 event loop's thread (tokenising a shard), never from two threads at once. Measured for 50 agents:
-0.5 s and +15 MiB to build them shared, 12.1 s and +437 MiB not. Once training, an agent holds about
-43 MiB, 24.5 MiB of it its own copy of the frozen token embedding (50,257 x 128 fp32).
+0.5 s and +15 MiB to build them shared, 12.1 s and +437 MiB not. Each agent's segment also held its own
+copy of the model's frozen weights (about 49 MiB for tiny-gpt2 at cut 1, 24.5 MiB of it the token
+embedding, 50,257 x 128 fp32): the fleet gives every segment the first one's tensors instead
+(:func:`share_frozen_weights`; 20 segments built in one process: +65 MiB shared, +993 MiB not), so an agent
+holds only its adapters, optimiser state, batches and activations, and 500 agents fit on this machine.
 
 ``--tcp-nodelay on|off`` is an experiment: it forces TCP_NODELAY on the agents' MQTT sockets on or off
 (splitft.shared.link turns it on; see :func:`set_tcp_nodelay`; scripts/bench_load.py measures it).

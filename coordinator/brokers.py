@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import os
 import shutil
 import socket
 import subprocess
@@ -52,8 +53,10 @@ def start_mosquitto(folder: Path, port: int | None = None, extra_config: str = "
     port = port or free_port()
     folder.mkdir(parents=True, exist_ok=True)
     conf, log = folder / "mosquitto.conf", folder / "mosquitto.log"
+    # Started as root, Mosquitto drops to its own user, which cannot write the log into a private folder.
+    user = "user root\n" if hasattr(os, "geteuid") and os.geteuid() == 0 else ""
     conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n{user}"
         f"log_dest file {log}\nlog_type error\nlog_type warning\nlog_type notice\n{extra_config}"
     )
     process = subprocess.Popen([mosquitto_binary(), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

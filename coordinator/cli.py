@@ -501,12 +501,12 @@ def run(
         server_device = torch_device(device)
         _preflight(spec, out)
         observatory = _observatory(spec, console, dashboard, dashboard_token, tensorboard, default=False)
+        if rendezvous is not None and workers < 2:
+            raise ConfigError("--rendezvous is for --workers 2 or more")
         address = rendezvous or f"127.0.0.1:{_free_port()}"
         group = WorkerGroup(0, workers, address, timeout_s=worker_timeout) if workers > 1 else None
     except SplitFTError as exc:
         raise _fail(exc) from exc
-    if rendezvous is not None and group is None:
-        raise _fail(ConfigError("--rendezvous is for --workers 2 or more"))
     processes = []
     if group is not None and rendezvous is None:
         worker_args = _broker_args(

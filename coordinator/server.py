@@ -18,12 +18,15 @@ Normalisation, so that federated split SGD equals centralised SGD on the union b
 * at aggregation, block ``j`` is averaged over its holders weighted by tokens: the devices cut above
   ``j`` (weight ``N_i``) and the server (weight ``N_j``).
 
-Batched (``server_batching``, two-part): :meth:`ServerModel.train_batch` takes a step's batches of every
+Batched (``server_batching``): :meth:`ServerModel.train_batch` (two-part) takes a step's batches of every
 device at once, pads them to the longest and runs them ordered by cut: the devices cut shallowest go
 first, and the others join the merged batch at their own cut ("run to the deepest cut, then merge").
 The head and the loss are computed device by device (they act per token: merging gains nothing there),
-then one backward pass runs through the merged blocks. The results equal the per-device path's to
-floating-point rounding (tests/test_batching.py); ``server_max_batch_tokens`` bounds one pass.
+then one backward pass runs through the merged blocks. In the U split, :meth:`ServerModel.forward_batch`
+does the same up to each device's tail, where its rows leave the merged batch, and
+:meth:`ServerModel.backward_batch` takes every device's tail gradient in one backward pass. The results
+equal the per-device path's to floating-point rounding (tests/test_batching.py); ``server_max_batch_tokens``
+bounds one pass.
 
 The U split (``split = "u"``): a device cut at ``c`` with a tail of ``k`` blocks holds blocks
 ``0..c-1`` and ``L-k..L-1`` and the head; the server runs ``c..L-k-1`` (:meth:`ServerModel.forward_middle`),
@@ -120,6 +123,7 @@ class MiddleStep:
     hidden: torch.Tensor  # (B, T, C) the device's activations at the cut, requiring grad
     top: torch.Tensor  # (B, T, C) the activations entering the device's tail, with their graph
     tokens: int  # the batch's real tokens: its weight
+    merged: int = -1  # server_batching: the merged pass it was in (its graph is shared with that pass's others)
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,7 @@ class BatchItem:
     agent: str
     cut: int
     act: Activations
+    tail_start: int = 0  # U split: the block its tail starts at (the server's blocks end there); 0: two-part
 
 
 def _passes(items: Sequence[BatchItem], max_tokens: int) -> list[list[BatchItem]]:
@@ -323,6 +328,84 @@ class ServerModel:
             self._step_tokens[block] += step.tokens
         assert step.hidden.grad is not None
         return (step.hidden.grad / max(step.tokens, 1)).cpu()
+
+    def forward_batch(self, items: Sequence[BatchItem], max_tokens: int = 0) -> dict[str, MiddleStep]:
+        """U split: several devices' batches of one step through the server's blocks in as few passes as fit,
+        each device's :class:`MiddleStep` as :meth:`forward_middle` would give it (to floating-point rounding).
+
+        As :meth:`train_batch`: padded to the longest, ordered by cut; a device's rows join the merged batch
+        at its cut and leave it where its tail starts. The graphs are kept for :meth:`backward_batch`."""
+        steps: dict[str, MiddleStep] = {}
+        ordered = sorted(items, key=lambda i: (i.cut, i.tail_start, i.agent))
+        for index, chunk in enumerate(_passes(ordered, max_tokens)):
+            steps.update(self._forward_merged(chunk, index))
+        return steps
+
+    def _forward_merged(self, items: Sequence[BatchItem], index: int) -> dict[str, MiddleStep]:
+        self.segment.train()
+        width = max(item.act.hidden.shape[1] for item in items)
+        leaves = [item.act.hidden.detach().to(self.device).requires_grad_() for item in items]  # (B_i, T_i, C)
+        padded = [torch.nn.functional.pad(h, (0, 0, 0, width - h.shape[1])) for h in leaves]  # (B_i, T, C)
+        masks = [
+            torch.nn.functional.pad(item.act.attention_mask, (0, width - item.act.hidden.shape[1])).to(self.device)
+            for item in items
+        ]  # (B_i, T)
+        bounds = sorted({item.cut for item in items} | {item.tail_start for item in items})
+        steps: dict[str, MiddleStep] = {}
+        rows: list[int] = []  # the items in the merged batch, in the order of its rows
+        hidden: torch.Tensor | None = None
+
+        def leave(at: int) -> None:  # the rows of the devices whose tail starts at ``at`` leave the batch
+            nonlocal hidden, rows
+            assert hidden is not None
+            kept, parts, first = [], [], 0
+            for i in rows:
+                item, b = items[i], items[i].act.hidden.shape[0]
+                part = hidden[first : first + b]  # (B_i, T, C)
+                first += b
+                if item.tail_start == at:
+                    top = part[:, : item.act.hidden.shape[1]]  # (B_i, T_i, C)
+                    tokens = int(item.act.lengths.sum())
+                    steps[item.agent] = MiddleStep(item.cut, item.tail_start, leaves[i], top, tokens, index)
+                else:
+                    kept.append(i)
+                    parts.append(part)
+            rows, hidden = kept, torch.cat(parts) if parts else None
+
+        for k, start in enumerate(bounds[:-1]):
+            if hidden is not None:
+                leave(start)
+            joining = [i for i, item in enumerate(items) if item.cut == start]
+            if hidden is None and not joining:
+                continue  # no device between these bounds (the ones before left, the next join later)
+            hidden = torch.cat(([hidden] if hidden is not None else []) + [padded[i] for i in joining])
+            rows += joining
+            mask = torch.cat([masks[i] for i in rows])
+            hidden = self.segment(hidden, mask, start=start, stop=bounds[k + 1], with_head=False)  # (R, T, C)
+        leave(bounds[-1])
+        return steps
+
+    def backward_batch(
+        self, steps: Mapping[str, MiddleStep], tail_grads: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """U split, batched: the backward passes of :meth:`forward_batch`'s passes, one each, from the tail
+        gradients of the devices in ``tail_grads`` (a device without one, dropped since, adds nothing); each
+        device's gradient at its cut, as :meth:`backward_middle` gives it."""
+        passes: dict[int, list[str]] = {}
+        for name in sorted(tail_grads):
+            passes.setdefault(steps[name].merged, []).append(name)
+        grads: dict[str, torch.Tensor] = {}
+        for _, names in sorted(passes.items()):
+            tops = [steps[n].top for n in names]
+            torch.autograd.backward(tops, [tail_grads[n].to(self.device) * steps[n].tokens for n in names])
+            self._stash(",".join(names))
+            for name in names:
+                step = steps[name]
+                for block in range(step.cut, step.tail_start):
+                    self._step_tokens[block] += step.tokens
+                assert step.hidden.grad is not None
+                grads[name] = (step.hidden.grad / max(step.tokens, 1)).cpu()
+        return grads
 
     def calibrate(self, batch: int, length: int, c_min: int) -> ServerEstimate:
         """Time one device batch from the shallowest and from the deepest cut: per-block and head cost.

@@ -94,6 +94,8 @@ class Participant:
     timings: dict[str, float] = field(default_factory=dict)  # the agent's mean per-step timings
     tail: int = 0  # U split: the blocks at the top of the model it holds
     middle: tuple[int, MiddleStep] | None = None  # U split: (step, the server's forward) awaiting its tail gradient
+    # U split, server_batching: its tail gradient and loss, kept until every agent's is in (one backward pass)
+    tail_grad: tuple[torch.Tensor, float | None] | None = None
     last_tail: tuple[int, dict[str, Any]] | None = None  # U split: (step, body) of the last tail activations sent
 
     @property

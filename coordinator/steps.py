@@ -15,6 +15,8 @@ import math
 import time
 from typing import Any
 
+import torch
+
 from splitft.shared.errors import Refusal, WireError
 from splitft.shared.link import Received
 from splitft.shared.protocol import (
@@ -28,7 +30,7 @@ from splitft.shared.protocol import (
 )
 
 from .controller import Decision
-from .server import BatchItem, StepResult
+from .server import BatchItem, MiddleStep, StepResult
 from .session import Offline, Participant, Session
 
 log = logging.getLogger(__name__)
@@ -86,8 +88,9 @@ class StepExchange(Session):
         ready = [item for n in sorted(pending) for item in self._early.pop((n, step), [])]
         ready.reverse()  # popped from the end: oldest first
         deadline = time.monotonic() + timeout_s
-        # server_batching (two-part): the step's activations wait here until every agent still in it sent its own
-        batching = job.server_batching and not job.u_split
+        # server_batching: the step's activations wait here until every agent still in it sent its own; in the
+        # U split, so do the tail gradients (one forward and one backward pass for them all)
+        batching = job.server_batching
         collected: dict[str, Activations] = {}
         while pending:
             for name in [n for n in pending if plans[n].dropped is not None or self._gone(n)]:
@@ -96,9 +99,11 @@ class StepExchange(Session):
             for name in [n for n in collected if n not in pending]:
                 del collected[name]
             if collected and pending <= collected.keys():
-                await self._serve_batch(collected, plans, step)
-                pending -= collected.keys()
+                pending -= await self._serve_batch(collected, plans, step)
                 collected.clear()
+            if batching and pending and all(plans[n].tail_grad is not None for n in pending):
+                await self._finish_middle_batch(sorted(pending), plans, step)
+                pending.clear()
             if not pending:
                 return
             if ready:
@@ -115,8 +120,11 @@ class StepExchange(Session):
                     if time.monotonic() < deadline:
                         continue
                     if collected:  # those that sent theirs are served; the others are late
-                        await self._serve_batch(collected, plans, step)
-                        pending -= collected.keys()
+                        pending -= await self._serve_batch(collected, plans, step)
+                    answered = sorted(n for n in pending if plans[n].tail_grad is not None)
+                    if batching and answered:  # U split: those whose tail gradient came finish their step
+                        await self._finish_middle_batch(answered, plans, step)
+                        pending -= set(answered)
                     for name in pending:
                         self._drop(plans[name], f"no activations for step {step} within the {timeout_s:.1f} s deadline")
                     return
@@ -215,25 +223,78 @@ class StepExchange(Session):
         plan.losses.append(result.loss)
         plan.accuracies.append(result.accuracy)
 
-    async def _serve_batch(self, collected: dict[str, Activations], plans: dict[str, Participant], step: int) -> None:
-        """Two-part, ``server_batching``: the step's activations of these agents in merged passes
-        (:meth:`ServerModel.train_batch`), then every gradient down. The server's time is shared between
-        the agents by their rows' tokens (what the controller's estimates expect per device batch)."""
-        assert self.server is not None
-        items = [BatchItem(name, plans[name].cut, act) for name, act in sorted(collected.items())]
+    async def _serve_batch(
+        self, collected: dict[str, Activations], plans: dict[str, Participant], step: int
+    ) -> set[str]:
+        """``server_batching``: the step's activations of these agents in merged passes, then every answer
+        down: two-part, the gradient (:meth:`ServerModel.train_batch`); U split, the activations entering the
+        tail (:meth:`ServerModel.forward_batch`; the step ends in :meth:`_finish_middle_batch`). The server's
+        time is shared between the agents by their rows' tokens (what the controller's estimates expect per
+        device batch). Returns the agents whose step is over (answered, or dropped)."""
+        assert self.server is not None and self._link is not None
+        server, job = self.server, self.job
+        items = [
+            BatchItem(name, plans[name].cut, act, server.num_layers - plans[name].tail if job.u_split else 0)
+            for name, act in sorted(collected.items())
+        ]
         t0 = time.perf_counter()
         try:
-            results = await self._compute(self.server.train_batch, items, self.job.server_max_batch_tokens)
+            if job.u_split:
+                middles = await self._compute(server.forward_batch, items, job.server_max_batch_tokens)
+            else:
+                results = await self._compute(server.train_batch, items, job.server_max_batch_tokens)
         except RuntimeError as exc:  # e.g. out of memory: lose these agents' round, not the job
             log.exception("merged server step for %s failed", ", ".join(collected))
             for name in collected:
                 self._drop(plans[name], f"the server could not process its batch ({exc})")
-            return
+            return set(collected)
         elapsed = time.perf_counter() - t0
         total = sum(int(act.lengths.sum()) for act in collected.values()) or 1
         for name, act in sorted(collected.items()):
-            plans[name].server_times.append(elapsed * int(act.lengths.sum()) / total)
-            await self._reply(plans[name], step, results[name])
+            plan = plans[name]
+            plan.server_times.append(elapsed * int(act.lengths.sum()) / total)
+            if not job.u_split:
+                await self._reply(plan, step, results[name])
+                continue
+            middle = middles[name]
+            plan.middle = (step, middle)
+            body = tail_act_body(middle.top.detach(), job.wire_dtype)
+            plan.last_tail = (step, body)
+            plan.bytes_down += await self._link.publish(
+                self.topics.agent(name, "tail_act"), TAIL_ACT, body, round_=self._round_now, step=step, corr=plan.corr
+            )
+        return set() if job.u_split else set(collected)
+
+    async def _finish_middle_batch(self, names: list[str], plans: dict[str, Participant], step: int) -> None:
+        """U split, ``server_batching``: the tail gradients of these agents through the merged passes'
+        backward (:meth:`ServerModel.backward_batch`), then every gradient at the cut down."""
+        assert self.server is not None
+        middles: dict[str, MiddleStep] = {}
+        tail_grads: dict[str, torch.Tensor] = {}
+        for name in names:  # (the loop gives only agents with both)
+            middle, tail = plans[name].middle, plans[name].tail_grad
+            assert middle is not None and tail is not None
+            middles[name], tail_grads[name] = middle[1], tail[0]
+        t0 = time.perf_counter()
+        try:
+            grads = await self._compute(self.server.backward_batch, middles, tail_grads)
+        except RuntimeError as exc:
+            log.exception("merged server backward for %s failed", ", ".join(names))
+            for name in names:
+                self._drop(plans[name], f"the server could not process its batch ({exc})")
+            return
+        elapsed = time.perf_counter() - t0
+        total = sum(middles[n].tokens for n in names) or 1
+        for name in names:
+            plan, middle = plans[name], middles[name]
+            assert plan.tail_grad is not None
+            loss = plan.tail_grad[1]
+            plan.server_times[-1] += elapsed * middle.tokens / total
+            plan.middle = plan.tail_grad = None
+            await self._send_grad(plan, step, grad_body(grads[name], self.job.wire_dtype))
+            plan.tokens += middle.tokens
+            if loss is not None:
+                plan.losses.append(loss)
 
     async def _serve_tail_grad(self, item: Received, plan: Participant, step: int) -> bool:
         """U split: the agent's gradient at its tail finishes the server's backward pass; the gradient at its
@@ -249,6 +310,11 @@ class StepExchange(Session):
             tail_grad, loss = parse_tail_grad(item.envelope.body, tuple(middle.top.shape))
         except WireError as exc:
             self._count_rejection(exc.reason, plan.name, exc.detail)
+            return False
+        if self.job.server_batching:  # kept until every agent's is in (the step loop's top)
+            if plan.tail_grad is None:
+                plan.bytes_up += item.size
+                plan.tail_grad = (tail_grad, loss)
             return False
         plan.bytes_up += item.size
         t0 = time.perf_counter()

@@ -44,7 +44,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -71,6 +71,8 @@ T = TypeVar("T")
 
 #: the kinds of message a rank takes for the agents it serves
 STEP_KINDS = ("act", "tail_grad")
+#: how long the broker keeps a worker's session (its subscriptions and what arrives) over a dropped connection
+WORKER_SESSION_S = 120
 
 
 class WorkerLost(JobError):
@@ -309,9 +311,12 @@ class ServerWorker(StepExchange):
         cuts = [list(c) for c in start["cuts"]]
         self.server = await self._compute(ServerModel, self.job, cuts, self.device)
         self._events.per_sender_bytes = 4 * self._act_bytes()
-        # No Last Will and no status: the agents follow rank 0's coordinator status, not a worker's.
+        # No Last Will and no status: the agents follow rank 0's coordinator status, not a worker's. So nothing
+        # makes the agents re-send what a worker missed while its connection was down: its session outlives a
+        # drop instead (MQTT v5), and the broker delivers what came meanwhile when it is back.
+        broker = replace(self.broker, session_expiry_s=WORKER_SESSION_S) if self.broker.protocol == "5" else self.broker
         async with Link(
-            self.broker, self.topics, COORDINATOR, [self.topics.all_agents("status")], expect=self._expect
+            broker, self.topics, COORDINATOR, [self.topics.all_agents("status")], expect=self._expect
         ) as link:
             self._link = link
             reader = asyncio.create_task(self._read(), name=f"worker-{self.member.rank}-reader")

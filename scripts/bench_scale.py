@@ -215,8 +215,9 @@ def measure(agents: int, world: int, args: argparse.Namespace) -> dict[str, Any]
     probe = ScaleProbe()
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="splitft-scale-") as tmp:
-        got = asyncio.run(run(job, agents, args.fleets, world, Path(tmp), probe))
-        metrics = [json.loads(line) for line in (Path(tmp) / "out" / "metrics.jsonl").read_text().splitlines()][1:]
+        folder = Path(tmp) if args.keep is None else args.keep / f"{agents}x{world}"
+        got = asyncio.run(run(job, agents, args.fleets, world, folder, probe))
+        metrics = [json.loads(line) for line in (folder / "out" / "metrics.jsonl").read_text().splitlines()][1:]
     worker_messages = [
         (sum(w["sent"].values()) + sum(w["received"].values())) / args.rounds for w in got["workers"]
     ]  # per round
@@ -360,6 +361,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--local-steps", type=int, default=2)
     parser.add_argument("--write", type=Path, help="replace the 'scale' section of this markdown file")
+    parser.add_argument("--keep", type=Path, help="keep each run's folder (broker log, metrics) under this one")
     parser.add_argument("--as-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--rendezvous", help=argparse.SUPPRESS)
     parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)
@@ -383,6 +385,7 @@ def main() -> None:
     for agents, world in plan:
         print(f"== {agents} agents, {world} worker(s)", flush=True)
         runs.append(measure(agents, world, args))
+        print(report(args, runs[-1:]).split("\n\nWhere")[0], flush=True)  # this run's line, as it ends
     text = report(args, runs) + f"\n\nAll runs took {time.monotonic() - started:.0f} s."
     print(text)
     if args.write:

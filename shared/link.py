@@ -39,6 +39,8 @@ from urllib.parse import urlparse
 
 import aiomqtt
 from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from .codec import Limits, declared_size
 from .errors import ROUTINE_REFUSALS, ConfigError, LinkError, Refusal, WireError
@@ -105,6 +107,10 @@ class BrokerSettings:
     client_id: str | None = None  # MQTT client id (for broker ACLs on %c); default: the member name + a session suffix
     protocol: str = "5"  # "5", or "3.1.1" for brokers without v5 (the embedded amqtt)
     keepalive_s: int = 30
+    # MQTT v5: how long the broker keeps this member's session after its connection drops: its subscriptions,
+    # and the QoS 1 messages sent to it meanwhile, delivered when it is back. 0: none (a member that other
+    # members re-send to when it announces itself again: the coordinator's rank 0, the agents).
+    session_expiry_s: int = 0
     connect_timeout_s: float = 30.0  # first connection; later ones retry until the link closes
     publish_wait_s: float = 60.0  # how long a publish waits for a lost connection to come back
     publish_timeout_s: float = 10.0  # per publish, plus the time the payload needs at min_bandwidth
@@ -142,6 +148,8 @@ class BrokerSettings:
             raise ConfigError(f"auth_window_s must be positive, got {self.auth_window_s}")
         if self.protocol not in _PROTOCOLS:
             raise ConfigError(f"broker protocol must be one of {sorted(_PROTOCOLS)}, got {self.protocol!r}")
+        if type(self.session_expiry_s) is not int or not 0 <= self.session_expiry_s < 1 << 32:
+            raise ConfigError(f"session_expiry_s must be an integer of seconds, got {self.session_expiry_s!r}")
         if self.max_payload_bytes < 4096:
             raise ConfigError(f"max_payload_bytes must be at least 4096, got {self.max_payload_bytes}")
         for name in ("max_queued_bytes_per_sender", "max_queued_bytes", "max_reassembly_bytes"):
@@ -575,6 +583,9 @@ class Link:
             will = aiomqtt.Will(topic, payload, qos=1, retain=True)
         v5 = self.settings.protocol == "5"
         kwargs: dict[str, Any] = {"clean_start": MQTT_CLEAN_START_FIRST_ONLY} if v5 else {"clean_session": True}
+        if v5 and self.settings.session_expiry_s > 0:
+            kwargs["properties"] = Properties(PacketTypes.CONNECT)
+            kwargs["properties"].SessionExpiryInterval = self.settings.session_expiry_s
         if self.settings.tcp_nodelay:
             kwargs["socket_options"] = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
         if self.settings.tls:

@@ -66,8 +66,13 @@ async def test_federated_u_split_equals_centralised(broker: Broker, tmp_path: Pa
     data = shards(tmp_path)
     coordinator = await run_job(broker, tmp_path / "out", job, data)
     assert coordinator.server is not None
-    federated = lora_state(coordinator.server.segment.peft_model)
+    assert_u_equals_centralised(lora_state(coordinator.server.segment.peft_model), job, data)
+    last = read_metrics(tmp_path / "out")[-1]
+    assert last["cuts"] == CUTS and last["tails"] == TAILS
 
+
+def assert_u_equals_centralised(federated: dict[str, torch.Tensor], job: JobConfig, data: dict[str, Path]) -> None:
+    """``federated`` equals centralised SGD on the U split's union objective, round after round."""
     whole = build_segment("tiny-gpt2", SegmentSpec.whole(12), lora=job.lora, ranks=block_ranks(12, [], job.lora))
     optimizer = torch.optim.SGD(whole.lora_parameters().values(), lr=job.optimizer.lr)
     streams = batch_streams(job, data)
@@ -82,8 +87,6 @@ async def test_federated_u_split_equals_centralised(broker: Broker, tmp_path: Pa
         optimizer.step()
         optimizer.zero_grad()
     assert_same_adapters(federated, lora_state(whole.peft_model))
-    last = read_metrics(tmp_path / "out")[-1]
-    assert last["cuts"] == CUTS and last["tails"] == TAILS
 
 
 def tensors_in(value: Any, path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:

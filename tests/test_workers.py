@@ -14,16 +14,21 @@ from typing import Any
 import pytest
 import torch
 from test_runtime import equivalence_job, read_metrics, run_job, shards
+from typer.testing import CliRunner
 
 from splitft.agent.runtime import Agent, AgentSettings
+from splitft.coordinator.cli import app
 from splitft.coordinator.runtime import Coordinator
 from splitft.coordinator.workers import WorkerGroup, assign_ranks, start_local_workers, stop_local_workers
 from splitft.shared.config import JobConfig
 from splitft.shared.errors import ConfigError
+from splitft.shared.exit_codes import ExitCode
 from splitft.shared.link import BrokerSettings
 from splitft.shared.lora import lora_state
 
 from conftest import Broker
+
+runner = CliRunner()
 
 
 def free_port() -> int:
@@ -45,13 +50,23 @@ def test_assign_ranks_keeps_agents_in_place_and_evens_the_load() -> None:
     assert sorted(list(skewed.values()).count(r) for r in range(3)) == [2, 2, 2]
 
 
-def test_bad_worker_settings_are_named() -> None:
+def test_bad_worker_settings_are_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="HOST:PORT"):
         WorkerGroup(0, 2, "nohost")
     with pytest.raises(ConfigError, match="--rank"):
         WorkerGroup(2, 2, "127.0.0.1:1234")
     with pytest.raises(ConfigError, match="at least 2"):
         WorkerGroup(0, 1, "127.0.0.1:1234")
+    # On the command line: exit code 3 and the option named, before anything connects or is written.
+    nowhere = ["--broker", "mqtt://127.0.0.1:9", "--connect-timeout", "1"]
+    result = runner.invoke(app, ["worker", *nowhere, "--rendezvous", "nohost", "--rank", "1", "--workers", "2"])
+    assert result.exit_code == ExitCode.CONFIG and "--rendezvous must look like HOST:PORT" in result.output
+    result = runner.invoke(app, ["worker", *nowhere, "--rendezvous", "127.0.0.1:5", "--rank", "2", "--workers", "2"])
+    assert result.exit_code == ExitCode.CONFIG and "--rank must be in 0..1" in result.output
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["run", *nowhere, "--out", str(out), "--rendezvous", "127.0.0.1:5"])
+    assert result.exit_code == ExitCode.CONFIG and "--rendezvous is for --workers 2 or more" in result.output
+    assert not out.exists()
 
 
 async def run_with_workers(
