@@ -275,13 +275,21 @@ def latency_cuts(
     # Ties: hand blocks back to the server while the step time stays the same, slowest device first,
     # so each device's own work is as small as the step allows (with a fast server, every device
     # gets c_min; the privacy floor is then what bounds the cut).
+    # One block handed back changes that device's round trip and adds one block to the server's step (it is
+    # linear in the blocks), so each trial is checked against the others' longest trip in O(1): the loop is
+    # O(devices) per move, not O(devices^2).
     by_name = {d.name: d for d in devices}
     while True:
+        trips = {name: turnaround_s(by_name[name], server, num_layers, cut) for name, cut in cuts.items()}
+        ordered = sorted(trips.values(), reverse=True)
+        first, second = ordered[0], ordered[1] if len(ordered) > 1 else float("-inf")
+        server_after = server.step_s(num_layers, list(cuts.values())) + server.block_s
         movable = []
         for name, cut in cuts.items():
             if cut > c_min:
-                trial = {**cuts, name: cut - 1}
-                if makespan_s(devices, server, num_layers, trial) <= target + 1e-12:
+                others = second if trips[name] == first else first
+                trip = turnaround_s(by_name[name], server, num_layers, cut - 1)
+                if max(others, trip, server_after) <= target + 1e-12:
                     movable.append(name)
         if not movable:
             return cuts
