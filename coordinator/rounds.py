@@ -3,6 +3,7 @@ write the metrics line; a round that too few agents finish is rolled back and ru
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import Counter
@@ -59,7 +60,7 @@ class Rounds(Uploads):
         started = time.monotonic()
         self._round_now = round_
         self._early.clear()
-        decision = self._decide()
+        decision = await self._decide()
         plans: dict[str, Participant] = {}
         self._plans = plans
         for name in self._online():
@@ -219,8 +220,11 @@ class Rounds(Uploads):
 
     # ------------------------------------------------------------------ the cut controller
 
-    def _decide(self) -> Decision | None:
-        """The controller's cuts for this round, once every online agent has been measured."""
+    async def _decide(self) -> Decision | None:
+        """The controller's cuts for this round, once every online agent has been measured.
+
+        The decision is computed on a thread of its own: with hundreds of devices it takes seconds, and the
+        event loop must go on answering the broker's keep-alives meanwhile."""
         if self.controller is None or self.estimates is None:
             return None
         planned = self.job.plan_first_round and self.job.policy in ("latency", "splitft")
@@ -231,7 +235,8 @@ class Rounds(Uploads):
         devices = [self.estimates.device(name) for name in self._online()]
         if not devices or any(d is None for d in devices):
             return None  # first round (or a new agent): the configured cuts, and measure
-        decision = self.controller.decide([d for d in devices if d is not None], self.estimates.server())
+        known = [d for d in devices if d is not None]
+        decision = await asyncio.to_thread(self.controller.decide, known, self.estimates.server())
         if self.job.u_split:
             # The controller placed blocks per device; the split puts them at the bottom or the top.
             job, k_max = self.job, self._k_max(self.controller.settings.num_layers)

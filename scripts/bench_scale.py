@@ -6,7 +6,7 @@ two-part split) at fleet scale. Each run starts a Mosquitto of its own, ``--flee
 processes sharing the agents out (each process holds one copy of the model's frozen weights, see
 splitft.agent.fleet.share_frozen_weights), the coordinator's rank 0 in this process and, with 2 workers,
 rank 1 as a process of this script (``--as-worker``), all on this machine. The server merges each step's
-activations (``server_batching``, ``server_max_batch_tokens`` 16384: up to 512 of these batches a pass) in
+activations (``server_batching``, ``server_max_batch_tokens`` at its default, 4096: up to 128 of these batches a pass) in
 every run, so the runs compare like with like.
 
 Measured, per round (rounds 2.. are the steady state; round 1 also builds every agent's segment):
@@ -164,6 +164,7 @@ async def run(job: JobConfig, agents: int, fleets: int, world: int, folder: Path
                 ]  # fmt: skip
                 workers.append(subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}))
             group = WorkerGroup(0, world, address)
+        beat = asyncio.ensure_future(watch_loop(WATCH_S)()) if WATCH_S else None
         original = coordinator_runtime.Link
         coordinator_runtime.Link = CountingLink  # type: ignore[misc]
         loop_started = time.thread_time()
@@ -174,6 +175,8 @@ async def run(job: JobConfig, agents: int, fleets: int, world: int, folder: Path
             ).run()  # fmt: skip
         finally:
             coordinator_runtime.Link = original  # type: ignore[misc]
+            if beat is not None:
+                beat.cancel()
         loop_cpu = time.thread_time() - loop_started
         summaries = []
         for p, output in zip(procs, outputs, strict=True):
@@ -194,6 +197,40 @@ async def run(job: JobConfig, agents: int, fleets: int, world: int, folder: Path
     return {"fleets": fleet_reports, "summaries": summaries, "workers": worker_counts, "loop_cpu_s": loop_cpu}
 
 
+def watch_loop(lag_s: float) -> Callable[[], Any]:
+    """Diagnostics: a thread that prints every thread's stack when this event loop has not run for ``lag_s``
+    (a blocked loop misses MQTT keep-alives). Returns the coroutine function to run on the loop."""
+    import threading
+    import traceback
+
+    beat = [time.monotonic()]
+    loop_thread = threading.get_ident()
+
+    def watch() -> None:
+        reported = 0.0
+        while True:
+            time.sleep(lag_s / 4)
+            late = time.monotonic() - beat[0]
+            if late > lag_s and beat[0] != reported:
+                reported = beat[0]
+                frames = sys._current_frames()
+                print(f"-- the event loop has not run for {late:.1f} s; its thread:", file=sys.stderr)
+                traceback.print_stack(frames[loop_thread], file=sys.stderr)
+                for ident, frame in frames.items():
+                    if ident not in (loop_thread, threading.get_ident()):
+                        print(f"-- thread {ident}:", file=sys.stderr)
+                        traceback.print_stack(frame, limit=8, file=sys.stderr)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+    async def heartbeat() -> None:
+        while True:
+            beat[0] = time.monotonic()
+            await asyncio.sleep(lag_s / 10)
+
+    return heartbeat
+
+
 def free_port() -> int:
     import socket
 
@@ -202,6 +239,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+WATCH_S = float(os.environ.get("SPLITFT_WATCH_LOOP_S", "0"))  # diagnostics: see watch_loop
 SYNC = ("broadcast", "barrier", "gather", "round_message", "finish_step")
 
 

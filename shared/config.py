@@ -140,7 +140,9 @@ class JobConfig:
     # Two-part: merge the step's activations of every device into as few server passes as fit (for a GPU
     # host with many devices); the server then waits for the step's last device before it answers any.
     server_batching: bool = False
-    server_max_batch_tokens: int = 16384  # one merged pass: rows x padded length at most (more: another pass)
+    # one merged pass: rows x padded length at most (more: another pass); 4096 is the best measured on a CPU
+    # (BENCHMARKS.md, "The batched server segment"); a GPU takes more
+    server_max_batch_tokens: int = 4096
 
     def __post_init__(self) -> None:
         check_name("job", self.job)
