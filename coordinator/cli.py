@@ -347,6 +347,9 @@ BrokerOpt = Annotated[
 ]
 OutOpt = Annotated[Path, typer.Option("--out", help="Output folder: metrics, checkpoints, adapter, plot.")]
 DeviceOpt = Annotated[str, typer.Option(help="Torch device of the server segment: auto, cpu, cuda.")]
+UsernameOpt = Annotated[str | None, typer.Option(envvar="SPLITFT_USERNAME", help="Broker user name.")]
+PasswordOpt = Annotated[str | None, typer.Option(envvar="SPLITFT_PASSWORD", help="Broker password.")]
+MqttProtocolOpt = Annotated[str, typer.Option(help="MQTT version: 5, or 3.1.1.")]
 ConnectTimeoutOpt = Annotated[float, typer.Option(help="Seconds to reach the broker at start-up.")]
 DashboardTokenOpt = Annotated[
     str | None,
@@ -449,14 +452,14 @@ def run(
     rounds: Annotated[int | None, typer.Option(help="Rounds.")] = None,
     min_agents: Annotated[int | None, typer.Option(help="Agents needed before a round starts.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in --out.")] = False,
-    username: Annotated[str | None, typer.Option(envvar="SPLITFT_USERNAME", help="Broker user name.")] = None,
-    password: Annotated[str | None, typer.Option(envvar="SPLITFT_PASSWORD", help="Broker password.")] = None,
+    username: UsernameOpt = None,
+    password: PasswordOpt = None,
     ca_file: CaFileOpt = None,
     cert_file: CertFileOpt = None,
     key_file: KeyFileOpt = None,
     auth_key_file: AuthKeyFileOpt = None,
     auth_window: AuthWindowOpt = 300.0,
-    mqtt_protocol: Annotated[str, typer.Option(help="MQTT version: 5, or 3.1.1.")] = "5",
+    mqtt_protocol: MqttProtocolOpt = "5",
     connect_timeout: ConnectTimeoutOpt = 30.0,
     device: DeviceOpt = "auto",
     dashboard: Annotated[
@@ -577,14 +580,14 @@ def worker(
     rendezvous: Annotated[str, typer.Option(help="HOST:PORT of rank 0's rendezvous (its `run --rendezvous`).")],
     rank: Annotated[int, typer.Option(min=1, help="This worker's rank: 1..workers-1, each once.")],
     workers: Annotated[int, typer.Option(min=2, help="Workers in all, rank 0 included (its `run --workers`).")],
-    username: Annotated[str | None, typer.Option(envvar="SPLITFT_USERNAME", help="Broker user name.")] = None,
-    password: Annotated[str | None, typer.Option(envvar="SPLITFT_PASSWORD", help="Broker password.")] = None,
+    username: UsernameOpt = None,
+    password: PasswordOpt = None,
     ca_file: CaFileOpt = None,
     cert_file: CertFileOpt = None,
     key_file: KeyFileOpt = None,
     auth_key_file: AuthKeyFileOpt = None,
     auth_window: AuthWindowOpt = 300.0,
-    mqtt_protocol: Annotated[str, typer.Option(help="MQTT version: 5, or 3.1.1.")] = "5",
+    mqtt_protocol: MqttProtocolOpt = "5",
     connect_timeout: ConnectTimeoutOpt = 30.0,
     device: DeviceOpt = "auto",
     worker_timeout: WorkerTimeoutOpt = 1800.0,
