@@ -23,7 +23,8 @@ Measured, per round (rounds 2.. are the steady state; round 1 also builds every 
   message costs the coordinator itself (decode and checks, encode, MQTT client, asyncio);
 * devices per server pass: the batches each merged forward/backward took, on every rank;
 * coordinator memory: rank 0's RSS after every round, and per agent: the difference between the runs
-  with 500 and 50 agents (one worker), divided by the 450 agents between them;
+  with 500 and 50 agents (one worker), divided by the 450 agents between them (every run in a process of
+  its own);
 * the workers' synchronisation, on rank 0: the round's broadcast (assignments and the server's state), the
   barriers, the gradient all-reduce inside each step's ``finish_step`` (which also waits for the slower
   rank), and the figures' gather.
@@ -400,6 +401,7 @@ def main() -> None:
     parser.add_argument("--local-steps", type=int, default=2)
     parser.add_argument("--write", type=Path, help="replace the 'scale' section of this markdown file")
     parser.add_argument("--keep", type=Path, help="keep each run's folder (broker log, metrics) under this one")
+    parser.add_argument("--json", type=Path, help=argparse.SUPPRESS)  # one run: its measurements into this file
     parser.add_argument("--as-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--rendezvous", help=argparse.SUPPRESS)
     parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)
@@ -418,11 +420,25 @@ def main() -> None:
         parser.error(f"--runs must look like 50x1,500x2, got {args.runs!r}")
     torch.set_num_threads(1)
     count_passes()
+    if args.json is not None:  # one run, in a process of its own (see below)
+        (agents, world), *_ = plan
+        args.json.write_text(json.dumps(measure(agents, world, args)))
+        return
     started = time.monotonic()
     runs = []
     for agents, world in plan:
+        # Each run in a fresh process: a process keeps the memory an earlier run freed (glibc), and the fleets
+        # it starts inherit its peak RSS as their own starting peak (ru_maxrss survives fork and exec).
         print(f"== {agents} agents, {world} worker(s)", flush=True)
-        runs.append(measure(agents, world, args))
+        with tempfile.TemporaryDirectory(prefix="splitft-scale-run-") as tmp:
+            out = Path(tmp) / "run.json"
+            command = [
+                sys.executable, __file__, "--runs", f"{agents}x{world}", "--fleets", str(args.fleets),
+                "--rounds", str(args.rounds), "--local-steps", str(args.local_steps), "--json", str(out),
+                *(["--keep", str(args.keep)] if args.keep is not None else []),
+            ]  # fmt: skip
+            subprocess.run(command, check=True)
+            runs.append(json.loads(out.read_text()))
         print(report(args, runs[-1:]).split("\n\nWhere")[0], flush=True)  # this run's line, as it ends
     text = report(args, runs) + f"\n\nAll runs took {time.monotonic() - started:.0f} s."
     print(text)
