@@ -280,14 +280,14 @@ def latency_cuts(
     # O(devices) per move, not O(devices^2).
     by_name = {d.name: d for d in devices}
     while True:
-        trips = {name: turnaround_s(by_name[name], server, num_layers, cut) for name, cut in cuts.items()}
-        ordered = sorted(trips.values(), reverse=True)
+        trip_of = {name: turnaround_s(by_name[name], server, num_layers, cut) for name, cut in cuts.items()}
+        ordered = sorted(trip_of.values(), reverse=True)
         first, second = ordered[0], ordered[1] if len(ordered) > 1 else float("-inf")
         server_after = server.step_s(num_layers, list(cuts.values())) + server.block_s
         movable = []
         for name, cut in cuts.items():
             if cut > c_min:
-                others = second if trips[name] == first else first
+                others = second if trip_of[name] == first else first
                 trip = turnaround_s(by_name[name], server, num_layers, cut - 1)
                 if max(others, trip, server_after) <= target + 1e-12:
                     movable.append(name)

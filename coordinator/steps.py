@@ -272,9 +272,9 @@ class StepExchange(Session):
         middles: dict[str, MiddleStep] = {}
         tail_grads: dict[str, torch.Tensor] = {}
         for name in names:  # (the loop gives only agents with both)
-            middle, tail = plans[name].middle, plans[name].tail_grad
-            assert middle is not None and tail is not None
-            middles[name], tail_grads[name] = middle[1], tail[0]
+            held, tail = plans[name].middle, plans[name].tail_grad
+            assert held is not None and tail is not None
+            middles[name], tail_grads[name] = held[1], tail[0]
         t0 = time.perf_counter()
         try:
             grads = await self._compute(self.server.backward_batch, middles, tail_grads)
