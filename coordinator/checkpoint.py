@@ -56,9 +56,8 @@ def save_checkpoint(root: Path, round_: int, server: ServerModel, extra: dict[st
     tmp = root / f".round-{round_:05d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    adapters = {n: t.detach().cpu().contiguous() for n, t in lora_state(server.segment.peft_model).items()}
+    adapters, tensors, scalars, groups = server_state(server)
     save_file(adapters, tmp / "adapter.safetensors")
-    tensors, scalars, groups = flatten_optimizer(server.optimizer.state_dict())
     save_file(tensors, tmp / "optimizer.safetensors")
     state = {
         "round": round_,
@@ -118,17 +117,34 @@ def load_checkpoint(folder: Path, server: ServerModel) -> dict[str, Any]:
     ranks = {int(k): v for k, v in state["ranks"].items()}
     if ranks != server.ranks:
         raise ConfigError(f"checkpoint {folder} has block ranks {ranks}, the server was built with {server.ranks}")
-    adapters = load_file(folder / "adapter.safetensors")
-    load_lora_state(server.segment.peft_model, {n: t.to(server.device) for n, t in adapters.items()})
-    tensors = load_file(folder / "optimizer.safetensors")
-    server.optimizer.load_state_dict(
-        unflatten_optimizer(tensors, state["optimizer_scalars"], state["optimizer_groups"])
-    )
+    adapters, tensors = load_file(folder / "adapter.safetensors"), load_file(folder / "optimizer.safetensors")
+    load_server_state(server, adapters, tensors, state["optimizer_scalars"], state["optimizer_groups"])
     digest = state_digest(server)
     if "state_digest" in state and digest != state["state_digest"]:
         raise ConfigError(f"checkpoint {folder} does not reproduce its state digest: the files are damaged")
     log.info("restored %s: state digest %s verified", folder, digest)
     return {**state, "state_digest": digest}
+
+
+def server_state(
+    server: ServerModel,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any], list[dict[str, Any]]]:
+    """The global adapters and the optimiser state as tensors and plain values (:func:`flatten_optimizer`),
+    on the CPU: what a checkpoint holds, and what rank 0 sends its workers each round."""
+    adapters = {n: t.detach().cpu().contiguous() for n, t in lora_state(server.segment.peft_model).items()}
+    return adapters, *flatten_optimizer(server.optimizer.state_dict())
+
+
+def load_server_state(
+    server: ServerModel,
+    adapters: dict[str, torch.Tensor],
+    tensors: dict[str, torch.Tensor],
+    scalars: dict[str, Any],
+    groups: list[dict[str, Any]],
+) -> None:
+    """Put :func:`server_state`'s parts back into ``server``."""
+    load_lora_state(server.segment.peft_model, {n: t.to(server.device) for n, t in adapters.items()})
+    server.optimizer.load_state_dict(unflatten_optimizer(tensors, scalars, groups))
 
 
 def flatten_optimizer(

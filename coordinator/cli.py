@@ -483,6 +483,7 @@ def run(
 
     The job file, the options, the model and the evaluation data are checked first: if any is wrong,
     the command says which and stops before it connects or writes anything."""
+    from splitft.coordinator.brokers import free_port
     from splitft.coordinator.runtime import Coordinator
     from splitft.coordinator.workers import WorkerGroup, start_local_workers, stop_local_workers
 
@@ -506,7 +507,7 @@ def run(
         observatory = _observatory(spec, console, dashboard, dashboard_token, tensorboard, default=False)
         if rendezvous is not None and workers < 2:
             raise ConfigError("--rendezvous is for --workers 2 or more")
-        address = rendezvous or f"127.0.0.1:{_free_port()}"
+        address = rendezvous or f"127.0.0.1:{free_port()}"
         group = WorkerGroup(0, workers, address, timeout_s=worker_timeout) if workers > 1 else None
     except SplitFTError as exc:
         raise _fail(exc) from exc
@@ -554,14 +555,6 @@ def run(
 
 def _ranks(workers: int) -> str:
     return "rank 1" if workers == 2 else f"ranks 1..{workers - 1}"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _broker_args(broker: str, **options: Any) -> list[str]:

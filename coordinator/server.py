@@ -259,17 +259,13 @@ class ServerModel:
     def _train_merged(self, items: Sequence[BatchItem]) -> dict[str, StepResult]:
         """One merged pass of ``items``, given in the order of their cuts (their rows' order in the batch)."""
         self.segment.train()
-        width = max(item.act.hidden.shape[1] for item in items)
-        leaves, masks, labels = [], [], []
+        leaves, padded, masks, width = self._padded(items)
+        labels = []
         for item in items:
-            act = item.act
-            if act.labels is None:
+            if item.act.labels is None:
                 raise ValueError("a two-part step needs the batch's labels")
-            pad = width - act.hidden.shape[1]
-            leaves.append(act.hidden.detach().to(self.device).requires_grad_())  # (B_i, T_i, C), a leaf of our own
-            masks.append(torch.nn.functional.pad(act.attention_mask, (0, pad)).to(self.device))  # (B_i, T)
-            labels.append(torch.nn.functional.pad(act.labels, (0, pad), value=IGNORE_INDEX).to(self.device))
-        padded = [torch.nn.functional.pad(h, (0, 0, 0, width - h.shape[1])) for h in leaves]  # (B_i, T, C)
+            pad = width - item.act.hidden.shape[1]
+            labels.append(torch.nn.functional.pad(item.act.labels, (0, pad), value=IGNORE_INDEX).to(self.device))
         cuts = sorted({item.cut for item in items})
         hidden: torch.Tensor | None = None
         joined = 0  # items in the merged batch so far
@@ -308,6 +304,20 @@ class ServerModel:
             )
         return results
 
+    def _padded(
+        self, items: Sequence[BatchItem]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], int]:
+        """A merged pass's inputs: each batch's activations as a leaf of our own (B_i, T_i, C), the same padded
+        on the right to the longest (B_i, T, C), its attention mask so padded (B_i, T), and T."""
+        width = max(item.act.hidden.shape[1] for item in items)
+        leaves = [item.act.hidden.detach().to(self.device).requires_grad_() for item in items]
+        padded = [torch.nn.functional.pad(h, (0, 0, 0, width - h.shape[1])) for h in leaves]
+        masks = [
+            torch.nn.functional.pad(item.act.attention_mask, (0, width - item.act.hidden.shape[1])).to(self.device)
+            for item in items
+        ]
+        return leaves, padded, masks, width
+
     def forward_middle(self, cut: int, tail_start: int, act: Activations) -> MiddleStep:
         """U split: run one device's batch through blocks ``cut..tail_start-1``; the graph is kept."""
         self.segment.train()
@@ -343,13 +353,7 @@ class ServerModel:
 
     def _forward_merged(self, items: Sequence[BatchItem], index: int) -> dict[str, MiddleStep]:
         self.segment.train()
-        width = max(item.act.hidden.shape[1] for item in items)
-        leaves = [item.act.hidden.detach().to(self.device).requires_grad_() for item in items]  # (B_i, T_i, C)
-        padded = [torch.nn.functional.pad(h, (0, 0, 0, width - h.shape[1])) for h in leaves]  # (B_i, T, C)
-        masks = [
-            torch.nn.functional.pad(item.act.attention_mask, (0, width - item.act.hidden.shape[1])).to(self.device)
-            for item in items
-        ]  # (B_i, T)
+        leaves, padded, masks, _ = self._padded(items)
         bounds = sorted({item.cut for item in items} | {item.tail_start for item in items})
         steps: dict[str, MiddleStep] = {}
         rows: list[int] = []  # the items in the merged batch, in the order of its rows

@@ -57,11 +57,10 @@ from safetensors.torch import save as save_tensors
 from splitft.shared.config import JobConfig
 from splitft.shared.errors import ConfigError, JobError, SplitFTError
 from splitft.shared.link import BrokerSettings, Link, Received
-from splitft.shared.lora import load_lora_state, lora_state
 from splitft.shared.protocol import parse_status
 from splitft.shared.topics import COORDINATOR, Topics
 
-from .checkpoint import flatten_optimizer, unflatten_optimizer
+from .checkpoint import load_server_state, server_state
 from .server import ServerModel
 from .session import AgentInfo, Participant
 from .steps import StepExchange
@@ -245,8 +244,7 @@ def round_message(
     server: ServerModel,
 ) -> dict[str, Any]:
     """A round for the workers: the assignments, the step deadlines and the server's state at its start."""
-    adapters = {n: t.detach().cpu().contiguous() for n, t in lora_state(server.segment.peft_model).items()}
-    tensors, scalars, groups = flatten_optimizer(server.optimizer.state_dict())
+    adapters, tensors, scalars, groups = server_state(server)
     return {
         "op": "round",
         "round": round_,
@@ -259,15 +257,12 @@ def round_message(
     }
 
 
-def load_server_state(server: ServerModel, message: Mapping[str, Any]) -> None:
+def take_round_state(server: ServerModel, message: Mapping[str, Any]) -> None:
     """Make this worker's server what rank 0's was at the round's start (adapters and optimiser state)."""
     server.discard_step()
     server.round_tokens.clear()
-    adapters = load_tensors(message["adapters"])
-    load_lora_state(server.segment.peft_model, {n: t.to(server.device) for n, t in adapters.items()})
     tensors = load_tensors(message["optimizer"]) if message["optimizer"] else {}
-    scalars, groups = json.loads(message["optimizer_rest"])
-    server.optimizer.load_state_dict(unflatten_optimizer(tensors, scalars, groups))
+    load_server_state(server, load_tensors(message["adapters"]), tensors, *json.loads(message["optimizer_rest"]))
 
 
 FIGURES = ("tokens", "losses", "accuracies", "step_times", "server_times", "bytes_up", "bytes_down", "started")
@@ -338,7 +333,7 @@ class ServerWorker(StepExchange):
         if message["op"] != "round":
             log.info("worker %d: rank 0 ended the job (%s)", self.member.rank, message.get("reason", message["op"]))
             return False
-        await self._compute(load_server_state, self.server, message)
+        await self._compute(take_round_state, self.server, message)
         round_, attempt = int(message["round"]), int(message["attempt"])
         self._round_now = round_
         self._early.clear()

@@ -57,7 +57,7 @@ from bench_load import CountingLink, RoundProbe, TimedCoordinator
 import splitft.coordinator.runtime as coordinator_runtime
 import splitft.coordinator.workers as workers_module
 from splitft.coordinator.bench.sections import cpu_name, write_section
-from splitft.coordinator.brokers import start_mosquitto, stop_broker
+from splitft.coordinator.brokers import free_port, start_mosquitto, stop_broker
 from splitft.coordinator.server import ServerModel
 from splitft.coordinator.workers import ServerWorker, WorkerGroup, run_worker
 from splitft.shared.config import JobConfig
@@ -230,14 +230,6 @@ def watch_loop(lag_s: float) -> Callable[[], Any]:
             await asyncio.sleep(lag_s / 10)
 
     return heartbeat
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 WATCH_S = float(os.environ.get("SPLITFT_WATCH_LOOP_S", "0"))  # diagnostics: see watch_loop

@@ -7,6 +7,7 @@ import itertools
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 import pytest
@@ -44,10 +45,12 @@ async def run_job(
     data: dict[str, Path],
     emulate: dict[str, Path] | None = None,
     resume: bool = False,
+    **options: Any,
 ) -> Coordinator:
-    """Run ``job`` to the end: a coordinator and one in-process agent per data shard (emulating a profile)."""
+    """Run ``job`` to the end: a coordinator (given ``options``) and one in-process agent per data shard
+    (emulating a profile)."""
     settings = BrokerSettings(url=broker.url)
-    coordinator = Coordinator(job, settings, out, resume=resume)
+    coordinator = Coordinator(job, settings, out, resume=resume, **options)
     agents = [
         Agent(
             AgentSettings(name, job.job, job.model, path, emulate=str((emulate or {})[name]) if emulate else None),

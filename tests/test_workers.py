@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -16,25 +15,18 @@ import torch
 from test_runtime import equivalence_job, read_metrics, run_job, shards
 from typer.testing import CliRunner
 
-from splitft.agent.runtime import Agent, AgentSettings
+from splitft.coordinator.brokers import free_port
 from splitft.coordinator.cli import app
 from splitft.coordinator.runtime import Coordinator
 from splitft.coordinator.workers import WorkerGroup, assign_ranks, start_local_workers, stop_local_workers
 from splitft.shared.config import JobConfig
 from splitft.shared.errors import ConfigError
 from splitft.shared.exit_codes import ExitCode
-from splitft.shared.link import BrokerSettings
 from splitft.shared.lora import lora_state
 
 from conftest import Broker
 
 runner = CliRunner()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_assign_ranks_keeps_agents_in_place_and_evens_the_load() -> None:
@@ -75,19 +67,11 @@ async def run_with_workers(
     """``job`` with this process as rank 0 and ranks 1.. as `splitft-coordinator worker` processes."""
     address = f"127.0.0.1:{free_port()}"
     procs = start_local_workers(world, address, ["--broker", broker.url, "--device", "cpu", "--worker-timeout", "120"])
-    settings = BrokerSettings(url=broker.url)
     progress = (lambda event, body: on_progress(event, body, procs)) if on_progress else None
     group = WorkerGroup(0, world, address, timeout_s=120)
-    coordinator = Coordinator(job, settings, out, progress=progress, workers=group, worker_processes=procs)
-    agents = [Agent(AgentSettings(name, job.job, job.model, path), settings) for name, path in data.items()]
-    tasks = [asyncio.create_task(a.run(), name=a.name) for a in agents]
     try:
-        await asyncio.wait_for(coordinator.run(), timeout=600)
-        await asyncio.wait_for(asyncio.gather(*tasks), timeout=60)
+        coordinator = await run_job(broker, out, job, data, progress=progress, workers=group, worker_processes=procs)
     finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.to_thread(stop_local_workers, procs)
     return coordinator, procs
 
