@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import os
-import shutil
-import tempfile
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
@@ -22,106 +19,31 @@ from rich.table import Table
 from splitft.agent.cli import AuthKeyFileOpt, AuthWindowOpt, CaFileOpt, CertFileOpt, KeyFileOpt
 from splitft.shared.codec import FLOAT_WIRE_DTYPES
 from splitft.shared.config import JobConfig, broker_settings, torch_device
-from splitft.shared.errors import ConfigError, DataError, ModelError, SplitFTError
-from splitft.shared.exit_codes import ExitCode, exit_code_for
+from splitft.shared.errors import ConfigError, ModelError, SplitFTError
+from splitft.shared.exit_codes import ExitCode
 from splitft.shared.lora import LoraSettings
 from splitft.shared.models import ATTENTION_IMPLEMENTATIONS, PRESETS
+
+from .cli_support import (
+    CutOpt,
+    CutRankOpt,
+    ModelOpt,
+    RankOpt,
+    check_data_file,
+    check_out,
+    fail,
+    new_console,
+    new_folders,
+    remove_empty,
+    staged,
+    write_error,
+)
 
 app = typer.Typer(
     help="SplitFT coordinator: runs the server segment of a split model and coordinates the edge agents.",
     no_args_is_help=True,
     add_completion=False,
 )
-
-
-def _console() -> Console:
-    # Made per command so that the width follows the terminal (and COLUMNS) at run time.
-    return Console()
-
-
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help=f"Preset ({', '.join(PRESETS)}) or local model folder.")]
-CutOpt = Annotated[int, typer.Option("--cut", "-c", help="Cut layer c: the device runs blocks 0..c-1.")]
-RankOpt = Annotated[int, typer.Option("--rank", help="LoRA rank of blocks away from the cut.")]
-CutRankOpt = Annotated[int, typer.Option("--cut-rank", help="LoRA rank of the two blocks at the cut.")]
-
-
-def _fail(exc: Exception) -> typer.Exit:
-    """Print one line, ``error: <what is wrong>``, on stderr; the exit code names the kind of problem."""
-    code = exit_code_for(exc) if isinstance(exc, SplitFTError) else ExitCode.CONFIG
-    # escape: messages name TOML tables ("[lora]") that rich would take for markup; soft_wrap: paths stay whole.
-    Console(stderr=True).print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True, highlight=False)
-    return typer.Exit(int(code))
-
-
-# --------------------------------------------------------------------------- output folders
-
-
-def _existing_ancestor(path: Path) -> Path:
-    """``path`` itself if it exists, else its nearest existing parent."""
-    path = path.absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def _check_out(out: Path, option: str = "--out") -> None:
-    """The output folder must be a folder (or not exist yet) that we can write in."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{option} {out} exists and is not a folder")
-    ancestor = _existing_ancestor(out)
-    if not ancestor.is_dir():
-        raise ConfigError(f"{option} {out}: {ancestor} is not a folder")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise ConfigError(f"{option} {out}: no permission to write in {ancestor}")
-
-
-def _new_folders(out: Path) -> list[Path]:
-    """The folders that making ``out`` would create, deepest first."""
-    made = []
-    path = out.absolute()
-    while not path.exists() and path != path.parent:
-        made.append(path)
-        path = path.parent
-    return made
-
-
-def _remove_empty(folders: Sequence[Path]) -> None:
-    """Remove the folders a failed command created, deepest first, as long as they are empty."""
-    for folder in folders:
-        try:
-            folder.rmdir()
-        except OSError:
-            return
-
-
-@contextlib.contextmanager
-def _staged(out: Path) -> Iterator[Path]:
-    """A fresh temporary folder on ``out``'s file system to write into. When the block ends without an
-    error, its files move into ``out`` (made if needed); when it fails, they are deleted and ``out`` is as
-    it was: a failed command leaves no partial output and overwrites nothing."""
-    _check_out(out)
-    staging = Path(tempfile.mkdtemp(prefix=".splitft-staging-", dir=_existing_ancestor(out)))
-    try:
-        yield staging
-        made = _new_folders(out)
-        out.mkdir(parents=True, exist_ok=True)
-        try:
-            for item in sorted(staging.iterdir()):
-                os.replace(item, out / item.name)
-        except OSError:
-            _remove_empty(made)
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _write_error(out: Path, exc: OSError) -> ConfigError:
-    return ConfigError(f"cannot write to --out {out}: {exc.strerror or exc}")
-
-
-def _check_data_file(path: Path, option: str = "--data") -> None:
-    if path.is_dir():
-        raise DataError(f"{path}: is a folder; {option} takes a JSONL or CSV file")
 
 
 @app.command()
@@ -131,11 +53,11 @@ def inspect(model: ModelOpt, cut: CutOpt, rank: RankOpt = 16, cut_rank: CutRankO
     A model folder's config is checked against its weights (the blocks and the width they hold)."""
     from splitft.shared.plan import plan_split
 
-    console = _console()
+    console = new_console()
     try:
         plan = plan_split(model, cut, LoraSettings(r=rank, r_cut=cut_rank))
     except (ConfigError, ModelError) as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     console.print(
         f"[bold]{plan.source}[/bold]: {plan.model_type} ({plan.family} family), {plan.num_layers} blocks, "
         f"hidden {plan.hidden_size}, vocab {plan.vocab_size}; cut at {plan.cut}"
@@ -174,13 +96,13 @@ def verify_split(
     """Check that one split training step equals the unsplit PEFT model (loss and every LoRA gradient)."""
     from splitft.shared.equivalence import compare_split_to_whole
 
-    console = _console()
+    console = new_console()
     try:
         report = compare_split_to_whole(
             model, cut, wire_dtype=wire, attn_implementation=attention, lora=LoraSettings(r=rank, r_cut=cut_rank)
         )
     except (ConfigError, ModelError) as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     console.print(
         f"{model} cut {cut} ({attention}, {wire} wire): loss whole {report.loss_whole:.6f}, "
         f"split {report.loss_split:.6f} (rel. error {report.loss_rel_error:.1e}); "
@@ -220,24 +142,24 @@ def partition(
     )
     from splitft.shared.text import load_tokenizer
 
-    console = _console()
+    console = new_console()
     try:
-        _check_out(out)
-        _check_data_file(data)
+        check_out(out)
+        check_data_file(data)
         pairs = load_records(data, limit=limit)
         lengths = token_lengths(pairs, load_tokenizer(model))
         split = length_dirichlet_partition(
             lengths, clients, alpha, num_buckets=buckets, min_samples=min_samples, seed=seed
         )
-        with _staged(out) as staging:
+        with staged(out) as staging:
             written = write_partition(pairs, split, staging)
             plot_partition(
                 split, lengths, staging / "partition.png", title=f"{data.name}: alpha={alpha}, {clients} clients"
             )
     except SplitFTError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     except OSError as exc:
-        raise _fail(_write_error(out, exc)) from exc
+        raise fail(write_error(out, exc)) from exc
     paths = [out / path.name for path in written]
     png = out / "partition.png"
     table = Table(title=f"Length-Dirichlet partition (alpha={alpha}, skew {split.skew():.3f})")
@@ -265,19 +187,19 @@ def save_base(
     from splitft.shared.text import load_tokenizer
 
     try:
-        _check_out(out)
+        check_out(out)
         if out.is_dir() and any(out.iterdir()) and not force:
             raise ConfigError(f"--out {out} is not empty; choose a new folder, or pass --force to write into it")
         base = load_base_model(model)
         tokenizer = load_tokenizer(model)
-        with _staged(out) as staging:
+        with staged(out) as staging:
             base.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
     except (ConfigError, ModelError) as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     except OSError as exc:
-        raise _fail(_write_error(out, exc)) from exc
-    _console().print(f"wrote {model} to {out}")
+        raise fail(write_error(out, exc)) from exc
+    new_console().print(f"wrote {model} to {out}")
 
 
 @app.command("make-key")
@@ -307,12 +229,12 @@ def make_key(
             raise ConfigError(f"cannot write {out}: the folder {out.parent} does not exist")
         _write_private(out, secrets.token_hex(32) + "\n", replace=force)
     except ConfigError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     except FileExistsError as exc:  # made by someone else since the check above
-        raise _fail(ConfigError(f"{out} already exists; not overwriting it. Pass --force to replace it.")) from exc
+        raise fail(ConfigError(f"{out} already exists; not overwriting it. Pass --force to replace it.")) from exc
     except OSError as exc:
-        raise _fail(ConfigError(f"cannot write the key file {out}: {exc.strerror or exc}")) from exc
-    _console().print(
+        raise fail(ConfigError(f"cannot write the key file {out}: {exc.strerror or exc}")) from exc
+    new_console().print(
         f"wrote a new job key to {out} (mode 0600). Give it to the coordinator and every agent with "
         "--auth-key-file; keep it secret.",
         soft_wrap=True,
@@ -426,7 +348,7 @@ def _preflight(spec: JobConfig, out: Path, cuts: Sequence[int] = ()) -> None:
     from splitft.shared.models import check_max_length, check_weights, load_config, num_layers
     from splitft.shared.text import GSM8K, load_tokenizer
 
-    _check_out(out)
+    check_out(out)
     config = load_config(spec.model, spec.attn_implementation)
     tokenizer = load_tokenizer(spec.model)
     if spec.model not in PRESETS:
@@ -438,7 +360,7 @@ def _preflight(spec: JobConfig, out: Path, cuts: Sequence[int] = ()) -> None:
         if not 1 <= cut <= layers - 1:
             raise ConfigError(f"--cuts: cut {cut} is outside the model's cut layers 1..{layers - 1}")
     if spec.eval_data is not None:
-        _check_data_file(Path(spec.eval_data), "eval_data")
+        check_data_file(Path(spec.eval_data), "eval_data")
     eval_examples(spec.eval_data or GSM8K / "test.jsonl", tokenizer, spec.max_length, spec.eval_samples)
 
 
@@ -487,7 +409,7 @@ def run(
     from splitft.coordinator.runtime import Coordinator
     from splitft.coordinator.workers import WorkerGroup, start_local_workers, stop_local_workers
 
-    console = _console()
+    console = new_console()
     try:
         spec = _job(config, job=job, model=model, rounds=rounds, min_agents=min_agents)
         settings = broker_settings(
@@ -510,7 +432,7 @@ def run(
         address = rendezvous or f"127.0.0.1:{free_port()}"
         group = WorkerGroup(0, workers, address, timeout_s=worker_timeout) if workers > 1 else None
     except SplitFTError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     processes = []
     if group is not None and rendezvous is None:
         worker_args = _broker_args(
@@ -529,7 +451,7 @@ def run(
             "[yellow]two-part split:[/yellow] every step's activations carry the devices' labels (their response "
             'tokens) to this host; split = "u" in the job file keeps tokens and labels on the devices.'
         )
-    made = _new_folders(out)  # removed again if the run fails before writing anything in them
+    made = new_folders(out)  # removed again if the run fails before writing anything in them
     try:
         coordinator = Coordinator(
             spec, settings, out, resume=resume, device=server_device, progress=observatory, workers=group,
@@ -537,10 +459,10 @@ def run(
         )  # fmt: skip
         summary = asyncio.run(_observed(observatory, console, coordinator.run))
     except SplitFTError as exc:
-        _remove_empty(made)
-        raise _fail(exc) from exc
+        remove_empty(made)
+        raise fail(exc) from exc
     except KeyboardInterrupt:
-        _remove_empty(made)
+        remove_empty(made)
         raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
     finally:
         stop_local_workers(processes)
@@ -601,7 +523,7 @@ def worker(
         group = WorkerGroup(rank, workers, rendezvous, timeout_s=worker_timeout)
         asyncio.run(run_worker(group, settings, torch_device(device)))
     except SplitFTError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     except KeyboardInterrupt:
         raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
 
@@ -682,7 +604,7 @@ def local(
     from splitft.shared.link import BrokerSettings
     from splitft.shared.profiles import load_profile
 
-    console = _console()
+    console = new_console()
     try:
         spec = local_job(
             config, model=model, rounds=rounds, local_steps=local_steps, batch_size=batch_size,
@@ -706,7 +628,7 @@ def local(
         if (prompt_field is None) != (response_field is None):
             raise ConfigError("--prompt-field and --response-field must be given together")
         if data is not None:
-            _check_data_file(data)
+            check_data_file(data)
             load_records(data, prompt_field, response_field, limit=1)
         elif prompt_field is not None:
             raise ConfigError("--prompt-field and --response-field name the fields of --data, which is not given")
@@ -723,18 +645,18 @@ def local(
             spec, console, dashboard or LOCAL_DEFAULT, dashboard_token, tensorboard, default=not dashboard
         )
     except SplitFTError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     layout = f"U split, tail {spec.tail}" if spec.u_split else "two-part split"
     console.print(
         f"[bold]SplitFT local run[/bold]: {agents} agents (cuts {', '.join(map(str, cut_list))}; {layout}), "
         f"model {spec.model}, {spec.rounds} rounds x {spec.local_steps} steps; output in {out}"
     )
-    made = _new_folders(out)
+    made = new_folders(out)
     try:
         summary = asyncio.run(_observed(observatory, console, lambda: run_local(plan, progress=observatory)))
     except SplitFTError as exc:
-        _remove_empty(made)
-        raise _fail(exc) from exc
+        remove_empty(made)
+        raise fail(exc) from exc
     except KeyboardInterrupt:
         raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
     console.print(f"adapter: {summary['adapter']}\nmetrics: {summary['metrics']}\nplot:    {summary['plot']}")
@@ -843,9 +765,9 @@ def audit(
     from splitft.shared.models import hidden_size, load_config, num_layers
     from splitft.shared.text import load_tokenizer
 
-    console = _console()
+    console = new_console()
     try:
-        _check_out(out)
+        check_out(out)
         config = load_config(model)
         total = num_layers(config)
         cut_list = parse_cuts(cuts, total)
@@ -901,12 +823,12 @@ def audit(
                 inversion += audit_inversion(model, [cut], [case], settings, progress)
         labels = audit_labels(model, tail_list, settings, progress) if tail_list else []
         report = AuditReport(model, total, hidden_size(config), int(config.vocab_size), settings, inversion, labels)
-        with _staged(out) as staging:
+        with staged(out) as staging:
             write_report(report, staging)
     except SplitFTError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     except OSError as exc:
-        raise _fail(_write_error(out, exc)) from exc
+        raise fail(write_error(out, exc)) from exc
     names = list(dict.fromkeys(r.defense for r in report.inversion))
     table = Table(
         title=f"Token recovery from the activations at the cut (held-out GSM8K, {report.inversion[0].eval_tokens} tokens)"
