@@ -82,7 +82,9 @@ def join(
     ],
     job: Annotated[str, typer.Option(envvar="SPLITFT_JOB", help="Job name (the coordinator's).")],
     data: Annotated[Path, typer.Option(help="This device's training data: JSONL or CSV of prompt/response pairs.")],
-    model: Annotated[str, typer.Option(help=f"Preset ({', '.join(PRESETS)}) or local model folder.")],
+    model: Annotated[
+        str, typer.Option(help=f"Preset ({', '.join(PRESETS)}), Hugging Face model folder or .gguf file.")
+    ],
     agent_id: Annotated[
         str | None, typer.Option("--id", envvar="SPLITFT_AGENT_ID", help="This agent's name (default: hostname).")
     ] = None,
@@ -162,7 +164,7 @@ def join(
             emulate_virtual=emulate_virtual,
         )
         agent = Agent(settings, link)
-        typer.echo(f"agent {name}: {len(agent.pairs)} samples from {data}; joining job {job} at {broker}")
+        typer.echo(f"agent {name}: {len(agent.records)} samples from {data}; joining job {job} at {broker}")
         asyncio.run(agent.run())
     except (ConfigError, DataError, ModelError, LinkError) as exc:
         typer.echo(f"error: {exc}", err=True)

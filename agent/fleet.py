@@ -66,8 +66,9 @@ import torch
 import splitft.agent.runtime as agent_runtime
 from splitft.agent.runtime import Agent, AgentSettings
 from splitft.shared.config import broker_settings
-from splitft.shared.data import load_records, tokenize, write_shards
+from splitft.shared.data import tokenize, write_shards
 from splitft.shared.errors import SplitFTError
+from splitft.shared.records import Record, load_records
 from splitft.shared.text import GSM8K
 
 log = logging.getLogger("agent_fleet")
@@ -156,11 +157,11 @@ def _natural(path: Path) -> list[Any]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
 
 
-def fitting(pairs: list[tuple[str, str]], model: str, max_length: int) -> list[tuple[str, str]]:
-    """The records that leave at least one response token at ``max_length`` tokens (the others are dropped
-    by tokenisation: a shard of only such records gives its agent nothing to train on)."""
-    prompts = agent_runtime.load_tokenizer(model)([p + "\n" for p, _ in pairs], add_special_tokens=False)["input_ids"]
-    return [pair for pair, ids in zip(pairs, prompts, strict=True) if len(ids) < max_length]  # as in tokenize()
+def fitting(records: list[Record], model: str, max_length: int) -> list[Record]:
+    """The records that leave something to learn at ``max_length`` tokens (the others are dropped by
+    tokenisation: a shard of only such records gives its agent nothing to train on)."""
+    tokenizer = agent_runtime.load_tokenizer(model)
+    return [record for record in records if tokenize([record], tokenizer, max_length)]
 
 
 def shard_files(
@@ -177,12 +178,12 @@ def shard_files(
             raise SystemExit(f"agent_fleet: {data} holds {len(files)} data files, {count} agents need one each")
         files = files[:count]
     elif data.is_file():
-        pairs = load_records(data)
+        records = load_records(data)
         if max_length is not None:
-            pairs = fitting(pairs, model, max_length)
-        if len(pairs) < count:
-            raise SystemExit(f"agent_fleet: {data} has {len(pairs)} usable records, {count} agents need one each")
-        files = write_shards(pairs[: count * samples_per_agent], count, work, seed=0)
+            records = fitting(records, model, max_length)
+        if len(records) < count:
+            raise SystemExit(f"agent_fleet: {data} has {len(records)} usable records, {count} agents need one each")
+        files = write_shards(records[: count * samples_per_agent], count, work, seed=0)
     else:
         raise SystemExit(f"agent_fleet: --data-dir {data} is neither a folder nor a file")
     if max_length is not None:

@@ -42,7 +42,7 @@ import torch
 
 from splitft.shared import __version__
 from splitft.shared.codec import decode_state
-from splitft.shared.data import Batches, Example, load_records, tokenize
+from splitft.shared.data import Batches, Example, check_chat_template, tokenize
 from splitft.shared.defense import DefenseSettings, defend, nopeek_loss
 from splitft.shared.errors import ConfigError, DataError, LinkError, ModelError, SplitFTError, WireError
 from splitft.shared.link import BrokerSettings, Link, Received
@@ -76,6 +76,7 @@ from splitft.shared.protocol import (
     parse_tail_act,
     tail_grad_body,
 )
+from splitft.shared.records import load_records, record_text
 from splitft.shared.split import IGNORE_INDEX, Segment, SegmentSpec, build_segment, padding_mask
 from splitft.shared.text import load_tokenizer
 from splitft.shared.topics import Topics
@@ -130,8 +131,8 @@ class Agent:
         self.rounds_done = 0
         self._segment: Segment | None = None
         self._segment_key: tuple[Any, ...] | None = None
-        self._examples: dict[int, list[Example]] = {}
-        self._batches: dict[tuple[int, int, int], Batches] = {}
+        self._examples: dict[tuple[int, str | bool], list[Example]] = {}
+        self._batches: dict[tuple[int, int, int, str | bool], Batches] = {}
         self._stashed: list[Received] = []
         self._link: Link | None = None
         self._done = False
@@ -141,13 +142,14 @@ class Agent:
         self._coordinator_sid: str | None = None  # the coordinator process last seen online
         self.notices: list[tuple[str, str]] = []  # (event, reason) the coordinator sent
         self._job_max_length: int | None = None  # the job's, from the coordinator's status
+        self._job_chat_template: str | bool = "auto"  # likewise
         self._refused: SplitFTError | None = None  # why the coordinator did not admit this agent
         self.rejected: Counter[str] = Counter()  # message bodies refused, by reason (the link counts the rest)
         # All model work on one thread (see the coordinator): one OpenMP pool, no model shared across threads.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitft-compute")
 
         # Fail before connecting if the data or the model cannot be used.
-        self.pairs = load_records(settings.data, settings.prompt_field, settings.response_field, settings.max_samples)
+        self.records = load_records(settings.data, settings.prompt_field, settings.response_field, settings.max_samples)
         self.model_config = load_config(settings.model)
         if not is_preset(settings.model):
             check_weights(Path(settings.model), self.model_config)
@@ -223,12 +225,12 @@ class Agent:
         length = self._job_max_length
         join = Join(
             profile={**device_profile(), **self._link_profile(), "block_s": self.block_s, "block_tokens": 4 * 128},
-            data_samples=len(self.pairs),
-            data_tokens=max(sum(len(p) + len(r) for p, r in self.pairs) // 4, 1),  # rough, for planning
+            data_samples=len(self.records),
+            data_tokens=max(sum(len(record_text(r)) for r in self.records) // 4, 1),  # rough, for planning
             model=self.settings.model,
             version=__version__,
             fingerprint=self.fingerprint,
-            usable_samples=None if length is None else len(self._examples_at(length)),
+            usable_samples=None if length is None else self._usable(length, self._job_chat_template),
         )
         await link.publish(self.topics.agent(self.name, "join"), JOIN, join_body(join))
         for out in (self._pending_act, self._last_upload):  # what may have been lost with a connection
@@ -254,6 +256,10 @@ class Agent:
                     length = env.body.get("max_length")
                     if type(length) is int and 1 <= length <= 1 << 20:
                         self._job_max_length = length  # so that the join says how many examples fit
+                    template = env.body.get("chat_template", "auto")
+                    with contextlib.suppress(ConfigError):  # an unknown value: the assignment will say
+                        check_chat_template(template)
+                        self._job_chat_template = template
                     await self._hello()
                 elif env.body.get("done") is True and env.sid == self._coordinator_sid:
                     log.info("%s: the coordinator finished the job", self.name)
@@ -519,18 +525,29 @@ class Agent:
             self._segment_key = key
         return self._segment
 
-    def _examples_at(self, max_length: int) -> list[Example]:
-        """This agent's examples that fit ``max_length`` tokens (tokenized once per length)."""
-        if max_length not in self._examples:
-            self._examples[max_length] = tokenize(self.pairs, self.tokenizer, max_length)
-        return self._examples[max_length]
+    def _examples_at(self, max_length: int, chat_template: str | bool) -> list[Example]:
+        """This agent's examples at ``max_length`` tokens (tokenized once per length and rendering)."""
+        key = (max_length, chat_template)
+        if key not in self._examples:
+            self._examples[key] = tokenize(self.records, self.tokenizer, max_length, chat_template)
+        return self._examples[key]
+
+    def _usable(self, max_length: int, chat_template: str | bool) -> int:
+        """How many records the job's settings leave something to learn in (0 where they cannot render this
+        agent's data). A long text makes several examples: the count is capped at the records."""
+        try:
+            return min(len(self._examples_at(max_length, chat_template)), len(self.records))
+        except ConfigError as exc:  # e.g. chat_template = true and this tokenizer has none
+            log.warning("%s: %s", self.name, exc)
+            return 0
 
     def _batches_for(self, a: Assignment) -> Batches:
-        key = (a.max_length, a.batch_size, a.seed)
+        key = (a.max_length, a.batch_size, a.seed, a.chat_template)
         if key not in self._batches:
             pad = int(self.tokenizer.pad_token_id)
             seed = batch_seed(a.seed, self.name)
-            self._batches[key] = Batches(self._examples_at(a.max_length), a.batch_size, pad, seed=seed)
+            examples = self._examples_at(a.max_length, a.chat_template)
+            self._batches[key] = Batches(examples, a.batch_size, pad, seed=seed)
         return self._batches[key]
 
 

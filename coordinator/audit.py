@@ -41,11 +41,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from splitft.shared.data import Batches, Example, collate, load_records, tokenize
+from splitft.shared.data import Batches, Example, collate, tokenize
 from splitft.shared.defense import DefenseSettings, defend, nopeek_loss
 from splitft.shared.errors import ConfigError
 from splitft.shared.lora import LoraSettings, load_lora_state
 from splitft.shared.models import family_of, hidden_size, load_config, num_layers
+from splitft.shared.records import load_records
 from splitft.shared.split import (
     IGNORE_INDEX,
     EvalResult,

@@ -24,6 +24,7 @@ from splitft.shared.exit_codes import ExitCode
 from splitft.shared.lora import LoraSettings
 from splitft.shared.models import ATTENTION_IMPLEMENTATIONS, PRESETS
 
+from . import answers
 from .cli_support import (
     CutOpt,
     CutRankOpt,
@@ -38,6 +39,7 @@ from .cli_support import (
     staged,
     write_error,
 )
+from .model_cli import chat_template_flag, evaluate_command, generate_command, import_model, report_comparison
 
 app = typer.Typer(
     help="SplitFT coordinator: runs the server segment of a split model and coordinates the edge agents.",
@@ -132,7 +134,6 @@ def partition(
     """Split a data set across clients by a length-based Dirichlet partition; shards, a table and a PNG."""
     from rich.table import Table
 
-    from splitft.shared.data import load_records
     from splitft.shared.partition import (
         describe,
         length_dirichlet_partition,
@@ -140,19 +141,20 @@ def partition(
         token_lengths,
         write_partition,
     )
+    from splitft.shared.records import load_records
     from splitft.shared.text import load_tokenizer
 
     console = new_console()
     try:
         check_out(out)
         check_data_file(data)
-        pairs = load_records(data, limit=limit)
-        lengths = token_lengths(pairs, load_tokenizer(model))
+        records = load_records(data, limit=limit)
+        lengths = token_lengths(records, load_tokenizer(model))
         split = length_dirichlet_partition(
             lengths, clients, alpha, num_buckets=buckets, min_samples=min_samples, seed=seed
         )
         with staged(out) as staging:
-            written = write_partition(pairs, split, staging)
+            written = write_partition(records, split, staging)
             plot_partition(
                 split, lengths, staging / "partition.png", title=f"{data.name}: alpha={alpha}, {clients} clients"
             )
@@ -361,7 +363,9 @@ def _preflight(spec: JobConfig, out: Path, cuts: Sequence[int] = ()) -> None:
             raise ConfigError(f"--cuts: cut {cut} is outside the model's cut layers 1..{layers - 1}")
     if spec.eval_data is not None:
         check_data_file(Path(spec.eval_data), "eval_data")
-    eval_examples(spec.eval_data or GSM8K / "test.jsonl", tokenizer, spec.max_length, spec.eval_samples)
+    eval_examples(
+        spec.eval_data or GSM8K / "test.jsonl", tokenizer, spec.max_length, spec.eval_samples, spec.chat_template
+    )
 
 
 @app.command()
@@ -370,7 +374,7 @@ def run(
     out: OutOpt,
     config: ConfigOpt = None,
     job: Annotated[str | None, typer.Option(envvar="SPLITFT_JOB", help="Job name.")] = None,
-    model: Annotated[str | None, typer.Option(help="Preset or local model folder.")] = None,
+    model: Annotated[str | None, typer.Option(help="Preset, Hugging Face model folder or .gguf file.")] = None,
     rounds: Annotated[int | None, typer.Option(help="Rounds.")] = None,
     min_agents: Annotated[int | None, typer.Option(help="Agents needed before a round starts.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in --out.")] = False,
@@ -532,7 +536,9 @@ def worker(
 def local(
     out: OutOpt = Path("runs/local"),
     config: ConfigOpt = None,
-    model: Annotated[str | None, typer.Option(help="Preset or local model folder.")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Preset, Hugging Face model folder or .gguf file [default: tiny-gpt2].")
+    ] = None,
     agents: Annotated[int, typer.Option(help="Agent processes to start.")] = 3,
     cuts: Annotated[
         str, typer.Option(help="First-round cut layers, given to the agents in turn (without --config: every policy).")
@@ -552,7 +558,10 @@ def local(
     alpha: Annotated[
         float, typer.Option(help="Length-based Dirichlet partition of the data (0.1 very skewed; 0 = IID split).")
     ] = 1.0,
-    data: Annotated[Path | None, typer.Option(help="JSONL/CSV to shard (default: vendored GSM8K).")] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(help="JSONL/CSV/Parquet of text, prompt/completion or messages to shard (default: GSM8K)."),
+    ] = None,
     prompt_field: Annotated[
         str | None, typer.Option(help="--data's prompt field (default: prompt, question or instruction).")
     ] = None,
@@ -579,8 +588,11 @@ def local(
         str, typer.Option(help="Device profiles the agents emulate, in turn ('' for none).")
     ] = "jetson-nano,jetson-orin-nano,laptop",
     emulate_scale: Annotated[
-        float, typer.Option(help="Scale the emulated devices' compute (the tiny preset outruns real figures).")
-    ] = 0.01,
+        float,
+        typer.Option(
+            help="Scale the emulated devices' compute (0.01 makes a tiny model's devices as slow as real ones)."
+        ),
+    ] = 1.0,
     broker: Annotated[str | None, typer.Option(help="Use this broker instead of the embedded one.")] = None,
     mqtt_protocol: Annotated[str, typer.Option(help="MQTT version of --broker: 5, or 3.1.1.")] = "5",
     device: DeviceOpt = "auto",
@@ -596,13 +608,27 @@ def local(
     workers: Annotated[
         int, typer.Option(min=1, help="Coordinator workers sharing the server segment, as processes here.")
     ] = 1,
+    chat_template: Annotated[
+        str | None,
+        typer.Option(
+            help="Pairs and messages through the tokenizer's chat template: auto, true, false [default: auto]."
+        ),
+    ] = None,
+    compare: Annotated[
+        int,
+        typer.Option(
+            min=0, help="At the end, answer the first N eval problems with the base model and the adapter (0: skip)."
+        ),
+    ] = 16,
+    compare_tokens: Annotated[int, typer.Option(min=1, help="Tokens each of those answers may have.")] = 256,
 ) -> None:
     """One command, one machine: broker, coordinator and several agents with different cut layers
     fine-tune a model on GSM8K shards; ends with the adapter folder, metrics.jsonl and run.png."""
     from splitft.coordinator.local import LocalRun, run_local
-    from splitft.shared.data import load_records
     from splitft.shared.link import BrokerSettings
     from splitft.shared.profiles import load_profile
+    from splitft.shared.records import load_records
+    from splitft.shared.text import GSM8K
 
     console = new_console()
     try:
@@ -610,6 +636,7 @@ def local(
             config, model=model, rounds=rounds, local_steps=local_steps, batch_size=batch_size,
             max_length=max_length, policy=policy, lr=lr, split=split, tail=tail,
             eval_data=None if eval_data is None else str(eval_data), plan_first_round=None,
+            chat_template=None if chat_template is None else chat_template_flag(chat_template),
         )  # fmt: skip
         try:
             cut_list = tuple(int(c) for c in cuts.split(",") if c.strip())
@@ -660,6 +687,16 @@ def local(
     except KeyboardInterrupt:
         raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
     console.print(f"adapter: {summary['adapter']}\nmetrics: {summary['metrics']}\nplot:    {summary['plot']}")
+    if compare:
+        try:
+            with console.status(f"answering {compare} held-out problems with the base model and with the adapter ..."):
+                comparison = answers.compare(
+                    spec.model, Path(summary["adapter"]), Path(spec.eval_data or GSM8K / "test.jsonl"), compare,
+                    chat_template=spec.chat_template, max_new_tokens=compare_tokens, device=plan.device,
+                )  # fmt: skip
+            report_comparison(console, comparison, Path(summary["metrics"]), out)
+        except SplitFTError as exc:
+            raise fail(exc) from exc
 
 
 class _ProgressView:
@@ -856,6 +893,11 @@ def _root(
 ) -> None:
     """SplitFT coordinator: runs the server segment of a split model and coordinates the edge agents."""
     logging.getLogger().setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+app.command("import")(import_model)
+app.command("generate")(generate_command)
+app.command("evaluate")(evaluate_command)
 
 
 def main() -> None:

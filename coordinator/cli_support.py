@@ -25,7 +25,9 @@ def new_console() -> Console:
     return Console()
 
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help=f"Preset ({', '.join(PRESETS)}) or local model folder.")]
+ModelOpt = Annotated[
+    str, typer.Option("--model", "-m", help=f"Preset ({', '.join(PRESETS)}), Hugging Face model folder or .gguf file.")
+]
 CutOpt = Annotated[int, typer.Option("--cut", "-c", help="Cut layer c: the device runs blocks 0..c-1.")]
 RankOpt = Annotated[int, typer.Option("--rank", help="LoRA rank of blocks away from the cut.")]
 CutRankOpt = Annotated[int, typer.Option("--cut-rank", help="LoRA rank of the two blocks at the cut.")]

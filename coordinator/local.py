@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from splitft.shared.config import JobConfig
-from splitft.shared.data import load_records, write_shards
+from splitft.shared.data import write_shards
 from splitft.shared.errors import ConfigError, LinkError
 from splitft.shared.link import BrokerSettings
 from splitft.shared.partition import length_dirichlet_partition, plot_partition, token_lengths, write_partition
+from splitft.shared.records import load_records
 from splitft.shared.text import GSM8K, load_tokenizer
 
 from .report import plot_run
@@ -74,14 +75,14 @@ async def run_local(run: LocalRun, progress: Progress | None = None) -> dict[str
     run.out.mkdir(parents=True, exist_ok=True)
     names = run.agent_names()
     source = run.data or GSM8K / "train.jsonl"
-    pairs = load_records(source, run.prompt_field, run.response_field, limit=run.agents * run.samples_per_agent)
+    records = load_records(source, run.prompt_field, run.response_field, limit=run.agents * run.samples_per_agent)
     if run.alpha is None:
-        written = write_shards(pairs, run.agents, run.out / "data", seed=run.job.seed, prefix="shard")
+        written = write_shards(records, run.agents, run.out / "data", seed=run.job.seed, prefix="shard")
     else:
         # Devices differ in how long their sequences are, as in a real fleet (see shared/partition.py).
-        lengths = token_lengths(pairs, load_tokenizer(run.job.model))
+        lengths = token_lengths(records, load_tokenizer(run.job.model), run.job.chat_template)
         partition = length_dirichlet_partition(lengths, run.agents, run.alpha, seed=run.job.seed)
-        written = write_partition(pairs, partition, run.out / "data", prefix="shard")
+        written = write_partition(records, partition, run.out / "data", prefix="shard")
         plot_partition(partition, lengths, run.out / "partition.png", title=f"Length-Dirichlet alpha={run.alpha}")
     shards = [shard.replace(shard.with_name(f"{name}.jsonl")) for name, shard in zip(names, written, strict=True)]
     cuts = {name: run.cuts[i % len(run.cuts)] for i, name in enumerate(names)}

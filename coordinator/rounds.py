@@ -91,6 +91,7 @@ class Rounds(Uploads):
                 tail=tail,
                 report_loss=job.report_loss,
                 defense=job.defense,
+                chat_template=job.chat_template,
             )
             plan.assign_body = assign_body(assignment)
             plans[name] = plan

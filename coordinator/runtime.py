@@ -244,7 +244,7 @@ class Coordinator(Rounds):
     def _eval_batches(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         tokenizer = load_tokenizer(self.job.model)
         source = Path(self.job.eval_data) if self.job.eval_data else GSM8K / "test.jsonl"
-        examples = eval_examples(source, tokenizer, self.job.max_length, self.job.eval_samples)
+        examples = eval_examples(source, tokenizer, self.job.max_length, self.job.eval_samples, self.job.chat_template)
         size = self.job.eval_batch_size
         pad = int(tokenizer.pad_token_id)
         return [collate(examples[i : i + size], pad) for i in range(0, len(examples), size)]

@@ -216,8 +216,13 @@ class Session:
     # ------------------------------------------------------------------ membership
 
     def _status(self, state: str) -> tuple[str, str, dict[str, Any]]:
-        # max_length: so that a joining agent can say how many of its examples fit
-        body = {"state": state, "role": COORDINATOR, "max_length": self.job.max_length}
+        # max_length, chat_template: so that a joining agent can say how many of its examples fit
+        body = {
+            "state": state,
+            "role": COORDINATOR,
+            "max_length": self.job.max_length,
+            "chat_template": self.job.chat_template,
+        }
         return self.topics.coordinator_status(), STATUS, body
 
     async def _announce(self) -> None:

@@ -21,7 +21,7 @@ import torch
 
 from splitft.coordinator.bench.sections import cpu_name, write_section
 from splitft.shared.codec import FLOAT_WIRE_DTYPES, decode_tensor, encode_tensor, pack, unpack
-from splitft.shared.data import load_records
+from splitft.shared.records import Pair, load_records
 from splitft.shared.split import SegmentSpec, build_segment
 from splitft.shared.text import GSM8K, load_tokenizer
 
@@ -29,8 +29,9 @@ from splitft.shared.text import GSM8K, load_tokenizer
 def real_activations(preset: str, cut: int, batch: int, length: int) -> torch.Tensor:
     tokenizer = load_tokenizer(preset)
     ids: list[int] = []
-    for question, answer in load_records(GSM8K / "train.jsonl"):
-        ids += tokenizer(question + "\n" + answer + "\n").input_ids
+    for record in load_records(GSM8K / "train.jsonl"):
+        assert isinstance(record, Pair)
+        ids += tokenizer(record.prompt + "\n" + record.completion + "\n").input_ids
         if len(ids) >= batch * length:
             break
     input_ids = torch.tensor(ids[: batch * length]).view(batch, length)

@@ -49,10 +49,11 @@ from splitft.coordinator.audit import (
     public_tokens,
 )
 from splitft.coordinator.bench.sections import cpu_name, write_section
-from splitft.shared.data import load_records, tokenize
+from splitft.shared.data import tokenize
 from splitft.shared.defense import DefenseSettings
 from splitft.shared.lora import LoraSettings, lora_state
 from splitft.shared.models import hidden_size, load_config, num_layers
+from splitft.shared.records import load_records
 from splitft.shared.text import GSM8K, load_tokenizer
 
 NOISES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # (b): attacked at every defense cut

@@ -3,7 +3,7 @@
 A job file looks like::
 
     job = "gsm8k-demo"
-    model = "tiny-gpt2"
+    model = "tiny-gpt2"          # a preset, a Hugging Face folder or a .gguf file
     rounds = 5
     local_steps = 4
     min_agents = 3
@@ -41,6 +41,7 @@ from urllib.parse import urlparse
 import torch
 
 from .codec import FLOAT_WIRE_DTYPES
+from .data import check_chat_template
 from .defense import DefenseSettings
 from .errors import ConfigError
 from .lora import LoraSettings
@@ -127,8 +128,12 @@ class JobConfig:
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
     defense: DefenseSettings = field(default_factory=DefenseSettings)  # what devices do to their activations
     attn_implementation: str = "sdpa"
+    # Pairs and conversations through the tokenizer's chat template: "auto" (when it has one), true, false
+    chat_template: str | bool = "auto"
     seed: int = 0  # adapter initialisation and data order
-    eval_data: str | None = None  # JSONL/CSV of prompt/response pairs; default: the vendored GSM8K test split
+    eval_data: str | None = (
+        None  # JSONL/CSV/Parquet records (shared/records.py); default: the vendored GSM8K test split
+    )
     eval_samples: int = 64  # evaluation problems per round (the first ones of eval_data)
     eval_batch_size: int = 8
     # An adapter upload whose change from the round's start is this many times the median change of the
@@ -174,6 +179,7 @@ class JobConfig:
             raise ConfigError(
                 f"attn_implementation must be one of {list(ATTENTION_IMPLEMENTATIONS)}, got {self.attn_implementation!r}"
             )
+        check_chat_template(self.chat_template)
         if self.policy not in POLICIES:
             raise ConfigError(f"policy must be one of {list(POLICIES)}, got {self.policy!r}")
         if self.split not in SPLITS:

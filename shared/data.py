@@ -1,173 +1,197 @@
-"""The training data of one device (or the coordinator's eval set): records, tokens, batches, shards.
+"""The training data of one device (or the coordinator's eval set): tokens, batches, shards.
 
-A data file is JSONL (``.jsonl``/``.json``, one object a line) or CSV with a header; each record is a
-(prompt, response) pair. Tokenized examples carry labels that are ``IGNORE_INDEX`` on the prompt, so
-the loss is taken on the response and its EOS only. :class:`Batches` is endless and deterministic from
-a seed, and its position can be saved and restored so that a resumed run sees the same batches.
+Records (text, prompt/completion pairs, conversations; :mod:`splitft.shared.records`) become examples whose
+labels are ``IGNORE_INDEX`` wherever nothing is to be learnt: on a pair's prompt, on every turn of a
+conversation but the assistant's. Pairs and conversations go through the tokenizer's chat template when it
+has one (``chat_template``). :class:`Batches` is endless and deterministic from a seed, and its position can
+be saved and restored so that a resumed run sees the same batches.
 """
 
 from __future__ import annotations
 
-import csv
 import json
+import logging
 import os
 import tempfile
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from .errors import ConfigError, DataError
+from .records import ASSISTANT, Chat, Record, Text, load_records, record_json
 from .split import IGNORE_INDEX
 
-FIELD_PAIRS = (("prompt", "response"), ("question", "answer"), ("instruction", "output"))
-JSONL_SUFFIXES = (".jsonl", ".json")
+log = logging.getLogger(__name__)
+
+#: ``chat_template`` settings: "auto" renders pairs and conversations with the tokenizer's chat template when it
+#: has one; true requires one; false never uses one (``prompt + "\n"``, then the answer and EOS)
+CHAT_TEMPLATE_MODES: tuple[str | bool, ...] = ("auto", True, False)
 
 
-def _jsonl_rows(path: Path, f: TextIO) -> Iterator[tuple[int, dict[str, Any]]]:
-    first = True
-    for lineno, line in enumerate(f, 1):
-        if not line.strip():
-            continue
-        if first and line.lstrip().startswith("["):
-            raise DataError(
-                f"{path}: holds a JSON array; SplitFT reads one JSON object per line (JSONL): convert it with "
-                f"`jq -c '.[]' {path} > data.jsonl`"
-            )
-        first = False
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{lineno}: malformed JSON: {exc.msg} (column {exc.colno})") from exc
-        if not isinstance(record, dict):
-            raise DataError(f"{path}:{lineno}: a record must be a JSON object, got {type(record).__name__}")
-        yield lineno, record
+def check_chat_template(value: object, name: str = "chat_template") -> None:
+    if value not in CHAT_TEMPLATE_MODES or (value != "auto" and type(value) is not bool):
+        raise ConfigError(f'{name} must be "auto", true or false, got {value!r}')
 
 
-def _pick_fields(names: Collection[str], where: str) -> tuple[str, str]:
-    for pair in FIELD_PAIRS:
-        if pair[0] in names and pair[1] in names:
-            return pair
-    known = ", ".join(f"{p}/{r}" for p, r in FIELD_PAIRS)
-    raise DataError(
-        f"{where}: none of the field pairs {known} in {sorted(names)}; name the fields with --prompt-field and "
-        "--response-field (splitft-agent join, splitft-coordinator local)"
-    )
+def uses_template(tokenizer: PreTrainedTokenizerBase, chat_template: str | bool = "auto") -> bool:
+    """Whether pairs and conversations are rendered with the tokenizer's chat template."""
+    check_chat_template(chat_template)
+    has = bool(getattr(tokenizer, "chat_template", None))
+    if chat_template is True and not has:
+        raise ConfigError("chat_template is true, but the model's tokenizer has no chat template")
+    return has if chat_template == "auto" else bool(chat_template)
 
 
-def _csv_rows(
-    path: Path, f: TextIO, fields: tuple[str, str] | None
-) -> tuple[tuple[str, str], Iterator[tuple[int, dict[str, Any]]]]:
-    reader = csv.DictReader(f)
-    header = reader.fieldnames
-    if not header:
-        raise DataError(f"{path}: the CSV file has no header")
-    fields = fields or _pick_fields(header, f"{path}:1 (CSV header)")
-    missing = [name for name in fields if name not in header]
-    if missing:
-        raise DataError(f"{path}:1: the CSV header lacks field(s) {', '.join(map(repr, missing))}")
-    # A short row leaves its last fields None: they count as missing, as in JSON.
-    rows = ((reader.line_num, {k: v for k, v in row.items() if v is not None}) for row in reader)
-    return fields, rows
+# A record becomes pieces of text, each trained on (its tokens are targets) or not; None stands for the EOS token.
+_Piece = tuple[str | None, bool]
 
 
-def load_records(
-    path: str | Path, prompt_field: str | None = None, response_field: str | None = None, limit: int | None = None
-) -> list[tuple[str, str]]:
-    """(prompt, response) pairs from a JSONL or CSV file (by suffix: ``.jsonl``/``.json`` lines, ``.csv`` with a header).
+def _render(tokenizer: PreTrainedTokenizerBase, messages: Sequence[tuple[str, str]], prompt: bool) -> str:
+    turns = [{"role": role, "content": content} for role, content in messages]
+    text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=prompt)
+    if not isinstance(text, str):
+        raise ConfigError(f"the chat template rendered {type(text).__name__}, not text")
+    return text
 
-    The fields are those given, or the first pair of :data:`FIELD_PAIRS` present in the first record
-    (the header of a CSV file). Empty JSONL lines are skipped; at most ``limit`` records are read.
+
+def _chat_pieces(tokenizer: PreTrainedTokenizerBase, messages: Sequence[tuple[str, str]]) -> list[_Piece]:
+    """A conversation through the chat template, cut where each assistant turn starts and ends.
+
+    Each assistant turn is what the template adds after the conversation so far rendered with the generation
+    prompt, exactly the text a model is asked to continue at inference, so training and ``generate`` agree.
     """
-    path = Path(path)
-    if (prompt_field is None) != (response_field is None):
-        raise ConfigError("prompt_field and response_field must be given together")
-    if limit is not None and limit < 1:
-        raise ConfigError(f"limit must be at least 1, got {limit}")
-    is_csv = path.suffix.lower() == ".csv"
-    if not is_csv and path.suffix.lower() not in JSONL_SUFFIXES:
-        raise DataError(f"{path}: unknown data file suffix {path.suffix!r}; expected .jsonl, .json or .csv")
-    if not path.is_file():
-        raise DataError(f"{path}: no such data file")
-    fields = None if prompt_field is None or response_field is None else (prompt_field, response_field)
-    pairs: list[tuple[str, str]] = []
-    try:
-        with path.open(encoding="utf-8", newline="" if is_csv else None) as f:
-            if is_csv:
-                fields, rows = _csv_rows(path, f, fields)
-            else:
-                rows = _jsonl_rows(path, f)
-            for lineno, record in rows:
-                fields = fields or _pick_fields(record, f"{path}:{lineno}")
-                missing = [name for name in fields if name not in record]
-                if missing:
-                    raise DataError(f"{path}:{lineno}: record lacks field(s) {', '.join(map(repr, missing))}")
-                for name in fields:
-                    if not isinstance(record[name], str):
-                        raise DataError(
-                            f"{path}:{lineno}: field {name!r} must be a string, got {type(record[name]).__name__}"
-                        )
-                pairs.append((record[fields[0]], record[fields[1]]))
-                if limit is not None and len(pairs) >= limit:
-                    break
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-    except csv.Error as exc:
-        raise DataError(f"{path}: malformed CSV: {exc}") from exc
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read: {exc}") from exc
-    if not pairs:
-        raise DataError(f"{path}: no usable records")
-    return pairs
+    pieces: list[_Piece] = []
+    done = ""
+    for i, (role, _) in enumerate(messages):
+        if role != ASSISTANT:
+            continue
+        asked = _render(tokenizer, messages[:i], prompt=True)
+        answered = _render(tokenizer, messages[: i + 1], prompt=False)
+        if not (asked.startswith(done) and answered.startswith(asked)):
+            raise ConfigError(
+                "the tokenizer's chat template renders a conversation differently from its beginning (it is not "
+                "prefix-stable), so the assistant turns cannot be told apart: set chat_template = false"
+            )
+        pieces += [(asked[len(done) :], False), (answered[len(asked) :], True)]
+        done = answered
+    return pieces  # turns after the last assistant turn teach nothing: left out
+
+
+def _pieces(record: Record, tokenizer: PreTrainedTokenizerBase, template: bool) -> list[_Piece]:
+    if isinstance(record, Text):
+        return [(record.text, True), (None, True)]
+    if isinstance(record, Chat):
+        messages = record.messages
+    else:
+        prompt, completion = record  # a Pair, or any (prompt, completion) tuple
+        messages = (("user", prompt), (ASSISTANT, completion))
+    if template:
+        return _chat_pieces(tokenizer, messages)
+    pieces: list[_Piece] = []
+    for role, content in messages:
+        pieces += [(content, True), (None, True)] if role == ASSISTANT else [(content + "\n", False)]
+    return pieces
+
+
+def encode(
+    records: Sequence[Record], tokenizer: PreTrainedTokenizerBase, chat_template: str | bool = "auto"
+) -> list[tuple[list[int], list[int]]]:
+    """``(input_ids, labels)`` of every record, untruncated; labels are ``IGNORE_INDEX`` where nothing is learnt.
+
+    Pieces are tokenized one by one (never across a prompt/answer border), in one batched call.
+    """
+    eos = tokenizer.eos_token_id
+    if not isinstance(eos, int):
+        raise ConfigError("the tokenizer has no EOS token")
+    template = uses_template(tokenizer, chat_template)
+    pieces = [_pieces(record, tokenizer, template) for record in records]
+    texts = [text for record in pieces for text, _ in record if text is not None]
+    ids = iter(tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else [])
+    encoded = []
+    for record in pieces:
+        input_ids: list[int] = []
+        labels: list[int] = []
+        for text, trained in record:
+            tokens = [eos] if text is None else list(next(ids))
+            input_ids += tokens
+            labels += tokens if trained else [IGNORE_INDEX] * len(tokens)
+        encoded.append((input_ids, labels))
+    return encoded
 
 
 @dataclass(frozen=True)
 class Example:
-    """One tokenized (prompt, response) pair."""
+    """One tokenized record (or one chunk of a long text)."""
 
     input_ids: tuple[int, ...]
-    labels: tuple[int, ...]  # IGNORE_INDEX on the prompt tokens: the loss is taken on the response (and EOS) only
+    labels: tuple[int, ...]  # IGNORE_INDEX where nothing is learnt (a prompt, a user turn, padding)
 
 
-def tokenize(pairs: Sequence[tuple[str, str]], tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[Example]:
-    """Examples ``tokens(prompt + "\\n") + tokens(response) + [eos]``, truncated to ``max_length``.
+def tokenize(
+    records: Sequence[Record], tokenizer: PreTrainedTokenizerBase, max_length: int, chat_template: str | bool = "auto"
+) -> list[Example]:
+    """Examples of at most ``max_length`` tokens (see :func:`encode` for what each record becomes).
 
-    Examples with no response token left after truncation (not even the EOS) are dropped.
+    A text longer than ``max_length`` becomes several examples that overlap by one token, so that every token
+    after the first is a target exactly once; a pair or conversation is cut at ``max_length`` (counted in
+    the log), and dropped when no target token is left.
     """
     if max_length < 2:
         raise ConfigError(f"max_length must be at least 2, got {max_length}")
-    eos = tokenizer.eos_token_id
-    if not isinstance(eos, int):
-        raise ConfigError("the tokenizer has no EOS token")
-    if not pairs:
-        return []
-    # One batched call each: the fast tokenizer works on the whole list in Rust.
-    prompts = tokenizer([p + "\n" for p, _ in pairs], add_special_tokens=False, verbose=False)["input_ids"]
-    responses = tokenizer([r for _, r in pairs], add_special_tokens=False, verbose=False)["input_ids"]
     examples = []
-    for prompt, response in zip(prompts, responses, strict=True):
-        ids = (list(prompt) + list(response) + [eos])[:max_length]
-        if len(ids) <= len(prompt):
+    cut = dropped = 0
+    for record, (ids, labels) in zip(records, encode(records, tokenizer, chat_template), strict=True):
+        if isinstance(record, Text):
+            stride = max_length - 1
+            for start in range(0, max(len(ids) - 1, 1), stride):
+                chunk = ids[start : start + max_length]
+                if len(chunk) >= 2:
+                    examples.append(Example(tuple(chunk), tuple(labels[start : start + max_length])))
             continue
-        labels = [IGNORE_INDEX] * len(prompt) + ids[len(prompt) :]
+        if len(ids) > max_length:
+            cut += 1
+            ids, labels = ids[:max_length], labels[:max_length]
+        if all(label == IGNORE_INDEX for label in labels[1:]):  # position 0 is never a target
+            dropped += 1
+            continue
         examples.append(Example(tuple(ids), tuple(labels)))
+    if cut:
+        log.info(
+            "%d of %d records are longer than max_length %d: cut there (%d with nothing left to learn dropped)",
+            cut, len(records), max_length, dropped,
+        )  # fmt: skip
     return examples
 
 
+def prompt_text(
+    prompt: str | Sequence[tuple[str, str]], tokenizer: PreTrainedTokenizerBase, chat_template: str | bool = "auto"
+) -> str:
+    """The text a model continues to answer ``prompt`` (a user message, or a conversation so far), rendered as
+    training renders the part before an answer."""
+    messages = (("user", prompt),) if isinstance(prompt, str) else tuple(prompt)
+    if uses_template(tokenizer, chat_template):
+        return _render(tokenizer, messages, prompt=True)
+    return "".join(content + "\n" for _, content in messages)
+
+
 def eval_examples(
-    source: str | Path, tokenizer: PreTrainedTokenizerBase, max_length: int, limit: int | None = None
+    source: str | Path,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    limit: int | None = None,
+    chat_template: str | bool = "auto",
 ) -> list[Example]:
-    """The evaluation examples of a data file: the first ``limit`` records that fit ``max_length``. None fitting
-    is a DataError (an evaluation on nothing would report a perplexity of 1)."""
-    pairs = load_records(source, limit=limit)
-    examples = tokenize(pairs, tokenizer, max_length)
+    """The evaluation examples of a data file: those of its first ``limit`` records. None fitting is a
+    DataError (an evaluation on nothing would report a perplexity of 1)."""
+    records = load_records(source, limit=limit)
+    examples = tokenize(records, tokenizer, max_length, chat_template)
     if not examples:
         raise DataError(
-            f"{source}: none of the {len(pairs)} evaluation examples read fits max_length {max_length} (each needs "
-            "its prompt and at least one response token): use shorter prompts or a larger max_length"
+            f"{source}: none of the {len(records)} evaluation records read fits max_length {max_length} (each needs "
+            "its prompt and at least one answer token): use shorter prompts or a larger max_length"
         )
     return examples
 
@@ -273,31 +297,32 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def write_shards(
-    pairs: Sequence[tuple[str, str]], num_shards: int, out_dir: str | Path, seed: int = 0, prefix: str = "shard"
+    records: Sequence[Record], num_shards: int, out_dir: str | Path, seed: int = 0, prefix: str = "shard"
 ) -> list[Path]:
-    """An IID split of ``pairs``: a seeded shuffle dealt round-robin into ``num_shards`` JSONL files.
+    """An IID split of ``records``: a seeded shuffle dealt round-robin into ``num_shards`` JSONL files.
 
-    Shard ``i`` is ``out_dir/{prefix}-{i}.jsonl`` with fields ``prompt``/``response``; returns the paths in order.
+    Shard ``i`` is ``out_dir/{prefix}-{i}.jsonl`` (see :func:`write_parts`); returns the paths in order.
     """
     if num_shards < 1:
         raise ConfigError(f"num_shards must be at least 1, got {num_shards}")
-    if num_shards > len(pairs):
-        raise ConfigError(f"num_shards ({num_shards}) exceeds the number of records ({len(pairs)})")
-    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
-    return write_parts(pairs, [order[shard::num_shards] for shard in range(num_shards)], out_dir, prefix)
+    if num_shards > len(records):
+        raise ConfigError(f"num_shards ({num_shards}) exceeds the number of records ({len(records)})")
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
+    return write_parts(records, [order[shard::num_shards] for shard in range(num_shards)], out_dir, prefix)
 
 
 def write_parts(
-    pairs: Sequence[tuple[str, str]], parts: Sequence[Sequence[int]], out_dir: str | Path, prefix: str
+    records: Sequence[Record], parts: Sequence[Sequence[int]], out_dir: str | Path, prefix: str
 ) -> list[Path]:
-    """Write ``pairs[i] for i in parts[k]`` to ``out_dir/{prefix}-{k}.jsonl`` (prompt/response), atomically."""
+    """Write ``records[i] for i in parts[k]`` to ``out_dir/{prefix}-{k}.jsonl``, atomically, each record in the
+    fields :mod:`splitft.shared.records` reads first (``text``; ``prompt``/``completion``; ``messages``)."""
     if not prefix or os.sep in prefix or "/" in prefix:
         raise ConfigError(f"prefix must be a plain file name prefix, got {prefix!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for k, part in enumerate(parts):
-        lines = [json.dumps({"prompt": pairs[i][0], "response": pairs[i][1]}, ensure_ascii=False) + "\n" for i in part]
+        lines = [json.dumps(record_json(records[i]), ensure_ascii=False) + "\n" for i in part]
         path = out / f"{prefix}-{k}.jsonl"
         write_text_atomic(path, "".join(lines))
         paths.append(path)

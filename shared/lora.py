@@ -12,11 +12,13 @@ name without translation.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+import warnings
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -153,3 +155,12 @@ def init_lora(model: nn.Module, seed: int) -> None:
             gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
             bound = 1.0 / math.sqrt(p.shape[1])
             p.copy_((torch.rand(p.shape, generator=gen) * 2 - 1) * bound)
+
+
+@contextlib.contextmanager
+def quiet_peft() -> Iterator[None]:
+    """Silence the one warning PEFT causes: transformers 5 deprecates a name that PEFT still calls, and there is
+    nothing for our users to act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield

@@ -1,4 +1,4 @@
-"""Model sources: named presets built from a config, or a local Hugging Face folder.
+"""Model sources: named presets built from a config, a local Hugging Face folder, or a GGUF file.
 
 Two families are supported, each described by a :class:`Family` that knows where the parts of the
 model live and how to run them one block at a time:
@@ -8,7 +8,8 @@ model live and how to run them one block at a time:
 * ``llama`` (Llama, Qwen2, Mistral): ``model.embed_tokens`` -> ``model.layers[i]`` (with rotary
   ``position_embeddings`` from ``model.rotary_emb``) -> ``model.norm`` -> ``lm_head``.
 
-Nothing is ever downloaded: a source is either a preset name or an existing folder.
+Nothing is ever downloaded: a source is a preset name, an existing folder, or a GGUF file, which is converted
+once into a folder in the cache (:mod:`splitft.shared.gguf`); :func:`resolve_source` names that folder.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from transformers import AutoConfig, GPT2Config, LlamaConfig, PretrainedConfig
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from .errors import ConfigError, ModelError
+from .gguf import cached_folder, is_gguf
 
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
 
@@ -80,17 +82,27 @@ def is_preset(source: str) -> bool:
     return source in PRESETS
 
 
+def resolve_source(source: str | Path) -> str:
+    """Where a model is read from: a preset's name or a folder as given; for a GGUF file, the folder it was
+    converted into (made on first use, see :func:`splitft.shared.gguf.cached_folder`)."""
+    if is_gguf(source) and str(source) not in PRESETS:
+        return str(cached_folder(Path(source), supported=MODEL_TYPES))
+    return str(source)
+
+
 def load_config(source: str | Path, attn_implementation: str | None = None) -> PretrainedConfig:
-    """The config of a preset or of a local model folder (no hub access)."""
+    """The config of a preset, a local model folder or a GGUF file (no hub access)."""
     if attn_implementation is not None and attn_implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ModelError(f"attention must be one of {list(ATTENTION_IMPLEMENTATIONS)}, got {attn_implementation!r}")
     name = str(source)
     if name in PRESETS:
         config = PRESETS[name]()
     else:
-        folder = Path(source)
+        folder = Path(resolve_source(source))
         if not folder.is_dir():
-            raise ModelError(f"model {name!r} is neither a preset ({', '.join(PRESETS)}) nor an existing folder")
+            raise ModelError(
+                f"model {name!r} is neither a preset ({', '.join(PRESETS)}), an existing folder nor a .gguf file"
+            )
         if not (folder / "config.json").is_file():
             raise ModelError(f"model folder {folder} has no config.json")
         try:
@@ -128,14 +140,15 @@ _SAMPLE_BYTES = 1 << 16
 def model_fingerprint(source: str | Path) -> str:
     """A short id of a model's content: its config, the names, shapes and dtypes of its weights, and samples
     of the weights' bytes. Two copies of one model have the same id wherever they are kept (``models/x``,
-    ``/abs/models/x/``); another model, or the same architecture with other weights, has another."""
+    ``/abs/models/x/``); another model, or the same architecture with other weights, has another. A GGUF file
+    has the id of the folder it is converted into."""
     digest = hashlib.sha256()
     name = str(source)
     if name in PRESETS:
         config = {k: v for k, v in PRESETS[name]().to_dict().items() if k not in _VOLATILE_CONFIG}
         digest.update(b"preset\0" + name.encode() + b"\0" + json.dumps(config, sort_keys=True, default=str).encode())
         return digest.hexdigest()[:16]
-    folder = Path(source)
+    folder = Path(resolve_source(source))
     load_config(folder)  # a ModelError naming the folder if it is not a model
     try:
         raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
@@ -173,10 +186,13 @@ def _safetensors_header(file: Path) -> tuple[dict[str, Any], int]:
     return header, 8 + header_size
 
 
-def check_weights(folder: Path, config: PretrainedConfig) -> None:
-    """The weights of a model folder are those its config describes: as many blocks, the same hidden size.
-    A ModelError names the difference (a 24-block config over 4 blocks of weights would otherwise train on
-    20 randomly initialised blocks)."""
+def check_weights(source: str | Path, config: PretrainedConfig) -> None:
+    """The weights of a model folder (or GGUF file) are those its config describes: as many blocks, the same
+    hidden size. A ModelError names the difference (a 24-block config over 4 blocks of weights would otherwise
+    train on 20 randomly initialised blocks). A preset's weights are made from its config: nothing to check."""
+    if str(source) in PRESETS:
+        return
+    folder = Path(resolve_source(source))
     family = family_of(config)
     # "transformer.h.3.attn..." or, saved without the model's prefix, "h.3.attn..."
     block = re.compile(rf"(?:^|\.){re.escape(family.layers.rsplit('.', 1)[-1])}\.(\d+)\.")
@@ -287,6 +303,8 @@ LLAMA_FAMILY = Family(
 )
 
 _FAMILIES = {"gpt2": GPT2_FAMILY, "llama": LLAMA_FAMILY, "qwen2": LLAMA_FAMILY, "mistral": LLAMA_FAMILY}
+#: the model types SplitFT splits (a GGUF file's ``general.architecture`` is one of these too)
+MODEL_TYPES = frozenset(_FAMILIES)
 
 
 def family_of(config: PretrainedConfig) -> Family:

@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from .data import write_parts
+from .data import encode, write_parts
 from .errors import ConfigError
+from .records import Record
 
 MAX_TRIES = 100  # redraws of the whole partition before min_samples is declared unreachable
 
@@ -112,22 +113,20 @@ def length_dirichlet_partition(
     )
 
 
-def token_lengths(pairs: Sequence[tuple[str, str]], tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Tokens of ``prompt + "\\n"``, ``response`` and EOS per pair: the recipe of :func:`data.tokenize`, untruncated."""
-    if not pairs:
-        return []
-    prompts = tokenizer([p + "\n" for p, _ in pairs], add_special_tokens=False, verbose=False)["input_ids"]
-    responses = tokenizer([r for _, r in pairs], add_special_tokens=False, verbose=False)["input_ids"]
-    return [len(p) + len(r) + 1 for p, r in zip(prompts, responses, strict=True)]
+def token_lengths(
+    records: Sequence[Record], tokenizer: PreTrainedTokenizerBase, chat_template: str | bool = "auto"
+) -> list[int]:
+    """Tokens of every record as :func:`data.tokenize` renders it, untruncated."""
+    return [len(ids) for ids, _ in encode(records, tokenizer, chat_template)]
 
 
 def write_partition(
-    pairs: Sequence[tuple[str, str]], partition: Partition, out_dir: str | Path, prefix: str = "client"
+    records: Sequence[Record], partition: Partition, out_dir: str | Path, prefix: str = "client"
 ) -> list[Path]:
-    """One JSONL file ``out_dir/{prefix}-{i}.jsonl`` (fields ``prompt``/``response``) per client, written atomically."""
-    if len(pairs) != len(partition.bucket_of):
-        raise ConfigError(f"pairs has {len(pairs)} records but the partition covers {len(partition.bucket_of)}")
-    return write_parts(pairs, partition.parts, out_dir, prefix)
+    """One JSONL file ``out_dir/{prefix}-{i}.jsonl`` per client (see :func:`data.write_parts`), written atomically."""
+    if len(records) != len(partition.bucket_of):
+        raise ConfigError(f"{len(records)} records, but the partition covers {len(partition.bucket_of)}")
+    return write_parts(records, partition.parts, out_dir, prefix)
 
 
 def plot_partition(partition: Partition, lengths: Sequence[int], out_png: str | Path, title: str = "") -> Path:

@@ -47,6 +47,7 @@ from .codec import (
     unpack,
 )
 from .config import SPLITS, OptimizerSettings
+from .data import check_chat_template
 from .defense import DefenseSettings
 from .errors import ConfigError, Refusal, WireError
 from .lora import LoraSettings
@@ -509,6 +510,7 @@ class Assignment:
     report_loss: bool = True  # U split: send the mean loss (a scalar) with each tail gradient
     # clip / noise on the activations sent, NoPeek in the loss
     defense: DefenseSettings = field(default_factory=DefenseSettings)
+    chat_template: str | bool = "auto"  # how the device renders its pairs and conversations (shared/data.py)
 
     @property
     def u_split(self) -> bool:
@@ -550,6 +552,7 @@ def assign_body(a: Assignment) -> dict[str, Any]:
         "step_timeout_s": a.step_timeout_s,
         "seed": a.seed,
         "attempt": a.attempt,
+        "chat_template": a.chat_template,
     }
 
 
@@ -590,6 +593,11 @@ def parse_assign(
     report_loss = body.get("report_loss", True)
     if type(report_loss) is not bool:
         raise WireError(Refusal.BAD_SCHEMA, "report_loss must be a boolean")
+    chat_template = body.get("chat_template", "auto")
+    try:
+        check_chat_template(chat_template)
+    except ConfigError as exc:
+        raise WireError(Refusal.BAD_SCHEMA, str(exc)) from exc
     blocks = [*range(cut), *range(total_layers - tail, total_layers)]
     ranks = get("ranks", list)
     if len(ranks) != len(blocks) or not all(type(r) is int and 0 < r <= 4096 for r in ranks):
@@ -642,6 +650,7 @@ def parse_assign(
         report_loss=report_loss,
         defense=defense,
         corr=corr or "",
+        chat_template=chat_template,
     )
 
 

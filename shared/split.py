@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import math
 import threading
-import warnings
 import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -33,8 +32,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from .errors import ConfigError, ModelError
-from .lora import LoraSettings, block_ranks, init_lora, lora_parameters, peft_config
-from .models import PRESET_SEED, PRESETS, Family, family_of, load_config, num_layers, weight_files
+from .lora import LoraSettings, block_ranks, init_lora, lora_parameters, peft_config, quiet_peft
+from .models import PRESET_SEED, PRESETS, Family, family_of, load_config, num_layers, resolve_source, weight_files
 
 log = logging.getLogger(__name__)
 
@@ -349,9 +348,7 @@ def _build(
     load_weights: bool,
 ) -> Segment:
     model = _frozen_part(source, spec, config, family, total, device, dtype, load_weights)
-    with warnings.catch_warnings():
-        # transformers 5 deprecates a name that PEFT still calls; nothing for our users to act on.
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    with quiet_peft():
         peft_model = get_peft_model(model, peft_config(family, held, lora))
     if load_weights:
         init_lora(peft_model, lora_seed)
@@ -378,7 +375,7 @@ def _frozen_part(
         if str(source) in PRESETS:
             _materialize(model, _PresetWeights(model, config), f"preset {source}")
         else:
-            _materialize(model, _FolderWeights(model, Path(source)), str(source))
+            _materialize(model, _FolderWeights(model, Path(resolve_source(source))), str(source))
         model.to(device=device, dtype=dtype)
     model.requires_grad_(False)
     return model

@@ -7,7 +7,7 @@ from pathlib import Path
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from .errors import ModelError
-from .models import PRESETS
+from .models import PRESETS, resolve_source
 
 DATASETS = Path(__file__).resolve().parent / "datasets"
 GPT2_TOKENIZER = DATASETS / "gpt2-tokenizer" / "tokenizer.json"
@@ -15,7 +15,7 @@ GSM8K = DATASETS / "gsm8k"
 
 
 def load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
-    """The tokenizer of a model folder, or the vendored GPT-2 tokenizer for a preset.
+    """The tokenizer of a model folder or GGUF file, or the vendored GPT-2 tokenizer for a preset.
 
     A pad token is always set (the end-of-text token when the tokenizer has none); batches are
     right-padded.
@@ -26,7 +26,7 @@ def load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
         )
     else:
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(resolve_source(source), local_files_only=True)
         except (OSError, ValueError) as exc:
             raise ModelError(f"no usable tokenizer in {source}: {exc}") from exc
     if tokenizer.eos_token is None:

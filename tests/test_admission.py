@@ -16,10 +16,10 @@ from peft import AutoPeftModelForCausalLM
 
 from splitft.coordinator.runtime import Coordinator
 from splitft.shared.config import JobConfig
-from splitft.shared.data import load_records
 from splitft.shared.exit_codes import ExitCode
 from splitft.shared.link import BrokerSettings
 from splitft.shared.models import load_config, model_fingerprint
+from splitft.shared.records import load_records
 from splitft.shared.text import GSM8K, load_tokenizer
 
 from conftest import Broker, save_model

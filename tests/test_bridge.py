@@ -12,8 +12,9 @@ from splitft.agent.runtime import Agent, AgentSettings
 from splitft.coordinator.brokers import start_mosquitto, stop_broker
 from splitft.coordinator.runtime import Coordinator
 from splitft.shared.config import JobConfig
-from splitft.shared.data import load_records, write_shards
+from splitft.shared.data import write_shards
 from splitft.shared.link import BrokerSettings
+from splitft.shared.records import load_records
 from splitft.shared.text import GSM8K
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from splitft.shared.protocol import load_key
 from conftest import Broker, save_model
 
 runner = CliRunner()
+WIDE = {**os.environ, "COLUMNS": "200"}  # rich's tables unwrapped in a subprocess's output
 NOWHERE = "mqtt://127.0.0.1:9"  # nothing listens there: a connection attempt fails at once
 
 
@@ -247,7 +249,7 @@ def test_agent_refuses_bad_input_before_connecting(
             (tmp_path / "array.json").write_text('[{"prompt": "a", "response": "b"}]')
         case "data with other field names":
             options["--data"] = str(tmp_path / "fields.jsonl")
-            (tmp_path / "fields.jsonl").write_text('{"text": "a", "label": "b"}\n')
+            (tmp_path / "fields.jsonl").write_text('{"body": "a", "label": "b"}\n')
         case "model folder missing":
             options["--model"] = str(tmp_path / "no-model")
         case "model folder without config.json":
@@ -316,7 +318,7 @@ def test_run_refuses_eval_data_without_a_usable_example(tmp_path: Path, no_conne
     job.write_text(f'eval_data = "{evaluation}"\nmax_length = 32\n')
     out = tmp_path / "runs" / "job"
     result = _run(tmp_path, "--out", str(out), "--config", str(job))
-    assert_error(result, ExitCode.DATA, "eval.jsonl", "none of the 1 evaluation examples read fits max_length 32")
+    assert_error(result, ExitCode.DATA, "eval.jsonl", "none of the 1 evaluation records read fits max_length 32")
     assert not (tmp_path / "runs").exists()
 
 
@@ -488,7 +490,7 @@ def test_security_options_reach_the_broker_settings(tmp_path: Path, monkeypatch:
 
     class FakeAgent:
         def __init__(self, settings: Any, broker: Any) -> None:
-            self.pairs = [("q", "a")]
+            self.records = [("q", "a")]
             self.rounds_done = 0
             seen["agent"] = broker
             seen["class"] = settings.profile
@@ -570,7 +572,7 @@ def test_local_run_end_to_end(tmp_path: Path) -> None:
         'job = "from-file"\nrounds = 2\nlocal_steps = 2\nbatch_size = 2\nmax_length = 64\npolicy = "fixed"\n'
         'split = "two-part"\n[optimizer]\nlr = 0.004\n'
     )
-    from splitft.shared.data import load_records
+    from splitft.shared.records import load_records
     from splitft.shared.text import GSM8K
 
     pairs = load_records(GSM8K / "train.jsonl", limit=24)
@@ -582,10 +584,14 @@ def test_local_run_end_to_end(tmp_path: Path) -> None:
         sys.executable, "-m", "splitft.coordinator.cli", "local", "--out", str(out), "--agents", "2",
         "--cuts", "1,3", "--samples-per-agent", "8", "--max-length", "96", "--emulate", "", "--config", str(job),
         "--data", str(data), "--prompt-field", "q", "--response-field", "a", "--eval-data", str(evaluation),
+        "--compare", "2", "--compare-tokens", "8",
     ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False, env=WIDE)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "round   2: eval loss" in done.stdout
+    assert "Before and after fine-tuning (2 held-out problems" in done.stdout
+    compared = json.loads((out / "compare.json").read_text())
+    assert compared["problems"] == 2 and len((out / "answers.jsonl").read_text().splitlines()) == 2
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert (out / "run.png").stat().st_size > 10_000
     lines = (out / "metrics.jsonl").read_text().splitlines()
@@ -596,6 +602,28 @@ def test_local_run_end_to_end(tmp_path: Path) -> None:
     }  # fmt: skip
     assert ran["max_length"] == 96 and ran["optimizer"]["lr"] == 0.004  # the flag wins; the file's lr is kept
     assert ran["eval_data"] == str(evaluation) and json.loads(lines[0])["eval_tokens"] > 0
+    assert compared["eval_loss"] == [json.loads(lines[0])["eval_loss"], json.loads(lines[-1])["eval_loss"]]
+
+    # `evaluate` on the exported adapter computes the coordinator's last evaluation again, on the same examples.
+    figures = tmp_path / "figures.json"
+    evaluate = [
+        "evaluate", "--model", "tiny-gpt2", "--adapter", str(out / "adapter"), "--data", str(evaluation),
+        "--max-length", "96", "--answers", "1", "--max-new-tokens", "4", "--json", str(figures), "--device", "cpu",
+    ]  # fmt: skip
+    result = runner.invoke(app, evaluate, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    reported = json.loads(lines[-1])
+    measured = json.loads(figures.read_text())
+    assert measured["loss"] == pytest.approx(reported["eval_loss"], abs=1e-5)
+    assert measured["tokens"] == reported["eval_tokens"] and measured["problems"] == 1
+    assert "next-token accuracy" in result.output and "answers in '#### N' form" in result.output
+    result = runner.invoke(
+        app, ["generate", "--model", "tiny-gpt2", "--adapter", str(out / "adapter"), "--prompt", "What is 2 plus 2?",
+              "--max-new-tokens", "4", "--out", str(tmp_path / "answers.jsonl")],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "answer:" in result.output
+    assert json.loads((tmp_path / "answers.jsonl").read_text())["prompt"] == "What is 2 plus 2?"
 
 
 def test_local_without_a_job_file_takes_its_own_defaults() -> None:

@@ -11,16 +11,9 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from splitft.shared.data import (
-    FIELD_PAIRS,
-    Batches,
-    Example,
-    collate,
-    load_records,
-    tokenize,
-    write_shards,
-)
+from splitft.shared.data import Batches, Example, collate, tokenize, write_shards
 from splitft.shared.errors import ConfigError, DataError
+from splitft.shared.records import PAIR_FIELDS, load_records
 from splitft.shared.split import IGNORE_INDEX
 from splitft.shared.text import GSM8K, load_tokenizer
 
@@ -53,13 +46,13 @@ def examples_of(n: int) -> list[Example]:
 # --------------------------------------------------------------------------- load_records
 
 
-@pytest.mark.parametrize(("prompt_field", "response_field"), FIELD_PAIRS)
+@pytest.mark.parametrize(("prompt_field", "response_field"), PAIR_FIELDS)
 def test_jsonl_each_field_pair(tmp_path: Path, prompt_field: str, response_field: str) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", [{prompt_field: p, response_field: r, "id": 3} for p, r in PAIRS])
     assert load_records(path) == PAIRS
 
 
-@pytest.mark.parametrize(("prompt_field", "response_field"), FIELD_PAIRS)
+@pytest.mark.parametrize(("prompt_field", "response_field"), PAIR_FIELDS)
 def test_csv_each_field_pair(tmp_path: Path, prompt_field: str, response_field: str) -> None:
     rows = [[p, "x", r] for p, r in PAIRS]
     path = write_csv(tmp_path / "d.csv", [prompt_field, "extra", response_field], rows)
@@ -231,8 +224,8 @@ def test_jsonl_record_errors(tmp_path: Path) -> None:
         good + '["a", "b"]\n': r"bad\.jsonl:2: a record must be a JSON object, got list",
         good + '{"prompt": "a"}\n': r"bad\.jsonl:2: record lacks field\(s\) 'response'",
         good + '{"prompt": "a", "response": 3}\n': r"bad\.jsonl:2: field 'response' must be a string, got int",
-        '{"text": "a", "label": "b"}\n': r"bad\.jsonl:1: none of the field pairs prompt/response.*\['label', 'text'\]; "
-        r"name the fields with --prompt-field and --response-field",
+        '{"body": "a", "label": "b"}\n': r"bad\.jsonl:1: no field 'messages', 'text' or any of the pairs "
+        r"prompt/completion.*\['body', 'label'\]; name a pair's fields with --prompt-field and --response-field",
         '[{"prompt": "a", "response": "b"}]\n': r"bad\.jsonl: holds a JSON array; SplitFT reads one JSON object per line",
         '[\n  {"prompt": "a", "response": "b"}\n]\n': r"bad\.jsonl: holds a JSON array.*jq -c",
         "\n\n": r"bad\.jsonl: no usable records",
@@ -253,11 +246,11 @@ def test_jsonl_record_errors(tmp_path: Path) -> None:
 
 
 def test_csv_errors(tmp_path: Path) -> None:
-    path = write_csv(tmp_path / "bad.csv", ["text", "label"], [["a", "b"]])
-    with pytest.raises(DataError, match=r"bad\.csv:1 \(CSV header\): none of the field pairs"):
+    path = write_csv(tmp_path / "bad.csv", ["body", "label"], [["a", "b"]])
+    with pytest.raises(DataError, match=r"bad\.csv \(columns\): no field 'messages', 'text' or any of the pairs"):
         load_records(path)
-    with pytest.raises(DataError, match=r"bad\.csv:1: the CSV header lacks field\(s\) 'output'"):
-        load_records(path, "text", "output")
+    with pytest.raises(DataError, match=r"bad\.csv: no column\(s\) 'output' in \['body', 'label'\]"):
+        load_records(path, "body", "output")
     path.write_text("prompt,response\na,b\nc\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"bad\.csv:3: record lacks field\(s\) 'response'"):
         load_records(path)

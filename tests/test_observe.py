@@ -20,9 +20,10 @@ from splitft.coordinator.cli import app
 from splitft.coordinator.observe.dashboard import Address, Observatory
 from splitft.coordinator.runtime import Coordinator
 from splitft.shared.config import JobConfig
-from splitft.shared.data import load_records, write_shards
+from splitft.shared.data import write_shards
 from splitft.shared.exit_codes import ExitCode
 from splitft.shared.link import BrokerSettings
+from splitft.shared.records import load_records
 from splitft.shared.text import GSM8K
 
 from conftest import Broker

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from splitft.shared.data import load_records, tokenize
+from splitft.shared.data import tokenize
 from splitft.shared.errors import ConfigError
 from splitft.shared.partition import (
     Partition,
@@ -17,6 +17,7 @@ from splitft.shared.partition import (
     token_lengths,
     write_partition,
 )
+from splitft.shared.records import load_records
 from splitft.shared.text import GSM8K, load_tokenizer
 
 
@@ -119,7 +120,7 @@ def test_write_partition_round_trips(tmp_path: Path, gsm8k: tuple[list[tuple[str
     for path, part in zip(paths, p.parts, strict=True):
         assert load_records(path) == [pairs[i] for i in part]
     assert not list((tmp_path / "parts").glob("*.tmp"))
-    with pytest.raises(ConfigError, match="pairs"):
+    with pytest.raises(ConfigError, match="599 records, but the partition covers 600"):
         write_partition(pairs[:-1], p, tmp_path / "other")
 
 

@@ -39,10 +39,11 @@ from splitft.coordinator.fleet_secrets import (
 )
 from splitft.coordinator.runtime import Coordinator
 from splitft.shared.config import JobConfig
-from splitft.shared.data import load_records, write_shards
+from splitft.shared.data import write_shards
 from splitft.shared.errors import LinkError
 from splitft.shared.link import BrokerSettings, Link
 from splitft.shared.protocol import ACT, GRAD, JOIN, STATUS, Envelope, encode_envelope, load_key
+from splitft.shared.records import load_records
 from splitft.shared.text import GSM8K
 from splitft.shared.topics import Topics
 

@@ -18,7 +18,7 @@ from test_runtime import assert_same_adapters, equivalence_job, read_metrics, ru
 
 from splitft.agent.runtime import _forward, batch_seed
 from splitft.shared.config import JobConfig
-from splitft.shared.data import Batches, load_records, tokenize
+from splitft.shared.data import Batches, tokenize
 from splitft.shared.defense import DefenseSettings
 from splitft.shared.errors import ConfigError, WireError
 from splitft.shared.lora import block_ranks, lora_state
@@ -31,6 +31,7 @@ from splitft.shared.protocol import (
     parse_tail_grad,
     tail_grad_body,
 )
+from splitft.shared.records import load_records
 from splitft.shared.split import IGNORE_INDEX, SegmentSpec, build_segment, causal_lm_loss
 from splitft.shared.text import load_tokenizer
 

@@ -4,7 +4,6 @@ split runs through a broker and their replay on the virtual clock, the final eva
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ import msgpack
 import torch
 
 from splitft.agent.runtime import batch_seed
+from splitft.coordinator.answers import generate, gsm8k_answer, load_model
 from splitft.coordinator.bench.clock import (
     CostModel,
     Device,
@@ -29,11 +29,12 @@ from splitft.coordinator.controller import DeviceEstimate, ServerEstimate, ideal
 from splitft.coordinator.local import LocalRun, run_local
 from splitft.shared.codec import encode_state
 from splitft.shared.config import JobConfig
-from splitft.shared.data import Batches, collate, load_records, tokenize
+from splitft.shared.data import Batches, collate, prompt_text, tokenize
 from splitft.shared.lora import LoraSettings, load_lora_state, lora_state
 from splitft.shared.models import block_flops, block_params, load_config, num_layers
 from splitft.shared.partition import length_dirichlet_partition, token_lengths, write_partition
 from splitft.shared.profiles import load_profile
+from splitft.shared.records import Pair, Record, load_records, record_text
 from splitft.shared.split import (
     Segment,
     SegmentSpec,
@@ -55,17 +56,17 @@ class Fleet:
 
     names: tuple[str, ...]
     devices: tuple[Device, ...]
-    shards: tuple[tuple[tuple[str, str], ...], ...]  # (prompt, response) pairs per device
+    shards: tuple[tuple[Record, ...], ...]  # the records of each device
 
 
 def make_fleet(settings: StudySettings, base: Path, alpha: float, folder: Path) -> Fleet:
     """The same partition run_local makes for these settings (checked against its files after each run)."""
     names = tuple(f"agent-{i + 1}" for i in range(settings.agents))
-    pairs = load_records(GSM8K / "train.jsonl", limit=settings.agents * settings.samples_per_agent)
-    lengths = token_lengths(pairs, load_tokenizer(str(base)))
+    records = load_records(GSM8K / "train.jsonl", limit=settings.agents * settings.samples_per_agent)
+    lengths = token_lengths(records, load_tokenizer(str(base)))
     partition = length_dirichlet_partition(lengths, settings.agents, alpha, seed=settings.seed)
-    write_partition(pairs, partition, folder, prefix="shard")
-    shards = tuple(tuple(pairs[i] for i in part) for part in partition.parts)
+    write_partition(records, partition, folder, prefix="shard")
+    shards = tuple(tuple(records[i] for i in part) for part in partition.parts)
     devices = tuple(Device.from_profile(load_profile(name)) for name in FLEET)
     return Fleet(names, devices, shards)
 
@@ -115,7 +116,7 @@ def run_centralised(
     segment = whole_segment(settings, base)
     optimizer = settings.optimizer.build(segment.lora_parameters().values())
     streams = list(agent_streams(settings, base, fleet).values())
-    data_bytes = sum(len(p.encode()) + len(r.encode()) for shard in fleet.shards for p, r in shard)
+    data_bytes = sum(len(record_text(r).encode()) for shard in fleet.shards for r in shard)
     rows = [_row(0, 0.0, 0.0, evaluate(segment, evals), data_bytes, 0, {})]
     virtual, wall = 0.0, 0.0
     for round_ in range(1, settings.rounds + 1):
@@ -389,51 +390,29 @@ def _balance(
 # --------------------------------------------------------------------------- final evaluation
 
 
-def load_adapted(base: Path, adapter: Path) -> Any:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)), str(adapter))
-    model.eval()
-    return model
-
-
-ANSWER = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
-
-
-def gsm8k_answer(text: str) -> str | None:
-    match = ANSWER.search(text)
-    return match.group(1).replace(",", "").rstrip(".") if match else None
-
-
-@torch.no_grad()
 def final_evaluation(settings: StudySettings, base: Path, adapter: Path) -> dict[str, Any]:
     """Perplexity and next-token accuracy on more of GSM8K test; answer accuracy by greedy generation."""
     tokenizer = load_tokenizer(str(base))
-    model = load_adapted(base, adapter)
+    model = load_model(base, adapter)
     evals = eval_batches(tokenizer, settings.max_length, settings.final_eval_samples)
     result = evaluate_lm(lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits, evals)
     # The first gen_samples problems whose question leaves the model room to answer (all of GSM8K test at 256).
     room_needed = min(settings.gen_tokens, settings.max_length // 4)
     problems = [
-        (q, a)
-        for q, a in load_records(GSM8K / "test.jsonl")
-        if len(tokenizer(q + "\n", add_special_tokens=False)["input_ids"]) <= settings.max_length - room_needed
+        (p.prompt, p.completion)
+        for p in load_records(GSM8K / "test.jsonl")
+        if isinstance(p, Pair)
+        and len(tokenizer(prompt_text(p.prompt, tokenizer), add_special_tokens=False)["input_ids"])
+        <= settings.max_length - room_needed
     ][: settings.gen_samples]
-    tokenizer.padding_side = "left"
     correct, answered = 0, 0
     for i in range(0, len(problems), 8):
         chunk = problems[i : i + 8]
-        enc = tokenizer([p + "\n" for p, _ in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
-        room = max(settings.max_length - enc["input_ids"].shape[1], 1)
-        generated = model.generate(
-            **enc,
-            max_new_tokens=min(settings.gen_tokens, room),
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+        longest = max(
+            len(tokenizer(prompt_text(p, tokenizer), add_special_tokens=False)["input_ids"]) for p, _ in chunk
         )
-        texts = tokenizer.batch_decode(generated[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        room = max(settings.max_length - longest, 1)
+        texts = generate(model, tokenizer, [p for p, _ in chunk], max_new_tokens=min(settings.gen_tokens, room))
         for text, (_, reference) in zip(texts, chunk, strict=True):
             got = gsm8k_answer(text)
             answered += got is not None
