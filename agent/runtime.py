@@ -50,7 +50,6 @@ from splitft.shared.lora import load_lora_state, lora_state
 from splitft.shared.models import (
     check_weights,
     head_flops,
-    is_preset,
     load_config,
     max_positions,
     model_fingerprint,
@@ -151,8 +150,7 @@ class Agent:
         # Fail before connecting if the data or the model cannot be used.
         self.records = load_records(settings.data, settings.prompt_field, settings.response_field, settings.max_samples)
         self.model_config = load_config(settings.model)
-        if not is_preset(settings.model):
-            check_weights(Path(settings.model), self.model_config)
+        check_weights(settings.model, self.model_config)
         self.fingerprint = model_fingerprint(settings.model)  # what the coordinator compares, not the path
         self.tokenizer = load_tokenizer(settings.model)
         if settings.emulate_scale <= 0:

@@ -22,7 +22,7 @@ from splitft.shared.config import JobConfig, broker_settings, torch_device
 from splitft.shared.errors import ConfigError, ModelError, SplitFTError
 from splitft.shared.exit_codes import ExitCode
 from splitft.shared.lora import LoraSettings
-from splitft.shared.models import ATTENTION_IMPLEMENTATIONS, PRESETS
+from splitft.shared.models import ATTENTION_IMPLEMENTATIONS
 
 from . import answers
 from .cli_support import (
@@ -353,8 +353,7 @@ def _preflight(spec: JobConfig, out: Path, cuts: Sequence[int] = ()) -> None:
     check_out(out)
     config = load_config(spec.model, spec.attn_implementation)
     tokenizer = load_tokenizer(spec.model)
-    if spec.model not in PRESETS:
-        check_weights(Path(spec.model), config)  # safetensors weights, and the ones its config describes
+    check_weights(spec.model, config)  # safetensors weights, and the ones its config describes
     layers = num_layers(config)
     spec.check_cuts(layers)
     check_max_length(config, spec.max_length)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .codec import FLOAT_WIRE_DTYPES, wire_bytes_per_element
 from .lora import LoraSettings, block_ranks
-from .models import check_weights, family_of, hidden_size, is_preset, load_config, num_layers
+from .models import check_weights, family_of, hidden_size, load_config, num_layers
 from .split import Segment, SegmentSpec, build_segment
 
 
@@ -39,8 +39,7 @@ def plan_split(source: str | Path, cut: int, lora: LoraSettings | None = None) -
     """Size both sides of the split without loading weights from a folder (they stay on ``meta``)."""
     lora = lora or LoraSettings()
     config = load_config(source)
-    if not is_preset(str(source)):
-        check_weights(Path(source), config)  # a config over another model's weights is refused here
+    check_weights(source, config)  # a config over another model's weights is refused here
     total = num_layers(config)
     ranks = block_ranks(total, [cut], lora)
     sides = []
