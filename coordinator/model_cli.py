@@ -234,7 +234,7 @@ def report_comparison(console: Console, comparison: Comparison, metrics: Path, o
     table.add_row("answers in '#### N' form", f"{before.formatted_share:.1%}", f"{after.formatted_share:.1%}", "")
     console.print(table)
     for row in comparison.rows()[:2]:
-        side = Table(show_lines=True, title=_shown(row["prompt"]), title_justify="left")
+        side = Table(show_lines=True, title=escape(_shown(row["prompt"])), title_justify="left", expand=True)
         side.add_column("before")
         side.add_column("after")
         side.add_row(escape(row["before"]), escape(row["after"]))
