@@ -70,16 +70,21 @@ def load_model(source: str | Path, adapter: Path | None = None, device: str = "c
     """The base model of ``source`` (preset, folder or GGUF file), with a PEFT adapter folder on top if given,
     in eval mode."""
     model: Any = load_base_model(source, device=device)
-    if adapter is not None:
-        if not (adapter / "adapter_config.json").is_file():
-            raise ModelError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
-        try:
-            with quiet_peft():
-                model = PeftModel.from_pretrained(model, str(adapter))
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            raise ModelError(f"cannot load the adapter {adapter} onto {source}: {exc}") from exc
     model.eval()
-    return model
+    return model if adapter is None else with_adapter(model, adapter)
+
+
+def with_adapter(model: Any, adapter: Path) -> Any:
+    """``model`` with the PEFT adapter folder ``adapter`` on top, in eval mode."""
+    if not (adapter / "adapter_config.json").is_file():
+        raise ModelError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
+    try:
+        with quiet_peft():
+            adapted = PeftModel.from_pretrained(model, str(adapter))
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ModelError(f"cannot load the adapter {adapter}: {exc}") from exc
+    adapted.eval()
+    return adapted
 
 
 @torch.no_grad()
@@ -177,12 +182,12 @@ def compare(
     asked = prompts_of(load_records(data, limit=problems), str(data))
     prompts, references = [p for p, _ in asked], [r for _, r in asked]
     tokenizer = load_tokenizer(source)
-    answers = []
-    for with_adapter in (None, adapter):
-        model = load_model(source, with_adapter, device)
-        answers.append(
-            generate(
-                model, tokenizer, prompts, max_new_tokens=max_new_tokens, chat_template=chat_template, device=device
-            )
+
+    def answer(model: Any) -> list[str]:
+        return generate(
+            model, tokenizer, prompts, max_new_tokens=max_new_tokens, chat_template=chat_template, device=device
         )
-    return Comparison(prompts, references, answers[0], answers[1])
+
+    base = load_model(source, device=device)
+    before = answer(base)  # the base is loaded once: the adapter then goes on top of it
+    return Comparison(prompts, references, before, answer(with_adapter(base, adapter)))

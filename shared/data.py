@@ -174,7 +174,10 @@ def prompt_text(
     messages = (("user", prompt),) if isinstance(prompt, str) else tuple(prompt)
     if uses_template(tokenizer, chat_template):
         return _render(tokenizer, messages, prompt=True)
-    return "".join(content + "\n" for _, content in messages)
+    # Without a template, the turns so far as training renders them (an earlier answer ends in EOS).
+    return "".join(
+        tokenizer.eos_token if text is None else text for text, _ in _pieces(Chat(messages), tokenizer, False)
+    )
 
 
 def eval_examples(
