@@ -60,7 +60,10 @@ async def test_cuts_adapt_to_the_fleet(broker: Broker, tmp_path: Path) -> None:
     assert "controller" in rounds[0] and rounds[0]["cuts"]["a1"] < rounds[0]["cuts"]["a3"], rounds[0]["cuts"]
     later = rounds[-1]
     assert later["cuts"] != {"a1": 11, "a2": 11, "a3": 11}, [r["cuts"] for r in rounds]
-    assert later["cuts"]["a3"] > later["cuts"]["a1"]  # the faster device takes more blocks
+    # The slow device never holds more blocks than the fast one. Whether the last round still separates them
+    # depends on this host's measured server time (a busy host can make c_min for all the best plan), so it is
+    # round 1, planned from the emulated join benchmarks, that shows the faster device taking more blocks.
+    assert all(r["cuts"]["a3"] >= r["cuts"]["a1"] for r in rounds), [r["cuts"] for r in rounds]
     control = later["controller"]
     assert control["policy"] == "splitft" and control["ideal_step_s"] > 0
     # The decision rests on this run's measurements: a predicted step and the achieved/ideal ratio are recorded.
