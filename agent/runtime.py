@@ -47,6 +47,7 @@ from splitft.shared.defense import DefenseSettings, defend, nopeek_loss
 from splitft.shared.errors import ConfigError, DataError, LinkError, ModelError, SplitFTError, WireError
 from splitft.shared.link import BrokerSettings, Link, Received
 from splitft.shared.lora import load_lora_state, lora_state
+from splitft.shared.loss import IGNORE_INDEX, padding_mask
 from splitft.shared.models import (
     check_weights,
     head_flops,
@@ -76,7 +77,7 @@ from splitft.shared.protocol import (
     tail_grad_body,
 )
 from splitft.shared.records import load_records, record_text
-from splitft.shared.split import IGNORE_INDEX, Segment, SegmentSpec, build_segment, padding_mask
+from splitft.shared.split import Segment, SegmentSpec, build_segment
 from splitft.shared.text import load_tokenizer
 from splitft.shared.topics import Topics
 

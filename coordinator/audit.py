@@ -45,18 +45,10 @@ from splitft.shared.data import Batches, Example, collate, tokenize
 from splitft.shared.defense import DefenseSettings, defend, nopeek_loss
 from splitft.shared.errors import ConfigError
 from splitft.shared.lora import LoraSettings, load_lora_state
+from splitft.shared.loss import IGNORE_INDEX, EvalResult, causal_lm_loss, evaluate_lm, padding_mask
 from splitft.shared.models import family_of, hidden_size, load_config, num_layers
 from splitft.shared.records import load_records
-from splitft.shared.split import (
-    IGNORE_INDEX,
-    EvalResult,
-    Segment,
-    SegmentSpec,
-    build_segment,
-    causal_lm_loss,
-    evaluate_lm,
-    padding_mask,
-)
+from splitft.shared.split import Segment, SegmentSpec, build_segment
 from splitft.shared.text import DATASETS, GSM8K, load_tokenizer
 
 log = logging.getLogger(__name__)

@@ -20,9 +20,10 @@ from splitft.shared.config import torch_device
 from splitft.shared.data import check_chat_template, collate, eval_examples
 from splitft.shared.errors import ConfigError, SplitFTError
 from splitft.shared.gguf import DTYPES, convert, is_gguf
+from splitft.shared.loss import evaluate_lm
 from splitft.shared.models import MODEL_TYPES, load_config, model_fingerprint, num_layers
 from splitft.shared.records import load_records
-from splitft.shared.split import evaluate_lm, load_base_model
+from splitft.shared.split import load_base_model
 from splitft.shared.text import GSM8K, load_tokenizer
 
 from .answers import Comparison, generate, load_model, prompts_of, score

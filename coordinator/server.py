@@ -53,16 +53,10 @@ import torch
 
 from splitft.shared.config import JobConfig
 from splitft.shared.lora import LoraSettings, block_ranks, load_lora_state, lora_state
+from splitft.shared.loss import IGNORE_INDEX, EvalResult, evaluate_lm
 from splitft.shared.models import is_preset, load_config, num_layers
 from splitft.shared.protocol import Activations
-from splitft.shared.split import (
-    IGNORE_INDEX,
-    EvalResult,
-    Segment,
-    SegmentSpec,
-    build_segment,
-    evaluate_lm,
-)
+from splitft.shared.split import Segment, SegmentSpec, build_segment
 
 from .aggregation import Contribution, aggregate, convert_state, module_key
 from .controller import ServerEstimate

@@ -36,8 +36,9 @@ from splitft.coordinator.local import LocalRun, run_local
 from splitft.shared.config import JobConfig, OptimizerSettings
 from splitft.shared.data import Batches, tokenize
 from splitft.shared.lora import LoraSettings, block_ranks
+from splitft.shared.loss import causal_lm_loss
 from splitft.shared.records import load_records
-from splitft.shared.split import SegmentSpec, build_segment, causal_lm_loss
+from splitft.shared.split import SegmentSpec, build_segment
 from splitft.shared.text import load_tokenizer
 
 

@@ -13,8 +13,9 @@ from .codec import (
 )
 from .errors import ConfigError, ModelError, SplitFTError, WireError
 from .lora import LoraSettings, block_ranks, init_lora, load_lora_state, lora_state
+from .loss import causal_lm_loss, labels_from
 from .models import PRESETS, Family, family_of, load_config
-from .split import Segment, SegmentSpec, build_segment, causal_lm_loss, labels_from
+from .split import Segment, SegmentSpec, build_segment
 
 __version__ = "0.1.0"
 

@@ -21,8 +21,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from .errors import ConfigError, DataError
+from .loss import IGNORE_INDEX
 from .records import ASSISTANT, Chat, Record, Text, load_records, record_json
-from .split import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,9 @@ import torch
 
 from .codec import decode_tensor, encode_tensor
 from .lora import LoraSettings, block_ranks, load_lora_state, lora_parameters
+from .loss import causal_lm_loss, labels_from
 from .models import load_config, num_layers
-from .split import Segment, SegmentSpec, build_segment, causal_lm_loss, labels_from
+from .split import Segment, SegmentSpec, build_segment
 
 
 @dataclass(frozen=True)

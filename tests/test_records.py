@@ -15,8 +15,8 @@ from transformers import PreTrainedTokenizerBase
 
 from splitft.shared.data import encode, prompt_text, tokenize, write_shards
 from splitft.shared.errors import ConfigError, DataError
+from splitft.shared.loss import IGNORE_INDEX
 from splitft.shared.records import Chat, Pair, Text, load_records
-from splitft.shared.split import IGNORE_INDEX
 from splitft.shared.text import load_tokenizer
 
 from gguf_files import CHAT_TEMPLATE

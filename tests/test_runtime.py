@@ -22,9 +22,10 @@ from splitft.shared.config import JobConfig, OptimizerSettings
 from splitft.shared.data import Batches, tokenize, write_shards
 from splitft.shared.link import BrokerSettings
 from splitft.shared.lora import LoraSettings, block_ranks, lora_state
+from splitft.shared.loss import causal_lm_loss, padding_mask
 from splitft.shared.protocol import ACT, ADAPTER, Envelope, encode_envelope
 from splitft.shared.records import load_records
-from splitft.shared.split import SegmentSpec, build_segment, causal_lm_loss, load_base_model, padding_mask
+from splitft.shared.split import SegmentSpec, build_segment, load_base_model
 from splitft.shared.text import GSM8K, load_tokenizer
 from splitft.shared.topics import Topics
 

@@ -22,6 +22,7 @@ from splitft.shared.data import Batches, tokenize
 from splitft.shared.defense import DefenseSettings
 from splitft.shared.errors import ConfigError, WireError
 from splitft.shared.lora import block_ranks, lora_state
+from splitft.shared.loss import IGNORE_INDEX, causal_lm_loss
 from splitft.shared.protocol import (
     act_body,
     grad_body,
@@ -32,7 +33,7 @@ from splitft.shared.protocol import (
     tail_grad_body,
 )
 from splitft.shared.records import load_records
-from splitft.shared.split import IGNORE_INDEX, SegmentSpec, build_segment, causal_lm_loss
+from splitft.shared.split import SegmentSpec, build_segment
 from splitft.shared.text import load_tokenizer
 
 from conftest import Broker

@@ -237,8 +237,9 @@ def calibrate_server(
     and from the last one (the difference is the blocks), the best of ``repeats`` after a warm-up.
     """
     from splitft.shared.lora import LoraSettings
+    from splitft.shared.loss import causal_lm_loss
     from splitft.shared.models import load_config
-    from splitft.shared.split import SegmentSpec, build_segment, causal_lm_loss
+    from splitft.shared.split import SegmentSpec, build_segment
 
     config = load_config(model)
     layers = num_layers(config)

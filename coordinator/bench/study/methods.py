@@ -31,18 +31,12 @@ from splitft.shared.codec import encode_state
 from splitft.shared.config import JobConfig
 from splitft.shared.data import Batches, collate, prompt_text, tokenize
 from splitft.shared.lora import LoraSettings, load_lora_state, lora_state
+from splitft.shared.loss import causal_lm_loss, evaluate_lm, padding_mask
 from splitft.shared.models import block_flops, block_params, load_config, num_layers
 from splitft.shared.partition import length_dirichlet_partition, token_lengths, write_partition
 from splitft.shared.profiles import load_profile
 from splitft.shared.records import Pair, Record, load_records, record_text
-from splitft.shared.split import (
-    Segment,
-    SegmentSpec,
-    build_segment,
-    causal_lm_loss,
-    evaluate_lm,
-    padding_mask,
-)
+from splitft.shared.split import Segment, SegmentSpec, build_segment
 from splitft.shared.text import GSM8K, load_tokenizer
 
 from .settings import FLEET, IGNORE_INDEX, StudySettings, read_jsonl, say
