@@ -116,6 +116,13 @@ def join(
     response_field: Annotated[str | None, typer.Option(help="Response field (default: detected).")] = None,
     max_samples: Annotated[int | None, typer.Option(help="Use at most this many samples.")] = None,
     device: Annotated[str, typer.Option(help="Torch device for the client segment: auto, cpu, cuda.")] = "auto",
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            help="Dtype of the frozen base weights on this device: fp32, bf16 or fp16 (the adapters stay fp32). "
+            "Default: the --emulate or --profile class's (fp16 on Jetsons), else fp32."
+        ),
+    ] = None,
     connect_timeout: Annotated[float, typer.Option(help="Seconds to reach the broker at start-up.")] = 30.0,
 ) -> None:
     """Join a job: train the client segment when assigned, until the coordinator says the job is done.
@@ -124,6 +131,7 @@ def join(
     ends the command with an error naming it (and its exit code), without touching the broker."""
     from splitft.agent.runtime import Agent, AgentSettings
     from splitft.shared.config import broker_settings, torch_device
+    from splitft.shared.precision import torch_dtype
     from splitft.shared.topics import check_name
 
     try:
@@ -145,8 +153,11 @@ def join(
             raise ConfigError(f"--max-samples must be at least 1, got {max_samples}")
         if not (math.isfinite(emulate_scale) and emulate_scale > 0):
             raise ConfigError(f"--emulate-scale must be a positive number, got {emulate_scale}")
-        if emulate:
-            _profile("--emulate", emulate)  # fail now, not after the model is loaded
+        classes = [_profile("--emulate", emulate)] if emulate else []  # fail now, not after the model is loaded
+        if profile is not None:
+            classes.append(_profile("--profile", profile))
+        if dtype is not None:
+            torch_dtype(dtype, "--dtype")
         if data.is_dir():
             raise DataError(f"{data}: is a folder; --data takes a JSONL or CSV file")
         settings = AgentSettings(
@@ -158,10 +169,11 @@ def join(
             response_field=response_field,
             max_samples=max_samples,
             device=torch_device(device),
-            profile=None if profile is None else _profile("--profile", profile).name,
+            profile=None if profile is None else classes[-1].name,
             emulate=emulate,
             emulate_scale=emulate_scale,
             emulate_virtual=emulate_virtual,
+            dtype=dtype or (classes[0].dtype if classes else None),
         )
         agent = Agent(settings, link)
         typer.echo(f"agent {name}: {len(agent.records)} samples from {data}; joining job {job} at {broker}")

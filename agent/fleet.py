@@ -68,6 +68,7 @@ from splitft.agent.runtime import Agent, AgentSettings
 from splitft.shared.config import broker_settings
 from splitft.shared.data import tokenize, write_shards
 from splitft.shared.errors import SplitFTError
+from splitft.shared.memory import SHARED_PROCESS_RUNTIME_MB
 from splitft.shared.records import Record, load_records
 from splitft.shared.text import GSM8K
 
@@ -331,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         names = agent_names(args.prefix, args.count)
         try:
             agents = [
-                Agent(AgentSettings(n, args.job, args.model, f), broker) for n, f in zip(names, files, strict=True)
+                Agent(AgentSettings(n, args.job, args.model, f, runtime_mb=SHARED_PROCESS_RUNTIME_MB), broker)
+                for n, f in zip(names, files, strict=True)
             ]
         except SplitFTError as exc:
             print(f"agent_fleet: cannot start the agents: {exc}", file=sys.stderr)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from typing import Any
 
 import psutil
 import torch
 
-from splitft.shared.models import block_flops, load_config
+from splitft.shared.loss import head_rows
+from splitft.shared.memory import MemoryFigures
+from splitft.shared.models import block_flops, load_config, num_layers
 from splitft.shared.split import SegmentSpec, build_segment
 
 
@@ -33,13 +36,104 @@ def device_profile() -> dict[str, Any]:
     return profile
 
 
-def measure_block(model: str, batch: int = 4, length: int = 128, device: str = "cpu") -> tuple[float, float]:
+def peak_rss_mb() -> float:
+    """The most resident memory this process has held (0 where the platform does not say)."""
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return 0.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def usable_mb() -> float:
+    """The memory this agent can use: what the system has available now, and what the process already holds."""
+    return (psutil.virtual_memory().available + psutil.Process().memory_info().rss) / 2**20
+
+
+def runtime_mb() -> float:
+    """This process's resident memory: the runtime before a segment (see memory.SHARED_PROCESS_RUNTIME_MB)."""
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def measure_memory(
+    model: str,
+    batch: int,
+    length: int,
+    *,
+    usable: float,
+    runtime: float,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+) -> MemoryFigures:
+    """This device's memory figures for a job of ``batch`` x ``length`` token steps, in base ``dtype``.
+
+    Builds a probe with the embeddings, block 0, the final norm and the head, and runs block 0 forward on a
+    batch of that shape with its input requiring a gradient (as every block but the first does in training),
+    counting the bytes of the tensors autograd keeps for the backward pass. Weights are counted from the
+    tensors as built; the chunked head's working memory from its chunk size (shared/loss.py).
+    """
+    layers = num_layers(load_config(model))
+    segment = build_segment(model, SegmentSpec.u_device(1, 0, layers), device=device, dtype=dtype)
+    model_, family = segment.hf_model, segment.family
+    embed_ptrs: set[int] = set()
+
+    def weights(modules: list[str], lora_states: int = 4) -> float:
+        total = 0
+        for path in modules:
+            for p in model_.get_submodule(path).parameters():
+                ptr = p.untyped_storage().data_ptr()
+                if ptr in embed_ptrs:
+                    continue  # a tied head: the embeddings hold it
+                if path in family.embeddings:
+                    embed_ptrs.add(ptr)
+                # LoRA: the weights, their gradients and AdamW's two moments; frozen weights: once
+                total += p.numel() * p.element_size() * (lora_states if p.requires_grad else 1)
+        return total / 2**20
+
+    embed = weights(list(family.embeddings))
+    block = weights([f"{family.layers}.0"])
+    head_weights = weights([family.final_norm, family.lm_head])
+    hidden_size, vocab = int(segment.config.hidden_size), int(segment.config.vocab_size)
+    tokens = batch * length
+    element = torch.tensor([], dtype=dtype).element_size()
+    # The chunked head: a chunk's logits in the base dtype and in fp32, its softmax in place, the chunk in the
+    # base dtype for the gradient; the targets' hidden states, normed, and their gradient.
+    rows = min(tokens, head_rows(vocab))
+    head = head_weights + (rows * vocab * (4 + 2 * element) + tokens * hidden_size * (2 * element + 4)) / 2**20
+    io = 4 * tokens * hidden_size * (4 + 2) / 2**20  # activations and gradients, each way: fp32 and wire bytes
+
+    ids = torch.randint(0, vocab, (batch, length), device=segment.device)
+    mask = torch.ones_like(ids)
+    params = {p.untyped_storage().data_ptr() for p in segment.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    segment.train()
+    with torch.no_grad():
+        start = family.embed(model_, ids, torch.arange(length, device=ids.device).unsqueeze(0))
+    start = start.detach().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = segment(start, mask, start=0, stop=1, with_head=False)
+    act = (sum(kept.values()) + out.numel() * out.element_size()) / 2**20
+    del out, segment
+    return MemoryFigures(usable, runtime, embed, block, act, head, io)
+
+
+def measure_block(
+    model: str, batch: int = 4, length: int = 128, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[float, float]:
     """Time one block's forward and backward at a (batch, length) step: (seconds, forward FLOPs).
 
     Builds a one-block client segment (the embeddings and block 0 only), runs two warm-up passes and
     takes the best of three timed ones.
     """
-    segment = build_segment(model, SegmentSpec.client(1), device=device)
+    segment = build_segment(model, SegmentSpec.client(1), device=device, dtype=dtype)
     ids = torch.randint(0, int(segment.config.vocab_size), (batch, length))
     mask = torch.ones_like(ids)
     times = []

@@ -48,6 +48,7 @@ from splitft.shared.errors import ConfigError, DataError, LinkError, ModelError,
 from splitft.shared.link import BrokerSettings, Link, Received
 from splitft.shared.lora import load_lora_state, lora_state
 from splitft.shared.loss import IGNORE_INDEX, padding_mask
+from splitft.shared.memory import MemoryFigures
 from splitft.shared.models import (
     check_weights,
     head_flops,
@@ -56,6 +57,7 @@ from splitft.shared.models import (
     model_fingerprint,
     num_layers,
 )
+from splitft.shared.precision import torch_dtype
 from splitft.shared.profiles import load_profile
 from splitft.shared.protocol import (
     ACT,
@@ -82,7 +84,7 @@ from splitft.shared.text import load_tokenizer
 from splitft.shared.topics import Topics
 
 from .emulation import Emulation, block_flops
-from .profile import device_profile, measure_block
+from .profile import device_profile, measure_block, measure_memory, peak_rss_mb, runtime_mb, usable_mb
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -102,6 +104,10 @@ class AgentSettings:
     emulate: str | None = None  # a profile name or file: behave like that device (see agent/emulation.py)
     emulate_scale: float = 1.0  # multiplies the emulated profile's compute throughput
     emulate_virtual: bool = False  # report the profile's times without waiting for them (agent/emulation.py)
+    dtype: str | None = None  # the frozen base weights' dtype (precision.py); None: the emulated profile's, or fp32
+    # The memory the agent's runtime takes before its segment (memory.py): None measures this process, which
+    # is right for an agent alone in its process; harnesses running several agents in one give a figure.
+    runtime_mb: float | None = None
 
 
 @dataclass(frozen=True)
@@ -143,6 +149,9 @@ class Agent:
         self.notices: list[tuple[str, str]] = []  # (event, reason) the coordinator sent
         self._job_max_length: int | None = None  # the job's, from the coordinator's status
         self._job_chat_template: str | bool = "auto"  # likewise
+        self._job_batch_size: int | None = None  # likewise
+        self._memory: dict[tuple[int, int], MemoryFigures] = {}  # (batch, length) -> this device's figures
+        self._runtime_mb: float | None = settings.runtime_mb
         self._refused: SplitFTError | None = None  # why the coordinator did not admit this agent
         self.rejected: Counter[str] = Counter()  # message bodies refused, by reason (the link counts the rest)
         # All model work on one thread (see the coordinator): one OpenMP pool, no model shared across threads.
@@ -161,9 +170,12 @@ class Agent:
             if settings.emulate
             else None
         )
+        profile_dtype = self.emulation.profile.dtype if self.emulation is not None else "fp32"
+        self.dtype_name = settings.dtype or profile_dtype
+        self.dtype = torch_dtype(self.dtype_name, "dtype")
         # The per-block cost, measured once at start (an emulated device's from its profile), so that the
         # controller can place this agent before its first round's reports.
-        seconds, flops = measure_block(settings.model, device=settings.device)
+        seconds, flops = measure_block(settings.model, device=settings.device, dtype=self.dtype)
         self.block_s = 2 * self.emulation.compute_s(flops) if self.emulation is not None else seconds
 
     async def run(self) -> None:
@@ -222,8 +234,16 @@ class Agent:
             self.topics.agent(self.name, "status"), STATUS, {"state": "online", "role": "agent"}, retain=True
         )
         length = self._job_max_length
+        memory = await self._memory_profile()
         join = Join(
-            profile={**device_profile(), **self._link_profile(), "block_s": self.block_s, "block_tokens": 4 * 128},
+            profile={
+                **device_profile(),
+                **self._link_profile(),
+                "block_s": self.block_s,
+                "block_tokens": 4 * 128,
+                "base_dtype": self.dtype_name,
+                **memory,
+            },
             data_samples=len(self.records),
             data_tokens=max(sum(len(record_text(r)) for r in self.records) // 4, 1),  # rough, for planning
             model=self.settings.model,
@@ -236,6 +256,22 @@ class Agent:
             if out is not None:
                 log.info("%s: re-sending %s of round %d step %d", self.name, out.type, out.round, out.step)
                 await link.publish(out.topic, out.type, out.body, round_=out.round, step=out.step, corr=out.corr)
+
+    async def _memory_profile(self) -> dict[str, float]:
+        """This device's memory figures at the job's step shape (memory.py), once the coordinator said it."""
+        batch, length = self._job_batch_size, self._job_max_length
+        if batch is None or length is None:
+            return {}
+        if self._runtime_mb is None:
+            self._runtime_mb = runtime_mb()  # before any segment of this job: the first join
+        if (batch, length) not in self._memory:
+            usable = float(self.emulation.profile.usable_mb) if self.emulation is not None else usable_mb()
+            measure = functools.partial(
+                measure_memory, self.settings.model, batch, length, usable=usable, runtime=self._runtime_mb,
+                dtype=self.dtype, device=self.settings.device,
+            )  # fmt: skip
+            self._memory[(batch, length)] = await self._compute(measure)
+        return self._memory[(batch, length)].to_profile()
 
     def _link_profile(self) -> dict[str, Any]:
         """The device class and its link, as far as this agent knows them (an emulated profile's own)."""
@@ -255,6 +291,9 @@ class Agent:
                     length = env.body.get("max_length")
                     if type(length) is int and 1 <= length <= 1 << 20:
                         self._job_max_length = length  # so that the join says how many examples fit
+                    batch = env.body.get("batch_size")
+                    if type(batch) is int and 1 <= batch <= 1 << 16:
+                        self._job_batch_size = batch  # and what memory a step of the job needs here
                     template = env.body.get("chat_template", "auto")
                     with contextlib.suppress(ConfigError):  # an unknown value: the assignment will say
                         check_chat_template(template)
@@ -283,7 +322,7 @@ class Agent:
                 notice = parse_notice(env.body)
                 self.notices.append((notice.event, notice.reason))
                 if notice.event == "not_admitted":
-                    error = ModelError if notice.cause == "model" else DataError
+                    error = ModelError if notice.cause in ("model", "memory") else DataError
                     self._refused = error(f"the coordinator did not admit {self.name}: {notice.reason}")
                     self._done = True
                     log.error("%s: not admitted: %s", self.name, notice.reason)
@@ -362,6 +401,7 @@ class Agent:
                 "bytes_down": float(received.size),
                 "tokens_padded": float(input_ids.numel()),  # the batch as computed and sent, padding included
                 "rss_mb": psutil.Process().memory_info().rss / 2**20,
+                "peak_rss_mb": peak_rss_mb(),
             }
             if tail is not None:
                 # The tail's time split by FLOPs between its blocks and the head (norm, LM head, loss).
@@ -520,6 +560,7 @@ class Agent:
                 ranks=a.ranks,
                 lora_seed=a.seed,
                 device=self.settings.device,
+                dtype=self.dtype,
             )
             self._segment_key = key
         return self._segment
@@ -630,9 +671,9 @@ def _backward(
     returns the time."""
     t0 = time.perf_counter()
     if extra is None:
-        hidden.backward(grad.to(hidden.device))
+        hidden.backward(grad.to(hidden))  # the device and dtype of the activations
     else:
-        torch.autograd.backward([hidden, extra], [grad.to(hidden.device), torch.ones_like(extra)])
+        torch.autograd.backward([hidden, extra], [grad.to(hidden), torch.ones_like(extra)])
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     backward_s = time.perf_counter() - t0

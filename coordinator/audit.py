@@ -45,7 +45,7 @@ from splitft.shared.data import Batches, Example, collate, tokenize
 from splitft.shared.defense import DefenseSettings, defend, nopeek_loss
 from splitft.shared.errors import ConfigError
 from splitft.shared.lora import LoraSettings, load_lora_state
-from splitft.shared.loss import IGNORE_INDEX, EvalResult, causal_lm_loss, evaluate_lm, padding_mask
+from splitft.shared.loss import IGNORE_INDEX, EvalResult, TargetLoss, causal_lm_loss, evaluate_lm, padding_mask
 from splitft.shared.models import family_of, hidden_size, load_config, num_layers
 from splitft.shared.records import load_records
 from splitft.shared.split import Segment, SegmentSpec, build_segment
@@ -561,11 +561,11 @@ def evaluate_split(
     """Eval loss and perplexity of the split with the device's defense applied (as deployed)."""
     gen = torch.Generator().manual_seed(seed)
 
-    def logits_of(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return server(defend(client(ids, mask), defense, gen), mask)
+    def loss_of(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> TargetLoss:
+        return server.target_loss(defend(client(ids, mask), defense, gen), mask, labels)
 
     batches = [collate(examples[i : i + 16], pad_id) for i in range(0, len(examples), 16)]
-    return evaluate_lm(logits_of, batches)
+    return evaluate_lm(loss_of, batches)
 
 
 # --------------------------------------------------------------------------- the whole audit and its report

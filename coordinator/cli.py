@@ -592,6 +592,14 @@ def local(
             help="Scale the emulated devices' compute (0.01 makes a tiny model's devices as slow as real ones)."
         ),
     ] = 1.0,
+    base_dtype: Annotated[
+        str | None,
+        typer.Option(help="The server's frozen weights: fp32, bf16, fp16 [default: the job file's, or fp32]."),
+    ] = None,
+    device_dtype: Annotated[
+        str | None,
+        typer.Option(help="Every agent's frozen weights: fp32, bf16, fp16 [default: each emulated profile's dtype]."),
+    ] = None,
     broker: Annotated[str | None, typer.Option(help="Use this broker instead of the embedded one.")] = None,
     mqtt_protocol: Annotated[str, typer.Option(help="MQTT version of --broker: 5, or 3.1.1.")] = "5",
     device: DeviceOpt = "auto",
@@ -625,6 +633,7 @@ def local(
     fine-tune a model on GSM8K shards; ends with the adapter folder, metrics.jsonl and run.png."""
     from splitft.coordinator.local import LocalRun, run_local
     from splitft.shared.link import BrokerSettings
+    from splitft.shared.precision import torch_dtype
     from splitft.shared.profiles import load_profile
     from splitft.shared.records import load_records
     from splitft.shared.text import GSM8K
@@ -635,8 +644,10 @@ def local(
             config, model=model, rounds=rounds, local_steps=local_steps, batch_size=batch_size,
             max_length=max_length, policy=policy, lr=lr, split=split, tail=tail,
             eval_data=None if eval_data is None else str(eval_data), plan_first_round=None,
-            chat_template=None if chat_template is None else chat_template_flag(chat_template),
+            chat_template=None if chat_template is None else chat_template_flag(chat_template), base_dtype=base_dtype,
         )  # fmt: skip
+        if device_dtype is not None:
+            torch_dtype(device_dtype, "--device-dtype")
         try:
             cut_list = tuple(int(c) for c in cuts.split(",") if c.strip())
         except ValueError:
@@ -662,7 +673,7 @@ def local(
             spec, out, agents=agents, cuts=cut_list, samples_per_agent=samples_per_agent, data=data, alpha=alpha or None,
             prompt_field=prompt_field, response_field=response_field,
             broker_url=broker, mqtt_protocol=mqtt_protocol, device=torch_device(device),
-            emulate=profiles, emulate_scale=emulate_scale, workers=workers,
+            emulate=profiles, emulate_scale=emulate_scale, workers=workers, device_dtype=device_dtype,
         )  # fmt: skip
         _preflight(spec, out, cut_list)
         from splitft.coordinator.observe.dashboard import LOCAL_DEFAULT

@@ -22,6 +22,7 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
+from splitft.shared.memory import MemoryFigures
 from splitft.shared.models import block_params
 
 from .controller import DeviceEstimate, ServerEstimate
@@ -71,7 +72,7 @@ class FleetEstimates:
     ) -> None:
         """``server`` is the server's calibration; the estimates see it, and every later measurement of it,
         ``server_speedup`` times faster (an emulated study's stand-in for a faster server; 1 in real jobs).
-        ``round_trips``: the link round trips of a step (2 in the U split). ``adapter_block_bytes``: one
+        ``round_trips``: the link round trips of a step (2 in the U split, whose devices also hold the head). ``adapter_block_bytes``: one
         client block's adapters on the wire, sent each way once a round of ``local_steps`` steps.
         ``step_bytes``: the bytes a step is expected to send up and down (the job's shapes), used for a
         device until it reports its own (its first round, planned from its join measurement).
@@ -135,7 +136,12 @@ class FleetEstimates:
         if d is None or d.block.value is None:
             return None
         p = d.profile
-        usable = float(p.get("usable_mb") or p.get("memory_available_mb") or math.inf)
+        measured = MemoryFigures.from_profile(p)
+        if measured is not None:  # the device's own figures at the job's shape
+            max_blocks = measured.blocks_that_fit(head=self.round_trips == 2)
+        else:  # an estimate from the model's shape and what the device says it can use
+            usable = float(p.get("usable_mb") or p.get("memory_available_mb") or math.inf)
+            max_blocks = blocks_that_fit(usable, self.block_mb)
         rtt_s = float(p.get("rtt_ms", 0.0)) / 1000 * self.round_trips
         uplink, downlink = self._link(
             d, float(p.get("uplink_mbps", math.inf)) * 1e6, float(p.get("downlink_mbps", math.inf)) * 1e6, rtt_s
@@ -149,7 +155,7 @@ class FleetEstimates:
             uplink_bps=uplink,
             downlink_bps=downlink,
             rtt_s=rtt_s,
-            max_blocks=blocks_that_fit(usable, self.block_mb),
+            max_blocks=max_blocks,
             accuracy=d.accuracy,
             adapter_block_bytes=self.adapter_block_bytes,
             steps=self.local_steps,

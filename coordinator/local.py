@@ -54,6 +54,7 @@ class LocalRun:
     emulate_scale: float = 1.0
     emulate_virtual: bool = False  # agents report their profiles' times without waiting (agent/emulation.py)
     workers: int = 1  # coordinator workers (coordinator/workers.py): ranks 1.. started here as processes
+    device_dtype: str | None = None  # every agent's base dtype (None: each emulated profile's, else fp32)
 
     def __post_init__(self) -> None:
         if self.agents < 1:
@@ -155,6 +156,8 @@ def _start_agent(
         command += ["--emulate", run.emulate[index % len(run.emulate)], "--emulate-scale", str(run.emulate_scale)]
         if run.emulate_virtual:
             command.append("--emulate-virtual")
+    if run.device_dtype is not None:
+        command += ["--dtype", run.device_dtype]
     with (logs / f"{name}.log").open("wb") as log_file:
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         return subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)

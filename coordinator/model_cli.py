@@ -19,9 +19,10 @@ from rich.table import Table
 from splitft.shared.config import torch_device
 from splitft.shared.data import check_chat_template, collate, eval_examples
 from splitft.shared.errors import ConfigError, SplitFTError
-from splitft.shared.gguf import DTYPES, convert, is_gguf
-from splitft.shared.loss import evaluate_lm
+from splitft.shared.gguf import convert, is_gguf
+from splitft.shared.loss import evaluate_lm, logits_loss
 from splitft.shared.models import MODEL_TYPES, load_config, model_fingerprint, num_layers
+from splitft.shared.precision import DTYPES
 from splitft.shared.records import load_records
 from splitft.shared.split import load_base_model
 from splitft.shared.text import GSM8K, load_tokenizer
@@ -174,7 +175,9 @@ def evaluate_command(
         pad = int(tokenizer.pad_token_id)
         batches = [collate(examples[i : i + batch_size], pad) for i in range(0, len(examples), batch_size)]
         with console.status(f"evaluating {len(examples)} examples ..."):
-            result = evaluate_lm(lambda ids, mask: net(input_ids=ids, attention_mask=mask).logits, batches, where)
+            result = evaluate_lm(
+                lambda i, m, y: logits_loss(net(input_ids=i, attention_mask=m).logits, y), batches, where
+            )
         figures: dict[str, Any] = {
             "model": model, "adapter": None if adapter is None else str(adapter), "data": str(source),
             "examples": len(examples), "tokens": result.tokens, "loss": result.loss, "perplexity": result.perplexity,

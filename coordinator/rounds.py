@@ -13,6 +13,7 @@ import psutil
 
 from splitft.shared.codec import encode_state
 from splitft.shared.errors import JobError
+from splitft.shared.memory import MemoryFigures
 from splitft.shared.protocol import (
     METRICS,
     ROUND,
@@ -64,7 +65,7 @@ class Rounds(Uploads):
         plans: dict[str, Participant] = {}
         self._plans = plans
         for name in self._online():
-            cut, tail = self._cuts.get(name, (job.cut_of(name), job.tail_of(name)))
+            cut, tail = self._within_memory(name, *self._cuts.get(name, (job.cut_of(name), job.tail_of(name))))
             ranks = device_ranks(server.num_layers, cut, tail, job.lora)
             state = await self._compute(server.client_state, ranks)
             corr = f"{link.sid}:{round_}:{attempt}"
@@ -252,6 +253,21 @@ class Rounds(Uploads):
             self._cuts, decision.reason, decision.makespan_s, decision.server_s, decision.ideal_s,
         )  # fmt: skip
         return decision
+
+    def _within_memory(self, name: str, cut: int, tail: int) -> tuple[int, int]:
+        """``cut`` and ``tail``, or where the device's memory figures say it cannot hold them, the deepest it can
+        (never below ``c_min`` and ``k_min``: admission refused devices that cannot hold those)."""
+        memory = MemoryFigures.from_profile(self.agents[name].profile)
+        fits = memory.blocks_that_fit(head=self.job.u_split) if memory is not None else cut + tail
+        if cut + tail <= fits:
+            return cut, tail
+        job = self.job
+        fitted_tail = max(job.k_min, min(tail, fits - job.c_min)) if job.u_split else 0
+        fitted = max(job.c_min, fits - fitted_tail), fitted_tail
+        log.warning(
+            "%s: cut %d, tail %d do not fit its memory (%d blocks do): cut %d, tail %d", name, cut, tail, fits, *fitted
+        )
+        return fitted
 
     def _k_max(self, total: int) -> int:
         return min(self.job.k_max if self.job.k_max is not None else total, total - 1 - self.job.c_min)

@@ -55,6 +55,7 @@ from splitft.shared.config import JobConfig
 from splitft.shared.lora import LoraSettings, block_ranks, load_lora_state, lora_state
 from splitft.shared.loss import IGNORE_INDEX, EvalResult, evaluate_lm
 from splitft.shared.models import is_preset, load_config, num_layers
+from splitft.shared.precision import torch_dtype
 from splitft.shared.protocol import Activations
 from splitft.shared.split import Segment, SegmentSpec, build_segment
 
@@ -171,6 +172,7 @@ class ServerModel:
             ranks=self.ranks,
             lora_seed=job.seed,
             device=self.device,
+            dtype=torch_dtype(job.base_dtype),
             attn_implementation=job.attn_implementation,
         )
         self.params = self.segment.lora_parameters()
@@ -326,7 +328,7 @@ class ServerModel:
         The server's LoRA gradients accumulate ``tokens x`` the device's, so that :meth:`finish_step`'s
         division by the step's tokens makes them the token-weighted mean over devices.
         """
-        step.top.backward(tail_grad.to(self.device) * step.tokens)
+        step.top.backward(tail_grad.to(step.top) * step.tokens)  # the device and dtype of the tail input
         self._stash(agent)
         for block in range(step.cut, step.tail_start):
             self._step_tokens[block] += step.tokens
@@ -395,7 +397,7 @@ class ServerModel:
         grads: dict[str, torch.Tensor] = {}
         for _, names in sorted(passes.items()):
             tops = [steps[n].top for n in names]
-            torch.autograd.backward(tops, [tail_grads[n].to(self.device) * steps[n].tokens for n in names])
+            torch.autograd.backward(tops, [tail_grads[n].to(steps[n].top) * steps[n].tokens for n in names])
             self._stash(",".join(names))
             for name in names:
                 step = steps[name]
@@ -509,7 +511,7 @@ class ServerModel:
     def evaluate(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> EvalResult:
         """Loss, perplexity and next-token accuracy of the whole model with the global adapters."""
         self.segment.eval()
-        return evaluate_lm(self.segment, batches, self.device)
+        return evaluate_lm(self.segment.target_loss, batches, self.device)
 
     def export(self, folder: Path) -> Path:
         """Write a standard PEFT adapter folder (``PeftModel.from_pretrained(base, folder)`` loads it)."""

@@ -21,6 +21,7 @@ import torch
 from splitft.shared.config import JobConfig
 from splitft.shared.errors import ROUTINE_REFUSALS, JobError, Refusal
 from splitft.shared.link import BrokerSettings, Link, Received
+from splitft.shared.memory import MemoryFigures, shortfall
 from splitft.shared.models import model_fingerprint
 from splitft.shared.protocol import (
     ASSIGN,
@@ -222,6 +223,7 @@ class Session:
             "role": COORDINATOR,
             "max_length": self.job.max_length,
             "chat_template": self.job.chat_template,
+            "batch_size": self.job.batch_size,  # and what memory a step needs on it
         }
         return self.topics.coordinator_status(), STATUS, body
 
@@ -251,6 +253,7 @@ class Session:
         if info is None:
             self.agents[name] = info = AgentInfo(name, dict(join.profile))
             log.info("agent %s joined (%d samples)", name, join.data_samples)
+        info.profile = dict(join.profile)  # the latest: a join before our status lacks the job-shaped figures
         info.offline_since = None
         info.sid = sid
         self._joined.set()
@@ -280,6 +283,14 @@ class Session:
                 "(an example needs its prompt and at least one response token): give it shorter prompts, or "
                 "raise max_length"
             )
+        memory = MemoryFigures.from_profile(join.profile)
+        if memory is not None:
+            blocks, where = job.c_min, f"cut {job.c_min}, the shallowest the job allows"
+            if job.u_split:
+                blocks, where = job.c_min + job.k_min, f"cut {job.c_min} and tail {job.k_min}, the least the job allows"
+            reason = shortfall(memory, job.model, blocks, job.u_split, where)
+            if reason is not None:
+                return "memory", reason
         return None
 
     def _agent_offline(self, name: str) -> None:

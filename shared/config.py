@@ -46,6 +46,7 @@ from .defense import DefenseSettings
 from .errors import ConfigError
 from .lora import LoraSettings
 from .models import ATTENTION_IMPLEMENTATIONS
+from .precision import torch_dtype
 from .topics import check_name
 
 if TYPE_CHECKING:
@@ -128,6 +129,9 @@ class JobConfig:
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
     defense: DefenseSettings = field(default_factory=DefenseSettings)  # what devices do to their activations
     attn_implementation: str = "sdpa"
+    # The server segment's frozen base weights: fp32, bf16 (a GPU host; autocast on CUDA) or fp16. Each device
+    # picks its own (`splitft-agent join --dtype`, by default its profile's). Adapters are fp32 everywhere.
+    base_dtype: str = "fp32"
     # Pairs and conversations through the tokenizer's chat template: "auto" (when it has one), true, false
     chat_template: str | bool = "auto"
     seed: int = 0  # adapter initialisation and data order
@@ -180,6 +184,7 @@ class JobConfig:
                 f"attn_implementation must be one of {list(ATTENTION_IMPLEMENTATIONS)}, got {self.attn_implementation!r}"
             )
         check_chat_template(self.chat_template)
+        torch_dtype(self.base_dtype)
         if self.policy not in POLICIES:
             raise ConfigError(f"policy must be one of {list(POLICIES)}, got {self.policy!r}")
         if self.split not in SPLITS:

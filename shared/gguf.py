@@ -21,11 +21,11 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-import torch
 from gguf import GGUFReader
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .errors import ModelError
+from .precision import DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ SUFFIX = ".gguf"
 #: where converted GGUF files are kept (``$SPLITFT_CACHE/models``; default ``~/.cache/splitft/models``)
 CACHE_ENV = "SPLITFT_CACHE"
 #: the dtypes a GGUF file may be dequantized to
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 # (resolved path, size, mtime_ns) -> sha256: a file is hashed once per process while it is unchanged
 _hashes: dict[tuple[str, int, int], str] = {}

@@ -40,7 +40,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-DTYPES = ("fp32", "fp16", "bf16")
+DTYPES = ("fp32", "fp16", "bf16")  # the names of precision.DTYPES (this module does not import torch)
 # table -> key -> kind ("str", "float" or "int"); "" is the top level
 _SCHEMA: dict[str, dict[str, str]] = {
     "": {"name": "str", "description": "str"},

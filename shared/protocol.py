@@ -51,6 +51,7 @@ from .data import check_chat_template
 from .defense import DefenseSettings
 from .errors import ConfigError, Refusal, WireError
 from .lora import LoraSettings
+from .memory import PROFILE_FIELDS
 
 PROTOCOL_VERSION = 1
 
@@ -417,7 +418,7 @@ def parse_adapter(body: Mapping[str, Any], expect: Mapping[str, tuple[int, ...]]
 PROFILE_NUMBERS = frozenset(
     {"block_s", "block_tokens", "usable_mb", "memory_available_mb", "memory_total_mb", "uplink_mbps",
      "downlink_mbps", "rtt_ms", "throughput_gflops", "accelerator_memory_mb", "cpu_logical", "cpu_physical",
-     "cpu_max_mhz", "load_1m", "torch_threads"}
+     "cpu_max_mhz", "load_1m", "torch_threads"} | PROFILE_FIELDS
 )  # fmt: skip
 
 
@@ -665,7 +666,7 @@ def parse_status(body: Mapping[str, Any]) -> str:
 #: dropped: out of the current round; refused: its upload was refused; not_admitted: its join was refused
 NOTICE_EVENTS = frozenset({"dropped", "refused", "not_admitted"})
 #: why a join was refused: the agent's model is another one, or its data has no usable example
-NOTICE_CAUSES = frozenset({"model", "data"})
+NOTICE_CAUSES = frozenset({"model", "data", "memory"})
 
 
 @dataclass(frozen=True)

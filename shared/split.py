@@ -33,8 +33,9 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from .errors import ConfigError, ModelError
 from .lora import LoraSettings, block_ranks, init_lora, lora_parameters, peft_config, quiet_peft
-from .loss import IGNORE_INDEX, TargetLoss
+from .loss import IGNORE_INDEX, TargetLoss, linear_cross_entropy
 from .models import PRESET_SEED, PRESETS, Family, family_of, load_config, num_layers, resolve_source, weight_files
+from .precision import autocast
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +130,16 @@ class Segment(nn.Module):
     """
 
     def __init__(
-        self, peft_model: PeftModel, config: PretrainedConfig, family: Family, spec: SegmentSpec, ranks: dict[int, int]
+        self,
+        peft_model: PeftModel,
+        config: PretrainedConfig,
+        family: Family,
+        spec: SegmentSpec,
+        ranks: dict[int, int],
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
+        self.dtype = dtype  # of the frozen weights and the hidden states (precision.py); the adapters are fp32
         self.peft_model = peft_model
         self.config = config
         self.family = family
@@ -151,6 +159,10 @@ class Segment(nn.Module):
     def lora_parameters(self) -> dict[str, nn.Parameter]:
         return lora_parameters(self.peft_model)
 
+    def autocast(self) -> Any:
+        """The autocast context of this segment's computation (half precision on CUDA; none on a CPU)."""
+        return autocast(self.device, self.dtype)
+
     def forward(
         self,
         inputs: torch.Tensor,
@@ -167,7 +179,7 @@ class Segment(nn.Module):
         device's tail. The head runs when ``stop`` is the model's last layer and the segment holds it
         (a U-shaped device with no tail blocks runs only the head: ``start = stop = L``).
         """
-        model, family, spec = self.hf_model, self.family, self.spec
+        spec = self.spec
         total = self.num_layers
         first = spec.start if start is None else start
         held = spec.blocks(total)
@@ -186,7 +198,22 @@ class Segment(nn.Module):
         if position_ids is None:
             # Hugging Face's default: positions 0..T-1 whatever the padding (batches are right-padded).
             position_ids = torch.arange(length, device=inputs.device).unsqueeze(0)
-        hidden = family.embed(model, inputs, position_ids) if embed else inputs  # (B, T, C)
+        with self.autocast():
+            return self._run(inputs, attention_mask, position_ids, embed, first, stop, head)
+
+    def _run(
+        self,
+        inputs: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        embed: bool,
+        first: int,
+        stop: int,
+        head: bool,
+    ) -> torch.Tensor:
+        model, family = self.hf_model, self.family
+        # Hidden states from another machine arrive in the wire's dtype: compute in this segment's.
+        hidden = family.embed(model, inputs, position_ids) if embed else inputs.to(self.dtype)  # (B, T, C)
         if first < stop:
             block_kwargs = family.block_context(
                 model, self.config, hidden, attention_mask, position_ids, range(first, stop)
@@ -201,13 +228,14 @@ class Segment(nn.Module):
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head on hidden states ``(..., C)`` -> logits ``(..., V)`` (both act per token)."""
         model, family = self.hf_model, self.family
-        return model.get_submodule(family.lm_head)(model.get_submodule(family.final_norm)(hidden))
+        with self.autocast():
+            return model.get_submodule(family.lm_head)(model.get_submodule(family.final_norm)(hidden))
 
     def target_loss(
-        self, inputs: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, start: int
+        self, inputs: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, start: int | None = None
     ) -> TargetLoss:
-        """Blocks ``start..L-1``, then the head only at the positions that predict a target, and the summed
-        next-token cross-entropy there.
+        """Blocks ``start..L-1`` (``start`` as in :meth:`forward`), then the head only at the positions that
+        predict a target, and the summed next-token cross-entropy there.
 
         The same loss and gradients as :func:`causal_lm_loss` on the full logits (the norm and the head act
         per token), without computing the head for prompt and padding positions: the head is the largest
@@ -218,16 +246,23 @@ class Segment(nn.Module):
 
     def head_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> TargetLoss:
         """The head at the positions of ``hidden`` (the last block's output, ``(B, T, C)``) that predict a
-        target of ``labels`` (``(B, T)``), and the summed next-token cross-entropy there."""
+        target of ``labels`` (``(B, T)``), and the summed next-token cross-entropy there, a chunk of positions
+        at a time (:func:`linear_cross_entropy`: no ``(N, V)`` logits tensor)."""
+        model, family = self.hf_model, self.family
         targets = labels[:, 1:]  # position t predicts labels[t + 1]
         picked = targets != IGNORE_INDEX  # (B, T-1)
-        logits = self.head(hidden[:, :-1][picked])  # (N, V)
         wanted = targets[picked]  # (N,)
-        loss_sum = F.cross_entropy(logits.float(), wanted, reduction="sum")
-        if wanted.numel() == 0:
-            loss_sum = hidden.sum() * 0.0  # no target: a zero loss that still has a graph
-        with torch.no_grad():
-            correct = int((logits.argmax(-1) == wanted).sum())
+        if wanted.numel() == 0:  # no target: a zero loss that still has a graph
+            return TargetLoss(hidden.sum() * 0.0, 0, 0)
+        with self.autocast():
+            normed = model.get_submodule(family.final_norm)(hidden[:, :-1][picked])  # (N, C)
+        head = model.get_submodule(family.lm_head)
+        if isinstance(head, nn.Linear):
+            loss_sum, correct = linear_cross_entropy(normed, head, wanted)
+        else:  # not a plain linear head: the whole (N, V) logits
+            logits = head(normed)
+            loss_sum = F.cross_entropy(logits.float(), wanted, reduction="sum")
+            correct = int((logits.detach().argmax(-1) == wanted).sum())
         return TargetLoss(loss_sum, int(wanted.numel()), correct)
 
 
@@ -291,7 +326,7 @@ def _build(
     if load_weights:
         init_lora(peft_model, lora_seed)
         peft_model.to(device)
-    return Segment(peft_model, config, family, spec, dict(held))
+    return Segment(peft_model, config, family, spec, dict(held), dtype)
 
 
 def _frozen_part(
@@ -310,11 +345,14 @@ def _frozen_part(
         model = AutoModelForCausalLM.from_config(config)
     _prune(model, family, spec, total)
     if load_weights:
+        # Each tensor is cast to ``dtype`` as it is read: never an fp32 copy of the whole part. Buffers that
+        # are not in the checkpoint (rotary frequencies) stay fp32, as Hugging Face keeps them.
+        cast = _Cast(device, dtype)
         if str(source) in PRESETS:
-            _materialize(model, _PresetWeights(model, config), f"preset {source}")
+            _materialize(model, _PresetWeights(model, config, cast), f"preset {source}")
         else:
-            _materialize(model, _FolderWeights(model, Path(resolve_source(source))), str(source))
-        model.to(device=device, dtype=dtype)
+            _materialize(model, _FolderWeights(model, Path(resolve_source(source)), cast), str(source))
+        model.to(device=device)
     model.requires_grad_(False)
     return model
 
@@ -378,6 +416,16 @@ def _tied_sources(model: nn.Module) -> dict[str, str]:
     return dict(tied) if isinstance(tied, dict) else {}
 
 
+@dataclass(frozen=True)
+class _Cast:
+    device: str | torch.device
+    dtype: torch.dtype
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        dtype = self.dtype if tensor.is_floating_point() else tensor.dtype
+        return tensor.to(device=self.device, dtype=dtype)
+
+
 class _PresetWeights:
     """Deterministic weights for a preset, drawn per tensor from the preset seed and the tensor's name.
 
@@ -387,8 +435,9 @@ class _PresetWeights:
     generator at the same time (agents build segments in threads).
     """
 
-    def __init__(self, model: nn.Module, config: PretrainedConfig) -> None:
+    def __init__(self, model: nn.Module, config: PretrainedConfig, cast: _Cast) -> None:
         self.model = model
+        self.cast = cast
         self.std = float(getattr(config, "initializer_range", 0.02))
         self.layers = int(config.num_hidden_layers)
         self.tied = _tied_sources(model)
@@ -398,7 +447,7 @@ class _PresetWeights:
     def get(self, name: str) -> torch.Tensor | None:
         key = self.tied.get(name, name)  # a tied head is the embedding, drawn once under its name
         if key not in self._cache:
-            self._cache[key] = self._draw(name, key)
+            self._cache[key] = self.cast(self._draw(name, key))
         return self._cache[key]
 
     def _draw(self, name: str, key: str) -> torch.Tensor:
@@ -419,8 +468,9 @@ class _PresetWeights:
 class _FolderWeights:
     """Weights read tensor by tensor from a folder's safetensors files (never pickled ``.bin`` files)."""
 
-    def __init__(self, model: nn.Module, folder: Path) -> None:
+    def __init__(self, model: nn.Module, folder: Path, cast: _Cast) -> None:
         self.folder = folder
+        self.cast = cast
         self.index: dict[str, Path] = {}
         for file in weight_files(folder):
             with safe_open(file, framework="pt", device="cpu") as f:
@@ -440,7 +490,7 @@ class _FolderWeights:
             return None
         if key not in self._cache:
             with safe_open(self.index[key], framework="pt", device="cpu") as f:
-                self._cache[key] = f.get_tensor(key)
+                self._cache[key] = self.cast(f.get_tensor(key))
         return self._cache[key]
 
 

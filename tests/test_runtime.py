@@ -23,6 +23,7 @@ from splitft.shared.data import Batches, tokenize, write_shards
 from splitft.shared.link import BrokerSettings
 from splitft.shared.lora import LoraSettings, block_ranks, lora_state
 from splitft.shared.loss import causal_lm_loss, padding_mask
+from splitft.shared.memory import SHARED_PROCESS_RUNTIME_MB
 from splitft.shared.protocol import ACT, ADAPTER, Envelope, encode_envelope
 from splitft.shared.records import load_records
 from splitft.shared.split import SegmentSpec, build_segment, load_base_model
@@ -47,15 +48,24 @@ async def run_job(
     data: dict[str, Path],
     emulate: dict[str, Path] | None = None,
     resume: bool = False,
+    dtype: str | None = None,
     **options: Any,
 ) -> Coordinator:
     """Run ``job`` to the end: a coordinator (given ``options``) and one in-process agent per data shard
-    (emulating a profile)."""
+    (emulating a profile; its base weights in ``dtype``, by default the profile's)."""
     settings = BrokerSettings(url=broker.url)
     coordinator = Coordinator(job, settings, out, resume=resume, **options)
     agents = [
         Agent(
-            AgentSettings(name, job.job, job.model, path, emulate=str((emulate or {})[name]) if emulate else None),
+            AgentSettings(
+                name,
+                job.job,
+                job.model,
+                path,
+                emulate=str((emulate or {})[name]) if emulate else None,
+                runtime_mb=SHARED_PROCESS_RUNTIME_MB,  # the agents share this process (and pytest's memory)
+                dtype=dtype,
+            ),
             settings,
         )
         for name, path in data.items()

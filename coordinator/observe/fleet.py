@@ -39,6 +39,7 @@ class AgentRow:
     cut: int | None = None
     tail: int | None = None
     rss_mb: float | None = None  # its process's memory, as it reported with its last round
+    peak_rss_mb: float | None = None  # the most its process has held, likewise
     tokens: int = 0  # trained on, all rounds
     rounds: int = 0  # rounds it finished
     step_s: float | None = None  # its last round's mean step time
@@ -49,7 +50,7 @@ class AgentRow:
     def json(self) -> dict[str, Any]:
         return {
             "name": self.name, "class": self.device_class, "online": self.online, "memory_mb": self.memory_mb,
-            "cut": self.cut, "tail": self.tail, "rss_mb": self.rss_mb, "tokens": self.tokens, "rounds": self.rounds,
+            "cut": self.cut, "tail": self.tail, "rss_mb": self.rss_mb, "peak_rss_mb": self.peak_rss_mb, "tokens": self.tokens, "rounds": self.rounds,
             "step_s": self.step_s, "parts": self.parts, "rejected": self.rejected, "dropped": self.dropped,
         }  # fmt: skip
 
@@ -91,7 +92,7 @@ class FleetView:
         row, profile = self._agent(data["name"]), data.get("profile") or {}
         row.online = bool(data["online"])
         row.device_class = str(profile.get("class", row.device_class))
-        memory = profile.get("usable_mb", profile.get("memory_available_mb"))
+        memory = profile.get("memory_usable_mb", profile.get("usable_mb", profile.get("memory_available_mb")))
         row.memory_mb = float(memory) if isinstance(memory, (int, float)) else row.memory_mb
 
     def _on_rejected(self, data: dict[str, Any]) -> None:
@@ -130,6 +131,7 @@ class FleetView:
                 row.parts = step_parts(timings, float(a["server_s"]))
                 row.step_s = float(timings.get("step_s", a["step_time_s"]))
                 row.rss_mb = timings.get("rss_mb", row.rss_mb)
+                row.peak_rss_mb = timings.get("peak_rss_mb", row.peak_rss_mb)
         self.controller = record.get("controller")
         if self.controller is not None:
             self.controller = {**self.controller, "round": record["round"], "step_s": record["step_time_s"]}

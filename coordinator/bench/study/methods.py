@@ -31,7 +31,7 @@ from splitft.shared.codec import encode_state
 from splitft.shared.config import JobConfig
 from splitft.shared.data import Batches, collate, prompt_text, tokenize
 from splitft.shared.lora import LoraSettings, load_lora_state, lora_state
-from splitft.shared.loss import causal_lm_loss, evaluate_lm, padding_mask
+from splitft.shared.loss import causal_lm_loss, evaluate_lm, logits_loss, padding_mask
 from splitft.shared.models import block_flops, block_params, load_config, num_layers
 from splitft.shared.partition import length_dirichlet_partition, token_lengths, write_partition
 from splitft.shared.profiles import load_profile
@@ -89,7 +89,7 @@ def eval_batches(tokenizer: Any, max_length: int, samples: int, batch: int = 8) 
 def evaluate(segment: Segment, batches: Sequence[tuple[Any, Any, Any]]) -> dict[str, float]:
     """Perplexity and shifted next-token accuracy on the response tokens, as the coordinator evaluates."""
     segment.eval()
-    result = evaluate_lm(segment, batches)
+    result = evaluate_lm(segment.target_loss, batches)
     return {"eval_ppl": result.perplexity, "eval_acc": result.accuracy}
 
 
@@ -389,7 +389,7 @@ def final_evaluation(settings: StudySettings, base: Path, adapter: Path) -> dict
     tokenizer = load_tokenizer(str(base))
     model = load_model(base, adapter)
     evals = eval_batches(tokenizer, settings.max_length, settings.final_eval_samples)
-    result = evaluate_lm(lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits, evals)
+    result = evaluate_lm(lambda i, m, y: logits_loss(model(input_ids=i, attention_mask=m).logits, y), evals)
     # The first gen_samples problems whose question leaves the model room to answer (all of GSM8K test at 256).
     room_needed = min(settings.gen_tokens, settings.max_length // 4)
     problems = [

@@ -177,8 +177,9 @@ function drawFleet(state) {
     const parts = tr.insertCell();
     parts.append(bar);
     if (a.dropped) parts.append(Object.assign(document.createElement("div"), { className: "offline", textContent: `dropped: ${a.dropped}` }));
-    const memory = [a.rss_mb !== null ? fmt(a.rss_mb) : "-", a.memory_mb !== null ? fmt(a.memory_mb) : "-"].join(" / ");
-    cell(tr, memory, "num").title = "the agent's process / what its device can use";
+    const peak = a.peak_rss_mb ?? a.rss_mb;
+    const memory = [peak != null ? fmt(peak) : "-", a.memory_mb !== null ? fmt(a.memory_mb) : "-"].join(" / ");
+    cell(tr, memory, "num").title = "the most the agent's process has held / what its device can use";
     cell(tr, a.tokens.toLocaleString("en"), "num");
     cell(tr, `${a.rounds}`, "num");
     cell(tr, `${a.rejected}`, "num");
