@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import psutil
 import torch
+from safetensors import safe_open
 
 from splitft.shared.loss import head_rows
 from splitft.shared.memory import MemoryFigures
-from splitft.shared.models import block_flops, load_config, num_layers
+from splitft.shared.models import block_flops, is_preset, load_config, num_layers, resolve_source, weight_files
 from splitft.shared.split import SegmentSpec, build_segment
 
 
@@ -37,7 +41,15 @@ def device_profile() -> dict[str, Any]:
 
 
 def peak_rss_mb() -> float:
-    """The most resident memory this process has held (0 where the platform does not say)."""
+    """The most resident memory this process has held (0 where the platform does not say).
+
+    Linux: ``VmHWM``, the high-water mark of this program's memory. Not ``ru_maxrss``, which a process
+    started by another keeps from its parent across exec (an agent that ``local`` starts would report the
+    coordinator's peak)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**10  # kB
     try:
         import resource  # POSIX only
     except ImportError:
@@ -102,6 +114,7 @@ def measure_memory(
     rows = min(tokens, head_rows(vocab))
     head = head_weights + (rows * vocab * (4 + 2 * element) + tokens * hidden_size * (2 * element + 4)) / 2**20
     io = 4 * tokens * hidden_size * (4 + 2) / 2**20  # activations and gradients, each way: fp32 and wire bytes
+    load = largest_stored_mb(model)
 
     ids = torch.randint(0, vocab, (batch, length), device=segment.device)
     mask = torch.ones_like(ids)
@@ -122,7 +135,25 @@ def measure_memory(
         out = segment(start, mask, start=0, stop=1, with_head=False)
     act = (sum(kept.values()) + out.numel() * out.element_size()) / 2**20
     del out, segment
-    return MemoryFigures(usable, runtime, embed, block, act, head, io)
+    return MemoryFigures(usable, runtime, embed, block, act, head, io, load)
+
+
+#: Bytes per element of the safetensors dtypes a checkpoint's weights come in.
+_STORED_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def largest_stored_mb(model: str) -> float:
+    """The largest tensor of ``model`` as stored (a preset's are drawn in fp32): the load's transient."""
+    config = load_config(model)
+    if is_preset(model):
+        return int(config.vocab_size) * int(config.hidden_size) * 4 / 2**20
+    largest = 0
+    for file in weight_files(Path(resolve_source(model))):
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for key in f.keys():  # noqa: SIM118 (not a dict)
+                part = f.get_slice(key)
+                largest = max(largest, math.prod(part.get_shape()) * _STORED_BYTES.get(part.get_dtype(), 4))
+    return largest / 2**20
 
 
 def measure_block(

@@ -233,6 +233,8 @@ class Agent:
         await link.publish(
             self.topics.agent(self.name, "status"), STATUS, {"state": "online", "role": "agent"}, retain=True
         )
+        if self._coordinator_sid is None:
+            return  # the join follows the coordinator's (retained) status, which gives the job's step shape
         length = self._job_max_length
         memory = await self._memory_profile()
         join = Join(

@@ -20,7 +20,7 @@ from splitft.coordinator.runtime import Coordinator
 from splitft.shared.config import JobConfig
 from splitft.shared.errors import ModelError
 from splitft.shared.link import BrokerSettings
-from splitft.shared.memory import SHARED_PROCESS_RUNTIME_MB, MemoryFigures, shortfall
+from splitft.shared.memory import ACTIVATION_OVERHEAD, SHARED_PROCESS_RUNTIME_MB, MemoryFigures, shortfall
 
 from conftest import Broker
 
@@ -43,13 +43,13 @@ rtt_ms = 2.0
 
 def figures(**changes: float) -> MemoryFigures:
     values = dict(usable_mb=1000.0, runtime_mb=400.0, embed_mb=50.0, block_mb=10.0, act_mb=10.0, head_mb=100.0)
-    return MemoryFigures(**{**values, "io_mb": 5.0, **changes})
+    return MemoryFigures(**{**values, "io_mb": 5.0, "load_mb": 0.0, **changes})
 
 
 def test_need_and_blocks_that_fit() -> None:
     f = figures()
     assert f.need_mb(0, head=False) == pytest.approx(400 + 55 * 1.1)
-    assert f.need_mb(3, head=True) == pytest.approx(400 + (55 + 60 + 100) * 1.1)
+    assert f.need_mb(3, head=True) == pytest.approx(400 + (55 + 3 * (10 + 10 * ACTIVATION_OVERHEAD) + 100) * 1.1)
     fits = f.blocks_that_fit(head=False)
     assert f.need_mb(fits, head=False) <= f.usable_mb < f.need_mb(fits + 1, head=False)
     assert f.blocks_that_fit(head=True) < fits  # the U split's head takes room from the blocks
@@ -63,7 +63,7 @@ def test_the_shortfall_names_the_model_what_it_needs_and_what_the_device_has() -
     f = figures(usable_mb=450.0)
     assert shortfall(f, "tiny-gpt2", 1, False, "cut 1") is not None
     reason = shortfall(f, "SmolLM2.gguf", 1, False, "cut 1")
-    assert reason is not None and "SmolLM2.gguf needs 482 MiB" in reason and "has 450 MiB usable" in reason
+    assert reason is not None and "SmolLM2.gguf needs 490 MiB" in reason and "has 450 MiB usable" in reason
     assert shortfall(figures(), "m", 1, False, "cut 1") is None
 
 
@@ -81,7 +81,7 @@ def test_the_estimates_cap_a_device_at_what_its_memory_holds() -> None:
     """The fastest device would take the most blocks; its memory holds two, and the controller keeps to it."""
     server = ServerEstimate(block_s=0.05, head_s=0.01)
     estimates = FleetEstimates(0.5, server, block_mb=1.0)
-    tight = figures(usable_mb=400 + (55 + 2.5 * 20) * 1.1)  # room for two blocks and a half
+    tight = figures(usable_mb=400 + (55 + 2.5 * (10 + 10 * ACTIVATION_OVERHEAD)) * 1.1)  # two blocks and a half
     assert tight.blocks_that_fit(head=False) == 2
     for name, block_s, memory in (("fast", 0.001, tight), ("slow", 0.05, figures(usable_mb=1e6))):
         estimates.observe_join(name, {"block_s": block_s, "block_tokens": 512, **memory.to_profile()}, 512)
@@ -142,7 +142,7 @@ async def test_cuts_stay_within_each_device_memory(broker: Broker, tmp_path: Pat
     """Round 1 asks for cut 6; one device holds 2 blocks: it gets 2, and the controller never goes deeper."""
     job = _job(cut=6, policy="latency", plan_first_round=False, rounds=3)
     f = measure_memory("tiny-gpt2", 2, 96, usable=0, runtime=SHARED_PROCESS_RUNTIME_MB)
-    usable = f.need_mb(2, head=False) + 0.5 * (f.block_mb + f.act_mb) * 1.1
+    usable = f.need_mb(2, head=False) + 0.5 * f.per_block_mb * 1.1
     data = shards(tmp_path, n=2)
     boards = {"a1": _board(tmp_path, "two-blocks", usable), "a2": _board(tmp_path, "roomy", 64_000)}
     await run_job(broker, tmp_path / "out", job, data, emulate=boards)
