@@ -109,10 +109,12 @@ def measure_memory(
     hidden_size, vocab = int(segment.config.hidden_size), int(segment.config.vocab_size)
     tokens = batch * length
     element = torch.tensor([], dtype=dtype).element_size()
-    # The chunked head: a chunk's logits in the base dtype and in fp32, its softmax in place, the chunk in the
-    # base dtype for the gradient; the targets' hidden states, normed, and their gradient.
+    # The chunked head: a chunk's fp32 logits, worked on in place (a half-precision base adds the chunk in its
+    # own dtype, first as the product and then for the gradient); the targets' hidden states, normed, and
+    # their gradient.
     rows = min(tokens, head_rows(vocab))
-    head = head_weights + (rows * vocab * (4 + 2 * element) + tokens * hidden_size * (2 * element + 4)) / 2**20
+    chunk = rows * vocab * (4 + (element if element < 4 else 0))
+    head = head_weights + (chunk + tokens * hidden_size * (2 * element + 4)) / 2**20
     io = 4 * tokens * hidden_size * (4 + 2) / 2**20  # activations and gradients, each way: fp32 and wire bytes
     load = largest_stored_mb(model)
 

@@ -21,6 +21,7 @@ from splitft.shared.config import JobConfig
 from splitft.shared.errors import ModelError
 from splitft.shared.link import BrokerSettings
 from splitft.shared.memory import ACTIVATION_OVERHEAD, SHARED_PROCESS_RUNTIME_MB, MemoryFigures, shortfall
+from splitft.shared.precision import DTYPES
 
 from conftest import Broker
 
@@ -153,13 +154,18 @@ async def test_cuts_stay_within_each_device_memory(broker: Broker, tmp_path: Pat
     assert peaks and all(p > 0 for p in peaks)  # the metrics carry each agent's peak memory
 
 
-@pytest.mark.parametrize("split", ["two-part", "u"])
-async def test_a_bf16_server_and_fp16_devices_train_and_export_fp32(broker: Broker, tmp_path: Path, split: str) -> None:
-    job = _job(base_dtype="bf16", split=split, rounds=3, local_steps=3, min_agents=2, cuts={"a1": 1, "a2": 2})
-    coordinator = await run_job(broker, tmp_path / "out", job, shards(tmp_path, n=2), dtype="fp16")
+@pytest.mark.parametrize(
+    ("split", "server", "device"), [("two-part", "bf16", "fp16"), ("u", "bf16", "fp16"), ("u", "fp16", "bf16")]
+)
+async def test_half_precision_servers_and_devices_train_and_export_fp32(
+    broker: Broker, tmp_path: Path, split: str, server: str, device: str
+) -> None:
+    job = _job(base_dtype=server, split=split, rounds=3, local_steps=3, min_agents=2, cuts={"a1": 1, "a2": 2})
+    coordinator = await run_job(broker, tmp_path / "out", job, shards(tmp_path, n=2), dtype=device)
     assert coordinator.server is not None
-    assert {p.dtype for p in coordinator.server.segment.parameters() if not p.requires_grad} == {torch.bfloat16}
-    assert all(a.profile.get("base_dtype") == "fp16" for a in coordinator.agents.values())
+    frozen = {p.dtype for p in coordinator.server.segment.parameters() if not p.requires_grad}
+    assert frozen == {DTYPES[server]}
+    assert all(a.profile.get("base_dtype") == device for a in coordinator.agents.values())
     losses = [m["eval_loss"] for m in read_metrics(tmp_path / "out")]
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0], losses
     adapter = tmp_path / "out" / "adapter" / "adapter_model.safetensors"
