@@ -67,7 +67,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         rows: int,
         wants_grad: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        # Summed in float64 over the chunks (one rounding to fp32 at the end, as one cross-entropy call has).
+        total = torch.zeros((), dtype=torch.float64, device=x.device)
         correct = torch.zeros((), dtype=torch.int64, device=x.device)
         grad = torch.empty_like(x) if wants_grad else None  # (N, C)
         for i in range(0, x.shape[0], rows):
@@ -78,14 +79,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             correct += (guess == wanted).sum()
             exps = logits.sub_(top.unsqueeze(1)).exp_()  # in the logits' memory, as every step below
             sums = exps.sum(dim=-1)  # (n,)
-            total += (top + sums.log() - picked).sum()  # log-sum-exp minus the target's logit
+            total += (top + sums.log() - picked).sum(dtype=torch.float64)  # log-sum-exp minus the target's logit
             if grad is not None:
                 probs = exps.div_(sums.unsqueeze(1))  # the softmax
                 probs[torch.arange(wanted.numel(), device=x.device), wanted] -= 1.0
                 grad[i : i + rows] = probs.to(weight.dtype) @ weight  # (n, C)
         ctx.save_for_backward(grad if grad is not None else x.new_empty(0))
         ctx.mark_non_differentiable(correct)
-        return total, correct
+        return total.float(), correct
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor, _grad_correct: Any) -> tuple[Any, ...]:
