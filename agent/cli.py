@@ -153,9 +153,8 @@ def join(
             raise ConfigError(f"--max-samples must be at least 1, got {max_samples}")
         if not (math.isfinite(emulate_scale) and emulate_scale > 0):
             raise ConfigError(f"--emulate-scale must be a positive number, got {emulate_scale}")
-        classes = [_profile("--emulate", emulate)] if emulate else []  # fail now, not after the model is loaded
-        if profile is not None:
-            classes.append(_profile("--profile", profile))
+        emulated = _profile("--emulate", emulate) if emulate else None  # fail now, not after the model is loaded
+        declared = None if profile is None else _profile("--profile", profile)
         if dtype is not None:
             torch_dtype(dtype, "--dtype")
         if data.is_dir():
@@ -169,11 +168,12 @@ def join(
             response_field=response_field,
             max_samples=max_samples,
             device=torch_device(device),
-            profile=None if profile is None else classes[-1].name,
+            profile=None if declared is None else declared.name,
             emulate=emulate,
             emulate_scale=emulate_scale,
             emulate_virtual=emulate_virtual,
-            dtype=dtype or (classes[0].dtype if classes else None),
+            # --dtype, else the emulated class's (the agent's own default), else the declared class's
+            dtype=dtype or (declared.dtype if declared is not None and emulated is None else None),
         )
         agent = Agent(settings, link)
         typer.echo(f"agent {name}: {len(agent.records)} samples from {data}; joining job {job} at {broker}")

@@ -90,7 +90,7 @@ def measure_memory(
     model_, family = segment.hf_model, segment.family
     embed_ptrs: set[int] = set()
 
-    def weights(modules: list[str], lora_states: int = 4) -> float:
+    def weights(modules: list[str]) -> float:
         total = 0
         for path in modules:
             for p in model_.get_submodule(path).parameters():
@@ -100,7 +100,7 @@ def measure_memory(
                 if path in family.embeddings:
                     embed_ptrs.add(ptr)
                 # LoRA: the weights, their gradients and AdamW's two moments; frozen weights: once
-                total += p.numel() * p.element_size() * (lora_states if p.requires_grad else 1)
+                total += p.numel() * p.element_size() * (4 if p.requires_grad else 1)
         return total / 2**20
 
     embed = weights(list(family.embeddings))
@@ -108,7 +108,7 @@ def measure_memory(
     head_weights = weights([family.final_norm, family.lm_head])
     hidden_size, vocab = int(segment.config.hidden_size), int(segment.config.vocab_size)
     tokens = batch * length
-    element = torch.tensor([], dtype=dtype).element_size()
+    element = dtype.itemsize
     # The chunked head: a chunk's fp32 logits, worked on in place (a half-precision base adds the chunk in its
     # own dtype, first as the product and then for the gradient); the targets' hidden states, normed, and
     # their gradient.

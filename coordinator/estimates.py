@@ -72,8 +72,9 @@ class FleetEstimates:
     ) -> None:
         """``server`` is the server's calibration; the estimates see it, and every later measurement of it,
         ``server_speedup`` times faster (an emulated study's stand-in for a faster server; 1 in real jobs).
-        ``round_trips``: the link round trips of a step (2 in the U split, whose devices also hold the head). ``adapter_block_bytes``: one
-        client block's adapters on the wire, sent each way once a round of ``local_steps`` steps.
+        ``round_trips``: the link round trips of a step (2 in the U split, whose devices also hold the head).
+        ``adapter_block_bytes``: one client block's adapters on the wire, sent each way once a round of
+        ``local_steps`` steps.
         ``step_bytes``: the bytes a step is expected to send up and down (the job's shapes), used for a
         device until it reports its own (its first round, planned from its join measurement).
         ``change_ratio``: see :data:`CHANGE_RATIO` (``math.inf``: smooth every measurement)."""

@@ -23,6 +23,7 @@ Without a GPU the server's bf16 step time against fp32 is not measured (it is re
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -229,8 +230,6 @@ def child(fn: str, **kwargs: Any) -> dict[str, Any]:
 
 def fits_table(models: dict[str, str]) -> list[dict[str, Any]]:
     """Each firmware profile, in its own dtype: what its usable memory holds of each model (planned)."""
-    import torch  # noqa: F401  (the figures are measured here, in this process)
-
     from splitft.agent.profile import measure_memory
     from splitft.shared.memory import SHARED_PROCESS_RUNTIME_MB
     from splitft.shared.models import load_config, num_layers
@@ -248,7 +247,7 @@ def fits_table(models: dict[str, str]) -> list[dict[str, Any]]:
                     folder, B, T, usable=0, runtime=SHARED_PROCESS_RUNTIME_MB, dtype=TORCH_DTYPES[profile.dtype]
                 )
             f = figures[key]
-            usable = type(f)(**{**f.__dict__, "usable_mb": float(profile.usable_mb)})
+            usable = dataclasses.replace(f, usable_mb=float(profile.usable_mb))
             layers = num_layers(load_config(folder))
             rows.append({
                 "profile": name, "dtype": profile.dtype, "usable_mb": profile.usable_mb, "model": label,

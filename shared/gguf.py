@@ -32,8 +32,6 @@ log = logging.getLogger(__name__)
 SUFFIX = ".gguf"
 #: where converted GGUF files are kept (``$SPLITFT_CACHE/models``; default ``~/.cache/splitft/models``)
 CACHE_ENV = "SPLITFT_CACHE"
-#: the dtypes a GGUF file may be dequantized to
-
 
 # (resolved path, size, mtime_ns) -> sha256: a file is hashed once per process while it is unchanged
 _hashes: dict[tuple[str, int, int], str] = {}

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-import torch.nn.functional as F
 from accelerate import init_empty_weights
 from peft import PeftModel, get_peft_model
 from safetensors import safe_open
@@ -256,13 +255,7 @@ class Segment(nn.Module):
             return TargetLoss(hidden.sum() * 0.0, 0, 0)
         with self.autocast():
             normed = model.get_submodule(family.final_norm)(hidden[:, :-1][picked])  # (N, C)
-        head = model.get_submodule(family.lm_head)
-        if isinstance(head, nn.Linear):
-            loss_sum, correct = linear_cross_entropy(normed, head, wanted)
-        else:  # not a plain linear head: the whole (N, V) logits
-            logits = head(normed)
-            loss_sum = F.cross_entropy(logits.float(), wanted, reduction="sum")
-            correct = int((logits.detach().argmax(-1) == wanted).sum())
+        loss_sum, correct = linear_cross_entropy(normed, cast(nn.Linear, model.get_submodule(family.lm_head)), wanted)
         return TargetLoss(loss_sum, int(wanted.numel()), correct)
 
 
