@@ -12,9 +12,8 @@ from typing import Annotated
 
 import typer
 
-from splitft.shared.errors import ConfigError, DataError, LinkError, ModelError
-from splitft.shared.exit_codes import ExitCode, exit_code_for
-from splitft.shared.models import PRESETS
+from splitft.shared.errors import ConfigError, DataError, ExitCode, LinkError, ModelError, exit_code_for
+from splitft.shared.model.loading import PRESETS
 from splitft.shared.profiles import DeviceProfile, load_profile
 
 app = typer.Typer(
@@ -130,9 +129,10 @@ def join(
     Everything given is checked before the agent connects: a bad option, profile, data file or model
     ends the command with an error naming it (and its exit code), without touching the broker."""
     from splitft.agent.runtime import Agent, AgentSettings
-    from splitft.shared.config import broker_settings, torch_device
-    from splitft.shared.precision import torch_dtype
-    from splitft.shared.topics import check_name
+    from splitft.shared.job.config import torch_device
+    from splitft.shared.model.precision import torch_dtype
+    from splitft.shared.wire.broker import broker_settings
+    from splitft.shared.wire.topics import check_name
 
     try:
         name = check_name("agent", agent_id or _default_id())

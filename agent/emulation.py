@@ -9,9 +9,9 @@ every message down ``bytes * 8 / downlink + rtt / 2`` after it arrives.
 Virtual emulation (``virtual=True``) waits for none of it: the agent computes at host speed, but
 reports the profile's compute time as its own, so that the coordinator's controller plans for the
 emulated fleet while the run goes as fast as this host allows. Studies then measure time on a
-simulated clock (``splitft.coordinator.bench.clock``) instead of the wall clock.
+simulated clock (``splitft.bench.clock``) instead of the wall clock.
 
-The FLOP count of a block (``splitft.shared.models.block_flops``) is the usual estimate for training with frozen base
+The FLOP count of a block (``splitft.shared.model.loading.block_flops``) is the usual estimate for training with frozen base
 weights: the forward pass costs ``2 P n`` for the block's ``P`` weights over ``n`` tokens plus
 ``4 n T C`` for attention over sequences of ``T``; the backward pass computes input gradients only
 (the base weights are frozen; LoRA's own are negligible), about as much again.
@@ -24,7 +24,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from splitft.shared.models import block_flops, block_params
+from splitft.shared.model.loading import block_flops, block_params
 from splitft.shared.profiles import DeviceProfile
 
 __all__ = ["Emulation", "block_flops", "block_params"]

@@ -14,10 +14,10 @@ import psutil
 import torch
 from safetensors import safe_open
 
-from splitft.shared.loss import head_rows
-from splitft.shared.memory import MemoryFigures
-from splitft.shared.models import block_flops, is_preset, load_config, num_layers, resolve_source, weight_files
-from splitft.shared.split import SegmentSpec, build_segment
+from splitft.shared.model.loading import block_flops, is_preset, load_config, num_layers, resolve_source, weight_files
+from splitft.shared.model.loss import head_rows
+from splitft.shared.model.memory import MemoryFigures
+from splitft.shared.model.split import SegmentSpec, build_segment
 
 
 def device_profile() -> dict[str, Any]:
@@ -83,7 +83,7 @@ def measure_memory(
     Builds a probe with the embeddings, block 0, the final norm and the head, and runs block 0 forward on a
     batch of that shape with its input requiring a gradient (as every block but the first does in training),
     counting the bytes of the tensors autograd keeps for the backward pass. Weights are counted from the
-    tensors as built; the chunked head's working memory from its chunk size (shared/loss.py).
+    tensors as built; the chunked head's working memory from its chunk size (shared/model/loss.py).
     """
     layers = num_layers(load_config(model))
     segment = build_segment(model, SegmentSpec.u_device(1, 0, layers), device=device, dtype=dtype)

@@ -40,16 +40,14 @@ from typing import Any, TypeVar
 import psutil
 import torch
 
+from splitft.agent.emulation import Emulation, block_flops
+from splitft.agent.profile import device_profile, measure_block, measure_memory, peak_rss_mb, runtime_mb, usable_mb
 from splitft.shared import __version__
-from splitft.shared.codec import decode_state
-from splitft.shared.data import Batches, Example, check_chat_template, tokenize
-from splitft.shared.defense import DefenseSettings, defend, nopeek_loss
-from splitft.shared.errors import ConfigError, DataError, LinkError, ModelError, SplitFTError, WireError
-from splitft.shared.link import BrokerSettings, Link, Received
-from splitft.shared.lora import load_lora_state, lora_state
-from splitft.shared.loss import IGNORE_INDEX, padding_mask
-from splitft.shared.memory import MemoryFigures
-from splitft.shared.models import (
+from splitft.shared.errors import ConfigError, DataError, LinkError, ModelError, RoundAborted, SplitFTError, WireError
+from splitft.shared.job.data import Batches, Example, check_chat_template, tokenize
+from splitft.shared.job.records import load_records, record_text
+from splitft.shared.model.defense import DefenseSettings, defend, nopeek_loss
+from splitft.shared.model.loading import (
     check_weights,
     head_flops,
     load_config,
@@ -57,34 +55,20 @@ from splitft.shared.models import (
     model_fingerprint,
     num_layers,
 )
-from splitft.shared.precision import torch_dtype
+from splitft.shared.model.lora import load_lora_state, lora_state
+from splitft.shared.model.loss import IGNORE_INDEX, padding_mask
+from splitft.shared.model.memory import MemoryFigures
+from splitft.shared.model.precision import torch_dtype
+from splitft.shared.model.split import Segment, SegmentSpec, build_segment
+from splitft.shared.model.tokenizer import load_tokenizer
 from splitft.shared.profiles import load_profile
-from splitft.shared.protocol import (
-    ACT,
-    ADAPTER,
-    JOIN,
-    STATUS,
-    TAIL_GRAD,
-    Assignment,
-    Envelope,
-    Join,
-    act_body,
-    adapter_body,
-    join_body,
-    parse_assign,
-    parse_grad,
-    parse_notice,
-    parse_status,
-    parse_tail_act,
-    tail_grad_body,
-)
-from splitft.shared.records import load_records, record_text
-from splitft.shared.split import Segment, SegmentSpec, build_segment
-from splitft.shared.text import load_tokenizer
-from splitft.shared.topics import Topics
-
-from .emulation import Emulation, block_flops
-from .profile import device_profile, measure_block, measure_memory, peak_rss_mb, runtime_mb, usable_mb
+from splitft.shared.wire.broker import BrokerSettings
+from splitft.shared.wire.codec import decode_state
+from splitft.shared.wire.control import Assignment, Join, join_body, parse_assign, parse_notice, parse_status
+from splitft.shared.wire.envelope import Envelope
+from splitft.shared.wire.link import Link, Received
+from splitft.shared.wire.messages import act_body, adapter_body, parse_grad, parse_tail_act, tail_grad_body
+from splitft.shared.wire.topics import Kind, Topics
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -120,10 +104,6 @@ class _Outgoing:
     round: int
     step: int
     corr: str
-
-
-class RoundAborted(Exception):
-    """This agent's part in the current round ended early (deadline, new assignment, job done)."""
 
 
 class Agent:
@@ -205,7 +185,7 @@ class Agent:
             raise self._refused
 
     def _goodbye(self) -> tuple[str, str, dict[str, Any]]:
-        return self.topics.agent(self.name, "status"), STATUS, {"state": "offline", "role": "agent"}
+        return self.topics.agent(self.name, "status"), Kind.STATUS, {"state": "offline", "role": "agent"}
 
     async def _compute(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -231,7 +211,7 @@ class Agent:
         if link is None:
             return  # the first connection: run() says hello once the link is up
         await link.publish(
-            self.topics.agent(self.name, "status"), STATUS, {"state": "online", "role": "agent"}, retain=True
+            self.topics.agent(self.name, "status"), Kind.STATUS, {"state": "online", "role": "agent"}, retain=True
         )
         if self._coordinator_sid is None:
             return  # the join follows the coordinator's (retained) status, which gives the job's step shape
@@ -253,7 +233,7 @@ class Agent:
             fingerprint=self.fingerprint,
             usable_samples=None if length is None else self._usable(length, self._job_chat_template),
         )
-        await link.publish(self.topics.agent(self.name, "join"), JOIN, join_body(join))
+        await link.publish(self.topics.agent(self.name, "join"), Kind.JOIN, join_body(join))
         for out in (self._pending_act, self._last_upload):  # what may have been lost with a connection
             if out is not None:
                 log.info("%s: re-sending %s of round %d step %d", self.name, out.type, out.round, out.step)
@@ -371,7 +351,7 @@ class Agent:
                 self.emulation, flops, a.defense, noise,
             )  # fmt: skip
             encode_s = time.perf_counter() - started - forward_s
-            upload_s, bytes_up = await self._send(a, step, ACT, body)
+            upload_s, bytes_up = await self._send(a, step, Kind.ACT, body)
             sent_at = time.perf_counter()
             tail = await self._tail_exchange(a, step, segment, labels, lengths, hidden) if a.u_split else None
             received, (grad, server_loss, server_tokens), received_at, decode_s = await self._wait_reply(
@@ -430,8 +410,8 @@ class Agent:
             mean,
             a.adapter_wire_dtype,
         )
-        self._last_upload = _Outgoing(self.topics.agent(self.name, "adapter"), ADAPTER, body, a.round, -1, a.corr)
-        await link.publish(self.topics.agent(self.name, "adapter"), ADAPTER, body, round_=a.round, corr=a.corr)
+        self._last_upload = _Outgoing(self.topics.agent(self.name, "adapter"), Kind.ADAPTER, body, a.round, -1, a.corr)
+        await link.publish(self.topics.agent(self.name, "adapter"), Kind.ADAPTER, body, round_=a.round, corr=a.corr)
 
     async def _send(self, a: Assignment, step: int, type_: str, body: dict[str, Any]) -> tuple[float, int]:
         """Publish a step's message (kept to re-send after a reconnect until its answer comes): (seconds, bytes)."""
@@ -466,7 +446,7 @@ class Agent:
             _tail_step, segment, top, labels, lengths, tail_start, self.emulation, flops
         )
         body = tail_grad_body(grad, a.wire_dtype, loss if a.report_loss else None)
-        upload_s, sent = await self._send(a, step, TAIL_GRAD, body)
+        upload_s, sent = await self._send(a, step, Kind.TAIL_GRAD, body)
         head_s = compute_s * 2 * head / flops  # the head's share, by FLOPs
         return _TailStep(loss, compute_s, head_s, upload_s, sent, received.size, decode_s)
 

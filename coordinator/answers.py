@@ -1,6 +1,6 @@
 """What a trained model answers: greedy generation in batches, and how GSM8K-style answers are scored.
 
-A prompt is rendered exactly as training renders the part before an answer (:func:`splitft.shared.data.prompt_text`:
+A prompt is rendered exactly as training renders the part before an answer (:func:`splitft.shared.job.data.prompt_text`:
 the chat template's generation prompt when the tokenizer has one), so what ``generate`` shows is what the
 fleet trained. GSM8K answers end in ``#### N``; :func:`final_number` reads that, or else the last number
 written, so that a base model that does not know the format still gets credit for a right number.
@@ -18,12 +18,12 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
-from splitft.shared.data import prompt_text
 from splitft.shared.errors import DataError, ModelError
-from splitft.shared.lora import quiet_peft
-from splitft.shared.records import ASSISTANT, Chat, Pair, Record, load_records
-from splitft.shared.split import load_base_model
-from splitft.shared.text import load_tokenizer
+from splitft.shared.job.data import prompt_text
+from splitft.shared.job.records import ASSISTANT, Chat, Pair, Record, load_records
+from splitft.shared.model.lora import quiet_peft
+from splitft.shared.model.split import load_base_model
+from splitft.shared.model.tokenizer import load_tokenizer
 
 FORMATTED = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
 NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")

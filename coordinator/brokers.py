@@ -150,7 +150,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.secrets is not None:
-        from .fleet_secrets import load_fleet_secrets
+        from splitft.tools.fleet_secrets import load_fleet_secrets
 
         broker = start_secure_mosquitto(args.folder, load_fleet_secrets(args.secrets), args.port)
     else:

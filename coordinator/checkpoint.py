@@ -23,10 +23,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from splitft.coordinator.server import ServerModel
 from splitft.shared.errors import ConfigError
-from splitft.shared.lora import load_lora_state, lora_state
-
-from .server import ServerModel
+from splitft.shared.model.lora import load_lora_state, lora_state
 
 log = logging.getLogger(__name__)
 KEEP = 3  # checkpoints kept; older ones are removed

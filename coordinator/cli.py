@@ -17,15 +17,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from splitft.agent.cli import AuthKeyFileOpt, AuthWindowOpt, CaFileOpt, CertFileOpt, KeyFileOpt
-from splitft.shared.codec import FLOAT_WIRE_DTYPES
-from splitft.shared.config import JobConfig, broker_settings, torch_device
-from splitft.shared.errors import ConfigError, ModelError, SplitFTError
-from splitft.shared.exit_codes import ExitCode
-from splitft.shared.lora import LoraSettings
-from splitft.shared.models import ATTENTION_IMPLEMENTATIONS
-
-from . import answers
-from .cli_support import (
+from splitft.coordinator import answers
+from splitft.coordinator.cli_support import (
     CutOpt,
     CutRankOpt,
     ModelOpt,
@@ -39,7 +32,19 @@ from .cli_support import (
     staged,
     write_error,
 )
-from .model_cli import chat_template_flag, evaluate_command, generate_command, import_model, report_comparison
+from splitft.coordinator.model_cli import (
+    chat_template_flag,
+    evaluate_command,
+    generate_command,
+    import_model,
+    report_comparison,
+)
+from splitft.shared.errors import ConfigError, ExitCode, ModelError, SplitFTError
+from splitft.shared.job.config import JobConfig, torch_device
+from splitft.shared.model.loading import ATTENTION_IMPLEMENTATIONS
+from splitft.shared.model.lora import LoraSettings
+from splitft.shared.wire.broker import broker_settings
+from splitft.shared.wire.codec import FLOAT_WIRE_DTYPES
 
 app = typer.Typer(
     help="SplitFT coordinator: runs the server segment of a split model and coordinates the edge agents.",
@@ -53,7 +58,7 @@ def inspect(model: ModelOpt, cut: CutOpt, rank: RankOpt = 16, cut_rank: CutRankO
     """Print the split plan: what each side holds, the LoRA ranks, and the activation bytes per token.
 
     A model folder's config is checked against its weights (the blocks and the width they hold)."""
-    from splitft.shared.plan import plan_split
+    from splitft.shared.model.plan import plan_split
 
     console = new_console()
     try:
@@ -96,7 +101,7 @@ def verify_split(
     cut_rank: CutRankOpt = 8,
 ) -> None:
     """Check that one split training step equals the unsplit PEFT model (loss and every LoRA gradient)."""
-    from splitft.shared.equivalence import compare_split_to_whole
+    from splitft.shared.model.equivalence import compare_split_to_whole
 
     console = new_console()
     try:
@@ -134,15 +139,15 @@ def partition(
     """Split a data set across clients by a length-based Dirichlet partition; shards, a table and a PNG."""
     from rich.table import Table
 
-    from splitft.shared.partition import (
+    from splitft.shared.job.partition import (
         describe,
         length_dirichlet_partition,
         plot_partition,
         token_lengths,
         write_partition,
     )
-    from splitft.shared.records import load_records
-    from splitft.shared.text import load_tokenizer
+    from splitft.shared.job.records import load_records
+    from splitft.shared.model.tokenizer import load_tokenizer
 
     console = new_console()
     try:
@@ -185,8 +190,8 @@ def save_base(
     ] = False,
 ) -> None:
     """Write a preset's base model (weights, config, tokenizer) as a normal Hugging Face folder."""
-    from splitft.shared.split import load_base_model
-    from splitft.shared.text import load_tokenizer
+    from splitft.shared.model.split import load_base_model
+    from splitft.shared.model.tokenizer import load_tokenizer
 
     try:
         check_out(out)
@@ -258,7 +263,7 @@ def _write_private(path: Path, text: str, *, replace: bool) -> None:
             path.unlink(missing_ok=True)
             raise
         return
-    from splitft.shared.data import write_text_atomic
+    from splitft.shared.job.data import write_text_atomic
 
     write_text_atomic(path, text)  # through a temp file made with mode 0600
 
@@ -346,9 +351,9 @@ async def _observed(observatory: Any, console: Console, job: Callable[[], Awaita
 def _preflight(spec: JobConfig, out: Path, cuts: Sequence[int] = ()) -> None:
     """Check what a job needs before anything is written or connected: the output folder, the model (its
     config, tokenizer and weights), the cuts against its blocks, and the evaluation data."""
-    from splitft.shared.data import eval_examples
-    from splitft.shared.models import check_max_length, check_weights, load_config, num_layers
-    from splitft.shared.text import GSM8K, load_tokenizer
+    from splitft.shared.job.data import eval_examples
+    from splitft.shared.model.loading import check_max_length, check_weights, load_config, num_layers
+    from splitft.shared.model.tokenizer import GSM8K, load_tokenizer
 
     check_out(out)
     config = load_config(spec.model, spec.attn_implementation)
@@ -632,11 +637,11 @@ def local(
     """One command, one machine: broker, coordinator and several agents with different cut layers
     fine-tune a model on GSM8K shards; ends with the adapter folder, metrics.jsonl and run.png."""
     from splitft.coordinator.local import LocalRun, run_local
-    from splitft.shared.link import BrokerSettings
-    from splitft.shared.precision import torch_dtype
+    from splitft.shared.job.records import load_records
+    from splitft.shared.model.precision import torch_dtype
+    from splitft.shared.model.tokenizer import GSM8K
     from splitft.shared.profiles import load_profile
-    from splitft.shared.records import load_records
-    from splitft.shared.text import GSM8K
+    from splitft.shared.wire.broker import BrokerSettings
 
     console = new_console()
     try:
@@ -796,7 +801,11 @@ def audit(
     (plain and defended) and label recovery from the U-shaped split's returned gradients."""
     from safetensors.torch import load_file
 
-    from splitft.coordinator.audit import (
+    from splitft.shared.model.defense import DefenseSettings
+    from splitft.shared.model.loading import hidden_size, load_config, num_layers
+    from splitft.shared.model.lora import lora_state
+    from splitft.shared.model.tokenizer import load_tokenizer
+    from splitft.tools.audit import (
         AttackSettings,
         AuditReport,
         DefenseCase,
@@ -807,10 +816,6 @@ def audit(
         parse_cuts,
         write_report,
     )
-    from splitft.shared.defense import DefenseSettings
-    from splitft.shared.lora import lora_state
-    from splitft.shared.models import hidden_size, load_config, num_layers
-    from splitft.shared.text import load_tokenizer
 
     console = new_console()
     try:

@@ -15,9 +15,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from splitft.shared.errors import ConfigError, DataError, SplitFTError
-from splitft.shared.exit_codes import ExitCode, exit_code_for
-from splitft.shared.models import PRESETS
+from splitft.shared.errors import ConfigError, DataError, ExitCode, SplitFTError, exit_code_for
+from splitft.shared.model.loading import PRESETS
 
 
 def new_console() -> Console:

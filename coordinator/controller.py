@@ -53,8 +53,8 @@ import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from splitft.shared.config import POLICIES
 from splitft.shared.errors import ConfigError
+from splitft.shared.job.config import POLICIES
 
 
 @dataclass(frozen=True)

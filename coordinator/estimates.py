@@ -22,10 +22,9 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-from splitft.shared.memory import MemoryFigures
-from splitft.shared.models import block_params
-
-from .controller import DeviceEstimate, ServerEstimate
+from splitft.coordinator.controller import DeviceEstimate, ServerEstimate
+from splitft.shared.model.loading import block_params
+from splitft.shared.model.memory import MemoryFigures
 
 #: A measurement this far from the estimate (either way, as a ratio) is a change, not noise: the estimate
 #: restarts from it instead of creeping towards it (a device that throttles, a link that degrades).

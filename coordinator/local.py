@@ -20,18 +20,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from splitft.shared.config import JobConfig
-from splitft.shared.data import write_shards
+from splitft.coordinator.report import plot_run
+from splitft.coordinator.runtime import Coordinator
+from splitft.coordinator.session import Progress
+from splitft.coordinator.workers import WorkerGroup, start_local_workers, stop_local_workers
 from splitft.shared.errors import ConfigError, LinkError
-from splitft.shared.link import BrokerSettings
-from splitft.shared.partition import length_dirichlet_partition, plot_partition, token_lengths, write_partition
-from splitft.shared.records import load_records
-from splitft.shared.text import GSM8K, load_tokenizer
-
-from .report import plot_run
-from .runtime import Coordinator
-from .session import Progress
-from .workers import WorkerGroup, start_local_workers, stop_local_workers
+from splitft.shared.job.config import JobConfig
+from splitft.shared.job.data import write_shards
+from splitft.shared.job.partition import length_dirichlet_partition, plot_partition, token_lengths, write_partition
+from splitft.shared.job.records import load_records
+from splitft.shared.model.tokenizer import GSM8K, load_tokenizer
+from splitft.shared.wire.broker import BrokerSettings
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +44,7 @@ class LocalRun:
     samples_per_agent: int = 96
     alpha: float | None = 1.0  # length-based Dirichlet partition; None: an IID split
     data: Path | None = None  # JSONL/CSV to shard; default: the vendored GSM8K train split
-    prompt_field: str | None = None  # data's fields (default: the first known pair, see shared/data.py)
+    prompt_field: str | None = None  # data's fields (default: the first known pair, see shared/job/data.py)
     response_field: str | None = None
     broker_url: str | None = None  # an external broker; default: the embedded one
     mqtt_protocol: str = "5"  # for an external broker
@@ -80,7 +79,7 @@ async def run_local(run: LocalRun, progress: Progress | None = None) -> dict[str
     if run.alpha is None:
         written = write_shards(records, run.agents, run.out / "data", seed=run.job.seed, prefix="shard")
     else:
-        # Devices differ in how long their sequences are, as in a real fleet (see shared/partition.py).
+        # Devices differ in how long their sequences are, as in a real fleet (see shared/job/partition.py).
         lengths = token_lengths(records, load_tokenizer(run.job.model), run.job.chat_template)
         partition = length_dirichlet_partition(lengths, run.agents, run.alpha, seed=run.job.seed)
         written = write_partition(records, partition, run.out / "data", prefix="shard")

@@ -16,20 +16,19 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from splitft.shared.config import torch_device
-from splitft.shared.data import check_chat_template, collate, eval_examples
+from splitft.coordinator.answers import Comparison, generate, load_model, prompts_of, score
+from splitft.coordinator.cli_support import ModelOpt, check_data_file, check_out, fail, new_console, staged, write_error
+from splitft.coordinator.report import read_metrics
 from splitft.shared.errors import ConfigError, SplitFTError
-from splitft.shared.gguf import convert, is_gguf
-from splitft.shared.loss import evaluate_lm, logits_loss
-from splitft.shared.models import MODEL_TYPES, load_config, model_fingerprint, num_layers
-from splitft.shared.precision import DTYPES
-from splitft.shared.records import load_records
-from splitft.shared.split import load_base_model
-from splitft.shared.text import GSM8K, load_tokenizer
-
-from .answers import Comparison, generate, load_model, prompts_of, score
-from .cli_support import ModelOpt, check_data_file, check_out, fail, new_console, staged, write_error
-from .report import read_metrics
+from splitft.shared.job.config import torch_device
+from splitft.shared.job.data import check_chat_template, collate, eval_examples
+from splitft.shared.job.records import load_records
+from splitft.shared.model.gguf import convert, is_gguf
+from splitft.shared.model.loading import MODEL_TYPES, load_config, model_fingerprint, num_layers
+from splitft.shared.model.loss import evaluate_lm, logits_loss
+from splitft.shared.model.precision import DTYPES
+from splitft.shared.model.split import load_base_model
+from splitft.shared.model.tokenizer import GSM8K, load_tokenizer
 
 AdapterOpt = Annotated[Path | None, typer.Option(help="A PEFT adapter folder (e.g. a job's adapter/) on the model.")]
 ChatTemplateOpt = Annotated[

@@ -11,21 +11,16 @@ from typing import Any
 
 import psutil
 
-from splitft.shared.codec import encode_state
-from splitft.shared.errors import JobError
-from splitft.shared.memory import MemoryFigures
-from splitft.shared.protocol import (
-    METRICS,
-    ROUND,
-    Assignment,
-    assign_body,
-)
-
-from .controller import ControllerSettings, Decision, split_blocks
-from .server import device_ranks
-from .session import Participant, eval_fields, jsonable
-from .uploads import Uploads
-from .workers import WorkerLost, assign_ranks, figures, merge_figures, round_message, route_step_topics
+from splitft.coordinator.controller import ControllerSettings, Decision, split_blocks
+from splitft.coordinator.server import device_ranks
+from splitft.coordinator.session import Participant, eval_fields, jsonable
+from splitft.coordinator.uploads import Uploads
+from splitft.coordinator.workers import assign_ranks, figures, merge_figures, round_message, route_step_topics
+from splitft.shared.errors import JobError, WorkerLost
+from splitft.shared.model.memory import MemoryFigures
+from splitft.shared.wire.codec import encode_state
+from splitft.shared.wire.control import Assignment, assign_body
+from splitft.shared.wire.topics import Kind
 
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3  # runs of one round that fall short of min_agents before the job gives up
@@ -104,7 +99,7 @@ class Rounds(Uploads):
             layout["tails"] = {n: p.tail for n, p in plans.items()}
         self.progress("round_start", {"round": round_, **layout})
         await link.publish(
-            self.topics.job_topic("round"), ROUND, {"event": "start", "agents": sorted(plans)}, round_=round_
+            self.topics.job_topic("round"), Kind.ROUND, {"event": "start", "agents": sorted(plans)}, round_=round_
         )
 
         group = self.group
@@ -186,7 +181,7 @@ class Rounds(Uploads):
             }
         self._observe(live)
         self._write_metrics(record)
-        await link.publish(self.topics.job_topic("metrics"), METRICS, jsonable(record), round_=round_)
+        await link.publish(self.topics.job_topic("metrics"), Kind.METRICS, jsonable(record), round_=round_)
         self.progress("round_end", record)
         return record
 

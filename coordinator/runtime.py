@@ -43,26 +43,27 @@ from typing import Any
 
 import torch
 
-from splitft.shared.codec import wire_bytes_per_element
-from splitft.shared.data import collate, eval_examples
-from splitft.shared.errors import JobError, Refusal, SplitFTError, WireError
-from splitft.shared.link import Link
-from splitft.shared.models import check_max_length, load_config, num_layers
-from splitft.shared.protocol import (
-    ROUND,
-    parse_join,
-    parse_status,
+from splitft.coordinator.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    read_state,
+    save_checkpoint,
+    verify_checkpoint,
 )
-from splitft.shared.text import GSM8K, load_tokenizer
-from splitft.shared.topics import COORDINATOR
-
-from .checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint, verify_checkpoint
-from .controller import Controller
-from .estimates import FleetEstimates, adapter_block_bytes, block_memory_mb
-from .rounds import Rounds
-from .server import ServerModel, device_layout
-from .session import eval_fields
-from .workers import WorkerLost, job_message, open_group
+from splitft.coordinator.controller import Controller
+from splitft.coordinator.estimates import FleetEstimates, adapter_block_bytes, block_memory_mb
+from splitft.coordinator.rounds import Rounds
+from splitft.coordinator.server import ServerModel, device_layout
+from splitft.coordinator.session import eval_fields
+from splitft.coordinator.workers import job_message, open_group
+from splitft.shared.errors import JobError, Refusal, SplitFTError, WireError, WorkerLost
+from splitft.shared.job.data import collate, eval_examples
+from splitft.shared.model.loading import check_max_length, load_config, num_layers
+from splitft.shared.model.tokenizer import GSM8K, load_tokenizer
+from splitft.shared.wire.codec import wire_bytes_per_element
+from splitft.shared.wire.control import parse_join, parse_status
+from splitft.shared.wire.link import Link
+from splitft.shared.wire.topics import COORDINATOR, Kind
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +195,7 @@ class Coordinator(Rounds):
             except WorkerLost as exc:  # the job is complete: a worker gone since its last round changes nothing
                 log.warning("could not tell the workers the job is done: %s", exc)
         assert self._link is not None
-        await self._link.publish(self.topics.job_topic("round"), ROUND, {"event": "done"}, round_=self.job.rounds)
+        await self._link.publish(self.topics.job_topic("round"), Kind.ROUND, {"event": "done"}, round_=self.job.rounds)
         self._done = True
         summary = {"adapter": str(adapter_dir), "metrics": str(self.metrics_path), "rounds": self.job.rounds}
         self.progress("done", summary)

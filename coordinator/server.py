@@ -51,16 +51,15 @@ from typing import Any
 
 import torch
 
-from splitft.shared.config import JobConfig
-from splitft.shared.lora import LoraSettings, block_ranks, load_lora_state, lora_state
-from splitft.shared.loss import IGNORE_INDEX, EvalResult, evaluate_lm
-from splitft.shared.models import is_preset, load_config, num_layers
-from splitft.shared.precision import torch_dtype
-from splitft.shared.protocol import Activations
-from splitft.shared.split import Segment, SegmentSpec, build_segment
-
-from .aggregation import Contribution, aggregate, convert_state, module_key
-from .controller import ServerEstimate
+from splitft.coordinator.aggregation import Contribution, aggregate, convert_state, module_key
+from splitft.coordinator.controller import ServerEstimate
+from splitft.shared.job.config import JobConfig
+from splitft.shared.model.loading import is_preset, load_config, num_layers
+from splitft.shared.model.lora import LoraSettings, block_ranks, load_lora_state, lora_state
+from splitft.shared.model.loss import IGNORE_INDEX, EvalResult, evaluate_lm
+from splitft.shared.model.precision import torch_dtype
+from splitft.shared.model.split import Segment, SegmentSpec, build_segment
+from splitft.shared.wire.messages import Activations
 
 log = logging.getLogger(__name__)
 

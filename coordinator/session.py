@@ -18,27 +18,21 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from splitft.shared.config import JobConfig
+from splitft.coordinator.controller import Controller
+from splitft.coordinator.estimates import FleetEstimates
+from splitft.coordinator.server import MiddleStep, ServerModel
 from splitft.shared.errors import ROUTINE_REFUSALS, JobError, Refusal
-from splitft.shared.link import BrokerSettings, Link, Received
-from splitft.shared.memory import MemoryFigures, shortfall
-from splitft.shared.models import model_fingerprint
-from splitft.shared.protocol import (
-    ASSIGN,
-    NOTICE,
-    STATUS,
-    Join,
-    notice_body,
-)
-from splitft.shared.queues import ByteQueue
-from splitft.shared.topics import COORDINATOR, Topic, Topics
-
-from .controller import Controller
-from .estimates import FleetEstimates
-from .server import MiddleStep, ServerModel
+from splitft.shared.job.config import JobConfig
+from splitft.shared.model.loading import model_fingerprint
+from splitft.shared.model.memory import MemoryFigures, shortfall
+from splitft.shared.wire.broker import BrokerSettings
+from splitft.shared.wire.control import Join, notice_body
+from splitft.shared.wire.link import Link, Received
+from splitft.shared.wire.queues import ByteQueue
+from splitft.shared.wire.topics import COORDINATOR, Kind, Topic, Topics
 
 if TYPE_CHECKING:
-    from .workers import WorkerGroup
+    from splitft.coordinator.workers import WorkerGroup
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -225,7 +219,7 @@ class Session:
             "chat_template": self.job.chat_template,
             "batch_size": self.job.batch_size,  # and what memory a step needs on it
         }
-        return self.topics.coordinator_status(), STATUS, body
+        return self.topics.coordinator_status(), Kind.STATUS, body
 
     async def _announce(self) -> None:
         # Retained: agents that start later, or reconnect, learn that the coordinator is up and (re)join.
@@ -247,7 +241,7 @@ class Session:
                 self._agent_offline(name)  # admitted before it could say (its first join came before our status)
             if self._link is not None:
                 topic = self.topics.agent(name, "notice")
-                self._spawn(self._link.publish(topic, NOTICE, notice_body("not_admitted", reason, cause)))
+                self._spawn(self._link.publish(topic, Kind.NOTICE, notice_body("not_admitted", reason, cause)))
             return
         info = self.agents.get(name)
         if info is None:
@@ -340,7 +334,7 @@ class Session:
         assert self._link is not None
         topic = self.topics.agent(plan.name, "assign")
         plan.bytes_down += await self._link.publish(
-            topic, ASSIGN, plan.assign_body, round_=self._round_now, corr=plan.corr
+            topic, Kind.ASSIGN, plan.assign_body, round_=self._round_now, corr=plan.corr
         )
 
     def _drop(self, plan: Participant, reason: str, *, notify: bool = True, event: str = "dropped") -> None:
@@ -352,7 +346,7 @@ class Session:
         if notify and self._link is not None:
             topic = self.topics.agent(plan.name, "notice")
             body = notice_body(event, reason)
-            self._spawn(self._link.publish(topic, NOTICE, body, round_=self._round_now, corr=plan.corr))
+            self._spawn(self._link.publish(topic, Kind.NOTICE, body, round_=self._round_now, corr=plan.corr))
 
     # ------------------------------------------------------------------ metrics
 

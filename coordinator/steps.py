@@ -17,21 +17,13 @@ from typing import Any
 
 import torch
 
+from splitft.coordinator.controller import Decision
+from splitft.coordinator.server import BatchItem, MiddleStep, StepResult
+from splitft.coordinator.session import Offline, Participant, Session
 from splitft.shared.errors import Refusal, WireError
-from splitft.shared.link import Received
-from splitft.shared.protocol import (
-    GRAD,
-    TAIL_ACT,
-    Activations,
-    grad_body,
-    parse_act,
-    parse_tail_grad,
-    tail_act_body,
-)
-
-from .controller import Decision
-from .server import BatchItem, MiddleStep, StepResult
-from .session import Offline, Participant, Session
+from splitft.shared.wire.link import Received
+from splitft.shared.wire.messages import Activations, grad_body, parse_act, parse_tail_grad, tail_act_body
+from splitft.shared.wire.topics import Kind
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +56,9 @@ class StepExchange(Session):
             return False
         kind = item.topic.kind
         if kind == "act" and self.job.u_split:
-            answer, type_ = plan.last_tail, TAIL_ACT
+            answer, type_ = plan.last_tail, Kind.TAIL_ACT
         elif kind == "act" or kind == "tail_grad":
-            answer, type_ = plan.last_grad, GRAD
+            answer, type_ = plan.last_grad, Kind.GRAD
         else:
             return False
         if answer is None or answer[0] != env.step:
@@ -193,7 +185,12 @@ class StepExchange(Session):
             body = tail_act_body(middle.top.detach(), job.wire_dtype)
             plan.last_tail = (step, body)
             plan.bytes_down += await self._link.publish(
-                self.topics.agent(name, "tail_act"), TAIL_ACT, body, round_=self._round_now, step=step, corr=plan.corr
+                self.topics.agent(name, "tail_act"),
+                Kind.TAIL_ACT,
+                body,
+                round_=self._round_now,
+                step=step,
+                corr=plan.corr,
             )
             return False
         await self._reply(plan, step, result)
@@ -261,7 +258,12 @@ class StepExchange(Session):
             body = tail_act_body(middle.top.detach(), job.wire_dtype)
             plan.last_tail = (step, body)
             plan.bytes_down += await self._link.publish(
-                self.topics.agent(name, "tail_act"), TAIL_ACT, body, round_=self._round_now, step=step, corr=plan.corr
+                self.topics.agent(name, "tail_act"),
+                Kind.TAIL_ACT,
+                body,
+                round_=self._round_now,
+                step=step,
+                corr=plan.corr,
             )
         return set() if job.u_split else set(collected)
 
@@ -336,7 +338,7 @@ class StepExchange(Session):
         assert self._link is not None
         plan.last_grad = (step, body)
         plan.bytes_down += await self._link.publish(
-            self.topics.agent(plan.name, "grad"), GRAD, body, round_=self._round_now, step=step, corr=plan.corr
+            self.topics.agent(plan.name, "grad"), Kind.GRAD, body, round_=self._round_now, step=step, corr=plan.corr
         )
         now = time.monotonic()
         if plan.last_grad_at:

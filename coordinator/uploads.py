@@ -9,14 +9,11 @@ import time
 
 import torch
 
+from splitft.coordinator.session import Participant, wait_briefly
+from splitft.coordinator.steps import StepExchange
 from splitft.shared.errors import Refusal, WireError
-from splitft.shared.link import Received
-from splitft.shared.protocol import (
-    parse_adapter,
-)
-
-from .session import Participant, wait_briefly
-from .steps import StepExchange
+from splitft.shared.wire.link import Received
+from splitft.shared.wire.messages import parse_adapter
 
 log = logging.getLogger(__name__)
 

@@ -54,16 +54,16 @@ import torch.distributed as dist
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from splitft.shared.config import JobConfig
-from splitft.shared.errors import ConfigError, JobError, SplitFTError
-from splitft.shared.link import BrokerSettings, Link, Received
-from splitft.shared.protocol import parse_status
-from splitft.shared.topics import COORDINATOR, Topics
-
-from .checkpoint import load_server_state, server_state
-from .server import ServerModel
-from .session import AgentInfo, Participant
-from .steps import StepExchange
+from splitft.coordinator.checkpoint import load_server_state, server_state
+from splitft.coordinator.server import ServerModel
+from splitft.coordinator.session import AgentInfo, Participant
+from splitft.coordinator.steps import StepExchange
+from splitft.shared.errors import ConfigError, JobError, SplitFTError, WorkerLost
+from splitft.shared.job.config import JobConfig
+from splitft.shared.wire.broker import BrokerSettings
+from splitft.shared.wire.control import parse_status
+from splitft.shared.wire.link import Link, Received
+from splitft.shared.wire.topics import COORDINATOR, Topics
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -72,10 +72,6 @@ T = TypeVar("T")
 STEP_KINDS = ("act", "tail_grad")
 #: how long the broker keeps a worker's session (its subscriptions and what arrives) over a dropped connection
 WORKER_SESSION_S = 120
-
-
-class WorkerLost(JobError):
-    """A member of the process group is gone (a collective failed or timed out)."""
 
 
 def parse_rendezvous(address: str) -> tuple[str, int]:

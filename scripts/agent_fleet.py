@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""Run many agents in one process and one event loop: the fleet of a load test (splitft.agent.fleet); --help says how."""
+"""Run many agents in one process and one event loop: the fleet of a load test (splitft.bench.fleet); --help says how."""
 
 import sys
 
-from splitft.agent.fleet import main
+from splitft.bench.fleet import main
 
 if __name__ == "__main__":
     sys.exit(main())

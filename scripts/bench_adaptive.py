@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-from splitft.coordinator.bench.sections import cpu_name, write_section
+from splitft.bench.sections import cpu_name, write_section
 from splitft.coordinator.local import LocalRun, run_local
-from splitft.shared.config import JobConfig
+from splitft.shared.job.config import JobConfig
 
 FLEET = ("jetson-nano", "jetson-orin-nano", "laptop")
 

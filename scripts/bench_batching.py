@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from splitft.coordinator.bench.sections import cpu_name, write_section
+from splitft.bench.sections import cpu_name, write_section
 from splitft.coordinator.server import BatchItem, ServerModel
-from splitft.shared.config import JobConfig, OptimizerSettings
-from splitft.shared.protocol import Activations
+from splitft.shared.job.config import JobConfig, OptimizerSettings
+from splitft.shared.wire.messages import Activations
 
 
 def items(model: ServerModel, cuts: list[int], rows: int, length: int) -> list[BatchItem]:

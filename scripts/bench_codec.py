@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from splitft.coordinator.bench.sections import cpu_name, write_section
-from splitft.shared.codec import FLOAT_WIRE_DTYPES, decode_tensor, encode_tensor, pack, unpack
-from splitft.shared.records import Pair, load_records
-from splitft.shared.split import SegmentSpec, build_segment
-from splitft.shared.text import GSM8K, load_tokenizer
+from splitft.bench.sections import cpu_name, write_section
+from splitft.shared.job.records import Pair, load_records
+from splitft.shared.model.split import SegmentSpec, build_segment
+from splitft.shared.model.tokenizer import GSM8K, load_tokenizer
+from splitft.shared.wire.codec import FLOAT_WIRE_DTYPES, decode_tensor, encode_tensor, pack, unpack
 
 
 def real_activations(preset: str, cut: int, batch: int, length: int) -> torch.Tensor:

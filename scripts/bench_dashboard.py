@@ -38,8 +38,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_load
 
-from splitft.coordinator.bench.browser import Page, chromium
-from splitft.coordinator.bench.sections import cpu_name, write_section
+from splitft.bench.browser import Page, chromium
+from splitft.bench.sections import cpu_name, write_section
 from splitft.coordinator.observe.dashboard import Address, Observatory
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from splitft.coordinator.bench.emulation import slow_board, timed_step
-from splitft.coordinator.bench.sections import cpu_name, write_section
+from splitft.bench.emulation import slow_board, timed_step
+from splitft.bench.sections import cpu_name, write_section
 
 
 def main(argv: list[str] | None = None) -> int:

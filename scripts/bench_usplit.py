@@ -7,7 +7,7 @@ same token budget and seeds, every device at the study's fixed cut; one run in t
 the U split (each device also holds the last ``--tail`` blocks and the head). Measured for each:
 
 * bytes per device step, up and down (what the agents sent and received, from the coordinator's metrics);
-* the step time on the simulated clock (splitft.coordinator.bench.clock) at the run's cut, and at every other cut
+* the step time on the simulated clock (splitft.bench.clock) at the run's cut, and at every other cut
   for all devices (the rounds replayed with the same bytes, which do not depend on the cut), so that each
   split is also compared at its best fixed cut in hindsight; in two regimes, a server 100x this host (the
   study's, device-bound) and 5x (a modest edge server, where the server's shared load matters);
@@ -28,14 +28,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from splitft.coordinator import pretrain as pretrain_base
-from splitft.coordinator.bench.clock import CostModel, Server, calibrate_server
-from splitft.coordinator.bench.sections import cpu_name, write_section
-from splitft.coordinator.bench.study import QUICK, read_jsonl
-from splitft.coordinator.bench.study.methods import final_evaluation, make_fleet, replay_split, run_split
-from splitft.coordinator.bench.study.run import mqtt_broker
-from splitft.coordinator.bench.study.settings import say
-from splitft.shared.models import load_config, num_layers
+from splitft.bench.clock import CostModel, Server, calibrate_server
+from splitft.bench.sections import cpu_name, write_section
+from splitft.bench.study import QUICK, read_jsonl
+from splitft.bench.study.methods import final_evaluation, make_fleet, replay_split, run_split
+from splitft.bench.study.run import mqtt_broker
+from splitft.bench.study.settings import say
+from splitft.shared.model.loading import load_config, num_layers
+from splitft.tools import pretrain as pretrain_base
 
 SPEEDUPS = (100.0, 5.0)
 
@@ -129,7 +129,7 @@ def report(meta: dict[str, Any], results: dict[str, Any], cut: int) -> str:
         "(Jetson Nano, 2 x Orin Nano, Raspberry Pi 5, laptop; virtual emulation), its pretrained base, GSM8K at",
         f"alpha 1, {s['rounds']} rounds x {s['local_steps']} steps x batch {s['batch_size']}, AdamW lr {s['lr']:g}, rank "
         f"{s['r']}, fp16 wire; both runs at cut {cut}, the U run with a tail of {s['tail']} block(s). Step times are",
-        "simulated (splitft.coordinator.bench.clock) from the bytes each run sent; 'best cut' replays the same rounds with",
+        "simulated (splitft.bench.clock) from the bytes each run sent; 'best cut' replays the same rounds with",
         "every device at each cut and takes the best in hindsight.",
         "",
         "| | two-part | U split | U / two-part |",

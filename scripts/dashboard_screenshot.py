@@ -20,7 +20,7 @@ from pathlib import Path
 
 import aiohttp
 
-from splitft.coordinator.bench.browser import chromium
+from splitft.bench.browser import chromium
 
 
 def free_port() -> int:

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""Pretrain a small base model worth fine-tuning (splitft.coordinator.pretrain); --help says how."""
+"""Pretrain a small base model worth fine-tuning (splitft.tools.pretrain); --help says how."""
 
 import sys
 
-from splitft.coordinator.pretrain import main
+from splitft.tools.pretrain import main
 
 if __name__ == "__main__":
     sys.exit(main())

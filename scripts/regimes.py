@@ -4,7 +4,7 @@
 Runs each scenario (benchmarks/scenarios/*.scenario by default) under every fixed cut, the splitft and
 latency policies (the product's controller and estimator) and the oracle, and writes regimes.json, one
 plot per regime and report.md to --out; --write BENCHMARKS.md also puts the report in BENCHMARKS.md and
-the plots and light results in benchmarks/regimes/. Seconds on 2 cores; see splitft.coordinator.bench.regimes.
+the plots and light results in benchmarks/regimes/. Seconds on 2 cores; see splitft.bench.regimes.
 
     python scripts/regimes.py                                   # calibrate this host, run, print the table
     python scripts/regimes.py --write BENCHMARKS.md
@@ -25,8 +25,8 @@ SCENARIOS = ("device-bound", "server-bound", "dynamic")
 
 
 def main() -> int:
-    from splitft.coordinator.bench.clock import Server
-    from splitft.coordinator.bench.regimes import (
+    from splitft.bench.clock import Server
+    from splitft.bench.regimes import (
         RegimeSettings,
         before_after,
         calibrate_host,
@@ -38,8 +38,9 @@ def main() -> int:
         report,
         run_regime,
     )
-    from splitft.coordinator.bench.scenario import ScenarioError, load_scenario
-    from splitft.coordinator.bench.sections import cpu_name, write_section
+    from splitft.bench.scenario import load_scenario
+    from splitft.bench.sections import cpu_name, write_section
+    from splitft.shared.errors import ScenarioError
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("scenarios", nargs="*", type=Path, help="scenario files (default: the three regimes)")
@@ -119,7 +120,7 @@ def main() -> int:
             "the run is the time to any target perplexity; *best fixed* is the fastest of the eleven single cuts, "
             "chosen in hindsight; the *oracle* knows every device's true speed and link the moment they change. "
             "What the simulation leaves out: measurement noise, the time a device takes to rebuild its segment "
-            "when its cut moves, and varying batch lengths (`splitft.coordinator.bench.regimes`).\n\n"
+            "when its cut moves, and varying batch lengths (`splitft.bench.regimes`).\n\n"
         )
         write_section(args.write, "regimes", header + body)
     return 0

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""The SplitFT benchmark study (splitft.coordinator.bench.study); python scripts/study.py --help."""
+"""The SplitFT benchmark study (splitft.bench.study); python scripts/study.py --help."""
 
 import sys
 
-from splitft.coordinator.bench.study import main
+from splitft.bench.study import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -28,7 +28,7 @@ echo "== ruff"
 echo "== mypy"
 # mypy cannot follow setuptools' package-dir mapping: give it the same layout as symlinks.
 mkdir -p build/typecheck/splitft
-for part in agent coordinator shared; do ln -sfn "../../../$part" "build/typecheck/splitft/$part"; done
-MYPYPATH=build/typecheck "$PY/mypy" -p splitft.shared -p splitft.agent -p splitft.coordinator
+for part in agent coordinator shared bench tools; do ln -sfn "../../../$part" "build/typecheck/splitft/$part"; done
+MYPYPATH=build/typecheck "$PY/mypy" -p splitft.shared -p splitft.agent -p splitft.coordinator -p splitft.bench -p splitft.tools
 echo "== pytest"
 "$PY/python" -m pytest -q "$@"

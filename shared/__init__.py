@@ -1,51 +1,12 @@
-"""What the agent and the coordinator share: errors, the tensor codec, model loading and splitting, LoRA."""
+"""What the agent and the coordinator share, in layers (nothing is imported here, so importing one part loads
+only what it needs):
 
-from .codec import (
-    FLOAT_WIRE_DTYPES,
-    WIRE_DTYPES,
-    Limits,
-    decode_state,
-    decode_tensor,
-    encode_state,
-    encode_tensor,
-    pack,
-    unpack,
-)
-from .errors import ConfigError, ModelError, SplitFTError, WireError
-from .lora import LoraSettings, block_ranks, init_lora, load_lora_state, lora_state
-from .loss import causal_lm_loss, labels_from
-from .models import PRESETS, Family, family_of, load_config
-from .split import Segment, SegmentSpec, build_segment
+- ``errors``: the one exception tree and the exit codes;
+- ``wire``: what travels between them: topics and message kinds, the envelope, message bodies, the tensor
+  codec, the broker settings and the MQTT link;
+- ``model``: model loading and splitting, LoRA, losses, precision and memory;
+- ``job``: the job file, data files, the length-Dirichlet partition;
+- ``profiles``: the device classes of ``firmware_profiles/``.
+"""
 
 __version__ = "0.1.0"
-
-__all__ = [
-    "FLOAT_WIRE_DTYPES",
-    "PRESETS",
-    "WIRE_DTYPES",
-    "ConfigError",
-    "Family",
-    "Limits",
-    "LoraSettings",
-    "ModelError",
-    "Segment",
-    "SegmentSpec",
-    "SplitFTError",
-    "WireError",
-    "__version__",
-    "block_ranks",
-    "build_segment",
-    "causal_lm_loss",
-    "decode_state",
-    "decode_tensor",
-    "encode_state",
-    "encode_tensor",
-    "family_of",
-    "init_lora",
-    "labels_from",
-    "load_config",
-    "load_lora_state",
-    "lora_state",
-    "pack",
-    "unpack",
-]

@@ -1,20 +1,25 @@
-"""The one exception tree of SplitFT.
+"""The one exception tree of SplitFT, each error beside the exit code a command ends with on it.
 
-    SplitFTError                 every error SplitFT raises on purpose
-    ├── ConfigError              a bad setting: unknown preset, cut out of range, bad rank, ...
-    ├── ModelError               a model folder that cannot be used: missing, unsupported family, no weights
-    ├── LinkError                the MQTT broker cannot be reached, or a publish could not complete
-    ├── DataError                a training-data file that cannot be used: missing, malformed, no samples
-    ├── JobError                 the job cannot go on: too few agents joined, every agent lost
+    SplitFTError                 every error SplitFT raises on purpose                              exit
+    ├── ConfigError              a bad setting: unknown preset, cut out of range, bad rank, ...       3
+    │   ├── ScenarioError        a fault scenario file that cannot be run (names file and line)     3
+    │   └── SecretsError         the fleet's secrets cannot be made: a tool missing or failing       3
+    ├── ModelError               a model folder that cannot be used: missing, unsupported family      4
+    ├── DataError                a training-data file that cannot be used: missing, malformed         6
+    ├── LinkError                the MQTT broker cannot be reached, or a publish could not complete  7
+    ├── JobError                 the job cannot go on: too few agents joined, every agent lost       8
+    │   └── WorkerLost           a coordinator worker is gone (a collective failed or timed out)    8
+    ├── RoundAborted             an agent's part in a round ended early: caught by the agent itself
     └── WireError                bytes from the network that are refused; ``reason`` is a :class:`Refusal`
                                  (a stable code, for counters and logs), the message says what was wrong
 
 Code that handles untrusted input catches ``WireError``, counts ``exc.reason`` and carries on.
+:func:`exit_code_for` maps an error to its :class:`ExitCode`.
 """
 
 from __future__ import annotations
 
-from enum import StrEnum
+from enum import IntEnum, StrEnum
 
 
 class SplitFTError(Exception):
@@ -37,8 +42,25 @@ class DataError(SplitFTError):
     """A data file is missing, malformed, or holds no usable sample."""
 
 
+class ScenarioError(ConfigError):
+    """A fault scenario file that cannot be run: the message names the file and the line."""
+
+
+class SecretsError(ConfigError):
+    """Something needed to make the fleet's secrets is missing or failed; the message says what."""
+
+
 class JobError(SplitFTError):
     """The job cannot go on: too few agents joined in time, or too few finished a round."""
+
+
+class WorkerLost(JobError):
+    """A member of the coordinator's worker group is gone (a collective failed or timed out)."""
+
+
+class RoundAborted(SplitFTError):
+    """This agent's part in the current round ended early (deadline, new assignment, job done); the agent
+    catches it and waits for its next assignment."""
 
 
 class Refusal(StrEnum):
@@ -91,3 +113,30 @@ class WireError(SplitFTError):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    FAILED = 1  # an unexpected error; the traceback is printed
+    USAGE = 2  # bad command-line arguments (typer/click's own code)
+    CONFIG = 3  # a configuration value is invalid
+    MODEL = 4  # the model cannot be loaded or split
+    CHECK_FAILED = 5  # a check ran and found a mismatch (e.g. `verify-split`)
+    DATA = 6  # a data file is missing or unusable
+    BROKER = 7  # the MQTT broker cannot be reached
+    JOB_FAILED = 8  # the job could not go on (too few agents, every agent lost)
+    INTERRUPTED = 130  # Ctrl-C
+
+
+def exit_code_for(exc: BaseException) -> ExitCode:
+    """The exit code of an error the commands report without a traceback."""
+    for kind, code in (
+        (ModelError, ExitCode.MODEL),
+        (DataError, ExitCode.DATA),
+        (LinkError, ExitCode.BROKER),
+        (ConfigError, ExitCode.CONFIG),
+        (JobError, ExitCode.JOB_FAILED),
+    ):
+        if isinstance(exc, kind):
+            return code
+    return ExitCode.JOB_FAILED

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from splitft.shared.errors import ConfigError
 
 DTYPES = ("fp32", "fp16", "bf16")  # the names of precision.DTYPES (this module does not import torch)
 # table -> key -> kind ("str", "float" or "int"); "" is the top level

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from splitft.shared.models import load_config
-from splitft.shared.text import GPT2_TOKENIZER
+from splitft.shared.model.loading import load_config
+from splitft.shared.model.tokenizer import GPT2_TOKENIZER
 
 __all__ = [
     "CHAT_TEMPLATE",

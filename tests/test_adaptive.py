@@ -6,7 +6,7 @@ from pathlib import Path
 
 from test_runtime import read_metrics, run_job, shards
 
-from splitft.shared.config import JobConfig
+from splitft.shared.job.config import JobConfig
 
 from conftest import Broker
 

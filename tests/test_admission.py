@@ -15,12 +15,12 @@ import pytest
 from peft import AutoPeftModelForCausalLM
 
 from splitft.coordinator.runtime import Coordinator
-from splitft.shared.config import JobConfig
-from splitft.shared.exit_codes import ExitCode
-from splitft.shared.link import BrokerSettings
-from splitft.shared.models import load_config, model_fingerprint
-from splitft.shared.records import load_records
-from splitft.shared.text import GSM8K, load_tokenizer
+from splitft.shared.errors import ExitCode
+from splitft.shared.job.config import JobConfig
+from splitft.shared.job.records import load_records
+from splitft.shared.model.loading import load_config, model_fingerprint
+from splitft.shared.model.tokenizer import GSM8K, load_tokenizer
+from splitft.shared.wire.broker import BrokerSettings
 
 from conftest import Broker, save_model
 

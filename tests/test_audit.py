@@ -10,7 +10,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from splitft.coordinator.audit import (
+from splitft.coordinator.cli import app
+from splitft.shared.errors import ConfigError, ExitCode
+from splitft.shared.model.defense import DefenseSettings, defend, distance_correlation, nopeek_loss
+from splitft.shared.model.lora import lora_state
+from splitft.shared.model.split import SegmentSpec, build_segment
+from splitft.shared.model.tokenizer import load_tokenizer
+from splitft.tools.audit import (
     AttackSettings,
     DefenseCase,
     audit_inversion,
@@ -22,13 +28,6 @@ from splitft.coordinator.audit import (
     finetune_split,
     parse_cuts,
 )
-from splitft.coordinator.cli import app
-from splitft.shared.defense import DefenseSettings, defend, distance_correlation, nopeek_loss
-from splitft.shared.errors import ConfigError
-from splitft.shared.exit_codes import ExitCode
-from splitft.shared.lora import lora_state
-from splitft.shared.split import SegmentSpec, build_segment
-from splitft.shared.text import load_tokenizer
 
 runner = CliRunner()
 TINY = AttackSettings(public_tokens=2048, eval_tokens=1024, steps=100)

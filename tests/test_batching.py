@@ -12,9 +12,9 @@ from test_runtime import assert_equals_centralised, equivalence_job, read_metric
 from test_usplit import assert_u_equals_centralised, u_job
 
 from splitft.coordinator.server import BatchItem, ServerModel
-from splitft.shared.config import JobConfig, OptimizerSettings
-from splitft.shared.lora import lora_state
-from splitft.shared.protocol import Activations
+from splitft.shared.job.config import JobConfig, OptimizerSettings
+from splitft.shared.model.lora import lora_state
+from splitft.shared.wire.messages import Activations
 
 from conftest import Broker
 

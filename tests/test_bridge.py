@@ -11,11 +11,11 @@ from pathlib import Path
 from splitft.agent.runtime import Agent, AgentSettings
 from splitft.coordinator.brokers import start_mosquitto, stop_broker
 from splitft.coordinator.runtime import Coordinator
-from splitft.shared.config import JobConfig
-from splitft.shared.data import write_shards
-from splitft.shared.link import BrokerSettings
-from splitft.shared.records import load_records
-from splitft.shared.text import GSM8K
+from splitft.shared.job.config import JobConfig
+from splitft.shared.job.data import write_shards
+from splitft.shared.job.records import load_records
+from splitft.shared.model.tokenizer import GSM8K
+from splitft.shared.wire.broker import BrokerSettings
 
 
 def bridge_config(name: str, central_port: int) -> str:

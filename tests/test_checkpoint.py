@@ -15,10 +15,10 @@ from splitft.coordinator.checkpoint import (
     verify_checkpoint,
 )
 from splitft.coordinator.server import ServerModel
-from splitft.shared.config import JobConfig
 from splitft.shared.errors import ConfigError
-from splitft.shared.lora import lora_state
-from splitft.shared.protocol import Activations
+from splitft.shared.job.config import JobConfig
+from splitft.shared.model.lora import lora_state
+from splitft.shared.wire.messages import Activations
 
 
 def trained_server(job: JobConfig, steps: int) -> ServerModel:

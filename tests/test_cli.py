@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 
 from splitft.agent.cli import app as agent_app
 from splitft.coordinator.cli import app
-from splitft.shared.exit_codes import ExitCode
-from splitft.shared.models import load_config
-from splitft.shared.protocol import load_key
+from splitft.shared.errors import ExitCode
+from splitft.shared.model.loading import load_config
+from splitft.shared.wire.envelope import load_key
 
 from conftest import Broker, save_model
 
@@ -42,7 +42,7 @@ def assert_error(result: Result, code: ExitCode, *names: object) -> str:
 @pytest.fixture
 def no_connect(monkeypatch: pytest.MonkeyPatch) -> None:
     """Any attempt to connect to a broker fails the test: bad input must be refused before that."""
-    from splitft.shared.link import Link
+    from splitft.shared.wire.link import Link
 
     async def refuse(self: Link) -> Link:
         raise AssertionError("connected to a broker despite bad input")
@@ -97,7 +97,7 @@ def test_verify_split_passes_and_reports_lossy_wire() -> None:
 
 def test_verify_split_reports_a_corrupted_wire(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fault injection: a wire that perturbs what it carries must make the check fail."""
-    import splitft.shared.equivalence as equivalence
+    import splitft.shared.model.equivalence as equivalence
 
     real_decode = equivalence.decode_tensor
     monkeypatch.setattr(equivalence, "decode_tensor", lambda obj, **kw: real_decode(obj, **kw) * 1.001)
@@ -171,8 +171,8 @@ def test_agent_exits_with_the_broker_code_when_its_link_fails(
 
     import aiomqtt
 
-    from splitft.shared.link import Link
-    from splitft.shared.topics import Topics
+    from splitft.shared.wire.link import Link
+    from splitft.shared.wire.topics import Topics
 
     def broken(self: Link, topic_name: str, payload: bytes) -> None:
         raise RuntimeError("injected decoder failure")
@@ -323,7 +323,7 @@ def test_run_refuses_eval_data_without_a_usable_example(tmp_path: Path, no_conne
 
 
 def _folder(tmp_path: Path, name: str, layers: int = 2) -> Path:
-    from splitft.shared.text import load_tokenizer
+    from splitft.shared.model.tokenizer import load_tokenizer
 
     config = load_config("tiny-gpt2")
     config.n_layer = layers
@@ -572,8 +572,8 @@ def test_local_run_end_to_end(tmp_path: Path) -> None:
         'job = "from-file"\nrounds = 2\nlocal_steps = 2\nbatch_size = 2\nmax_length = 64\npolicy = "fixed"\n'
         'split = "two-part"\n[optimizer]\nlr = 0.004\n'
     )
-    from splitft.shared.records import load_records
-    from splitft.shared.text import GSM8K
+    from splitft.shared.job.records import load_records
+    from splitft.shared.model.tokenizer import GSM8K
 
     pairs = load_records(GSM8K / "train.jsonl", limit=24)
     data = tmp_path / "mine.jsonl"  # a user's file, with field names of its own
@@ -637,7 +637,7 @@ def test_local_without_a_job_file_takes_its_own_defaults() -> None:
 
 
 def test_partition_command_writes_shards_table_and_png(tmp_path: Path) -> None:
-    from splitft.shared.text import GSM8K
+    from splitft.shared.model.tokenizer import GSM8K
 
     out = tmp_path / "parts"
     args = ["partition", "--data", str(GSM8K / "train.jsonl"), "--clients", "3", "--alpha", "0.1", "--limit", "120"]
@@ -653,8 +653,8 @@ def test_partition_command_writes_shards_table_and_png(tmp_path: Path) -> None:
 
 
 def test_partition_failures_leave_no_partial_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import splitft.shared.partition
-    from splitft.shared.text import GSM8K
+    import splitft.shared.job.partition
+    from splitft.shared.model.tokenizer import GSM8K
 
     data = GSM8K / "train.jsonl"
     args = ["partition", "--clients", "2", "--limit", "40"]
@@ -673,7 +673,7 @@ def test_partition_failures_leave_no_partial_output(tmp_path: Path, monkeypatch:
     def disk_full(*a: object, **k: object) -> Path:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(splitft.shared.partition, "plot_partition", disk_full)  # after the shards are written
+    monkeypatch.setattr(splitft.shared.job.partition, "plot_partition", disk_full)  # after the shards are written
     result = runner.invoke(app, [*args, "--data", str(data), "--out", str(out)])
     assert_error(result, ExitCode.CONFIG, "cannot write", "No space left on device")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # no folder, no staged files

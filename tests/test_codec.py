@@ -9,7 +9,8 @@ import pytest
 import torch
 import zstandard
 
-from splitft.shared.codec import (
+from splitft.shared.errors import ConfigError, WireError
+from splitft.shared.wire.codec import (
     FLOAT_WIRE_DTYPES,
     Limits,
     decode_state,
@@ -19,7 +20,6 @@ from splitft.shared.codec import (
     pack,
     unpack,
 )
-from splitft.shared.errors import ConfigError, WireError
 
 ODD_SHAPES = [(), (1,), (0,), (3, 0, 5), (7,), (2, 3, 5), (1, 1, 1, 1, 9), (4, 13, 33)]
 

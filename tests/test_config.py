@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from splitft.shared.config import JobConfig
 from splitft.shared.errors import ConfigError
+from splitft.shared.job.config import JobConfig
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -93,7 +93,7 @@ def test_folder_and_binary_job_files_are_named(tmp_path: Path) -> None:
 
 
 def test_broker_settings_name_the_option(tmp_path: Path) -> None:
-    from splitft.shared.config import broker_settings
+    from splitft.shared.wire.broker import broker_settings
 
     key = tmp_path / "job.key"
     key.write_text("ab" * 32 + "\n")
@@ -121,7 +121,7 @@ def test_broker_settings_name_the_option(tmp_path: Path) -> None:
 
 
 def test_torch_device() -> None:
-    from splitft.shared.config import torch_device
+    from splitft.shared.job.config import torch_device
 
     assert torch_device("cpu") == "cpu"
     assert torch_device("auto") in ("cpu", "cuda")

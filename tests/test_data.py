@@ -11,11 +11,11 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from splitft.shared.data import Batches, Example, collate, tokenize, write_shards
 from splitft.shared.errors import ConfigError, DataError
-from splitft.shared.loss import IGNORE_INDEX
-from splitft.shared.records import PAIR_FIELDS, load_records
-from splitft.shared.text import GSM8K, load_tokenizer
+from splitft.shared.job.data import Batches, Example, collate, tokenize, write_shards
+from splitft.shared.job.records import PAIR_FIELDS, load_records
+from splitft.shared.model.loss import IGNORE_INDEX
+from splitft.shared.model.tokenizer import GSM8K, load_tokenizer
 
 PAIRS = [(f"What is {i} plus {i}?", f"It is {2 * i}.") for i in range(12)]
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from splitft.coordinator.bench import emulation as bench_emulation
-from splitft.shared.models import block_flops, block_params, load_config
-from splitft.shared.split import SegmentSpec, build_segment
+from splitft.bench import emulation as bench_emulation
+from splitft.shared.model.loading import block_flops, block_params, load_config
+from splitft.shared.model.split import SegmentSpec, build_segment
 
 
 def test_block_params_match_the_model() -> None:

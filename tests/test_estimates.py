@@ -9,7 +9,7 @@ import pytest
 
 from splitft.coordinator.controller import ServerEstimate
 from splitft.coordinator.estimates import CHANGE_RATIO, Ewma, FleetEstimates, adapter_block_bytes
-from splitft.shared.split import SegmentSpec, build_segment
+from splitft.shared.model.split import SegmentSpec, build_segment
 
 WIFI = {"uplink_mbps": 100.0, "downlink_mbps": 200.0, "rtt_ms": 10.0, "usable_mb": 4096}
 

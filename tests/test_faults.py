@@ -29,14 +29,15 @@ from splitft.agent.runtime import Agent, AgentSettings
 from splitft.coordinator.checkpoint import state_digest
 from splitft.coordinator.runtime import Coordinator
 from splitft.coordinator.server import ServerModel
-from splitft.shared.codec import encode_state, encode_tensor
-from splitft.shared.config import JobConfig, OptimizerSettings
 from splitft.shared.errors import WireError
-from splitft.shared.link import BrokerSettings
-from splitft.shared.lora import lora_state
-from splitft.shared.protocol import Assignment, Envelope, decode_envelope, encode_envelope
-from splitft.shared.split import Segment
-from splitft.shared.topics import Topics
+from splitft.shared.job.config import JobConfig, OptimizerSettings
+from splitft.shared.model.lora import lora_state
+from splitft.shared.model.split import Segment
+from splitft.shared.wire.broker import BrokerSettings
+from splitft.shared.wire.codec import encode_state, encode_tensor
+from splitft.shared.wire.control import Assignment
+from splitft.shared.wire.envelope import Envelope, decode_envelope, encode_envelope
+from splitft.shared.wire.topics import Topics
 
 from conftest import Broker, start_mosquitto, stop_broker
 

@@ -36,8 +36,10 @@ import pytest
 import torch
 import zstandard
 
-from splitft.shared import protocol
-from splitft.shared.codec import (
+from splitft.shared.errors import Refusal, WireError
+from splitft.shared.wire import control, envelope
+from splitft.shared.wire.broker import BrokerSettings
+from splitft.shared.wire.codec import (
     DEFAULT_LIMITS,
     FLOAT_WIRE_DTYPES,
     INT_WIRE_DTYPES,
@@ -47,40 +49,22 @@ from splitft.shared.codec import (
     encode_state,
     encode_tensor,
 )
-from splitft.shared.errors import Refusal, WireError
-from splitft.shared.link import BrokerSettings, Link
-from splitft.shared.protocol import (
-    ACT,
-    ADAPTER,
-    ASSIGN,
-    CHUNK,
-    GRAD,
-    JOIN,
-    NOTICE,
-    ROUND,
-    STATUS,
-    TAIL_ACT,
-    TAIL_GRAD,
-    Envelope,
+from splitft.shared.wire.control import notice_body, parse_join, parse_notice, parse_status
+from splitft.shared.wire.envelope import Envelope, chunk_payload, decode_envelope, encode_envelope
+from splitft.shared.wire.link import Link
+from splitft.shared.wire.messages import (
     act_body,
     adapter_body,
-    chunk_payload,
-    decode_envelope,
-    encode_envelope,
     grad_body,
-    notice_body,
     parse_act,
     parse_adapter,
     parse_grad,
-    parse_join,
-    parse_notice,
-    parse_status,
     parse_tail_act,
     parse_tail_grad,
     tail_act_body,
     tail_grad_body,
 )
-from splitft.shared.topics import COORDINATOR, Topics
+from splitft.shared.wire.topics import COORDINATOR, Kind, Topics
 
 T = TypeVar("T")
 SEED = 6_006
@@ -106,8 +90,8 @@ NAN, INF = float("nan"), float("inf")
 UPSTREAM = ("act", "tail_grad", "adapter", "join", "status")  # agent -> coordinator: the coordinator's link reads these
 DOWNSTREAM = ("assign", "grad", "tail_act", "notice", "round", "coordinator_status")  # read by the agent's link
 KINDS = UPSTREAM + DOWNSTREAM
-TYPE_OF = {"act": ACT, "tail_grad": TAIL_GRAD, "adapter": ADAPTER, "join": JOIN, "status": STATUS, "assign": ASSIGN,
-           "grad": GRAD, "tail_act": TAIL_ACT, "notice": NOTICE, "round": ROUND, "coordinator_status": STATUS}  # fmt: skip
+TYPE_OF = {"act": Kind.ACT, "tail_grad": Kind.TAIL_GRAD, "adapter": Kind.ADAPTER, "join": Kind.JOIN, "status": Kind.STATUS, "assign": Kind.ASSIGN,
+           "grad": Kind.GRAD, "tail_act": Kind.TAIL_ACT, "notice": Kind.NOTICE, "round": Kind.ROUND, "coordinator_status": Kind.STATUS}  # fmt: skip
 #: the body fields each parser requires, and their type
 SCHEMA: dict[str, dict[str, str]] = {
     "act": {"act": "tensor", "labels": "tensor", "lengths": "tensor", "timings": "dict"},
@@ -203,7 +187,7 @@ def assign_expect(ranks: list[int]) -> dict[str, tuple[int, int]]:
 
 def take_assignment(env: Envelope) -> Any:
     """What the agent does with an assignment before training: check it, then decode its adapters."""
-    a = protocol.parse_assign(env.round, env.body, FINGERPRINT, LAYERS)
+    a = control.parse_assign(env.round, env.body, FINGERPRINT, LAYERS)
     expect = assign_expect([a.ranks[j] for j in range(a.cut)])
     decode_state(a.adapter, expect={n: list(s) for n, s in expect.items()})
     return a
@@ -729,7 +713,7 @@ class Fuzzer:
     # ------------------------------------------------------------------ chunks
 
     def chunk_env(self, msg: Msg, body: dict[str, Any], seq: int | None = None) -> Envelope:
-        return replace(msg.env, type=CHUNK, seq=seq or self.next_seq(), body=body)
+        return replace(msg.env, type=Kind.CHUNK, seq=seq or self.next_seq(), body=body)
 
     def chunk_body(self, count: int = 2, index: int = 0, data: bytes = b"part") -> dict[str, Any]:
         return {"id": f"{self.sid}:{self.next_seq()}", "index": index, "count": count, "data": data}
@@ -739,7 +723,7 @@ class Fuzzer:
         full = self.encode(msg)
         max_bytes = max(4096, len(full) // self.rng.randint(2, 8) + 512)
         count = math.ceil(len(full) / (max_bytes - 512))
-        header = replace(msg.env, type=CHUNK, seq=self.next_seq(count), body={})
+        header = replace(msg.env, type=Kind.CHUNK, seq=self.next_seq(count), body={})
         parts = chunk_payload(full, max_bytes, header, key=KEY if self.keyed else None, topic=msg.topic)
         order = list(range(len(parts)))
         if self.rng.random() < 0.5:
@@ -822,7 +806,7 @@ class Fuzzer:
 
     def m_auth(self) -> list[Case]:
         variant = self.rng.choice(["missing", "wrong_key", "wrong_topic", "stale", "short_tag", "tampered"])
-        msg = self.message(self.rng.choice([k for k in KINDS if TYPE_OF[k] != STATUS]))
+        msg = self.message(self.rng.choice([k for k in KINDS if TYPE_OF[k] != Kind.STATUS]))
         reason = {"missing": "unauthenticated", "stale": "stale"}.get(variant, "bad_auth")
         if variant == "missing":
             payload = self.encode(msg, key=None)
@@ -1065,11 +1049,11 @@ def run_mode(keyed: bool, seed: int, n: int, tally: Tally) -> int:
         except WireError:
             direct = None
         if outcome == "held":
-            assert direct is not None and direct.type == CHUNK, f"{where}: nothing but a chunk may be held"
+            assert direct is not None and direct.type == Kind.CHUNK, f"{where}: nothing but a chunk may be held"
         env = queued[0].envelope if queued else direct
         parsed: bool | None = None
         parser = PARSERS[case.kind]
-        if env is not None and env.type != CHUNK and parser is not None:
+        if env is not None and env.type != Kind.CHUNK and parser is not None:
             try:
                 parser(env, case.ctx)
                 parsed = True
@@ -1082,7 +1066,7 @@ def run_mode(keyed: bool, seed: int, n: int, tally: Tally) -> int:
         # what each mutation must come to
         if case.expect == ACCEPT:
             assert outcome == "accepted" and parsed is not False, f"{where}: a valid message was refused ({refused})"
-            if direct is not None and direct.type != CHUNK:
+            if direct is not None and direct.type != Kind.CHUNK:
                 tally.largest_legit = max(tally.largest_legit, zstandard.frame_content_size(case.payload))
         elif case.expect == HELD:
             assert outcome == "held", f"{where}: expected to be held, got {outcome} {refused}"
@@ -1112,7 +1096,7 @@ def run_mode(keyed: bool, seed: int, n: int, tally: Tally) -> int:
 @pytest.fixture
 def quiet_link_logs() -> Iterator[None]:
     """The Link logs every refusal; thousands of warnings would only fill pytest's log capture."""
-    logger = logging.getLogger("splitft.shared.link")
+    logger = logging.getLogger("splitft.shared.wire.link")
     level = logger.level
     logger.setLevel(logging.ERROR)
     yield
@@ -1122,7 +1106,7 @@ def quiet_link_logs() -> Iterator[None]:
 @pytest.mark.usefixtures("quiet_link_logs")
 def test_fuzz_every_message_type_through_link_and_parsers(monkeypatch: pytest.MonkeyPatch) -> None:
     # A frozen clock for check_auth: the same seed then gives the same payloads, byte for byte.
-    monkeypatch.setattr(protocol, "time", SimpleNamespace(time=lambda: NOW, monotonic=time.monotonic))
+    monkeypatch.setattr(envelope, "time", SimpleNamespace(time=lambda: NOW, monotonic=time.monotonic))
     tally = Tally()
     started = time.perf_counter()
     tracemalloc.start()

@@ -15,11 +15,10 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from splitft.coordinator.cli import app
-from splitft.shared.equivalence import compare_split_to_whole
-from splitft.shared.errors import ModelError
-from splitft.shared.exit_codes import ExitCode
-from splitft.shared.models import load_config, model_fingerprint, resolve_source
-from splitft.shared.text import load_tokenizer
+from splitft.shared.errors import ExitCode, ModelError
+from splitft.shared.model.equivalence import compare_split_to_whole
+from splitft.shared.model.loading import load_config, model_fingerprint, resolve_source
+from splitft.shared.model.tokenizer import load_tokenizer
 
 from gguf_files import CHAT_TEMPLATE, write_llama_gguf, write_unsupported_gguf
 

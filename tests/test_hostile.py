@@ -17,11 +17,12 @@ import psutil
 import pytest
 
 from splitft.coordinator.runtime import Coordinator
-from splitft.shared.config import JobConfig
 from splitft.shared.errors import Refusal
-from splitft.shared.link import BrokerSettings, Link
-from splitft.shared.protocol import ACT, CHUNK, JOIN, Envelope, encode_envelope
-from splitft.shared.topics import Topic, Topics
+from splitft.shared.job.config import JobConfig
+from splitft.shared.wire.broker import BrokerSettings
+from splitft.shared.wire.envelope import Envelope, encode_envelope
+from splitft.shared.wire.link import Link
+from splitft.shared.wire.topics import Kind, Topic, Topics
 
 from conftest import Broker
 
@@ -35,7 +36,7 @@ def rss_mb() -> float:
 
 def bomb(job: str, sender: str, seq: int, kind: str, declared_mb: int, sid: str = "bomb") -> bytes:
     """An envelope of a few kilobytes on the wire that decompresses to ``declared_mb`` MiB of zeros."""
-    if kind == CHUNK:  # the first of two chunks of a message nobody will finish
+    if kind == Kind.CHUNK:  # the first of two chunks of a message nobody will finish
         body = {"id": f"{sid}:{seq}", "index": 0, "count": 2, "data": bytes(declared_mb * MB)}
     else:
         body = {"act": {"dtype": "fp32", "shape": [1], "data": bytes(declared_mb * MB)}}
@@ -55,9 +56,9 @@ async def test_floods_of_bombs_do_not_grow_the_coordinators_memory(broker: Broke
     raised RSS by 1.2 GB and 2.6 GB, held for good. Now each is refused before it is decompressed."""
     job = JobConfig(job="flood", model="tiny-gpt2", rounds=1, min_agents=1, join_timeout_s=300)
     topics = Topics(job.job)
-    acts = [bomb(job.job, "ghost", 1, ACT, 200, sid=f"s{i}") for i in range(6)]
-    chunks = [bomb(job.job, f"fake{i}", 1, CHUNK, 60) for i in range(24)]
-    big_joins = [bomb(job.job, f"joiner{i}", 1, CHUNK, 60) for i in range(4)]  # anyone may join, but briefly
+    acts = [bomb(job.job, "ghost", 1, Kind.ACT, 200, sid=f"s{i}") for i in range(6)]
+    chunks = [bomb(job.job, f"fake{i}", 1, Kind.CHUNK, 60) for i in range(24)]
+    big_joins = [bomb(job.job, f"joiner{i}", 1, Kind.CHUNK, 60) for i in range(4)]  # anyone may join, but briefly
     assert max(map(len, acts + chunks + big_joins)) < 64 << 10  # kilobytes on the wire
     coordinator = Coordinator(job, BrokerSettings(url=broker.url), tmp_path / "out")
     task = asyncio.create_task(coordinator.run())
@@ -103,7 +104,7 @@ async def test_partial_chunked_messages_expire_on_a_timer(broker: Broker) -> Non
     settings = BrokerSettings(url=broker.url, reassembly_timeout_s=0.5)
     async with Link(settings, TOPICS, "coordinator", [TOPICS.all_agents("act")], expect=only_a1(100 * MB)) as coord:
         async with aiomqtt.Client(broker.host, broker.port) as raw:
-            await raw.publish(TOPICS.agent("a1", "act"), bomb(TOPICS.job, "a1", 1, CHUNK, 8), qos=1)
+            await raw.publish(TOPICS.agent("a1", "act"), bomb(TOPICS.job, "a1", 1, Kind.CHUNK, 8), qos=1)
             await wait_for(lambda: coord._reassembler.pending == 1, 10)
             assert coord._reassembler.bytes == 8 * MB
             await wait_for(lambda: coord._reassembler.pending == 0, 10)  # with no further traffic at all
@@ -121,16 +122,16 @@ async def test_what_waits_unread_is_bounded_in_bytes(broker: Broker) -> None:
         Link(BrokerSettings(url=broker.url), TOPICS, "a1", []) as agent,
     ):
         for _ in range(10):
-            await agent.publish(TOPICS.agent("a1", "act"), ACT, act)
+            await agent.publish(TOPICS.agent("a1", "act"), Kind.ACT, act)
         await wait_for(lambda: coord.pending() + sum(coord.rejected.values()) == 10, 30)
         assert coord.pending() == 3 and coord.rejected == {Refusal.OVERLOADED: 7}
         assert coord._queue.bytes <= 3 * MB + MB // 2
         for _ in range(3):
             await coord.receive(timeout=5)
-        await agent.publish(TOPICS.agent("a1", "act"), ACT, act)
+        await agent.publish(TOPICS.agent("a1", "act"), Kind.ACT, act)
         assert (await coord.receive(timeout=10)).envelope.sender == "a1"
         # larger than a1's activations may be: refused before it is decompressed
-        await agent.publish(TOPICS.agent("a1", "act"), ACT, {"act": {"data": bytes(3 * MB)}})
+        await agent.publish(TOPICS.agent("a1", "act"), Kind.ACT, {"act": {"data": bytes(3 * MB)}})
         await wait_for(lambda: coord.rejected[Refusal.TOO_LARGE] == 1, 10)
 
 
@@ -149,7 +150,7 @@ async def test_decoding_runs_off_the_event_loop(broker: Broker, monkeypatch: pyt
     monkeypatch.setattr(Link, "_decode", slow_decode)
     async with Link(BrokerSettings(url=broker.url), TOPICS, "coordinator", [TOPICS.all_agents("join")]) as coord:
         async with aiomqtt.Client(broker.host, broker.port) as raw:
-            env = Envelope(type=JOIN, job=TOPICS.job, sender="a1", sid="s", seq=1, body={})
+            env = Envelope(type=Kind.JOIN, job=TOPICS.job, sender="a1", sid="s", seq=1, body={})
             await raw.publish(TOPICS.agent("a1", "join"), encode_envelope(env), qos=1)
         await asyncio.sleep(0.3)  # the loop runs while the frame decodes
         go.set()

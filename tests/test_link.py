@@ -10,11 +10,12 @@ import aiomqtt
 import pytest
 import torch
 
-from splitft.shared.codec import decode_tensor, encode_tensor
 from splitft.shared.errors import LinkError
-from splitft.shared.link import BrokerSettings, Link
-from splitft.shared.protocol import ACT, JOIN, Envelope, encode_envelope
-from splitft.shared.topics import Topics
+from splitft.shared.wire.broker import BrokerSettings
+from splitft.shared.wire.codec import decode_tensor, encode_tensor
+from splitft.shared.wire.envelope import Envelope, encode_envelope
+from splitft.shared.wire.link import Link
+from splitft.shared.wire.topics import Kind, Topics
 
 from conftest import Broker, start_mosquitto, stop_broker
 
@@ -31,9 +32,9 @@ async def test_small_and_chunked_messages(broker: Broker) -> None:
         Link(settings(broker), TOPICS, "coordinator", coord_subs) as coord,
         Link(settings(broker, max_payload_bytes=64_000), TOPICS, "a1", []) as agent,
     ):
-        await agent.publish(TOPICS.agent("a1", "join"), JOIN, {"hello": 1})
+        await agent.publish(TOPICS.agent("a1", "join"), Kind.JOIN, {"hello": 1})
         big = torch.randn(4, 100, 128)  # ~200 kB in fp32: four chunks at 64 kB
-        sent = await agent.publish(TOPICS.agent("a1", "act"), ACT, {"act": encode_tensor(big, "fp32")}, step=3)
+        sent = await agent.publish(TOPICS.agent("a1", "act"), Kind.ACT, {"act": encode_tensor(big, "fp32")}, step=3)
         assert sent > 150_000
         first = await coord.receive(timeout=10)
         assert first.topic.kind == "join" and first.envelope.body == {"hello": 1}
@@ -46,16 +47,16 @@ async def test_small_and_chunked_messages(broker: Broker) -> None:
 async def test_garbage_wrong_sender_and_duplicates_are_counted(
     broker: Broker, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="splitft.shared.link")
+    caplog.set_level(logging.INFO, logger="splitft.shared.wire.link")
     async with Link(settings(broker), TOPICS, "coordinator", [TOPICS.all_agents("act")]) as coord:
         async with aiomqtt.Client(broker.host, broker.port) as raw:
             topic = TOPICS.agent("a1", "act")
             await raw.publish(topic, b"\x00garbage")
-            forged = Envelope(type=ACT, job=TOPICS.job, sender="a2", sid="s", seq=1, body={})
+            forged = Envelope(type=Kind.ACT, job=TOPICS.job, sender="a2", sid="s", seq=1, body={})
             await raw.publish(topic, encode_envelope(forged))  # a2 speaking on a1's topic
-            other_job = Envelope(type=ACT, job="other", sender="a1", sid="s", seq=1, body={})
+            other_job = Envelope(type=Kind.ACT, job="other", sender="a1", sid="s", seq=1, body={})
             await raw.publish(topic, encode_envelope(other_job))
-            good = Envelope(type=ACT, job=TOPICS.job, sender="a1", sid="s", seq=7, body={"n": 1})
+            good = Envelope(type=Kind.ACT, job=TOPICS.job, sender="a1", sid="s", seq=7, body={"n": 1})
             await raw.publish(topic, encode_envelope(good), qos=1)
             await raw.publish(topic, encode_envelope(good), qos=1)  # a redelivery
             await raw.publish(TOPICS.agent("a1", "act") + "x", b"")  # not subscribed: never arrives
@@ -87,7 +88,7 @@ async def test_reconnects_after_broker_restart(tmp_path: Path) -> None:
             async with asyncio.timeout(20):
                 while not (coord.connected and coord.connects >= 2 and agent.connected):
                     await asyncio.sleep(0.05)
-            await agent.publish(TOPICS.agent("a1", "join"), JOIN, {"after": "restart"})
+            await agent.publish(TOPICS.agent("a1", "join"), Kind.JOIN, {"after": "restart"})
             got = await coord.receive(timeout=20)
             assert got.envelope.body == {"after": "restart"}
             assert agent.connects >= 2 and coord.connects >= 2
@@ -118,5 +119,5 @@ async def test_a_failure_of_the_connection_task_reaches_the_caller(
     assert isinstance(info.value.__cause__, RuntimeError)
     assert not coord.connected
     with pytest.raises(LinkError, match="failed"):
-        await coord.publish(TOPICS.agent("a1", "join"), JOIN, {})  # at once, not after publish_wait_s
+        await coord.publish(TOPICS.agent("a1", "join"), Kind.JOIN, {})  # at once, not after publish_wait_s
     assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]  # the group's cancel was taken back

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 
 from splitft.coordinator.runtime import Coordinator
-from splitft.shared.config import JobConfig
-from splitft.shared.link import BrokerSettings
-from splitft.shared.text import GSM8K
+from splitft.shared.job.config import JobConfig
+from splitft.shared.model.tokenizer import GSM8K
+from splitft.shared.wire.broker import BrokerSettings
 
 from conftest import Broker
 

@@ -17,11 +17,11 @@ from splitft.agent.runtime import Agent, AgentSettings
 from splitft.coordinator.controller import Controller, ControllerSettings, ServerEstimate
 from splitft.coordinator.estimates import FleetEstimates
 from splitft.coordinator.runtime import Coordinator
-from splitft.shared.config import JobConfig
 from splitft.shared.errors import ModelError
-from splitft.shared.link import BrokerSettings
-from splitft.shared.memory import ACTIVATION_OVERHEAD, SHARED_PROCESS_RUNTIME_MB, MemoryFigures, shortfall
-from splitft.shared.precision import DTYPES
+from splitft.shared.job.config import JobConfig
+from splitft.shared.model.memory import ACTIVATION_OVERHEAD, SHARED_PROCESS_RUNTIME_MB, MemoryFigures, shortfall
+from splitft.shared.model.precision import DTYPES
+from splitft.shared.wire.broker import BrokerSettings
 
 from conftest import Broker
 

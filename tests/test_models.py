@@ -10,9 +10,9 @@ import torch
 from transformers import BertConfig, LlamaConfig
 
 from splitft.shared.errors import ConfigError, ModelError
-from splitft.shared.lora import LoraSettings, block_ranks, init_lora, lora_state
-from splitft.shared.models import PRESETS, load_config
-from splitft.shared.split import SegmentSpec, build_segment
+from splitft.shared.model.loading import PRESETS, load_config
+from splitft.shared.model.lora import LoraSettings, block_ranks, init_lora, lora_state
+from splitft.shared.model.split import SegmentSpec, build_segment
 
 from conftest import save_model
 
@@ -177,8 +177,8 @@ def test_sequences_longer_than_the_positions_are_refused() -> None:
     from transformers import GPT2Config
 
     from splitft.shared.errors import WireError
-    from splitft.shared.models import check_max_length, max_positions
-    from splitft.shared.protocol import parse_assign
+    from splitft.shared.model.loading import check_max_length, max_positions
+    from splitft.shared.wire.control import parse_assign
 
     config = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64)
     assert max_positions(config) == 64 and max_positions(load_config("tiny-llama")) == 1024

@@ -24,10 +24,11 @@ from safetensors import safe_open
 
 from splitft.coordinator.checkpoint import latest_checkpoint, save_checkpoint
 from splitft.coordinator.server import ServerModel
-from splitft.shared.codec import compress, unpack
-from splitft.shared.config import JobConfig
 from splitft.shared.errors import WireError
-from splitft.shared.protocol import Activations, decode_envelope
+from splitft.shared.job.config import JobConfig
+from splitft.shared.wire.codec import compress, unpack
+from splitft.shared.wire.envelope import decode_envelope
+from splitft.shared.wire.messages import Activations
 
 ROOT = Path(__file__).resolve().parent.parent
 SCANNED = ("agent", "coordinator", "shared", "scripts")

@@ -15,16 +15,16 @@ from test_cli import assert_error
 from typer.testing import CliRunner
 
 from splitft.agent.runtime import Agent, AgentSettings
-from splitft.coordinator.bench.browser import chromium
+from splitft.bench.browser import chromium
 from splitft.coordinator.cli import app
 from splitft.coordinator.observe.dashboard import Address, Observatory
 from splitft.coordinator.runtime import Coordinator
-from splitft.shared.config import JobConfig
-from splitft.shared.data import write_shards
-from splitft.shared.exit_codes import ExitCode
-from splitft.shared.link import BrokerSettings
-from splitft.shared.records import load_records
-from splitft.shared.text import GSM8K
+from splitft.shared.errors import ExitCode
+from splitft.shared.job.config import JobConfig
+from splitft.shared.job.data import write_shards
+from splitft.shared.job.records import load_records
+from splitft.shared.model.tokenizer import GSM8K
+from splitft.shared.wire.broker import BrokerSettings
 
 from conftest import Broker
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from splitft.shared.data import tokenize
 from splitft.shared.errors import ConfigError
-from splitft.shared.partition import (
+from splitft.shared.job.data import tokenize
+from splitft.shared.job.partition import (
     Partition,
     describe,
     length_dirichlet_partition,
@@ -17,8 +17,8 @@ from splitft.shared.partition import (
     token_lengths,
     write_partition,
 )
-from splitft.shared.records import load_records
-from splitft.shared.text import GSM8K, load_tokenizer
+from splitft.shared.job.records import load_records
+from splitft.shared.model.tokenizer import GSM8K, load_tokenizer
 
 
 def synthetic_lengths(n: int = 2000, seed: int = 123) -> list[int]:

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from splitft.shared.errors import ConfigError
-from splitft.shared.loss import evaluate_lm, labels_from, linear_cross_entropy, logits_loss
-from splitft.shared.models import load_config, num_layers
-from splitft.shared.precision import torch_dtype
-from splitft.shared.split import SegmentSpec, build_segment, load_base_model
+from splitft.shared.model.loading import load_config, num_layers
+from splitft.shared.model.loss import evaluate_lm, labels_from, linear_cross_entropy, logits_loss
+from splitft.shared.model.precision import torch_dtype
+from splitft.shared.model.split import SegmentSpec, build_segment, load_base_model
 
 # bf16 keeps 8 bits of mantissa, fp16 11: relative error of a step's mean loss and of its LoRA gradients
 # (as a vector) against fp32, on the tiny presets, with every LoRA weight non-zero.

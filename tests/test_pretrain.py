@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from splitft.coordinator import pretrain as pb
-from splitft.shared.text import load_tokenizer
+from splitft.shared.model.tokenizer import load_tokenizer
+from splitft.tools import pretrain as pb
 
 ROOT = Path(__file__).resolve().parent.parent
 

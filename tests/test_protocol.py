@@ -11,32 +11,17 @@ import msgpack
 import pytest
 import torch
 
-from splitft.shared.codec import encode_tensor, pack
-from splitft.shared.config import OptimizerSettings
-from splitft.shared.defense import DefenseSettings
 from splitft.shared.errors import Refusal, WireError
-from splitft.shared.lora import LoraSettings
-from splitft.shared.protocol import (
-    ACT,
-    Assignment,
-    Envelope,
-    Join,
-    Reassembler,
-    act_body,
-    assign_body,
-    chunk_payload,
-    decode_envelope,
-    encode_envelope,
-    grad_body,
-    join_body,
-    parse_act,
-    parse_assign,
-    parse_grad,
-    parse_join,
-)
-from splitft.shared.topics import Topics
+from splitft.shared.job.config import OptimizerSettings
+from splitft.shared.model.defense import DefenseSettings
+from splitft.shared.model.lora import LoraSettings
+from splitft.shared.wire.codec import encode_tensor, pack
+from splitft.shared.wire.control import Assignment, Join, assign_body, join_body, parse_assign, parse_join
+from splitft.shared.wire.envelope import Envelope, Reassembler, chunk_payload, decode_envelope, encode_envelope
+from splitft.shared.wire.messages import act_body, grad_body, parse_act, parse_grad
+from splitft.shared.wire.topics import Kind, Topics
 
-GOOD = Envelope(type=ACT, job="j", sender="a1", sid="s", seq=1, round=2, step=3, body={"x": 1})
+GOOD = Envelope(type=Kind.ACT, job="j", sender="a1", sid="s", seq=1, round=2, step=3, body={"x": 1})
 
 
 def raw_envelope(**changes: object) -> bytes:

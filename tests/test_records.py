@@ -13,11 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import PreTrainedTokenizerBase
 
-from splitft.shared.data import encode, prompt_text, tokenize, write_shards
 from splitft.shared.errors import ConfigError, DataError
-from splitft.shared.loss import IGNORE_INDEX
-from splitft.shared.records import Chat, Pair, Text, load_records
-from splitft.shared.text import load_tokenizer
+from splitft.shared.job.data import encode, prompt_text, tokenize, write_shards
+from splitft.shared.job.records import Chat, Pair, Text, load_records
+from splitft.shared.model.loss import IGNORE_INDEX
+from splitft.shared.model.tokenizer import load_tokenizer
 
 from gguf_files import CHAT_TEMPLATE
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from splitft.coordinator.bench.clock import Server
-from splitft.coordinator.bench.regimes import (
+from splitft.bench.clock import Server
+from splitft.bench.regimes import (
     RegimeSettings,
     fleet_at,
     make_costs,
@@ -20,7 +20,8 @@ from splitft.coordinator.bench.regimes import (
     run_policy,
     run_regime,
 )
-from splitft.coordinator.bench.scenario import ScenarioError, load_scenario, parse_scenario
+from splitft.bench.scenario import load_scenario, parse_scenario
+from splitft.shared.errors import ScenarioError
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ROOT / "benchmarks" / "scenarios"

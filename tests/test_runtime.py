@@ -17,18 +17,18 @@ from peft import PeftModel
 
 from splitft.agent.runtime import Agent, AgentSettings, batch_seed
 from splitft.coordinator.runtime import Coordinator
-from splitft.shared.codec import encode_tensor
-from splitft.shared.config import JobConfig, OptimizerSettings
-from splitft.shared.data import Batches, tokenize, write_shards
-from splitft.shared.link import BrokerSettings
-from splitft.shared.lora import LoraSettings, block_ranks, lora_state
-from splitft.shared.loss import causal_lm_loss, padding_mask
-from splitft.shared.memory import SHARED_PROCESS_RUNTIME_MB
-from splitft.shared.protocol import ACT, ADAPTER, Envelope, encode_envelope
-from splitft.shared.records import load_records
-from splitft.shared.split import SegmentSpec, build_segment, load_base_model
-from splitft.shared.text import GSM8K, load_tokenizer
-from splitft.shared.topics import Topics
+from splitft.shared.job.config import JobConfig, OptimizerSettings
+from splitft.shared.job.data import Batches, tokenize, write_shards
+from splitft.shared.job.records import load_records
+from splitft.shared.model.lora import LoraSettings, block_ranks, lora_state
+from splitft.shared.model.loss import causal_lm_loss, padding_mask
+from splitft.shared.model.memory import SHARED_PROCESS_RUNTIME_MB
+from splitft.shared.model.split import SegmentSpec, build_segment, load_base_model
+from splitft.shared.model.tokenizer import GSM8K, load_tokenizer
+from splitft.shared.wire.broker import BrokerSettings
+from splitft.shared.wire.codec import encode_tensor
+from splitft.shared.wire.envelope import Envelope, encode_envelope
+from splitft.shared.wire.topics import Kind, Topics
 
 from conftest import Broker
 
@@ -273,10 +273,10 @@ async def test_garbage_on_activation_and_adapter_topics_is_rejected(broker: Brok
     nan = torch.full((2, 8, 128), float("nan"))
     nan_act = {"act": encode_tensor(nan, "fp32"), "labels": {}, "lengths": {}, "timings": {}}
     forged = [
-        Envelope(type=ACT, job=job.job, sender="a2", sid="x", seq=1, body={}),  # a2 speaking on a1's topic
-        Envelope(type=ACT, job=job.job, sender="a1", sid="x", seq=2, round=1, step=0, body={"act": 1}),
-        Envelope(type=ACT, job=job.job, sender="a1", sid="x", seq=3, round=1, step=1, body=nan_act),
-        Envelope(type=ADAPTER, job=job.job, sender="a1", sid="x", seq=4, round=1, body={"x": 1}),
+        Envelope(type=Kind.ACT, job=job.job, sender="a2", sid="x", seq=1, body={}),  # a2 speaking on a1's topic
+        Envelope(type=Kind.ACT, job=job.job, sender="a1", sid="x", seq=2, round=1, step=0, body={"act": 1}),
+        Envelope(type=Kind.ACT, job=job.job, sender="a1", sid="x", seq=3, round=1, step=1, body=nan_act),
+        Envelope(type=Kind.ADAPTER, job=job.job, sender="a1", sid="x", seq=4, round=1, body={"x": 1}),
     ]
     payloads = [b"", b"\x28\xb5\x2f\xfd garbage", bomb, *map(encode_envelope, forged)]
 

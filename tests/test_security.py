@@ -1,7 +1,7 @@
 """Fleet security over a real Mosquitto: TLS, a password per member, the broker ACL, and message HMACs.
 
 One Mosquitto for the module, started with the secrets of scripts/fleet_secrets.py (a throwaway CA,
-the broker certificate, the password file, the ACL rendered from coordinator/mosquitto/acl.conf, the job key);
+the broker certificate, the password file, the ACL rendered from tools/mosquitto/acl.conf, the job key);
 every test uses a job name of its own, so that retained messages do not cross tests.
 """
 
@@ -29,23 +29,23 @@ import pytest
 
 from splitft.agent.runtime import Agent, AgentSettings
 from splitft.coordinator.brokers import free_port, mosquitto_binary, start_secure_mosquitto
-from splitft.coordinator.fleet_secrets import (
+from splitft.coordinator.runtime import Coordinator
+from splitft.shared.errors import LinkError, SecretsError
+from splitft.shared.job.config import JobConfig
+from splitft.shared.job.data import write_shards
+from splitft.shared.job.records import load_records
+from splitft.shared.model.tokenizer import GSM8K
+from splitft.shared.wire.broker import BrokerSettings
+from splitft.shared.wire.envelope import Envelope, encode_envelope, load_key
+from splitft.shared.wire.link import Link
+from splitft.shared.wire.topics import Kind, Topics
+from splitft.tools.fleet_secrets import (
     FleetSecrets,
-    SecretsError,
     load_fleet_secrets,
     main,
     make_fleet_secrets,
     render_acl,
 )
-from splitft.coordinator.runtime import Coordinator
-from splitft.shared.config import JobConfig
-from splitft.shared.data import write_shards
-from splitft.shared.errors import LinkError
-from splitft.shared.link import BrokerSettings, Link
-from splitft.shared.protocol import ACT, GRAD, JOIN, STATUS, Envelope, encode_envelope, load_key
-from splitft.shared.records import load_records
-from splitft.shared.text import GSM8K
-from splitft.shared.topics import Topics
 
 from conftest import Broker, stop_broker
 
@@ -167,7 +167,7 @@ def test_fleet_secrets_files(fleet: FleetSecrets, tmp_path: Path) -> None:
 
 
 def test_missing_tools_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from splitft.coordinator import fleet_secrets
+    from splitft.tools import fleet_secrets
 
     monkeypatch.setattr(fleet_secrets.shutil, "which", lambda *a, **k: None)
     with pytest.raises(SecretsError, match="'openssl' command is not installed"):
@@ -179,7 +179,7 @@ def test_missing_tools_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 
 async def test_example_mosquitto_config_runs(fleet: FleetSecrets, tmp_path: Path) -> None:
-    """coordinator/mosquitto/splitft-tls.conf, installed as OPERATIONS.md says (a conf.d drop-in under Debian's main
+    """tools/mosquitto/splitft-tls.conf, installed as OPERATIONS.md says (a conf.d drop-in under Debian's main
     mosquitto.conf) and pointed at the fleet's files and at free ports, starts and takes a member."""
     example = (Path(__file__).resolve().parent.parent / "coordinator" / "mosquitto" / "splitft-tls.conf").read_text()
     tls_port, plain_port = free_port(), free_port()
@@ -208,7 +208,7 @@ async def test_example_mosquitto_config_runs(fleet: FleetSecrets, tmp_path: Path
                     break
                 await asyncio.sleep(0.05)
         async with Link(member(broker, fleet, "a1", connect_timeout_s=5), topics, "a1", []) as agent:
-            await agent.publish(topics.agent("a1", "join"), JOIN, {"hello": 1})
+            await agent.publish(topics.agent("a1", "join"), Kind.JOIN, {"hello": 1})
         assert "u'a1'" in broker.log.read_text()
     finally:
         stop_broker(broker)
@@ -224,10 +224,10 @@ async def test_tls_links_exchange_messages(secure_broker: Broker, fleet: FleetSe
         Link(member(secure_broker, fleet, "coordinator"), topics, "coordinator", [topics.all_agents("join")]) as coord,
         Link(member(secure_broker, fleet, "a1"), topics, "a1", [topics.agent("a1", "grad")]) as agent,
     ):
-        await agent.publish(topics.agent("a1", "join"), JOIN, {"hello": "over tls"})
+        await agent.publish(topics.agent("a1", "join"), Kind.JOIN, {"hello": "over tls"})
         got = await coord.receive(timeout=10)
         assert got.topic.agent == "a1" and got.envelope.body == {"hello": "over tls"}
-        await coord.publish(topics.agent("a1", "grad"), GRAD, {"g": 1}, round_=1, step=0)
+        await coord.publish(topics.agent("a1", "grad"), Kind.GRAD, {"g": 1}, round_=1, step=0)
         back = await agent.receive(timeout=10)
         assert back.topic.kind == "grad" and back.envelope.body == {"g": 1}
         assert not coord.rejected and not agent.rejected
@@ -252,7 +252,7 @@ async def test_refused_connections_fail_with_a_link_error(
         )
     topics = Topics("refused")
     started = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="splitft.shared.link"), pytest.raises(LinkError) as info:
+    with caplog.at_level(logging.WARNING, logger="splitft.shared.wire.link"), pytest.raises(LinkError) as info:
         async with Link(settings, topics, "a1", []):
             pass
     assert time.monotonic() - started < 10
@@ -301,7 +301,7 @@ async def test_acl_confines_devices_to_their_own_topics(secure_broker: Broker, f
         codes = puback_codes(a1)
 
         # Allowed: a1's activations on its own act topic reach the coordinator.
-        await agent.publish(topics.agent("a1", "act"), ACT, {"x": 1}, round_=1, step=0)
+        await agent.publish(topics.agent("a1", "act"), Kind.ACT, {"x": 1}, round_=1, step=0)
         got = await coord.receive(timeout=10)
         assert got.topic.agent == "a1" and got.envelope.body == {"x": 1}
 
@@ -320,8 +320,8 @@ async def test_acl_confines_devices_to_their_own_topics(secure_broker: Broker, f
         assert codes == [NOT_AUTHORIZED] * len(forbidden)
 
         # Allowed: the coordinator's gradient reaches a1, and only a1 (a2's wildcard does not see it).
-        await coord.publish(topics.agent("a2", "grad"), GRAD, {"for": "a2"}, round_=1, step=0)
-        await coord.publish(topics.agent("a1", "grad"), GRAD, {"for": "a1"}, round_=1, step=0)
+        await coord.publish(topics.agent("a2", "grad"), Kind.GRAD, {"for": "a2"}, round_=1, step=0)
+        await coord.publish(topics.agent("a1", "grad"), Kind.GRAD, {"for": "a1"}, round_=1, step=0)
         back = await agent.receive(timeout=10)
         assert back.envelope.body == {"for": "a1"}
 
@@ -388,26 +388,26 @@ async def test_hmac_refuses_unsigned_misdirected_and_stale_messages(secure_broke
         raw_client(secure_broker, fleet, "coordinator") as raw,
     ):
         # Two members with the job key talk both ways.
-        await agent.publish(topics.agent("a1", "act"), ACT, {"signed": True}, round_=1, step=0)
+        await agent.publish(topics.agent("a1", "act"), Kind.ACT, {"signed": True}, round_=1, step=0)
         got = await coord.receive(timeout=10)
         assert got.envelope.body == {"signed": True} and got.envelope.auth is not None
-        await coord.publish(topics.agent("a1", "grad"), GRAD, {"signed": True}, round_=1, step=0)
+        await coord.publish(topics.agent("a1", "grad"), Kind.GRAD, {"signed": True}, round_=1, step=0)
         assert (await agent.receive(timeout=10)).envelope.body == {"signed": True}
 
         a1_act, a2_act, a1_status = topics.agent("a1", "act"), topics.agent("a2", "act"), topics.agent("a1", "status")
-        good = encode_envelope(forged(topics, ACT, 10, body={"good": 1}), key=key, topic=a1_act)
+        good = encode_envelope(forged(topics, Kind.ACT, 10, body={"good": 1}), key=key, topic=a1_act)
         attempts = [
-            (a1_act, encode_envelope(forged(topics, ACT, 1))),  # unsigned
-            (a1_act, encode_envelope(forged(topics, ACT, 2), key=other_key, topic=a1_act)),  # another key
+            (a1_act, encode_envelope(forged(topics, Kind.ACT, 1))),  # unsigned
+            (a1_act, encode_envelope(forged(topics, Kind.ACT, 2), key=other_key, topic=a1_act)),  # another key
             (a2_act, good),  # a1's signed activations copied onto a2's topic
-            (a1_act, encode_envelope(forged(topics, ACT, 3, ts=time.time() - 3600), key=key, topic=a1_act)),  # old
-            (a1_status, encode_envelope(forged(topics, STATUS, 4, body={"state": "online"}))),  # unsigned status
+            (a1_act, encode_envelope(forged(topics, Kind.ACT, 3, ts=time.time() - 3600), key=key, topic=a1_act)),  # old
+            (a1_status, encode_envelope(forged(topics, Kind.STATUS, 4, body={"state": "online"}))),  # unsigned status
         ]
         for topic, payload in attempts:
             await raw.publish(topic, payload, qos=1)
         # Status messages may be old (retained, Last Wills) but must be signed; the copied bytes pass on
         # the topic they were signed for.
-        old_status = forged(topics, STATUS, 5, ts=time.time() - 3600, body={"state": "offline"})
+        old_status = forged(topics, Kind.STATUS, 5, ts=time.time() - 3600, body={"state": "offline"})
         await raw.publish(a1_status, encode_envelope(old_status, key=key, topic=a1_status), qos=1)
         await raw.publish(a1_act, good, qos=1)
 

@@ -13,13 +13,13 @@ import pytest
 import torch
 from transformers import MistralConfig, Qwen2Config
 
-from splitft.shared.codec import decode_tensor, encode_tensor, pack, unpack
-from splitft.shared.equivalence import u_split_step
 from splitft.shared.errors import ConfigError
-from splitft.shared.lora import LoraSettings, block_ranks, load_lora_state
-from splitft.shared.loss import causal_lm_loss, labels_from
-from splitft.shared.models import load_config
-from splitft.shared.split import SegmentSpec, build_segment
+from splitft.shared.model.equivalence import u_split_step
+from splitft.shared.model.loading import load_config
+from splitft.shared.model.lora import LoraSettings, block_ranks, load_lora_state
+from splitft.shared.model.loss import causal_lm_loss, labels_from
+from splitft.shared.model.split import SegmentSpec, build_segment
+from splitft.shared.wire.codec import decode_tensor, encode_tensor, pack, unpack
 
 from conftest import save_model
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from splitft.coordinator import pretrain as pb
-from splitft.coordinator.bench import study
-from splitft.coordinator.bench.study.methods import gsm8k_answer
-from splitft.coordinator.bench.study.reporting import _bytes_per_token
+from splitft.bench import study
+from splitft.bench.study.methods import gsm8k_answer
+from splitft.bench.study.reporting import _bytes_per_token
+from splitft.tools import pretrain as pb
 
 TINY_BASE = pb.Settings(
     family="gpt2",

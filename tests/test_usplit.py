@@ -17,24 +17,17 @@ import zstandard
 from test_runtime import assert_same_adapters, equivalence_job, read_metrics, run_job, shards
 
 from splitft.agent.runtime import _forward, batch_seed
-from splitft.shared.config import JobConfig
-from splitft.shared.data import Batches, tokenize
-from splitft.shared.defense import DefenseSettings
 from splitft.shared.errors import ConfigError, WireError
-from splitft.shared.lora import block_ranks, lora_state
-from splitft.shared.loss import IGNORE_INDEX, causal_lm_loss
-from splitft.shared.protocol import (
-    act_body,
-    grad_body,
-    parse_act,
-    parse_assign,
-    parse_grad,
-    parse_tail_grad,
-    tail_grad_body,
-)
-from splitft.shared.records import load_records
-from splitft.shared.split import SegmentSpec, build_segment
-from splitft.shared.text import load_tokenizer
+from splitft.shared.job.config import JobConfig
+from splitft.shared.job.data import Batches, tokenize
+from splitft.shared.job.records import load_records
+from splitft.shared.model.defense import DefenseSettings
+from splitft.shared.model.lora import block_ranks, lora_state
+from splitft.shared.model.loss import IGNORE_INDEX, causal_lm_loss
+from splitft.shared.model.split import SegmentSpec, build_segment
+from splitft.shared.model.tokenizer import load_tokenizer
+from splitft.shared.wire.control import parse_assign
+from splitft.shared.wire.messages import act_body, grad_body, parse_act, parse_grad, parse_tail_grad, tail_grad_body
 
 from conftest import Broker
 

@@ -1,4 +1,4 @@
-"""The study's simulated clock (splitft.coordinator.bench.clock) and virtual emulation (agent/emulation.py)."""
+"""The study's simulated clock (splitft.bench.clock) and virtual emulation (agent/emulation.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 import pytest
 
 from splitft.agent.emulation import Emulation
-from splitft.coordinator.bench.clock import (
+from splitft.bench.clock import (
     CostModel,
     Device,
     LocalParticipant,
@@ -19,9 +19,9 @@ from splitft.coordinator.bench.clock import (
     local_round,
     split_round,
 )
-from splitft.shared.config import JobConfig
 from splitft.shared.errors import ConfigError
-from splitft.shared.models import block_flops, load_config
+from splitft.shared.job.config import JobConfig
+from splitft.shared.model.loading import block_flops, load_config
 from splitft.shared.profiles import load_profile
 
 

@@ -19,10 +19,9 @@ from splitft.coordinator.brokers import free_port
 from splitft.coordinator.cli import app
 from splitft.coordinator.runtime import Coordinator
 from splitft.coordinator.workers import WorkerGroup, assign_ranks, start_local_workers, stop_local_workers
-from splitft.shared.config import JobConfig
-from splitft.shared.errors import ConfigError
-from splitft.shared.exit_codes import ExitCode
-from splitft.shared.lora import lora_state
+from splitft.shared.errors import ConfigError, ExitCode
+from splitft.shared.job.config import JobConfig
+from splitft.shared.model.lora import lora_state
 
 from conftest import Broker
 

@@ -33,12 +33,11 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from splitft.shared.config import JobConfig
+from splitft.coordinator.observe.fleet import FleetView
+from splitft.coordinator.observe.metrics import JobMetrics
+from splitft.coordinator.observe.tensorboard import TensorBoardLog
 from splitft.shared.errors import ConfigError
-
-from .fleet import FleetView
-from .metrics import JobMetrics
-from .tensorboard import TensorBoardLog
+from splitft.shared.job.config import JobConfig
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from splitft.shared.config import JobConfig
+from splitft.shared.job.config import JobConfig
 
 #: The parts of a device's step, from its reported mean timings and the server's time for its batch:
 #: the device's compute, its encoding (and decoding of what came back), its upload, the server's

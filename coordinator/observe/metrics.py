@@ -12,7 +12,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
-from .fleet import STEP_PARTS, step_parts
+from splitft.coordinator.observe.fleet import STEP_PARTS, step_parts
 
 # No `_created` series: they double the exposition of every counter and histogram, and Prometheus does not
 # need them (a process-wide setting of prometheus-client; the coordinator's process has no other exporter).

@@ -1,0 +1,360 @@
+"""Run many agents in ONE process and one event loop: the fleet of a load test.
+
+    python scripts/agent_fleet.py --count 50 --broker mqtt://127.0.0.1:1883 --job load
+    python scripts/agent_fleet.py --count 50 --data-dir shards/            # one shard file per agent
+    python scripts/agent_fleet.py --count 50 --data-dir my.jsonl           # one file, sharded here
+
+Each agent is a real :class:`splitft.agent.runtime.Agent` with its own id (``--prefix`` + a number),
+its own MQTT connection, Last Will and data shard; they share the process, the event loop and the
+machine's cores. The fleet exits 0 once every agent's ``run()`` returned (the job is done), 1 if any
+agent failed, 2 if ``--timeout`` ran out or it was interrupted; either way it prints one summary line
+(agents, rounds done per agent, rejections) and, with ``--report``, writes the same per agent as JSON.
+
+``--data-dir`` is a folder with at least ``--count`` ``.jsonl``/``.csv`` files (agent ``i`` takes the
+``i``-th in natural order: ``shard-2`` before ``shard-10``) or a single JSONL/CSV file, dealt here into
+``--count`` shards with :func:`splitft.shared.job.data.write_shards`; the default is the vendored GSM8K
+training split, ``--samples-per-agent`` records per agent. Give the job's ``--max-length``: tokenisation
+drops the records whose prompt leaves no response token (at 32 tokens, 94% of GSM8K), an agent with no
+record left refuses every assignment, and the coordinator learns it only at its step deadline. With
+``--max-length`` a file is cut to the records that fit before it is sharded, and every shard is checked.
+
+Per-agent cost. The process runs with one torch/OpenMP thread (``OMP_NUM_THREADS=1`` unless set):
+every agent has its own compute thread, and each such thread with a pool as wide as the machine
+would spin against all the others. An :class:`Agent` also loads the model's tokenizer and measures
+the device's per-block time in its constructor (about 0.14 s and 12 MiB, and 0.2 s, each time, on a
+2-core VM). Both give the same answer for every agent of one process on one machine, so the fleet
+does each once and shares it (``--no-share`` turns that off): the tokenizer is only ever used on the
+event loop's thread (tokenising a shard), never from two threads at once. Measured for 50 agents:
+0.5 s and +15 MiB to build them shared, 12.1 s and +437 MiB not. Each agent's segment also held its own
+copy of the model's frozen weights (about 49 MiB for tiny-gpt2 at cut 1, 24.5 MiB of it the token
+embedding, 50,257 x 128 fp32): the fleet gives every segment the first one's tensors instead
+(:func:`share_frozen_weights`; 20 segments built in one process: +65 MiB shared, +993 MiB not), so an agent
+holds only its adapters, optimiser state, batches and activations, and 500 agents fit on this machine.
+
+``--tcp-nodelay on|off`` is an experiment: it forces TCP_NODELAY on the agents' MQTT sockets on or off
+(splitft.shared.wire.link turns it on; see :func:`set_tcp_nodelay`; scripts/bench_load.py measures it).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported: see the module docstring
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import re
+import resource
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import psutil
+import torch
+
+import splitft.agent.runtime as agent_runtime
+from splitft.agent.runtime import Agent, AgentSettings
+from splitft.shared.errors import SplitFTError
+from splitft.shared.job.data import tokenize, write_shards
+from splitft.shared.job.records import Record, load_records
+from splitft.shared.model.memory import SHARED_PROCESS_RUNTIME_MB
+from splitft.shared.model.tokenizer import GSM8K
+from splitft.shared.wire.broker import broker_settings
+
+log = logging.getLogger("agent_fleet")
+
+EXIT_OK, EXIT_FAILED, EXIT_TIMEOUT = 0, 1, 2
+
+
+@dataclass
+class Outcome:
+    name: str
+    rounds_done: int
+    link_rejected: dict[str, int]
+    rejected: dict[str, int]
+    notices: int
+    error: str | None
+
+
+def share_constructor_work() -> None:
+    """Make the agents of this process load the tokenizer and measure a block once, not once each.
+
+    Agent.__init__ calls ``load_tokenizer(model)`` and ``measure_block(model, device=...)`` by the names
+    bound in ``splitft.agent.runtime``; memoising those names here (this process only) gives every agent
+    the same tokenizer object and the same measurement. Nothing else changes.
+    """
+    if not hasattr(agent_runtime.load_tokenizer, "cache_info"):
+        agent_runtime.load_tokenizer = functools.cache(agent_runtime.load_tokenizer)
+    if not hasattr(agent_runtime.measure_block, "cache_info"):
+        agent_runtime.measure_block = functools.cache(agent_runtime.measure_block)
+
+
+#: the frozen base weights of this process's segments, one tensor per (name, shape, dtype, device)
+_FROZEN: dict[tuple[str, tuple[int, ...], torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def share_frozen_weights() -> None:
+    """Make the agents of this process hold one copy of the model's frozen weights, not one each.
+
+    Agents build their segments with ``build_segment`` by the name bound in ``splitft.agent.runtime``;
+    wrapped here (this process only), every frozen parameter of a new segment is replaced by the first
+    segment's tensor of the same name and shape. The base never changes (only the LoRA adapters train,
+    and they stay each agent's own), so sharing it changes no result; the agents' compute threads only
+    read it. What an agent then holds is its adapters, optimiser state, batches and activations.
+    """
+    original = agent_runtime.build_segment
+    if getattr(original, "shares_frozen_weights", False):
+        return
+
+    @functools.wraps(original)
+    def build(*args: Any, **kwargs: Any) -> Any:
+        segment = original(*args, **kwargs)
+        with torch.no_grad():
+            for name, param in segment.peft_model.named_parameters():
+                if param.requires_grad:
+                    continue
+                key = (name, tuple(param.shape), param.dtype, param.device)
+                shared = _FROZEN.setdefault(key, param.data)
+                if shared is not param.data:
+                    param.data = shared
+        return segment
+
+    build.shares_frozen_weights = True  # type: ignore[attr-defined]
+    agent_runtime.build_segment = build
+
+
+def set_tcp_nodelay(on: bool) -> None:
+    """An experiment, for this process only: every MQTT connection made from now on sets TCP_NODELAY
+    to ``on``, whatever splitft.shared.wire.link asks for (it asks for TCP_NODELAY by default).
+
+    Without it, Nagle's algorithm holds a publish back while an earlier small segment of the connection
+    (such as the PUBACK of a received QoS 1 message) is unacknowledged, which the broker's delayed ACK
+    puts off by up to 40 ms; and a QoS 1 publish is awaited until its own PUBACK (scripts/bench_load.py
+    measures what that costs).
+    """
+    original = getattr(aiomqtt.Client.__init__, "_splitft_original", aiomqtt.Client.__init__)
+
+    @functools.wraps(original)
+    def init(self: aiomqtt.Client, *args: Any, **kwargs: Any) -> None:
+        kwargs["socket_options"] = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, int(on)),)
+        original(self, *args, **kwargs)
+
+    init._splitft_original = original  # type: ignore[attr-defined]
+    aiomqtt.Client.__init__ = init  # type: ignore[method-assign]
+
+
+def _natural(path: Path) -> list[Any]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
+def fitting(records: list[Record], model: str, max_length: int) -> list[Record]:
+    """The records that leave something to learn at ``max_length`` tokens (the others are dropped by
+    tokenisation: a shard of only such records gives its agent nothing to train on)."""
+    tokenizer = agent_runtime.load_tokenizer(model)
+    return [record for record in records if tokenize([record], tokenizer, max_length)]
+
+
+def shard_files(
+    data: Path, count: int, samples_per_agent: int, work: Path, model: str, max_length: int | None
+) -> list[Path]:
+    """One data file per agent: the first ``count`` files of a folder, or ``data`` dealt into ``count`` shards.
+
+    With ``max_length``, a file is first cut to the records that fit, and every shard is checked to hold
+    at least one (an agent with none refuses every assignment, and the coordinator waits its step deadline).
+    """
+    if data.is_dir():
+        files = sorted((p for p in data.iterdir() if p.suffix in (".jsonl", ".json", ".csv")), key=_natural)
+        if len(files) < count:
+            raise SystemExit(f"agent_fleet: {data} holds {len(files)} data files, {count} agents need one each")
+        files = files[:count]
+    elif data.is_file():
+        records = load_records(data)
+        if max_length is not None:
+            records = fitting(records, model, max_length)
+        if len(records) < count:
+            raise SystemExit(f"agent_fleet: {data} has {len(records)} usable records, {count} agents need one each")
+        files = write_shards(records[: count * samples_per_agent], count, work, seed=0)
+    else:
+        raise SystemExit(f"agent_fleet: --data-dir {data} is neither a folder nor a file")
+    if max_length is not None:
+        tokenizer = agent_runtime.load_tokenizer(model)
+        empty = [f.name for f in files if not tokenize(load_records(f), tokenizer, max_length)]
+        if empty:
+            raise SystemExit(f"agent_fleet: no record of {', '.join(empty)} fits in {max_length} tokens")
+    return files
+
+
+def agent_names(prefix: str, count: int) -> list[str]:
+    width = len(str(count - 1))
+    return [f"{prefix}{i:0{width}d}" for i in range(count)]
+
+
+async def run_fleet(agents: list[Agent], timeout_s: float | None) -> tuple[dict[str, BaseException | None], bool]:
+    """Run every agent until all returned; on ``timeout_s`` or SIGINT/SIGTERM cancel the rest (they say goodbye).
+
+    Returns each agent's exception (None: its run() returned) and whether the fleet was stopped early.
+    """
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    tasks: dict[asyncio.Task[Any], str] = {asyncio.create_task(a.run(), name=a.name): a.name for a in agents}
+    stopper = asyncio.create_task(stop.wait())
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    pending: set[asyncio.Task[Any]] = set(tasks)
+    stopped = False
+    while pending:
+        remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        done, _ = await asyncio.wait(pending | {stopper}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+        pending -= done
+        for task in done:
+            if task is not stopper and task.exception() is not None:
+                log.error("agent %s failed: %r", tasks[task], task.exception())
+        if stopper in done or not done:
+            stopped = True
+            log.error("stopping the fleet: %s", "interrupted" if stopper in done else f"--timeout {timeout_s:g} s")
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            break
+    stopper.cancel()
+    errors: dict[str, BaseException | None] = {}
+    for task, name in tasks.items():
+        if task.cancelled():
+            errors[name] = asyncio.CancelledError("stopped before the job was done")
+        else:
+            errors[name] = task.exception()
+    return errors, stopped
+
+
+def outcomes(agents: list[Agent], errors: dict[str, BaseException | None]) -> list[Outcome]:
+    result = []
+    for a in agents:
+        link = a._link  # the agent's Link stays referenced after run(): its counters are final
+        error = errors.get(a.name)
+        result.append(
+            Outcome(
+                name=a.name,
+                rounds_done=a.rounds_done,
+                link_rejected=dict(link.rejected) if link is not None else {},
+                rejected=dict(a.rejected),
+                notices=len(a.notices),
+                error=None if error is None else f"{type(error).__name__}: {error}",
+            )
+        )
+    return result
+
+
+def summary_line(results: list[Outcome], seconds: float, rss_start_mb: float, peak_mb: float) -> str:
+    rounds = Counter(o.rounds_done for o in results)
+    link_rejected = sum(sum(o.link_rejected.values()) for o in results)
+    rejected = sum(sum(o.rejected.values()) for o in results)
+    failed = sum(o.error is not None for o in results)
+    per_agent_mb = (peak_mb - rss_start_mb) / max(len(results), 1)
+    rounds_text = (
+        str(next(iter(rounds)))
+        if len(rounds) == 1
+        else ", ".join(f"{n} agents {r}" for r, n in sorted(rounds.items(), reverse=True))
+    )
+    return (
+        f"fleet: {len(results)} agents, {len(results) - failed} finished, {failed} failed; "
+        f"rounds done per agent: {rounds_text}; link rejections: {link_rejected}; body rejections: {rejected}; "
+        f"notices: {sum(o.notices for o in results)}; {seconds:.1f} s; "
+        f"rss {rss_start_mb:.0f} MiB before the agents, peak {peak_mb:.0f} MiB ({per_agent_mb:.1f} MiB per agent)"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, required=True, help="agents to run")
+    parser.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="broker URL (default: %(default)s)")
+    parser.add_argument("--job", default="splitft", help="job name, as in the coordinator's job file")
+    parser.add_argument("--model", default="tiny-gpt2", help="preset or model folder (default: %(default)s)")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=GSM8K / "train.jsonl",
+        help="a folder of one data file per agent, or one JSONL/CSV file to shard (default: GSM8K train)",
+    )
+    parser.add_argument("--samples-per-agent", type=int, default=16, help="records per agent when sharding a file")
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        help="the job's max_length: shard only records that fit in it, and check every shard has one",
+    )
+    parser.add_argument("--prefix", default="fleet-", help="agent ids are PREFIX + a number (default: %(default)s)")
+    parser.add_argument("--auth-key-file", type=Path, help="the job's message authentication key, if it uses one")
+    parser.add_argument("--timeout", type=float, help="give up (exit 2) after this many seconds")
+    parser.add_argument("--report", type=Path, help="write per-agent results as JSON here")
+    parser.add_argument(
+        "--no-share",
+        action="store_true",
+        help="every agent loads its own tokenizer, measures, and holds its own copy of the frozen weights",
+    )
+    parser.add_argument(
+        "--tcp-nodelay", choices=("on", "off"), help="experiment: force TCP_NODELAY on the agents' MQTT sockets"
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="-v: info, -vv: debug")
+    args = parser.parse_args(argv)
+    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.count < 1:
+        parser.error("--count must be at least 1")
+    if args.samples_per_agent < 1:
+        parser.error("--samples-per-agent must be at least 1")
+
+    started = time.monotonic()
+    process = psutil.Process()
+    try:
+        broker = broker_settings(args.broker, auth_key_file=args.auth_key_file)
+    except SplitFTError as exc:
+        parser.error(str(exc))
+    if not args.no_share:
+        share_constructor_work()
+        share_frozen_weights()
+    if args.tcp_nodelay is not None:
+        set_tcp_nodelay(args.tcp_nodelay == "on")
+    with tempfile.TemporaryDirectory(prefix="splitft-fleet-") as work:
+        files = shard_files(args.data_dir, args.count, args.samples_per_agent, Path(work), args.model, args.max_length)
+        rss_start_mb = process.memory_info().rss / 2**20
+        names = agent_names(args.prefix, args.count)
+        try:
+            agents = [
+                Agent(AgentSettings(n, args.job, args.model, f, runtime_mb=SHARED_PROCESS_RUNTIME_MB), broker)
+                for n, f in zip(names, files, strict=True)
+            ]
+        except SplitFTError as exc:
+            print(f"agent_fleet: cannot start the agents: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        log.info(
+            "%d agents built in %.1f s (rss %.0f MiB, %d torch thread(s))",
+            len(agents), time.monotonic() - started, process.memory_info().rss / 2**20, torch.get_num_threads(),
+        )  # fmt: skip
+        errors, stopped = asyncio.run(run_fleet(agents, args.timeout))
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
+    results = outcomes(agents, errors)
+    print(summary_line(results, time.monotonic() - started, rss_start_mb, peak_mb), flush=True)
+    if args.report is not None:
+        report = {
+            "agents": {o.name: {k: v for k, v in vars(o).items() if k != "name"} for o in results},
+            "stopped": stopped,
+            "seconds": round(time.monotonic() - started, 3),
+            "rss_start_mb": round(rss_start_mb, 1),
+            "peak_rss_mb": round(peak_mb, 1),
+        }
+        args.report.write_text(json.dumps(report, indent=1) + "\n")
+    if stopped:
+        return EXIT_TIMEOUT
+    return EXIT_FAILED if any(o.error is not None for o in results) else EXIT_OK
