@@ -280,20 +280,27 @@ async def test_garbage_on_activation_and_adapter_topics_is_rejected(broker: Brok
     ]
     payloads = [b"", b"\x28\xb5\x2f\xfd garbage", bomb, *map(encode_envelope, forged)]
 
+    done = asyncio.Event()
+
     async def flood() -> int:
-        sent = 0
+        """At least 50 volleys, and on until the job ends (on a busy host the job reaches its rounds late)."""
+        sent = volleys = 0
         async with aiomqtt.Client(broker.host, broker.port) as raw:
-            for _ in range(50):
+            while volleys < 50 or not done.is_set():
                 for kind in ("act", "adapter"):
                     for payload in payloads:
                         await raw.publish(topics.agent("a1", kind), payload)
                         sent += 1
+                volleys += 1
                 await asyncio.sleep(0.05)
         return sent
 
     flooder = asyncio.create_task(flood())
     out = tmp_path / "out"
-    await run_job(broker, out, job, shards(tmp_path))
+    try:
+        await run_job(broker, out, job, shards(tmp_path))
+    finally:
+        done.set()
     sent = await flooder
     metrics = read_metrics(out)
     assert [m["round"] for m in metrics] == [0, 1, 2]
@@ -303,7 +310,7 @@ async def test_garbage_on_activation_and_adapter_topics_is_rejected(broker: Brok
     # Well-formed, but of no assignment (no corr): counted too, not dropped unseen.
     assert rejected["unexpected"] >= 2
     assert sum(rejected.values()) >= 50  # most of the flood arrived while the job ran, all of it refused
-    assert sent == 50 * 2 * len(payloads)
+    assert sent >= 50 * 2 * len(payloads)
 
 
 @pytest.mark.parametrize("split", ["two-part", "u"])
