@@ -20,9 +20,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from splitft.coordinator.progress import Progress
 from splitft.coordinator.report import plot_run
 from splitft.coordinator.runtime import Coordinator
-from splitft.coordinator.session import Progress
 from splitft.coordinator.workers import WorkerGroup, start_local_workers, stop_local_workers
 from splitft.shared.errors import ConfigError, LinkError
 from splitft.shared.job.config import JobConfig

@@ -11,33 +11,35 @@ One round::
     adapter upload <- every agent;  aggregate (token-weighted, every block over its holders)
     evaluate; metrics line; checkpoint
 
-The coordinator is built in layers, one module each, so that one part reads top to bottom in one file:
-``session.py`` (state, membership, admission), ``steps.py`` (one step's message path: activations in,
-gradients out), ``uploads.py`` (adapter uploads), ``rounds.py`` (the round loop and the cut controller),
-and this module (the job from start to end, and the reader that dispatches incoming messages).
+:class:`Coordinator` reads setup -> rounds -> finish and holds its parts, one module each: the member
+(``shared/member.py``: link, reader, compute thread, background sends), membership (``membership.py``: joins,
+Last Wills, admission), the round's participants (``roster.py``), the step exchange (``exchange.py``: one step's
+message path, activations in, gradients out), the uploads (``uploads.py``), the cut planner (``cuts.py``) and the
+round's record (``record.py``). Compute runs on the member's one compute thread, so the event loop keeps reading
+the network (keep-alives, status changes) while the model works.
 
-Compute runs in a worker thread (``asyncio.to_thread``) one item at a time, so the event loop keeps
-reading the network (keep-alives, status changes) while the model works.
-
-Faults. An agent that goes offline (its Last Will) and is not back within ``offline_grace_s`` (a
-broker restart sends every member's Last Will, and they all reconnect at once), restarts, or misses a
-step deadline is dropped from the round and told so (a ``notice``): its client-side update is left out of the aggregate, and it
-is assigned again in the next round if it is back. Step deadlines come from the controller's predicted
-step time times ``deadline_factor``, within ``[min_step_timeout_s, step_timeout_s]``. A round is only
-applied if at least ``min_agents`` agents finished it; otherwise the server is rolled back to the
-round's start and the round runs again. An adapter upload with NaN/Inf, or an update far larger than
-the others', is refused and the agent told. Every assignment carries an id (``corr``) that the agent's
-activations and upload repeat, so that nothing from an earlier assignment (another attempt, another
-coordinator process) is ever applied; a repeated activation is answered with the gradient already
-computed, never trained on twice. After a reconnect the agents re-send what they were waiting on.
+Faults. An agent that goes offline (its Last Will) and is not back within ``offline_grace_s`` (a broker restart
+sends every member's Last Will, and they all reconnect at once), restarts, or misses a step deadline is dropped
+from the round and told so (a ``notice``): its client-side update is left out of the aggregate, and it is
+assigned again in the next round if it is back. Step deadlines come from the controller's predicted step time
+times ``deadline_factor``, within ``[min_step_timeout_s, step_timeout_s]``. A round is only applied if at least
+``min_agents`` agents finished it; otherwise the server is rolled back to the round's start and the round runs
+again. An adapter upload with NaN/Inf, or an update far larger than the others', is refused and the agent told.
+Every assignment carries an id (``corr``) that the agent's activations and upload repeat, so that nothing from
+an earlier assignment (another attempt, another coordinator process) is ever applied; a repeated activation is
+answered with the gradient already computed, never trained on twice. After a reconnect the agents re-send what
+they were waiting on.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-from dataclasses import asdict, replace
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -50,202 +52,348 @@ from splitft.coordinator.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from splitft.coordinator.controller import Controller
-from splitft.coordinator.estimates import FleetEstimates, adapter_block_bytes, block_memory_mb
-from splitft.coordinator.rounds import Rounds
-from splitft.coordinator.server import ServerModel, device_layout
-from splitft.coordinator.session import eval_fields
-from splitft.coordinator.workers import job_message, open_group
+from splitft.coordinator.controller import Decision
+from splitft.coordinator.cuts import CutPlanner
+from splitft.coordinator.exchange import StepExchange
+from splitft.coordinator.membership import Membership
+from splitft.coordinator.prepare import build_server, encode_assignment, eval_batches, fleet_estimates
+from splitft.coordinator.progress import Event, Progress, silent
+from splitft.coordinator.record import MetricsFile, eval_fields, jsonable, round_record
+from splitft.coordinator.roster import Agents, Participant, Refusals, Roster
+from splitft.coordinator.server import ServerModel, device_ranks
+from splitft.coordinator.uploads import Uploads
+from splitft.coordinator.workers import (
+    SMALL_MESSAGE_BYTES,
+    WorkerGroup,
+    assign_ranks,
+    figures,
+    merge_figures,
+    round_message,
+    route_step_topics,
+)
 from splitft.shared.errors import JobError, Refusal, SplitFTError, WireError, WorkerLost
-from splitft.shared.job.data import collate, eval_examples
-from splitft.shared.model.loading import check_max_length, load_config, num_layers
-from splitft.shared.model.tokenizer import GSM8K, load_tokenizer
-from splitft.shared.wire.codec import wire_bytes_per_element
+from splitft.shared.job.config import JobConfig
+from splitft.shared.member import Member
+from splitft.shared.model.loading import model_fingerprint
+from splitft.shared.wire.broker import BrokerSettings
 from splitft.shared.wire.control import parse_join, parse_status
-from splitft.shared.wire.link import Link
-from splitft.shared.wire.topics import COORDINATOR, Kind
+from splitft.shared.wire.link import Link, Received
+from splitft.shared.wire.topics import COORDINATOR, Kind, Topic, Topics
 
 log = logging.getLogger(__name__)
+MAX_ATTEMPTS = 3  # runs of one round that fall short of min_agents before the job gives up
 
 
-class Coordinator(Rounds):
+class Coordinator:
     """Runs one job to the end; ``await Coordinator(...).run()``."""
 
-    # ------------------------------------------------------------------ main
+    def __init__(
+        self,
+        job: JobConfig,
+        broker: BrokerSettings,
+        out_dir: Path,
+        *,
+        resume: bool = False,
+        device: str = "cpu",
+        progress: Progress | None = None,
+        workers: WorkerGroup | None = None,
+        worker_processes: Sequence[subprocess.Popen[bytes]] = (),
+        link_class: type[Link] = Link,
+    ) -> None:
+        self.job, self.broker, self.out = job, broker, Path(out_dir)
+        self.resume, self.device = resume, device
+        self.progress: Progress = progress or silent
+        self.topics = Topics(job.job)
+        self.fingerprint = model_fingerprint(job.model)  # agents are admitted by their model's content, not path
+        self.metrics = MetricsFile(self.out / "metrics.jsonl")
+        self.member = Member()
+        self.link_class = link_class
+        self.agents = Agents(job.offline_grace_s)
+        self.roster = Roster(self.member, self.topics)
+        self.refusals = Refusals(self.progress)
+        self.exchange = StepExchange(job, self.member, self.topics, self.agents, self.roster, self.refusals)
+        self.uploads = Uploads(job, broker.auth_key is not None, self.agents, self.roster, self.refusals, self.exchange)
+        self.membership = Membership(
+            job, self.fingerprint, self.member, self.topics, self.agents, self.roster, self.progress, self._lost
+        )
+        self.cuts = CutPlanner(job, self.agents)
+        self.server: ServerModel | None = None
+        # Several coordinator workers (coordinator/workers.py): this process is rank 0 of ``group``; the worker
+        # processes it started on this host; which rank serves each agent. ``_route_steps``: the step topics are
+        # subscribed agent by agent (for this rank's agents), not with a wildcard.
+        self.group = workers
+        self._worker_processes = list(worker_processes)
+        self._ranks: dict[str, int] = {}
+        self._route_steps = workers is not None
+        self._first_round = 1
+        self._started = time.monotonic()
+        self._elapsed_before = 0.0  # wall time of the rounds before a resume
+        self._done = False
+        self.eval_batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    @property
+    def link(self) -> Link | None:
+        return self.member.link
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.metrics.path
+
+    # ------------------------------------------------------------------ the job: setup -> rounds -> finish
 
     async def run(self) -> dict[str, Any]:
         if self.resume and (checkpoint := latest_checkpoint(self.out / "checkpoints")) is not None:
             verify_checkpoint(checkpoint)  # a damaged checkpoint is refused now, not after the agents joined
         self.out.mkdir(parents=True, exist_ok=True)
         # With workers, each rank subscribes to the step topics of its own agents (workers.route_step_topics).
-        kinds = (
-            ("status", "join", "adapter") if self._route_steps else ("status", "join", "act", "tail_grad", "adapter")
-        )
-        subscriptions = [self.topics.all_agents(k) for k in kinds]
+        kinds = [Kind.STATUS, Kind.JOIN, Kind.ADAPTER] + ([] if self._route_steps else [Kind.ACT, Kind.TAIL_GRAD])
         will = (self.topics.coordinator_status(), {"state": "offline", "role": COORDINATOR})
-        async with Link(
-            self.broker, self.topics, COORDINATOR, subscriptions, will=will, on_connect=self._announce,
-            expect=self._expect, on_reject=lambda reason, topic: self.progress("rejected", {"reason": reason, "topic": topic}),
+        async with self.member.connected(
+            self.broker, self.topics, COORDINATOR, [self.topics.all_agents(k) for k in kinds], read=self._read,
+            will=will, on_connect=self.membership.announce, expect=self._expect, on_reject=self._rejected_by_link,
+            link_class=self.link_class,
         ) as link:  # fmt: skip
-            self._link = link
-            await self._announce()
+            await self.membership.announce()
             try:
-                # The reader is owned by a TaskGroup: should it fail, the job stops with its error.
-                async with asyncio.TaskGroup() as group:
-                    reader = group.create_task(self._read(), name="coordinator-reader")
-                    try:
-                        return await self._run_job()
-                    finally:
-                        reader.cancel()
-            except BaseExceptionGroup as failed:
-                raise failed.exceptions[0] from None
+                first_round, cuts = await self._setup()
+                for round_ in range(first_round, self.job.rounds + 1):
+                    record = await self._run_round(round_)
+                    state = {"cuts": [list(c) for c in cuts], "elapsed_s": record["time_s"], "job": self.job.job}
+                    await self.member.compute(save_checkpoint, self.out / "checkpoints", round_, self.server, state)
+                return await self._finish()
             finally:
                 if self.group is not None:
                     self.group.close()  # (after a failure the workers see rank 0 go, and stop)
-                self._executor.shutdown(wait=False, cancel_futures=True)
-                for task in list(self._background):
-                    task.cancel()
+                self.member.close()
                 try:
-                    topic, type_, body = self._status("offline")
+                    topic, type_, body = self.membership.status("offline")
                     # Retained with "done": an agent that missed the end learns it when it reconnects.
                     await link.publish(topic, type_, {**body, "done": self._done}, retain=True)
                 except SplitFTError:
                     log.warning("could not publish the coordinator's offline status")
 
-    async def _run_job(self) -> dict[str, Any]:
+    async def _setup(self) -> tuple[int, list[Any]]:
+        """From the job file to the first round: the run folder, a checkpoint to resume from, the agents, the
+        server segment (and the workers'), the evaluation batches, the fleet's estimates and round 0's evaluation.
+        Returns the first round and the layouts the server's adapters were built for."""
         # The job as run (file, flags and defaults merged), once the broker is reached: what a run folder
         # needs to be understood later.
         (self.out / "job.json").write_text(json.dumps(asdict(self.job), indent=2) + "\n")
-        first_round = 1
         checkpoint = latest_checkpoint(self.out / "checkpoints") if self.resume else None
         state: dict[str, Any] = {}
         if self.resume and checkpoint is None:
             log.warning("--resume: no checkpoint in %s; starting from round 1", self.out / "checkpoints")
         if checkpoint is not None:
             state = read_state(checkpoint)
-            first_round = int(state["round"]) + 1
-            self._first_round = first_round
+            self._first_round = int(state["round"]) + 1
             self._elapsed_before = float(state.get("elapsed_s", 0.0))
-            self._truncate_metrics(after=first_round - 1)
-        elif self.metrics_path.exists():
-            self.metrics_path.unlink()  # a fresh run starts a fresh metrics file
-
-        if self.group is not None:
-            await open_group(self.group, self.device, self._worker_processes)
-        await self._admit()
-        total = num_layers(load_config(self.job.model, self.job.attn_implementation))
-        layouts = [device_layout(total, self.job.cut_of(n), self.job.tail_of(n)) for n in self._online()]
-        cuts = state.get("cuts") or sorted({tuple(spec.cuts(total)) for spec in layouts})
-        self.server = await self._compute(ServerModel, self.job, cuts, self.device)
-        if self.group is not None:  # the workers build their server segments and connect to the broker
-            try:
-                await self._compute(self.group.broadcast, job_message(self.job, cuts, self.fingerprint))
-                await self._compute(self.group.barrier)
-            except WorkerLost as exc:
-                raise JobError(f"a coordinator worker failed to start (its own error is in its log): {exc}") from exc
-        # What waits for the step loop, per agent: four activation messages (a step ahead, repeats).
-        self._events.per_sender_bytes = 4 * self._act_bytes()
-        self.job.check_cuts(self.server.num_layers)
-        check_max_length(self.server.segment.config, self.job.max_length)
-        if checkpoint is not None:
-            restored = await self._compute(load_checkpoint, checkpoint, self.server)
-            log.info("resumed from %s: continuing at round %d", checkpoint, first_round)
-            self.progress(
-                "resumed", {"checkpoint": str(checkpoint), "round": first_round, "digest": restored["state_digest"]}
-            )
-        eval_batches = await self._compute(self._eval_batches)
-        # Every policy predicts step times: they set the step deadlines and the achieved/ideal ratio.
-        calibration = await self._compute(
-            self.server.calibrate, self.job.batch_size, self.job.max_length, self.job.c_min
-        )
-        log.info(
-            "server calibration: %.4f s per block, %.4f s head, per device batch",
-            calibration.block_s,
-            calibration.head_s,
-        )
-        block_mb = block_memory_mb(self.server.segment.config, self.job.batch_size, self.job.max_length)
-        if self.job.u_split:  # the head is on the devices: the server's work per batch is its blocks alone
-            calibration = replace(calibration, head_s=0.0)
-        self.estimates = FleetEstimates(
-            self.job.ewma, calibration, block_mb, self.job.server_speedup, round_trips=2 if self.job.u_split else 1,
-            adapter_block_bytes=adapter_block_bytes(self.server.segment.lora_parameters()),
-            local_steps=self.job.local_steps, step_bytes=self._step_bytes(),
+            self.metrics.truncate(after=self._first_round - 1)
+        else:
+            self.metrics.restart()
+        await self.membership.admit()
+        self.server, cuts = await build_server(
+            self.member, self.job, self.device, self.agents.online(), state, self.group, self._worker_processes,
+            self.fingerprint,
         )  # fmt: skip
-        self.controller = Controller(self._controller_settings(self.server.num_layers))
-        if first_round == 1:
-            result = await self._compute(self.server.evaluate, eval_batches)
+        self.exchange.start(self.server)
+        if checkpoint is not None:
+            restored = await self.member.compute(load_checkpoint, checkpoint, self.server)
+            log.info("resumed from %s: continuing at round %d", checkpoint, self._first_round)
+            data = {"checkpoint": str(checkpoint), "round": self._first_round, "digest": restored["state_digest"]}
+            self.progress(Event.RESUMED, data)
+        self.eval_batches = await self.member.compute(eval_batches, self.job)
+        estimates = await fleet_estimates(self.member, self.job, self.server)
+        self.cuts.start(estimates, self.server.num_layers)
+        if self._first_round == 1:
+            result = await self.member.compute(self.server.evaluate, self.eval_batches)
             baseline = {"round": 0, "time_s": 0.0, **eval_fields(result)}
-            self._write_metrics(baseline)
-            self.progress("baseline", baseline)
+            self.metrics.write(baseline)
+            self.progress(Event.BASELINE, baseline)
+        return self._first_round, cuts
 
-        for round_ in range(first_round, self.job.rounds + 1):
-            record = await self._run_round(round_, eval_batches)
-            await self._compute(
-                save_checkpoint,
-                self.out / "checkpoints",
-                round_,
-                self.server,
-                {"cuts": [list(c) for c in cuts], "elapsed_s": record["time_s"], "job": self.job.job},
-            )
-
-        adapter_dir = await self._compute(self.server.export, self.out / "adapter")
+    async def _finish(self) -> dict[str, Any]:
+        """Export the adapter, tell the workers and the agents the job is done; the job's summary."""
+        assert self.server is not None
+        adapter_dir = await self.member.compute(self.server.export, self.out / "adapter")
         if self.group is not None:
             try:
-                await self._compute(self.group.broadcast, {"op": "done"})
+                await self.member.compute(self.group.broadcast, {"op": "done"})
             except WorkerLost as exc:  # the job is complete: a worker gone since its last round changes nothing
                 log.warning("could not tell the workers the job is done: %s", exc)
-        assert self._link is not None
-        await self._link.publish(self.topics.job_topic("round"), Kind.ROUND, {"event": "done"}, round_=self.job.rounds)
+        link = self.member.connected_link()
+        await link.publish(self.topics.job_topic(Kind.ROUND), Kind.ROUND, {"event": "done"}, round_=self.job.rounds)
         self._done = True
-        summary = {"adapter": str(adapter_dir), "metrics": str(self.metrics_path), "rounds": self.job.rounds}
-        self.progress("done", summary)
+        summary = {"adapter": str(adapter_dir), "metrics": str(self.metrics.path), "rounds": self.job.rounds}
+        self.progress(Event.DONE, summary)
         return summary
+
+    # ------------------------------------------------------------------ rounds
+
+    async def _run_round(self, round_: int) -> dict[str, Any]:
+        """Run a round until at least ``min_agents`` agents finish it; roll back the attempts that fall short."""
+        assert self.server is not None
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            snapshot = await self.member.compute(self.server.snapshot)
+            reason = "too_few_agents"
+            try:
+                record = await self._round(round_, attempt)
+            except WorkerLost as exc:
+                self._lose_workers(round_, exc)
+                record, reason = None, "worker_lost"
+            if record is not None:
+                return record
+            await self.member.compute(self.server.restore, snapshot)
+            self.progress(Event.ROUND_RETRY, {"round": round_, "attempt": attempt, "reason": reason})
+        raise JobError(
+            f"round {round_}: fewer than min_agents={self.job.min_agents} agents finished it in {MAX_ATTEMPTS} attempts"
+        )
+
+    async def _round(self, round_: int, attempt: int) -> dict[str, Any] | None:
+        """One attempt at a round: assign, the steps, the uploads, aggregation, evaluation, the metrics line."""
+        assert self.server is not None
+        server, job, link = self.server, self.job, self.member.connected_link()
+        if len(self.agents.online()) < job.min_agents:
+            await self.membership.admit()
+        started = time.monotonic()
+        self.roster.begin(round_, {})
+        self.exchange.begin_round()
+        decision = await self.cuts.decide(round_, self._first_round)
+        participants: dict[str, Participant] = {}
+        for name in self.agents.online():
+            cut, tail = self.cuts.layout(name)
+            ranks = device_ranks(server.num_layers, cut, tail, job.lora)
+            state = await self.member.compute(server.client_state, ranks)
+            corr = f"{link.sid}:{round_}:{attempt}"
+            sid = self.agents.known[name].sid
+            participant = Participant(name, cut, ranks, corr, sid, state, tail=tail)
+            participant.assign_body = encode_assignment(job, self.fingerprint, round_, attempt, participant)
+            participants[name] = participant
+        self.roster.begin(round_, participants)
+        mine = await self._share_round(round_, attempt, participants, decision)  # the agents this process serves
+        for participant in participants.values():
+            await self.roster.assign(participant)
+        layout: dict[str, Any] = {"cuts": {n: p.cut for n, p in participants.items()}}
+        if job.u_split:
+            layout["tails"] = {n: p.tail for n, p in participants.items()}
+        self.progress(Event.ROUND_START, {"round": round_, **layout})
+        body = {"event": "start", "agents": sorted(participants)}
+        await link.publish(self.topics.job_topic(Kind.ROUND), Kind.ROUND, body, round_=round_)
+
+        group = self.group
+        for step in range(job.local_steps):
+            if group is None and not any(p.dropped is None for p in participants.values()):
+                break  # (with workers, every rank takes every step: their collectives must pair up)
+            await self.exchange.step(step, mine, StepExchange.deadline_s(job, decision, step))
+            await self.member.compute(server.finish_step, group.reduce if group is not None else None)
+            self.progress(Event.STEP, {"round": round_, "step": step + 1, "of": job.local_steps})
+        if group is not None:
+            for served in (await self.member.compute(group.gather, figures({})))[1:]:
+                merge_figures(participants, served)
+
+        uploads = self.uploads.screen(await self.uploads.collect(participants), participants)
+        live = [p for p in participants.values() if p.dropped is None]
+        if len(live) < job.min_agents:
+            log.warning(
+                "round %d (attempt %d): %d of the %d agents needed finished (%s); rolling the round back",
+                round_, attempt, len(live), job.min_agents,
+                "; ".join(f"{p.name}: {p.dropped}" for p in participants.values() if p.dropped) or "none dropped",
+            )  # fmt: skip
+            self.roster.end()
+            return None
+        await self.member.compute(server.aggregate, uploads)
+        self.roster.end()
+        result = await self.member.compute(server.evaluate, self.eval_batches)
+        now = time.monotonic()
+        record = round_record(
+            round_=round_, attempt=attempt, time_s=self._elapsed_before + now - self._started,
+            round_time_s=now - started, result=result, participants=participants, agents=self.agents,
+            u_split=job.u_split, workers=self._ranks if self._route_steps else None,
+            rejected=Counter(link.rejected) + Counter(self.refusals.counts), policy=job.policy, decision=decision,
+        )  # fmt: skip
+        self.cuts.observe(live, server)
+        self.metrics.write(record)
+        await link.publish(self.topics.job_topic(Kind.METRICS), Kind.METRICS, jsonable(record), round_=round_)
+        self.progress(Event.ROUND_END, record)
+        return record
+
+    # ------------------------------------------------------------------ several coordinator workers
+
+    async def _share_round(
+        self, round_: int, attempt: int, participants: dict[str, Participant], decision: Decision | None
+    ) -> dict[str, Participant]:
+        """With workers: deal the agents out to the ranks, send the round to the workers, and return the
+        agents this process serves once every rank listens to its own (before any assignment goes out)."""
+        if not self._route_steps:
+            return participants  # one process from the start: the step topics are subscribed with a wildcard
+        assert self.server is not None
+        group = self.group
+        self._ranks = assign_ranks(sorted(participants), group.world if group is not None else 1, self._ranks)
+        mine = {n: p for n, p in participants.items() if self._ranks[n] == 0}
+        await route_step_topics(self.member.connected_link(), self.topics, mine)
+        if group is not None:
+            deadlines = [StepExchange.deadline_s(self.job, decision, step) for step in range(self.job.local_steps)]
+            message = await self.member.compute(
+                round_message, round_, attempt, participants, self._ranks, deadlines, self.server
+            )
+            await self.member.compute(group.broadcast, message)
+            await self.member.compute(group.barrier)
+        return mine
+
+    def _lose_workers(self, round_: int, exc: WorkerLost) -> None:
+        """A worker is gone: leave the group; the round is rolled back and run again on this process alone."""
+        log.error("round %d: %s; the job goes on with every device on this process", round_, exc)
+        self.progress(Event.WORKER_LOST, {"round": round_, "error": str(exc)})
+        if self.group is not None:
+            self.group.close()
+        self.group = None
+        self.roster.end()
 
     # ------------------------------------------------------------------ network input
 
-    async def _read(self) -> None:
-        assert self._link is not None
-        link = self._link
-        while True:
-            received = await link.receive()
-            name, kind, env = received.topic.agent, received.topic.kind, received.envelope
-            assert name is not None
-            try:
-                if kind == "status":
-                    # A Last Will can arrive after the same agent's new process joined: only the
-                    # session that joined may take the agent offline.
-                    info = self.agents.get(name)
-                    if parse_status(env.body) == "offline" and (info is None or info.sid == env.sid):
-                        self._agent_offline(name)
-                elif kind == "join":
-                    self._agent_joined(name, env.sid, parse_join(env.body))
-                elif kind in ("act", "tail_grad"):
-                    self._queue_step_message(received)
-                    self._upload_arrived.set()  # wakes the upload wait, which answers repeated activations
-                elif kind == "adapter":
-                    self._adapter_arrived(received)
-            except WireError as exc:
-                self._count_rejection(exc.reason, name, exc.detail)
-            except Exception as exc:  # never let one message end the reader
-                log.exception("unexpected error handling a %s message from %s", kind, name)
-                self._count_rejection(Refusal.HANDLER_ERROR, name, f"{type(exc).__name__}: {exc}")
+    def _expect(self, topic: Topic) -> int | None:
+        """The most bytes a message on ``topic`` may decompress to now; None: nothing is expected on it.
 
-    # ------------------------------------------------------------------ evaluation
+        The link asks before it decompresses anything. Anyone may join and report a status (small
+        messages); activations, tail gradients and adapter uploads come only from an agent with a live
+        assignment, at most the size the job's shapes give (fp32, the widest wire dtype)."""
+        if topic.kind in (Kind.STATUS, Kind.JOIN):
+            return SMALL_MESSAGE_BYTES
+        participant = self.roster.live(topic.agent or "")
+        if participant is None or self.server is None:
+            return None
+        if topic.kind in (Kind.ACT, Kind.TAIL_GRAD):
+            return self.exchange.act_bytes()
+        if topic.kind == Kind.ADAPTER:
+            return self.uploads.most_bytes(participant)
+        return None
 
-    def _step_bytes(self) -> tuple[float, float]:
-        """The bytes a step is expected to move up and down before any agent has reported (the job's shapes):
-        the activations (and in the two-part split the labels, int64); the U split moves two tensors each way."""
-        assert self.server is not None
-        tokens, hidden = self.job.batch_size * self.job.max_length, self.server.hidden_size
-        tensor = tokens * hidden * wire_bytes_per_element(self.job.wire_dtype, hidden)
-        if self.job.u_split:
-            return 2 * tensor, 2 * tensor
-        return tensor + 8 * tokens, tensor
+    def _rejected_by_link(self, reason: str, topic: str) -> None:
+        self.progress(Event.REJECTED, {"reason": reason, "topic": topic})
 
-    def _eval_batches(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        tokenizer = load_tokenizer(self.job.model)
-        source = Path(self.job.eval_data) if self.job.eval_data else GSM8K / "test.jsonl"
-        examples = eval_examples(source, tokenizer, self.job.max_length, self.job.eval_samples, self.job.chat_template)
-        size = self.job.eval_batch_size
-        pad = int(tokenizer.pad_token_id)
-        return [collate(examples[i : i + size], pad) for i in range(0, len(examples), size)]
+    def _lost(self, name: str) -> None:
+        """An agent's process is gone: the step loop and the upload wait re-check."""
+        self.exchange.went_offline(name)
+        self.uploads.wake.set()
+
+    async def _read(self, received: Received) -> None:
+        name, kind, env = received.topic.agent, received.topic.kind, received.envelope
+        assert name is not None
+        try:
+            if kind == Kind.STATUS:
+                # A Last Will can arrive after the same agent's new process joined: only the
+                # session that joined may take the agent offline.
+                info = self.agents.get(name)
+                if parse_status(env.body) == "offline" and (info is None or info.sid == env.sid):
+                    self.membership.offline(name)
+            elif kind == Kind.JOIN:
+                self.membership.joined(name, env.sid, parse_join(env.body))
+            elif kind in (Kind.ACT, Kind.TAIL_GRAD):
+                self.exchange.queue(received)
+                self.uploads.wake.set()  # wakes the upload wait, which answers repeated activations
+            elif kind == Kind.ADAPTER:
+                self.uploads.arrived(received)
+        except WireError as exc:
+            self.refusals.count(exc.reason, name, exc.detail)
+        except Exception as exc:  # never let one message end the reader
+            log.exception("unexpected error handling a %s message from %s", kind, name)
+            self.refusals.count(Refusal.HANDLER_ERROR, name, f"{type(exc).__name__}: {exc}")

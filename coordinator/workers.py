@@ -45,7 +45,6 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, replace
-from pathlib import Path
 from typing import Any, TypeVar
 
 import msgpack
@@ -55,21 +54,26 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from splitft.coordinator.checkpoint import load_server_state, server_state
+from splitft.coordinator.exchange import StepExchange
+from splitft.coordinator.progress import silent
+from splitft.coordinator.roster import AgentInfo, Agents, Participant, Refusals, Roster
 from splitft.coordinator.server import ServerModel
-from splitft.coordinator.session import AgentInfo, Participant
-from splitft.coordinator.steps import StepExchange
 from splitft.shared.errors import ConfigError, JobError, SplitFTError, WorkerLost
 from splitft.shared.job.config import JobConfig
+from splitft.shared.member import Member
+from splitft.shared.model.loading import model_fingerprint
 from splitft.shared.wire.broker import BrokerSettings
 from splitft.shared.wire.control import parse_status
 from splitft.shared.wire.link import Link, Received
-from splitft.shared.wire.topics import COORDINATOR, Topics
+from splitft.shared.wire.topics import COORDINATOR, Kind, Topic, Topics
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 #: the kinds of message a rank takes for the agents it serves
 STEP_KINDS = ("act", "tail_grad")
+#: the most a status or a join may decompress to (a join's profile is a few hundred bytes)
+SMALL_MESSAGE_BYTES = 64 << 10
 #: how long the broker keeps a worker's session (its subscriptions and what arrives) over a dropped connection
 WORKER_SESSION_S = 120
 
@@ -286,95 +290,110 @@ def merge_figures(plans: Mapping[str, Participant], served: Mapping[str, Any]) -
 # --------------------------------------------------------------------------- ranks 1..N-1
 
 
-class ServerWorker(StepExchange):
-    """Rank 1..N-1: serve the steps of the agents rank 0 gives this rank, round after round."""
+class ServerWorker:
+    """Rank 1..N-1: serve the steps of the agents rank 0 gives this rank, round after round. It holds a member
+    (link, reader, compute thread), the agents' presence, the round's participants and the step exchange: no
+    admission, uploads or rounds of its own."""
 
-    def __init__(self, job: JobConfig, broker: BrokerSettings, group: WorkerGroup, *, device: str = "cpu") -> None:
-        super().__init__(job, broker, Path("."), device=device)
-        self.member = group  # (``self.group`` is rank 0's: the workers it leads)
+    def __init__(
+        self,
+        job: JobConfig,
+        broker: BrokerSettings,
+        group: WorkerGroup,
+        *,
+        device: str = "cpu",
+        link_class: type[Link] = Link,
+    ) -> None:
+        self.job, self.broker, self.group, self.device = job, broker, group, device
+        self.link_class = link_class
+        self.topics = Topics(job.job)
+        self.fingerprint = model_fingerprint(job.model)
+        self.member = Member()
+        self.agents = Agents(job.offline_grace_s)
+        self.roster = Roster(self.member, self.topics)
+        self.refusals = Refusals(silent)
+        self.exchange = StepExchange(job, self.member, self.topics, self.agents, self.roster, self.refusals)
+        self.server: ServerModel | None = None
 
     async def serve(self, start: Mapping[str, Any]) -> None:
         if start["fingerprint"] != self.fingerprint:
             raise ConfigError(
-                f"worker {self.member.rank}: its model {self.job.model!r} (fingerprint {self.fingerprint}) is not "
+                f"worker {self.group.rank}: its model {self.job.model!r} (fingerprint {self.fingerprint}) is not "
                 f"rank 0's (fingerprint {start['fingerprint']}): give every worker a copy of the job's model"
             )
         cuts = [list(c) for c in start["cuts"]]
-        self.server = await self._compute(ServerModel, self.job, cuts, self.device)
-        self._events.per_sender_bytes = 4 * self._act_bytes()
+        self.server = await self.member.compute(ServerModel, self.job, cuts, self.device)
+        self.exchange.start(self.server)
         # No Last Will and no status: the agents follow rank 0's coordinator status, not a worker's. So nothing
         # makes the agents re-send what a worker missed while its connection was down: its session outlives a
         # drop instead (MQTT v5), and the broker delivers what came meanwhile when it is back.
         broker = replace(self.broker, session_expiry_s=WORKER_SESSION_S) if self.broker.protocol == "5" else self.broker
-        async with Link(
-            broker, self.topics, COORDINATOR, [self.topics.all_agents("status")], expect=self._expect
-        ) as link:
-            self._link = link
-            reader = asyncio.create_task(self._read(), name=f"worker-{self.member.rank}-reader")
-            try:
-                await self._compute(self.member.barrier)  # ready: rank 0 may assign
-                while await self._serve_round():
-                    pass
-            finally:
-                reader.cancel()
-                self._executor.shutdown(wait=False, cancel_futures=True)
-                for task in list(self._background):
-                    task.cancel()
-                await asyncio.gather(reader, return_exceptions=True)
+        async with self.member.connected(
+            broker, self.topics, COORDINATOR, [self.topics.all_agents(Kind.STATUS)], read=self._read,
+            expect=self._expect, link_class=self.link_class,
+        ):  # fmt: skip
+            await self.member.compute(self.group.barrier)  # ready: rank 0 may assign
+            while await self._serve_round():
+                pass
 
     async def _serve_round(self) -> bool:
         """One round's steps for this rank's agents; False when rank 0 says the job is over."""
-        assert self.server is not None and self._link is not None
-        message = await self._while_waiting(self.member.broadcast)
+        assert self.server is not None
+        message = await self._while_waiting(self.group.broadcast)
         if message["op"] != "round":
-            log.info("worker %d: rank 0 ended the job (%s)", self.member.rank, message.get("reason", message["op"]))
+            log.info("worker %d: rank 0 ended the job (%s)", self.group.rank, message.get("reason", message["op"]))
             return False
-        await self._compute(take_round_state, self.server, message)
+        await self.member.compute(take_round_state, self.server, message)
         round_, attempt = int(message["round"]), int(message["attempt"])
-        self._round_now = round_
-        self._early.clear()
         mine: dict[str, Participant] = {}
         for name, cut, tail, corr, sid, rank in message["plans"]:
-            if rank == self.member.rank:
+            if rank == self.group.rank:
                 mine[name] = Participant(name, cut, {}, corr, sid, {}, tail=tail)
-                info = self.agents.setdefault(name, AgentInfo(name, {}))
+                info = self.agents.known.setdefault(name, AgentInfo(name, {}))
                 info.sid, info.offline_since = sid, None
-        self._plans = mine
-        await route_step_topics(self._link, self.topics, mine)
-        await self._compute(self.member.barrier)
-        log.info("worker %d: round %d (attempt %d): serving %s", self.member.rank, round_, attempt, ", ".join(mine))
+        self.roster.begin(round_, mine)
+        self.exchange.begin_round()
+        await route_step_topics(self.member.connected_link(), self.topics, mine)
+        await self.member.compute(self.group.barrier)
+        log.info("worker %d: round %d (attempt %d): serving %s", self.group.rank, round_, attempt, ", ".join(mine))
         for step, deadline in enumerate(message["deadlines"]):
-            await self._step(round_, step, mine, float(deadline))
-            await self._compute(self.server.finish_step, self.member.reduce)
-        await self._compute(self.member.gather, figures(mine))
+            await self.exchange.step(step, mine, float(deadline))
+            await self.member.compute(self.server.finish_step, self.group.reduce)
+        await self.member.compute(self.group.gather, figures(mine))
         return True
 
     async def _while_waiting(self, fn: Callable[[], T]) -> T:
         """Run a collective; meanwhile answer what the agents repeat (a reconnect after their last step)."""
-        future = asyncio.ensure_future(self._compute(fn))
+        future = asyncio.ensure_future(self.member.compute(fn))
         while not future.done():
             await asyncio.wait({future}, timeout=0.25)
-            while not self._events.empty():
-                item = self._events.get_nowait()
-                if isinstance(item, Received):
-                    self._is_repeat(item, self._plans, self._round_now)
+            while not self.exchange.events.empty():
+                item = self.exchange.events.get_nowait()
+                if isinstance(item, Received) and (participant := self.roster.current(item.envelope)) is not None:
+                    self.exchange.answer_again(item, participant)
         return future.result()
 
-    async def _read(self) -> None:
-        assert self._link is not None
-        while True:
-            received = await self._link.receive()
-            name, kind, env = received.topic.agent, received.topic.kind, received.envelope
-            if kind == "status" and name is not None:
-                info = self.agents.get(name)
-                try:
-                    offline = parse_status(env.body) == "offline"
-                except SplitFTError:
-                    continue
-                if offline and info is not None and info.sid == env.sid:
-                    self._agent_offline(name)
-            elif kind in STEP_KINDS:
-                self._queue_step_message(received)
+    def _expect(self, topic: Topic) -> int | None:
+        """What this rank takes: the step messages of the agents it serves this round (see the coordinator's)."""
+        if topic.kind == Kind.STATUS:
+            return SMALL_MESSAGE_BYTES
+        if topic.kind in STEP_KINDS and self.roster.live(topic.agent or "") is not None and self.server is not None:
+            return self.exchange.act_bytes()
+        return None
+
+    async def _read(self, received: Received) -> None:
+        name, kind, env = received.topic.agent, received.topic.kind, received.envelope
+        if kind == Kind.STATUS and name is not None:
+            info = self.agents.get(name)
+            try:
+                offline = parse_status(env.body) == "offline"
+            except SplitFTError:
+                return
+            if offline and info is not None and info.sid == env.sid and self.agents.went_offline(name):
+                log.warning("agent %s went offline", name)
+                self.exchange.went_offline(name)
+        elif kind in STEP_KINDS:
+            self.exchange.queue(received)
 
 
 async def route_step_topics(link: Link, topics: Topics, served: Mapping[str, Any]) -> None:

@@ -67,9 +67,9 @@ async def attack(broker_url: str, host: str, port: int, folder: Path, name: str,
     coordinator = Coordinator(job, BrokerSettings(url=broker_url), folder / job.job)
     task = asyncio.create_task(coordinator.run())
     try:
-        while coordinator._link is None or not coordinator._link.connected:
+        while coordinator.link is None or not coordinator.link.connected:
             await asyncio.sleep(0.05)
-        link = coordinator._link
+        link = coordinator.link
         await asyncio.sleep(0.5)
         before = rss_mb()
         async with aiomqtt.Client(host, port) as raw:

@@ -142,7 +142,7 @@ class Straggler(Agent):
         if a.round == self.slow_round and not self.stalled:
             self.stalled = True
             async with asyncio.timeout(120):
-                while (plan := self.coordinator._plans.get(self.name)) is None or plan.dropped is None:
+                while (p := self.coordinator.roster.participants.get(self.name)) is None or p.dropped is None:
                     await asyncio.sleep(0.05)
         await super()._train(a)
 
@@ -295,7 +295,7 @@ async def test_broker_restart_mid_run_loses_nothing(tmp_path: Path, split: str) 
     # Nothing in flight was lost: every agent finished every round, re-sending what the restart swallowed.
     assert all(a["dropped"] is None for m in metrics[1:] for a in m["agents"].values())
     assert all(m["attempt"] == 1 for m in metrics[1:])
-    assert coordinator._link is not None and coordinator._link.connects >= 2
+    assert coordinator.link is not None and coordinator.link.connects >= 2
 
 
 # --------------------------------------------------------------------------- duplicates and replays
@@ -347,7 +347,7 @@ async def test_duplicated_replayed_and_reordered_messages_are_never_applied_twic
     meddler.cancel()
     await asyncio.gather(meddler, return_exceptions=True)
     assert counts["duplicated"] > 30 and counts["replayed"] > 20, counts
-    assert coordinator._link is not None and coordinator._link.rejected["duplicate"] > 0
+    assert coordinator.link is not None and coordinator.link.rejected["duplicate"] > 0
     assert coordinator.server is not None
     assert_equals_centralised(lora_state(coordinator.server.segment.peft_model), job, data)
 
@@ -461,7 +461,7 @@ async def test_flood_of_garbage_on_every_topic_changes_nothing(broker: Broker, t
     assert outcome is None or isinstance(outcome, asyncio.CancelledError), outcome
     total = sum(sent.values())
     assert total >= 1000, sent
-    refused = Counter(coordinator._link.rejected if coordinator._link else {}) + Counter(coordinator.rejected_bodies)
+    refused = Counter(coordinator.link.rejected if coordinator.link else {}) + Counter(coordinator.refusals.counts)
     for agent in agents:
         assert agent._link is not None
         refused += Counter(agent._link.rejected) + agent.rejected

@@ -63,8 +63,8 @@ async def test_floods_of_bombs_do_not_grow_the_coordinators_memory(broker: Broke
     coordinator = Coordinator(job, BrokerSettings(url=broker.url), tmp_path / "out")
     task = asyncio.create_task(coordinator.run())
     try:
-        await wait_for(lambda: coordinator._link is not None and coordinator._link.connected)
-        link = coordinator._link
+        await wait_for(lambda: coordinator.link is not None and coordinator.link.connected)
+        link = coordinator.link
         assert link is not None
         before = rss_mb()
         async with aiomqtt.Client(broker.host, broker.port) as raw:
@@ -78,7 +78,7 @@ async def test_floods_of_bombs_do_not_grow_the_coordinators_memory(broker: Broke
         grown = rss_mb() - before
         assert link.rejected[Refusal.UNEXPECTED] == len(acts) + len(chunks)  # no assignment: not decompressed
         assert link.rejected[Refusal.TOO_LARGE] == len(big_joins)  # a join is small
-        assert link.pending() == 0 and link._reassembler.pending == 0 and coordinator._events.empty()
+        assert link.pending() == 0 and link._reassembler.pending == 0 and coordinator.exchange.events.empty()
         assert grown < 100, f"the coordinator's RSS grew by {grown:.0f} MB"
         assert not task.done()  # still waiting for its agents
     finally:

@@ -165,7 +165,7 @@ async def test_half_precision_servers_and_devices_train_and_export_fp32(
     assert coordinator.server is not None
     frozen = {p.dtype for p in coordinator.server.segment.parameters() if not p.requires_grad}
     assert frozen == {DTYPES[server]}
-    assert all(a.profile.get("base_dtype") == device for a in coordinator.agents.values())
+    assert all(a.profile.get("base_dtype") == device for a in coordinator.agents.known.values())
     losses = [m["eval_loss"] for m in read_metrics(tmp_path / "out")]
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0], losses
     adapter = tmp_path / "out" / "adapter" / "adapter_model.safetensors"

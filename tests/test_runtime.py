@@ -120,7 +120,7 @@ async def test_three_agents_different_cuts_loss_falls(broker: Broker, tmp_path: 
     model.eval()
     loss_sum, tokens = 0.0, 0
     with torch.no_grad():
-        for input_ids, labels, lengths in coordinator._eval_batches():
+        for input_ids, labels, lengths in coordinator.eval_batches:
             mask = padding_mask(lengths, input_ids.shape[1])
             logits = model(input_ids=input_ids, attention_mask=mask).logits
             loss_sum += float(causal_lm_loss(logits, labels, num_targets=1))
