@@ -13,8 +13,9 @@ from typing import Any
 import torch
 
 from splitft.coordinator.estimates import FleetEstimates, adapter_block_bytes, block_memory_mb
+from splitft.coordinator.layout import device_layout
 from splitft.coordinator.roster import Participant
-from splitft.coordinator.server import ServerModel, device_layout
+from splitft.coordinator.server import ServerModel
 from splitft.coordinator.workers import WorkerGroup, job_message, open_group
 from splitft.shared.errors import JobError, WorkerLost
 from splitft.shared.job.config import JobConfig

@@ -55,12 +55,13 @@ from splitft.coordinator.checkpoint import (
 from splitft.coordinator.controller import Decision
 from splitft.coordinator.cuts import CutPlanner
 from splitft.coordinator.exchange import StepExchange
+from splitft.coordinator.layout import device_ranks
 from splitft.coordinator.membership import Membership
 from splitft.coordinator.prepare import build_server, encode_assignment, eval_batches, fleet_estimates
 from splitft.coordinator.progress import Event, Progress, silent
 from splitft.coordinator.record import MetricsFile, eval_fields, jsonable, round_record
 from splitft.coordinator.roster import Agents, Participant, Refusals, Roster
-from splitft.coordinator.server import ServerModel, device_ranks
+from splitft.coordinator.server import ServerModel
 from splitft.coordinator.uploads import Uploads
 from splitft.coordinator.workers import (
     SMALL_MESSAGE_BYTES,

@@ -4,8 +4,7 @@ the global adapters, the evaluator and the exporter.
 How one server serves devices cut at different layers: the coordinator holds the whole model
 (embeddings and all blocks; it is the GPU host) with one LoRA copy per block. A device cut at
 ``c`` sends the activations entering block ``c``; the server runs blocks ``c..L-1`` and the head on
-them (``Segment.forward(..., start=c)``), one device's batch at a time, and accumulates the LoRA
-gradients. The server takes **one optimiser step per global step**, after the activations of every
+them (``Segment.forward(..., start=c)``) and accumulates the LoRA gradients. The server takes **one optimiser step per global step**, after the activations of every
 device for that step are in: so its update does not depend on the order the devices arrive in.
 
 Normalisation, so that federated split SGD equals centralised SGD on the union batch:
@@ -18,20 +17,19 @@ Normalisation, so that federated split SGD equals centralised SGD on the union b
 * at aggregation, block ``j`` is averaged over its holders weighted by tokens: the devices cut above
   ``j`` (weight ``N_i``) and the server (weight ``N_j``).
 
-Batched (``server_batching``): :meth:`ServerModel.train_batch` (two-part) takes a step's batches of every
-device at once, pads them to the longest and runs them ordered by cut: the devices cut shallowest go
-first, and the others join the merged batch at their own cut ("run to the deepest cut, then merge").
-The head and the loss are computed device by device (they act per token: merging gains nothing there),
-then one backward pass runs through the merged blocks. In the U split, :meth:`ServerModel.forward_batch`
-does the same up to each device's tail, where its rows leave the merged batch, and
-:meth:`ServerModel.backward_batch` takes every device's tail gradient in one backward pass. The results
-equal the per-device path's to floating-point rounding (tests/test_batching.py); ``server_max_batch_tokens``
-bounds one pass.
+One path, merged passes: :meth:`ServerModel.train_batch` (two-part) takes the batches of a step that are in
+(one arrival, or with ``server_batching`` every device's), pads them to the longest and runs them ordered by
+cut: the devices cut shallowest go first, and the others join the merged batch at their own cut ("run to the
+deepest cut, then merge"). The head and the loss are computed device by device (they act per token: merging
+gains nothing there), then one backward pass runs through the merged blocks. In the U split,
+:meth:`ServerModel.forward_batch` does the same up to each device's tail, where its rows leave the merged
+batch, and :meth:`ServerModel.backward_batch` takes the tail gradients in one backward pass. Merged, the
+results equal those of passes of one to floating-point rounding (tests/test_batching.py);
+``server_max_batch_tokens`` bounds one pass.
 
 The U split (``split = "u"``): a device cut at ``c`` with a tail of ``k`` blocks holds blocks
-``0..c-1`` and ``L-k..L-1`` and the head; the server runs ``c..L-k-1`` (:meth:`ServerModel.forward_middle`),
-sends the activations at ``L-k`` down, takes the device's gradient there and finishes its backward
-pass (:meth:`ServerModel.backward_middle`). The server never sees a label, so nor a target count:
+``0..c-1`` and ``L-k..L-1`` and the head; the server runs ``c..L-k-1``, sends the activations at ``L-k``
+down, takes the device's gradient there and finishes its backward pass. The server never sees a label, so nor a target count:
 a device's weight ``N_i`` is the real tokens of its rows (the lengths that travel as the attention
 mask), and the device's gradient (of its mean loss) is scaled by it. The same aggregation rules then
 make federated U-split SGD equal centralised SGD on the union objective ``sum_i N_i L_i / sum_i N_i``,
@@ -53,55 +51,16 @@ import torch
 
 from splitft.coordinator.aggregation import Contribution, aggregate, convert_state, module_key
 from splitft.coordinator.controller import ServerEstimate
+from splitft.coordinator.layout import block_of, global_ranks
 from splitft.shared.job.config import JobConfig
 from splitft.shared.model.loading import is_preset, load_config, num_layers
-from splitft.shared.model.lora import LoraSettings, block_ranks, load_lora_state, lora_state
+from splitft.shared.model.lora import load_lora_state, lora_state
 from splitft.shared.model.loss import IGNORE_INDEX, EvalResult, evaluate_lm
 from splitft.shared.model.precision import torch_dtype
 from splitft.shared.model.split import Segment, SegmentSpec, build_segment
 from splitft.shared.wire.messages import Activations
 
 log = logging.getLogger(__name__)
-
-
-def global_ranks(total: int, cuts: Sequence[int | Sequence[int]], lora: LoraSettings) -> dict[int, int]:
-    """LoRA rank of each block of the global (server) copy.
-
-    ``cuts`` holds one entry per device (or per distinct layout): its cut, or the list of its cut layers
-    (a U-shaped device has two, ``c`` and ``L-k``). With one layout for all devices this is the paper's:
-    ``r_cut`` on both sides of each cut. With several, a block keeps ``r_cut`` only if it is at a cut of
-    *every* device; elsewhere it gets ``r``, so the global copy can hold what every holder contributes
-    (devices cut at that block hold it at ``r_cut`` and are converted, see ``aggregation``).
-    """
-    if not cuts:
-        return block_ranks(total, [], lora)
-    layouts = [[c] if isinstance(c, int) else list(c) for c in cuts]
-    ranks = dict.fromkeys(range(total), lora.r)
-    for j in range(total):
-        if all(any(j in (c - 1, c) for c in layout) for layout in layouts):
-            ranks[j] = lora.r_cut
-    return ranks
-
-
-def device_layout(total: int, cut: int, tail: int) -> SegmentSpec:
-    """What a device cut at ``cut`` with a tail of ``tail`` blocks holds (``tail`` 0: the two-part client's blocks)."""
-    return SegmentSpec.u_device(cut, tail, total) if tail else SegmentSpec.client(cut)
-
-
-def device_ranks(total: int, cut: int, tail: int, lora: LoraSettings) -> dict[int, int]:
-    """LoRA rank of each block a device holds: ``0..cut-1`` and, in the U split, the last ``tail``."""
-    spec = device_layout(total, cut, tail)
-    ranks = block_ranks(total, spec.cuts(total), lora)
-    return {j: ranks[j] for j in spec.blocks(total)}
-
-
-def block_of(name: str) -> int:
-    """The block index in a LoRA weight's saved name (``...layers.7.self_attn...`` -> 7)."""
-    parts = name.split(".")
-    for i, part in enumerate(parts[:-1]):
-        if part in ("h", "layers") and parts[i + 1].isdigit():
-            return int(parts[i + 1])
-    raise ValueError(f"no block index in {name!r}")
 
 
 #: sums a step's flat gradient tensor and its counts over every coordinator worker, in place
@@ -220,24 +179,13 @@ class ServerModel:
                 p.grad = None
 
     def train_on(self, cut: int, act: Activations, agent: str = "") -> StepResult:
-        """Forward and backward one device's batch from block ``cut``; its gradients join ``agent``'s share."""
-        if act.labels is None:
-            raise ValueError("a two-part step needs the batch's labels")
-        self.segment.train()
-        hidden = act.hidden.to(self.device).requires_grad_()  # (B, T, C)
-        result = self.segment.target_loss(hidden, act.attention_mask.to(self.device), act.labels.to(self.device), cut)
-        result.loss_sum.backward()
-        self._stash(agent)
-        tokens, correct, loss_sum = result.tokens, result.correct, result.loss_sum
-        for block in range(cut, self.num_layers):
-            self._step_tokens[block] += tokens
-        assert hidden.grad is not None
-        grad = (hidden.grad / max(tokens, 1)).cpu()
-        return StepResult(grad, float(loss_sum.detach()) / max(tokens, 1), tokens, correct / max(tokens, 1))
+        """Forward and backward one device's batch from block ``cut`` (a merged pass of one); its gradients join
+        ``agent``'s share of the step."""
+        return self.train_batch([BatchItem(agent, cut, act)])[agent]
 
     def train_batch(self, items: Sequence[BatchItem], max_tokens: int = 0) -> dict[str, StepResult]:
         """Two-part: several devices' batches of one step in as few forward/backward passes as they fit in,
-        each device's result as :meth:`train_on` would give it (to floating-point rounding).
+        each device's result as a pass of its own would give it (to floating-point rounding).
 
         The batches are padded to the longest (right padding, masked: a row's real positions see the same
         keys and positions as alone) and ordered by cut. The devices cut shallowest run alone up to the
@@ -313,30 +261,19 @@ class ServerModel:
         ]
         return leaves, padded, masks, width
 
-    def forward_middle(self, cut: int, tail_start: int, act: Activations) -> MiddleStep:
-        """U split: run one device's batch through blocks ``cut..tail_start-1``; the graph is kept."""
-        self.segment.train()
-        hidden = act.hidden.to(self.device).requires_grad_()  # (B, T, C)
-        mask = act.attention_mask.to(self.device)
-        top = self.segment(hidden, mask, start=cut, stop=tail_start, with_head=False)  # (B, T, C)
-        return MiddleStep(cut, tail_start, hidden, top, int(act.lengths.sum()))
+    def forward_middle(self, cut: int, tail_start: int, act: Activations, agent: str = "") -> MiddleStep:
+        """U split: run one device's batch through blocks ``cut..tail_start-1`` (a merged pass of one); the graph is
+        kept for :meth:`backward_middle`."""
+        return self.forward_batch([BatchItem(agent, cut, act, tail_start)])[agent]
 
     def backward_middle(self, step: MiddleStep, tail_grad: torch.Tensor, agent: str = "") -> torch.Tensor:
-        """U split: the device's d(mean loss)/d(top) in, d(mean loss)/d(activations at the cut) out.
-
-        The server's LoRA gradients accumulate ``tokens x`` the device's, so that :meth:`finish_step`'s
-        division by the step's tokens makes them the token-weighted mean over devices.
-        """
-        step.top.backward(tail_grad.to(step.top) * step.tokens)  # the device and dtype of the tail input
-        self._stash(agent)
-        for block in range(step.cut, step.tail_start):
-            self._step_tokens[block] += step.tokens
-        assert step.hidden.grad is not None
-        return (step.hidden.grad / max(step.tokens, 1)).cpu()
+        """U split: the device's d(mean loss)/d(top) in, d(mean loss)/d(activations at the cut) out (see
+        :meth:`backward_batch`)."""
+        return self.backward_batch({agent: step}, {agent: tail_grad})[agent]
 
     def forward_batch(self, items: Sequence[BatchItem], max_tokens: int = 0) -> dict[str, MiddleStep]:
         """U split: several devices' batches of one step through the server's blocks in as few passes as fit,
-        each device's :class:`MiddleStep` as :meth:`forward_middle` would give it (to floating-point rounding).
+        each device's :class:`MiddleStep` as a pass of its own would give it (to floating-point rounding).
 
         As :meth:`train_batch`: padded to the longest, ordered by cut; a device's rows join the merged batch
         at its cut and leave it where its tail starts. The graphs are kept for :meth:`backward_batch`."""
@@ -387,9 +324,10 @@ class ServerModel:
     def backward_batch(
         self, steps: Mapping[str, MiddleStep], tail_grads: Mapping[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        """U split, batched: the backward passes of :meth:`forward_batch`'s passes, one each, from the tail
-        gradients of the devices in ``tail_grads`` (a device without one, dropped since, adds nothing); each
-        device's gradient at its cut, as :meth:`backward_middle` gives it."""
+        """U split: the backward passes of :meth:`forward_batch`'s passes, one each, from the tail gradients of the
+        devices in ``tail_grads`` (a device without one, dropped since, adds nothing); each device's gradient at
+        its cut. The server's LoRA gradients accumulate ``tokens x`` the device's, so that :meth:`finish_step`'s
+        division by the step's tokens makes them the token-weighted mean over devices."""
         passes: dict[int, list[str]] = {}
         for name in sorted(tail_grads):
             passes.setdefault(steps[name].merged, []).append(name)
