@@ -21,6 +21,7 @@ class Event(StrEnum):
     AGENT = "agent"  # an agent joined, rejoined or went offline: name, online, profile
     REJECTED = "rejected"  # a message refused: reason, agent or topic
     WORKER_LOST = "worker_lost"  # a coordinator worker is gone: round, error
+    FAILED = "failed"  # the job ended with an error (the dashboard reports it): error
 
 
 #: the callback: (event, data)

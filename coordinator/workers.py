@@ -238,7 +238,7 @@ def job_message(job: JobConfig, cuts: Sequence[Sequence[int]], fingerprint: str)
 def round_message(
     round_: int,
     attempt: int,
-    plans: Mapping[str, Participant],
+    participants: Mapping[str, Participant],
     ranks: Mapping[str, int],
     deadlines: Sequence[float],
     server: ServerModel,
@@ -249,7 +249,7 @@ def round_message(
         "op": "round",
         "round": round_,
         "attempt": attempt,
-        "plans": [[p.name, p.cut, p.tail, p.corr, p.sid, ranks[p.name]] for p in plans.values()],
+        "participants": [[p.name, p.cut, p.tail, p.corr, p.sid, ranks[p.name]] for p in participants.values()],
         "deadlines": list(deadlines),
         "adapters": save_tensors(adapters),
         "optimizer": save_tensors(tensors) if tensors else b"",
@@ -268,23 +268,25 @@ def take_round_state(server: ServerModel, message: Mapping[str, Any]) -> None:
 FIGURES = ("tokens", "losses", "accuracies", "step_times", "server_times", "bytes_up", "bytes_down", "started")
 
 
-def figures(plans: Mapping[str, Participant]) -> dict[str, Any]:
+def figures(participants: Mapping[str, Participant]) -> dict[str, Any]:
     """What rank 0 needs of each agent a worker served: its figures and whether it was dropped."""
-    return {"agents": {n: {**{k: getattr(p, k) for k in FIGURES}, "dropped": p.dropped} for n, p in plans.items()}}
+    return {
+        "agents": {n: {**{k: getattr(p, k) for k in FIGURES}, "dropped": p.dropped} for n, p in participants.items()}
+    }
 
 
-def merge_figures(plans: Mapping[str, Participant], served: Mapping[str, Any]) -> None:
+def merge_figures(participants: Mapping[str, Participant], served: Mapping[str, Any]) -> None:
     """Rank 0: a worker's figures of its agents added to rank 0's own (the assignment it sent, the upload it
     took: bytes); a drop on either side stands."""
     for name, got in served.get("agents", {}).items():
-        plan = plans.get(name)
-        if plan is None:
+        participant = participants.get(name)
+        if participant is None:
             continue
         for key in FIGURES:
-            mine, theirs = getattr(plan, key), got[key]
-            setattr(plan, key, (mine or theirs) if isinstance(mine, bool) else mine + theirs)
-        if plan.dropped is None and got["dropped"] is not None:
-            plan.dropped = got["dropped"]  # the worker told the agent already
+            mine, theirs = getattr(participant, key), got[key]
+            setattr(participant, key, (mine or theirs) if isinstance(mine, bool) else mine + theirs)
+        if participant.dropped is None and got["dropped"] is not None:
+            participant.dropped = got["dropped"]  # the worker told the agent already
 
 
 # --------------------------------------------------------------------------- ranks 1..N-1
@@ -346,7 +348,7 @@ class ServerWorker:
         await self.member.compute(take_round_state, self.server, message)
         round_, attempt = int(message["round"]), int(message["attempt"])
         mine: dict[str, Participant] = {}
-        for name, cut, tail, corr, sid, rank in message["plans"]:
+        for name, cut, tail, corr, sid, rank in message["participants"]:
             if rank == self.group.rank:
                 mine[name] = Participant(name, cut, {}, corr, sid, {}, tail=tail)
                 info = self.agents.known.setdefault(name, AgentInfo(name, {}))

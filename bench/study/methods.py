@@ -28,6 +28,7 @@ from splitft.bench.study.settings import FLEET, IGNORE_INDEX, StudySettings, rea
 from splitft.coordinator.answers import generate, gsm8k_answer, load_model
 from splitft.coordinator.controller import DeviceEstimate, ServerEstimate, ideal_bound, makespan_s
 from splitft.coordinator.local import LocalRun, run_local
+from splitft.coordinator.progress import Event
 from splitft.shared.job.config import JobConfig
 from splitft.shared.job.data import Batches, collate, prompt_text, tokenize
 from splitft.shared.job.partition import length_dirichlet_partition, token_lengths, write_partition
@@ -250,13 +251,13 @@ def run_split(
         emulate_virtual=True,
     )
 
-    def progress(event: str, data: dict[str, Any]) -> None:
-        if event == "round_end":
+    def progress(event: Event, data: dict[str, Any]) -> None:
+        if event == Event.ROUND_END:
             cuts = "/".join(str(c) for c in data["cuts"].values())
             say(
                 f"  {method} ({wire}) round {data['round']}/{settings.rounds}: eval ppl {data['eval_ppl']:.1f}, cuts {cuts}"
             )
-        elif event == "round_retry":
+        elif event == Event.ROUND_RETRY:
             say(f"  {method}: round {data['round']} runs again (attempt {data['attempt']})")
 
     summary = asyncio.run(run_local(plan, progress))

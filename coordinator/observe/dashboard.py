@@ -36,6 +36,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from splitft.coordinator.observe.fleet import FleetView
 from splitft.coordinator.observe.metrics import JobMetrics
 from splitft.coordinator.observe.tensorboard import TensorBoardLog
+from splitft.coordinator.progress import Event, Progress
 from splitft.shared.errors import ConfigError
 from splitft.shared.job.config import JobConfig
 
@@ -45,8 +46,6 @@ MAX_PUSHES_PER_S = 5.0
 HEARTBEAT_S = 15.0
 #: ``local``'s dashboard when none is asked for: if this port is taken, a free one is used instead
 LOCAL_DEFAULT = "127.0.0.1:8765"
-
-Progress = Callable[[str, dict[str, Any]], None]
 
 
 @dataclass(frozen=True)
@@ -119,7 +118,7 @@ class Observatory:
 
     # ------------------------------------------------------------------ events
 
-    def __call__(self, event: str, data: dict[str, Any]) -> None:
+    def __call__(self, event: Event, data: dict[str, Any]) -> None:
         if self.forward is not None:
             self.forward(event, data)
         started = time.perf_counter()
@@ -143,7 +142,7 @@ class Observatory:
 
     def failed(self, error: BaseException) -> None:
         """The job ended with an error: the page says so (it is pushed before the server stops)."""
-        self("failed", {"error": f"{type(error).__name__}: {error}"})
+        self(Event.FAILED, {"error": f"{type(error).__name__}: {error}"})
 
     # ------------------------------------------------------------------ the server
 

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from splitft.coordinator.progress import Event
 from splitft.shared.job.config import JobConfig
 
 #: The parts of a device's step, from its reported mean timings and the server's time for its batch:
@@ -72,7 +73,7 @@ class FleetView:
         self.needed = job.min_agents  # as the coordinator waits for them (`local` sets it to its agent count)
         self.version = 0  # bumped by every change: the server pushes a snapshot when it moves
 
-    def update(self, event: str, data: dict[str, Any]) -> None:
+    def update(self, event: Event, data: dict[str, Any]) -> None:
         handler = getattr(self, f"_on_{event}", None)
         if handler is not None:
             handler(data)

@@ -13,13 +13,14 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
 from splitft.coordinator.observe.fleet import STEP_PARTS, step_parts
+from splitft.coordinator.progress import Event
 
 # No `_created` series: they double the exposition of every counter and histogram, and Prometheus does not
 # need them (a process-wide setting of prometheus-client; the coordinator's process has no other exporter).
 disable_created_metrics()
 
 #: events that change a metric (the others, "step" and "waiting", leave the exposition as it was)
-EVENTS = frozenset({"agent", "rejected", "round_start", "round_retry", "baseline", "round_end"})
+EVENTS = frozenset({Event.AGENT, Event.REJECTED, Event.ROUND_START, Event.ROUND_RETRY, Event.BASELINE, Event.ROUND_END})
 
 #: seconds: from a fast LAN step (10 ms) to a throttled device on cellular (a minute)
 STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -82,26 +83,26 @@ class JobMetrics:
         self._version = 0  # bumped by every change; the exposition is made again only after one
         self._exposed: tuple[int, bytes] = (-1, b"")
 
-    def update(self, event: str, data: dict[str, Any]) -> None:
+    def update(self, event: Event, data: dict[str, Any]) -> None:
         if event in EVENTS:
             self._version += 1
-        if event == "agent":
+        if event == Event.AGENT:
             (self._online.add if data["online"] else self._online.discard)(data["name"])
             self.online.set(len(self._online))
-        elif event == "rejected":
+        elif event == Event.REJECTED:
             self.rejected.labels(reason=data["reason"]).inc()
-        elif event == "round_start":
+        elif event == Event.ROUND_START:
             self.round.set(data["round"])
             tails = data.get("tails") or {}
             for name, cut in data["cuts"].items():
                 self.cut.labels(agent=name).set(cut)
                 if name in tails:
                     self.tail.labels(agent=name).set(tails[name])
-        elif event == "round_retry":
+        elif event == Event.ROUND_RETRY:
             self.retries.inc()
-        elif event in ("baseline", "round_end"):
+        elif event in (Event.BASELINE, Event.ROUND_END):
             self._evaluated(data)
-            if event == "round_end":
+            if event == Event.ROUND_END:
                 self._round_end(data)
 
     def _evaluated(self, record: dict[str, Any]) -> None:

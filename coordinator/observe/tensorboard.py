@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from splitft.coordinator.progress import Event
 from splitft.shared.errors import ConfigError
 
 
@@ -51,15 +52,15 @@ class TensorBoardLog:
             self._writer = SummaryWriter(log_dir=str(self.folder))
         return self._writer
 
-    def update(self, event: str, data: dict[str, Any]) -> None:
-        if event not in ("baseline", "round_end"):
+    def update(self, event: Event, data: dict[str, Any]) -> None:
+        if event not in (Event.BASELINE, Event.ROUND_END):
             return
         writer = self.writer()
         r, add = int(data["round"]), writer.add_scalar
         add("eval/loss", data["eval_loss"], r)
         add("eval/perplexity", data["eval_ppl"], r)
         add("eval/accuracy", data["eval_acc"], r)
-        if event == "round_end":
+        if event == Event.ROUND_END:
             if data.get("train_loss") is not None:
                 add("train/loss", data["train_loss"], r)
             add("train/tokens", data["train_tokens"], r)
