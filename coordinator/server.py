@@ -181,7 +181,7 @@ class ServerModel:
     def train_on(self, cut: int, act: Activations, agent: str = "") -> StepResult:
         """Forward and backward one device's batch from block ``cut`` (a merged pass of one); its gradients join
         ``agent``'s share of the step."""
-        return self.train_batch([BatchItem(agent, cut, act)])[agent]
+        return self._train_merged([BatchItem(agent, cut, act)])[agent]
 
     def train_batch(self, items: Sequence[BatchItem], max_tokens: int = 0) -> dict[str, StepResult]:
         """Two-part: several devices' batches of one step in as few forward/backward passes as they fit in,
@@ -264,7 +264,7 @@ class ServerModel:
     def forward_middle(self, cut: int, tail_start: int, act: Activations, agent: str = "") -> MiddleStep:
         """U split: run one device's batch through blocks ``cut..tail_start-1`` (a merged pass of one); the graph is
         kept for :meth:`backward_middle`."""
-        return self.forward_batch([BatchItem(agent, cut, act, tail_start)])[agent]
+        return self._forward_merged([BatchItem(agent, cut, act, tail_start)], 0)[agent]
 
     def backward_middle(self, step: MiddleStep, tail_grad: torch.Tensor, agent: str = "") -> torch.Tensor:
         """U split: the device's d(mean loss)/d(top) in, d(mean loss)/d(activations at the cut) out (see
