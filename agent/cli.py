@@ -12,6 +12,19 @@ from typing import Annotated
 
 import typer
 
+from splitft.shared.cli_options import (
+    AuthKeyFileOpt,
+    AuthWindowOpt,
+    BrokerOpt,
+    CaFileOpt,
+    CertFileOpt,
+    ConnectTimeoutOpt,
+    KeyFileOpt,
+    MqttProtocolOpt,
+    PasswordOpt,
+    UsernameOpt,
+    broker_from_options,
+)
 from splitft.shared.errors import ConfigError, DataError, ExitCode, LinkError, ModelError, exit_code_for
 from splitft.shared.model.loading import PRESETS
 from splitft.shared.profiles import DeviceProfile, load_profile
@@ -37,48 +50,9 @@ def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log mor
     )
 
 
-# Options shared with `splitft-coordinator run`: TLS to the broker and message authentication.
-CaFileOpt = Annotated[
-    Path | None,
-    typer.Option(
-        envvar="SPLITFT_CA_FILE",
-        help="TLS: the CA certificate that signed the broker's certificate (PEM); default: the system's CAs. "
-        "Needs an mqtts:// broker URL.",
-    ),
-]
-CertFileOpt = Annotated[
-    Path | None,
-    typer.Option(
-        envvar="SPLITFT_CERT_FILE",
-        help="TLS: this member's client certificate (PEM), for brokers that ask for one; needs --key-file.",
-    ),
-]
-KeyFileOpt = Annotated[
-    Path | None,
-    typer.Option(envvar="SPLITFT_KEY_FILE", help="TLS: the private key of --cert-file (PEM)."),
-]
-AuthKeyFileOpt = Annotated[
-    Path | None,
-    typer.Option(
-        envvar="SPLITFT_AUTH_KEY_FILE",
-        help="The job key file (made by `splitft-coordinator make-key`): every message is signed with it and "
-        "messages not signed with it are refused. The coordinator and every agent need the same file.",
-    ),
-]
-AuthWindowOpt = Annotated[
-    float,
-    typer.Option(
-        help="With --auth-key-file: refuse messages stamped more than this many seconds away from this machine's "
-        "clock, so that recorded messages cannot be replayed later. Keep the members' clocks in sync (NTP)."
-    ),
-]
-
-
 @app.command()
 def join(
-    broker: Annotated[
-        str, typer.Option(envvar="SPLITFT_BROKER", help="Broker URL: mqtt://HOST:PORT, or mqtts://HOST:PORT for TLS.")
-    ],
+    broker: BrokerOpt,
     job: Annotated[str, typer.Option(envvar="SPLITFT_JOB", help="Job name (the coordinator's).")],
     data: Annotated[Path, typer.Option(help="This device's training data: JSONL or CSV of prompt/response pairs.")],
     model: Annotated[
@@ -87,15 +61,15 @@ def join(
     agent_id: Annotated[
         str | None, typer.Option("--id", envvar="SPLITFT_AGENT_ID", help="This agent's name (default: hostname).")
     ] = None,
-    username: Annotated[str | None, typer.Option(envvar="SPLITFT_USERNAME", help="Broker user name.")] = None,
-    password: Annotated[str | None, typer.Option(envvar="SPLITFT_PASSWORD", help="Broker password.")] = None,
+    username: UsernameOpt = None,
+    password: PasswordOpt = None,
     ca_file: CaFileOpt = None,
     cert_file: CertFileOpt = None,
     key_file: KeyFileOpt = None,
     auth_key_file: AuthKeyFileOpt = None,
     auth_window: AuthWindowOpt = 300.0,
     client_id: Annotated[str | None, typer.Option(help="MQTT client id (default: the agent id + a suffix).")] = None,
-    mqtt_protocol: Annotated[str, typer.Option(help="MQTT version: 5, or 3.1.1 for brokers without v5.")] = "5",
+    mqtt_protocol: MqttProtocolOpt = "5",
     profile: Annotated[
         str | None,
         typer.Option(
@@ -122,7 +96,7 @@ def join(
             "Default: the --emulate or --profile class's (fp16 on Jetsons), else fp32."
         ),
     ] = None,
-    connect_timeout: Annotated[float, typer.Option(help="Seconds to reach the broker at start-up.")] = 30.0,
+    connect_timeout: ConnectTimeoutOpt = 30.0,
 ) -> None:
     """Join a job: train the client segment when assigned, until the coordinator says the job is done.
 
@@ -131,24 +105,15 @@ def join(
     from splitft.agent.runtime import Agent, AgentSettings
     from splitft.shared.job.config import torch_device
     from splitft.shared.model.precision import torch_dtype
-    from splitft.shared.wire.broker import broker_settings
     from splitft.shared.wire.topics import check_name
 
     try:
         name = check_name("agent", agent_id or _default_id())
-        link = broker_settings(
-            broker,
-            username=username,
-            password=password,
-            ca_file=ca_file,
-            cert_file=cert_file,
-            key_file=key_file,
-            auth_key_file=auth_key_file,
-            auth_window_s=auth_window,
-            client_id=client_id,
-            protocol=mqtt_protocol,
-            connect_timeout_s=connect_timeout,
-        )
+        link = broker_from_options(
+            broker, username=username, password=password, ca_file=ca_file, cert_file=cert_file, key_file=key_file,
+            auth_key_file=auth_key_file, auth_window=auth_window, mqtt_protocol=mqtt_protocol,
+            connect_timeout=connect_timeout, client_id=client_id,
+        )  # fmt: skip
         if max_samples is not None and max_samples < 1:
             raise ConfigError(f"--max-samples must be at least 1, got {max_samples}")
         if not (math.isfinite(emulate_scale) and emulate_scale > 0):

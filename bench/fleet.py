@@ -41,7 +41,6 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported: see the module docstring
 
-import argparse
 import asyncio
 import contextlib
 import functools
@@ -55,16 +54,19 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import aiomqtt
 import psutil
 import torch
+import typer
 
 import splitft.agent.runtime as agent_runtime
 from splitft.agent.runtime import Agent, AgentSettings
+from splitft.shared.cli_options import check_choices, run_app
 from splitft.shared.errors import SplitFTError
 from splitft.shared.job.data import tokenize, write_shards
 from splitft.shared.job.records import Record, load_records
@@ -276,63 +278,74 @@ def summary_line(results: list[Outcome], seconds: float, rss_start_mb: float, pe
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--count", type=int, required=True, help="agents to run")
-    parser.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="broker URL (default: %(default)s)")
-    parser.add_argument("--job", default="splitft", help="job name, as in the coordinator's job file")
-    parser.add_argument("--model", default="tiny-gpt2", help="preset or model folder (default: %(default)s)")
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        default=GSM8K / "train.jsonl",
-        help="a folder of one data file per agent, or one JSONL/CSV file to shard (default: GSM8K train)",
-    )
-    parser.add_argument("--samples-per-agent", type=int, default=16, help="records per agent when sharding a file")
-    parser.add_argument(
-        "--max-length",
-        type=int,
-        help="the job's max_length: shard only records that fit in it, and check every shard has one",
-    )
-    parser.add_argument("--prefix", default="fleet-", help="agent ids are PREFIX + a number (default: %(default)s)")
-    parser.add_argument("--auth-key-file", type=Path, help="the job's message authentication key, if it uses one")
-    parser.add_argument("--timeout", type=float, help="give up (exit 2) after this many seconds")
-    parser.add_argument("--report", type=Path, help="write per-agent results as JSON here")
-    parser.add_argument(
-        "--no-share",
-        action="store_true",
-        help="every agent loads its own tokenizer, measures, and holds its own copy of the frozen weights",
-    )
-    parser.add_argument(
-        "--tcp-nodelay", choices=("on", "off"), help="experiment: force TCP_NODELAY on the agents' MQTT sockets"
-    )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="-v: info, -vv: debug")
-    args = parser.parse_args(argv)
-    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
+app = typer.Typer(add_completion=False)
+
+
+@app.command(help=__doc__)
+def fleet(
+    count: Annotated[int, typer.Option("--count", min=1, help="agents to run")],
+    broker_url: Annotated[str, typer.Option("--broker", help="broker URL")] = "mqtt://127.0.0.1:1883",
+    job: Annotated[str, typer.Option("--job", help="job name, as in the coordinator's job file")] = "splitft",
+    model: Annotated[str, typer.Option("--model", help="preset or model folder")] = "tiny-gpt2",
+    data_dir: Annotated[
+        Path,
+        typer.Option(
+            "--data-dir",
+            show_default=False,
+            help="a folder of one data file per agent, or one JSONL/CSV file to shard (default: GSM8K train)",
+        ),
+    ] = GSM8K / "train.jsonl",
+    samples_per_agent: Annotated[
+        int, typer.Option("--samples-per-agent", min=1, help="records per agent when sharding a file")
+    ] = 16,
+    max_length: Annotated[
+        int | None,
+        typer.Option(
+            "--max-length",
+            help="the job's max_length: shard only records that fit in it, and check every shard has one",
+        ),
+    ] = None,
+    prefix: Annotated[str, typer.Option("--prefix", help="agent ids are PREFIX + a number")] = "fleet-",
+    auth_key_file: Annotated[
+        Path | None, typer.Option("--auth-key-file", help="the job's message authentication key, if it uses one")
+    ] = None,
+    timeout: Annotated[float | None, typer.Option("--timeout", help="give up (exit 2) after this many seconds")] = None,
+    report_path: Annotated[Path | None, typer.Option("--report", help="write per-agent results as JSON here")] = None,
+    no_share: Annotated[
+        bool,
+        typer.Option(
+            "--no-share",
+            help="every agent loads its own tokenizer, measures, and holds its own copy of the frozen weights",
+        ),
+    ] = False,
+    tcp_nodelay: Annotated[
+        str | None,
+        typer.Option("--tcp-nodelay", help="on or off; experiment: force TCP_NODELAY on the agents' MQTT sockets"),
+    ] = None,
+    verbose: Annotated[int, typer.Option("-v", "--verbose", count=True, help="-v: info, -vv: debug")] = 0,
+) -> int:
+    check_choices("--tcp-nodelay", tcp_nodelay, ("on", "off"))
+    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.count < 1:
-        parser.error("--count must be at least 1")
-    if args.samples_per_agent < 1:
-        parser.error("--samples-per-agent must be at least 1")
 
     started = time.monotonic()
     process = psutil.Process()
     try:
-        broker = broker_settings(args.broker, auth_key_file=args.auth_key_file)
+        broker = broker_settings(broker_url, auth_key_file=auth_key_file)
     except SplitFTError as exc:
-        parser.error(str(exc))
-    if not args.no_share:
+        raise typer.BadParameter(str(exc)) from exc
+    if not no_share:
         share_constructor_work()
         share_frozen_weights()
-    if args.tcp_nodelay is not None:
-        set_tcp_nodelay(args.tcp_nodelay == "on")
+    if tcp_nodelay is not None:
+        set_tcp_nodelay(tcp_nodelay == "on")
     with tempfile.TemporaryDirectory(prefix="splitft-fleet-") as work:
-        files = shard_files(args.data_dir, args.count, args.samples_per_agent, Path(work), args.model, args.max_length)
+        files = shard_files(data_dir, count, samples_per_agent, Path(work), model, max_length)
         rss_start_mb = process.memory_info().rss / 2**20
-        names = agent_names(args.prefix, args.count)
+        names = agent_names(prefix, count)
         try:
             agents = [
-                Agent(AgentSettings(n, args.job, args.model, f, runtime_mb=SHARED_PROCESS_RUNTIME_MB), broker)
+                Agent(AgentSettings(n, job, model, f, runtime_mb=SHARED_PROCESS_RUNTIME_MB), broker)
                 for n, f in zip(names, files, strict=True)
             ]
         except SplitFTError as exc:
@@ -342,11 +355,11 @@ def main(argv: list[str] | None = None) -> int:
             "%d agents built in %.1f s (rss %.0f MiB, %d torch thread(s))",
             len(agents), time.monotonic() - started, process.memory_info().rss / 2**20, torch.get_num_threads(),
         )  # fmt: skip
-        errors, stopped = asyncio.run(run_fleet(agents, args.timeout))
+        errors, stopped = asyncio.run(run_fleet(agents, timeout))
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
     results = outcomes(agents, errors)
     print(summary_line(results, time.monotonic() - started, rss_start_mb, peak_mb), flush=True)
-    if args.report is not None:
+    if report_path is not None:
         report = {
             "agents": {o.name: {k: v for k, v in vars(o).items() if k != "name"} for o in results},
             "stopped": stopped,
@@ -354,7 +367,13 @@ def main(argv: list[str] | None = None) -> int:
             "rss_start_mb": round(rss_start_mb, 1),
             "peak_rss_mb": round(peak_mb, 1),
         }
-        args.report.write_text(json.dumps(report, indent=1) + "\n")
+        report_path.write_text(json.dumps(report, indent=1) + "\n")
     if stopped:
         return EXIT_TIMEOUT
     return EXIT_FAILED if any(o.error is not None for o in results) else EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``scripts/agent_fleet.py``: run the fleet; returns its exit code (EXIT_OK, EXIT_FAILED, EXIT_TIMEOUT; 2 also
+    for a bad command line)."""
+    return run_app(app, argv)

@@ -10,16 +10,20 @@ From Python: ``broker = start_mosquitto(folder)`` ... ``stop_broker(broker)``; w
 
 from __future__ import annotations
 
-import argparse
 import getpass
 import os
 import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Annotated, Protocol
+
+import typer
+
+from splitft.shared.cli_options import run_app
 
 
 @dataclass
@@ -139,24 +143,33 @@ def stop_broker(broker: Broker) -> None:
         broker.process.wait()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--port", type=int, help="default: 1883, or a free port with --secrets")
-    parser.add_argument("--folder", type=Path, default=Path("runs/broker"))
-    parser.add_argument(
-        "--secrets",
-        type=Path,
-        help="folder of scripts/fleet_secrets.py: TLS, passwords and ACL (port: free if not given)",
-    )
-    args = parser.parse_args()
-    if args.secrets is not None:
+app = typer.Typer(add_completion=False)
+
+
+@app.command(help=__doc__)
+def serve(
+    port: Annotated[int | None, typer.Option("--port", help="default: 1883, or a free port with --secrets")] = None,
+    folder: Annotated[Path, typer.Option("--folder")] = Path("runs/broker"),
+    secrets: Annotated[
+        Path | None,
+        typer.Option(
+            "--secrets", help="folder of scripts/fleet_secrets.py: TLS, passwords and ACL (port: free if not given)"
+        ),
+    ] = None,
+) -> None:
+    if secrets is not None:
         from splitft.tools.fleet_secrets import load_fleet_secrets
 
-        broker = start_secure_mosquitto(args.folder, load_fleet_secrets(args.secrets), args.port)
+        broker = start_secure_mosquitto(folder, load_fleet_secrets(secrets), port)
     else:
-        broker = start_mosquitto(args.folder, args.port or 1883)
+        broker = start_mosquitto(folder, port or 1883)
     print(f"Mosquitto listening at {broker.url} (log: {broker.log}); Ctrl-C stops it")
     try:
         broker.process.wait()
     except KeyboardInterrupt:
         stop_broker(broker)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``scripts/local_broker.py``: start a broker and wait until Ctrl-C; returns the exit code."""
+    return run_app(app, argv)

@@ -627,7 +627,7 @@ def test_local_run_end_to_end(tmp_path: Path) -> None:
 
 
 def test_local_without_a_job_file_takes_its_own_defaults() -> None:
-    from splitft.coordinator.cli import local_job
+    from splitft.coordinator.cli_local import local_job
 
     unset = dict.fromkeys(("model", "local_steps", "batch_size", "max_length", "policy", "lr", "split", "tail"))
     job = local_job(None, **{**unset, "rounds": 3})

@@ -25,7 +25,6 @@ From Python: ``secrets = make_fleet_secrets(folder, ["a1", "a2"])``; ``secrets.p
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ipaddress
 import json
@@ -39,7 +38,11 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
+import typer
+
+from splitft.shared.cli_options import run_app
 from splitft.shared.errors import SecretsError
 
 HERE = Path(__file__).resolve().parent
@@ -335,32 +338,42 @@ def load_fleet_secrets(folder: Path) -> FleetSecrets:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True, help="folder to write (created, mode 0700)")
-    parser.add_argument("--devices", required=True, help="comma-separated device ids (= agent ids = user names)")
-    parser.add_argument("--coordinator", default="coordinator", help="the coordinator's user name")
-    parser.add_argument(
-        "--hosts",
-        default=",".join(DEFAULT_HOSTS),
-        help="comma-separated DNS names and IP addresses of the broker, as agents connect to it "
-        "(the first is also the certificate's CN; default: %(default)s)",
-    )
-    parser.add_argument("--job", help="narrow the ACL to this one job (default: every job under splitft/v1)")
-    parser.add_argument("--days", type=int, default=825, help="validity of the certificates (default: %(default)s)")
-    parser.add_argument("--client-certs", action="store_true", help="also issue a client certificate per member")
-    parser.add_argument("--force", action="store_true", help="replace the secrets in a folder that is not empty")
-    args = parser.parse_args(argv)
+app = typer.Typer(add_completion=False)
+
+
+@app.command(help=__doc__)
+def make(
+    out: Annotated[Path, typer.Option("--out", help="folder to write (created, mode 0700)")],
+    devices: Annotated[str, typer.Option("--devices", help="comma-separated device ids (= agent ids = user names)")],
+    coordinator: Annotated[str, typer.Option("--coordinator", help="the coordinator's user name")] = "coordinator",
+    hosts: Annotated[
+        str,
+        typer.Option(
+            "--hosts",
+            help="comma-separated DNS names and IP addresses of the broker, as agents connect to it "
+            "(the first is also the certificate's CN)",
+        ),
+    ] = ",".join(DEFAULT_HOSTS),
+    job: Annotated[
+        str | None,
+        typer.Option("--job", help="narrow the ACL to this one job (default: every job under splitft/v1)"),
+    ] = None,
+    days: Annotated[int, typer.Option("--days", help="validity of the certificates")] = 825,
+    client_certs: Annotated[
+        bool, typer.Option("--client-certs", help="also issue a client certificate per member")
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="replace the secrets in a folder that is not empty")] = False,
+) -> int:
     try:
         made = make_fleet_secrets(
-            args.out,
-            [d.strip() for d in args.devices.split(",") if d.strip()],
-            args.coordinator,
-            [h.strip() for h in args.hosts.split(",") if h.strip()],
-            job=args.job,
-            days=args.days,
-            client_certs=args.client_certs,
-            force=args.force,
+            out,
+            [d.strip() for d in devices.split(",") if d.strip()],
+            coordinator,
+            [h.strip() for h in hosts.split(",") if h.strip()],
+            job=job,
+            days=days,
+            client_certs=client_certs,
+            force=force,
         )
     except SecretsError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -370,3 +383,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"  every member: {made.ca_cert} and {made.job_key}; each its own {made.folder / 'credentials'}/USER.env")
     print(f"  keep {made.ca_key} offline, and {made.passwords_json} wherever you keep secrets")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``scripts/fleet_secrets.py``: the command line of :func:`make_fleet_secrets`; returns the exit code."""
+    return run_app(app, argv)

@@ -31,66 +31,84 @@ time, eval perplexity and accuracy, bytes, cuts), the split runs' coordinator me
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+import typer
 from transformers.utils import logging as hf_logging
 
 from splitft.bench.sections import write_section
 from splitft.bench.study.reporting import plot_study, publish, report, section, with_targets
 from splitft.bench.study.run import replay_runs, run_study
 from splitft.bench.study.settings import FULL, METHODS, QUICK, WIRE_DTYPES, StudySettings, read_jsonl
+from splitft.shared.cli_options import check_choices, run_app
+
+app = typer.Typer(add_completion=False)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="the quick variant (about 12 minutes)")
-    parser.add_argument("--out", type=Path, help="results folder (default: study-quick/ or study-full/)")
-    parser.add_argument(
-        "--base", type=Path, help="a base model folder (default: splitft.tools.pretrain's cached build)"
-    )
-    parser.add_argument("--alphas", type=float, nargs="+", help="length-Dirichlet alphas (default 0.1 1.0)")
-    parser.add_argument("--rounds", type=int)
-    parser.add_argument("--server-speedup", type=float)
-    parser.add_argument("--methods", nargs="+", choices=METHODS, help="a subset of the methods (with centralised)")
-    parser.add_argument("--wire-dtypes", nargs="+", choices=WIRE_DTYPES, help="the wire-dtype study's dtypes")
-    parser.add_argument(
-        "--report-only", action="store_true", help="replay the split runs of --out, rewrite its report and plots"
-    )
-    parser.add_argument("--write", type=Path, help="replace the study's section of this markdown file")
-    args = parser.parse_args(argv)
-    settings = QUICK if args.quick else FULL
+@app.command(help=__doc__)
+def study(
+    quick: Annotated[bool, typer.Option("--quick", help="the quick variant (about 12 minutes)")] = False,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="results folder (default: study-quick/ or study-full/)")
+    ] = None,
+    base: Annotated[
+        Path | None, typer.Option("--base", help="a base model folder (default: splitft.tools.pretrain's cached build)")
+    ] = None,
+    alphas: Annotated[
+        list[float] | None, typer.Option("--alphas", help="length-Dirichlet alphas, one or more (default 0.1 1.0)")
+    ] = None,
+    rounds: Annotated[int | None, typer.Option("--rounds")] = None,
+    server_speedup: Annotated[float | None, typer.Option("--server-speedup")] = None,
+    methods: Annotated[
+        list[str] | None,
+        typer.Option("--methods", help=f"a subset of the methods (with centralised): {', '.join(METHODS)}"),
+    ] = None,
+    wire_dtypes: Annotated[
+        list[str] | None,
+        typer.Option("--wire-dtypes", help=f"the wire-dtype study's dtypes: {', '.join(WIRE_DTYPES)}"),
+    ] = None,
+    report_only: Annotated[
+        bool,
+        typer.Option("--report-only", help="replay the split runs of --out, rewrite its report and plots"),
+    ] = False,
+    write: Annotated[
+        Path | None, typer.Option("--write", help="replace the study's section of this markdown file")
+    ] = None,
+) -> int:
+    check_choices("--methods", methods, METHODS)
+    check_choices("--wire-dtypes", wire_dtypes, WIRE_DTYPES)
+    settings = QUICK if quick else FULL
     changes: dict[str, Any] = {}
-    if args.alphas:
-        changes["alphas"] = tuple(args.alphas)
-    if args.rounds:
-        changes["rounds"] = args.rounds
-    if args.server_speedup:
-        changes["server_speedup"] = args.server_speedup
-    if args.methods:
-        changes["methods"] = tuple(args.methods)
-    if args.wire_dtypes:
-        changes["wire_dtypes"] = tuple(args.wire_dtypes)
+    if alphas:
+        changes["alphas"] = tuple(alphas)
+    if rounds:
+        changes["rounds"] = rounds
+    if server_speedup:
+        changes["server_speedup"] = server_speedup
+    if methods:
+        changes["methods"] = tuple(methods)
+    if wire_dtypes:
+        changes["wire_dtypes"] = tuple(wire_dtypes)
     if "alphas" in changes and settings.wire_alpha not in changes["alphas"]:
         changes["wire_alpha"] = changes["alphas"][-1]
     try:
         settings = dataclasses.replace(settings, **changes)
     except ValueError as exc:
-        parser.error(str(exc))
-    out = args.out or Path(f"study-{settings.variant}")
+        raise typer.BadParameter(str(exc)) from exc
+    out = out or Path(f"study-{settings.variant}")
     torch.set_num_threads(int(os.environ.get("SPLITFT_STUDY_THREADS", "2")))
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecations, once per model
     hf_logging.set_verbosity_error()  # not a warning per long GSM8K problem while partitioning
     hf_logging.disable_progress_bar()
-    if not args.report_only:
-        run_study(settings, out, args.base)
+    if not report_only:
+        run_study(settings, out, base)
     else:  # the settings the results were made with, and their plots again
         recorded = json.loads((out / "study.json").read_text())["settings"]
         fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items()}
@@ -100,9 +118,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         plot_study(settings, out, with_targets(out, summaries, settings.target_margin))
     text = report(out)
     print(text)
-    if args.write:
+    if write:
         meta = json.loads((out / "study.json").read_text())
-        root = args.write.resolve().parent
+        root = write.resolve().parent
         kept = publish(out, root / "benchmarks" / f"study-{settings.variant}")
-        write_section(args.write, f"study-{settings.variant}", section(meta, text, kept.relative_to(root)))
+        write_section(write, f"study-{settings.variant}", section(meta, text, kept.relative_to(root)))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``scripts/study.py``: run the study (or replay it) and print its report; returns the exit code."""
+    return run_app(app, argv, lists=("--alphas", "--methods", "--wire-dtypes"))

@@ -3,7 +3,7 @@
 The threat: the server knows the frozen base model (it is public) and the client's LoRA adapters
 (it aggregates them every round), so it can train an inverse model from public text and read the
 device's tokens back from shallow-cut activations (BiSR, arXiv 2409.00960; RevertLM, 2501.05965).
-``tools/audit.py`` measures how well; this module holds the defenses a job can switch on.
+``tools/audit/`` measures how well; this module holds the defenses a job can switch on.
 
 * **clip** (``clip``): every token's hidden vector is scaled down to L2 norm at most ``clip``;
   it bounds what one token can contribute and gives the noise a scale.

@@ -30,17 +30,19 @@ still completes); such a run depends on the machine's speed, and its step count 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Annotated
 
 import torch
+import typer
 from transformers.utils import logging as hf_logging
 
 #: Bump when a change to this script changes what a given set of settings produces (invalidates caches).
+from splitft.shared.cli_options import check_choices, run_app
 from splitft.tools.pretrain.settings import DEMO, FAMILIES, PRECISIONS, Settings, default_output
 from splitft.tools.pretrain.train import build_base
 
@@ -54,64 +56,142 @@ def bf16_is_fast(device: str) -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Namespace]:
-    first = argparse.ArgumentParser(add_help=False)
-    first.add_argument("--demo", action="store_true")
-    d = DEMO if first.parse_known_args(argv)[0].demo else Settings()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument(
-        "--demo",
-        action="store_true",
-        help="the main job's small base (scripts/demo.sh): its settings become the defaults below",
-    )
-    p.add_argument("--family", choices=FAMILIES, default=d.family)
-    p.add_argument("--out", type=Path, help="output folder (default: the cache, see --print-path)")
-    p.add_argument("--force", action="store_true", help="retrain even if the output exists")
-    p.add_argument("--print-path", action="store_true", help="print the output folder and exit")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (recorded; default %(default)s)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (not part of the cache key)")
-    p.add_argument(
-        "--precision",
-        choices=("auto", *PRECISIONS),
-        default="auto",
-        help="bf16 autocast or fp32; auto: bf16 where the device runs it natively (part of the cache key)",
-    )
-    budget = p.add_mutually_exclusive_group()
-    budget.add_argument(
-        "--tokens",
-        type=int,
-        default=d.tokens,
-        help="token budget (default: about 12 minutes, see DEFAULT_TOKENS; --demo: about a minute)",
-    )
-    budget.add_argument("--steps", type=int, default=0, help="optimizer steps (overrides the token budget)")
-    budget.add_argument("--minutes", type=float, default=0.0, help="wall-clock budget: size the run to it")
-    for name in (
-        "vocab_size", "layers", "hidden", "heads", "kv_heads", "intermediate", "seq_len", "batch_size",
-        "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "dropout", "seed", "corpus_chars",
-        "eval_every", "eval_tokens", "final_eval_tokens",
-    ):  # fmt: skip
-        default = getattr(d, name)
-        p.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default, help=f"default {default}")
-    args = p.parse_args(argv)
-    fields = {f.name for f in dataclasses.fields(Settings)}
-    if args.precision == "auto":
-        args.precision = "bf16" if bf16_is_fast(args.device) else "fp32"
-    settings = Settings(**{k: v for k, v in vars(args).items() if k in fields})
-    return settings, args
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """The options of the command line that are not :class:`Settings` (they do not change the trained weights)."""
+
+    out: Path | None = None
+    force: bool = False
+    print_path: bool = False
+    threads: int = 2
+    device: str = "cpu"
+
+
+Then = Callable[[Settings, Options], int]
+
+_BUDGET = ("tokens", "steps", "minutes")  # at most one of them
+
+
+def _app(d: Settings, then: Then) -> typer.Typer:
+    """The command line, its defaults those of ``d`` (:data:`DEMO` with ``--demo``); ``then`` gets what it says."""
+    app = typer.Typer(add_completion=False)
+
+    @app.command(help=__doc__.split("\n\n")[0])
+    def pretrain(
+        ctx: typer.Context,
+        demo: Annotated[
+            bool,
+            typer.Option(
+                "--demo",
+                help="the main job's small base (scripts/demo.sh): its settings become the defaults below",
+            ),
+        ] = False,
+        family: Annotated[str, typer.Option("--family", help=f"one of: {', '.join(FAMILIES)}")] = d.family,
+        out: Annotated[
+            Path | None, typer.Option("--out", help="output folder (default: the cache, see --print-path)")
+        ] = None,
+        force: Annotated[bool, typer.Option("--force", help="retrain even if the output exists")] = False,
+        print_path: Annotated[bool, typer.Option("--print-path", help="print the output folder and exit")] = False,
+        threads: Annotated[int, typer.Option("--threads", help="torch threads (recorded)")] = 2,
+        device: Annotated[str, typer.Option("--device", help="cpu or cuda (not part of the cache key)")] = "cpu",
+        precision: Annotated[
+            str,
+            typer.Option(
+                "--precision",
+                help="bf16 autocast or fp32; auto: bf16 where the device runs it natively (part of the cache key); "
+                "one of: auto, fp32, bf16",
+            ),
+        ] = "auto",
+        tokens: Annotated[
+            int,
+            typer.Option(
+                "--tokens",
+                help="token budget (default: about 12 minutes, see DEFAULT_TOKENS; --demo: about a minute); "
+                "at most one of --tokens, --steps, --minutes",
+            ),
+        ] = d.tokens,
+        steps: Annotated[int, typer.Option("--steps", help="optimizer steps (overrides the token budget)")] = 0,
+        minutes: Annotated[float, typer.Option("--minutes", help="wall-clock budget: size the run to it")] = 0.0,
+        vocab_size: Annotated[int, typer.Option("--vocab-size")] = d.vocab_size,
+        layers: Annotated[int, typer.Option("--layers")] = d.layers,
+        hidden: Annotated[int, typer.Option("--hidden")] = d.hidden,
+        heads: Annotated[int, typer.Option("--heads")] = d.heads,
+        kv_heads: Annotated[int, typer.Option("--kv-heads")] = d.kv_heads,
+        intermediate: Annotated[int, typer.Option("--intermediate")] = d.intermediate,
+        seq_len: Annotated[int, typer.Option("--seq-len")] = d.seq_len,
+        batch_size: Annotated[int, typer.Option("--batch-size")] = d.batch_size,
+        lr: Annotated[float, typer.Option("--lr")] = d.lr,
+        min_lr_ratio: Annotated[float, typer.Option("--min-lr-ratio")] = d.min_lr_ratio,
+        warmup_steps: Annotated[int, typer.Option("--warmup-steps")] = d.warmup_steps,
+        weight_decay: Annotated[float, typer.Option("--weight-decay")] = d.weight_decay,
+        dropout: Annotated[float, typer.Option("--dropout")] = d.dropout,
+        seed: Annotated[int, typer.Option("--seed")] = d.seed,
+        corpus_chars: Annotated[int, typer.Option("--corpus-chars")] = d.corpus_chars,
+        eval_every: Annotated[int, typer.Option("--eval-every")] = d.eval_every,
+        eval_tokens: Annotated[int, typer.Option("--eval-tokens")] = d.eval_tokens,
+        final_eval_tokens: Annotated[int, typer.Option("--final-eval-tokens")] = d.final_eval_tokens,
+    ) -> int:
+        check_choices("--family", family, FAMILIES)
+        check_choices("--precision", precision, ("auto", *PRECISIONS))
+        given = [name for name in _BUDGET if _given(ctx, name)]
+        if len(given) > 1:
+            raise typer.BadParameter(f"not allowed with --{given[0]}", param_hint=f"'--{given[1]}'")
+        if precision == "auto":
+            precision = "bf16" if bf16_is_fast(device) else "fp32"
+        values = {**ctx.params, "precision": precision}
+        settings = Settings(**{f.name: values[f.name] for f in dataclasses.fields(Settings) if f.name in values})
+        return then(settings, Options(out, force, print_path, threads, device))
+
+    return app
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether option ``name`` was on the command line (not its default)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"
+
+
+def _run(then: Then, argv: Sequence[str] | None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    return run_app(_app(DEMO if "--demo" in args else Settings(), then), args)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, Options]:
+    """The settings and the other options of a command line (default: the process's). ``--help`` and a bad
+    command line end the process (exit 0, 2), as they would end the command."""
+    parsed: list[tuple[Settings, Options]] = []
+
+    def keep(settings: Settings, options: Options) -> int:
+        parsed.append((settings, options))
+        return 0
+
+    code = _run(keep, argv)
+    if not parsed:
+        raise SystemExit(code)
+    return parsed[0]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    settings, args = parse_args(argv)
-    out = args.out or default_output(settings)
-    if args.print_path:
+    """``scripts/pretrain_base.py``: build (or find) the base and print its folder; returns the exit code."""
+    return _run(_build, argv)
+
+
+def _build(settings: Settings, options: Options) -> int:
+    out = options.out or default_output(settings)
+    if options.print_path:
         print(out)
         return 0
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(options.threads)
     hf_logging.disable_progress_bar()
     with _progress_bar() as progress:
         log = progress.console.print if progress is not None else None
         path = build_base(
-            settings, out, force=args.force, device=args.device, progress=progress, **({"log": log} if log else {})
+            settings,
+            out,
+            force=options.force,
+            device=options.device,
+            progress=progress,
+            **({"log": log} if log else {}),
         )
     print(path)
     return 0

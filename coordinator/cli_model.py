@@ -1,4 +1,6 @@
-"""The coordinator's model commands: ``import`` a model for the fleet, ``generate`` answers, ``evaluate`` a model.
+"""The coordinator's model commands: ``inspect`` a split plan, ``verify-split`` it against the whole model,
+``save-base`` a preset as a model folder, ``import`` a model for the fleet, ``generate`` answers, ``evaluate`` a
+model.
 
 ``evaluate`` computes what the coordinator reports after each round, on the same examples: the loss and
 perplexity over the answer tokens, next-token accuracy, and for GSM8K-style answers the exact match of the
@@ -17,18 +19,37 @@ from rich.markup import escape
 from rich.table import Table
 
 from splitft.coordinator.answers import Comparison, generate, load_model, prompts_of, score
-from splitft.coordinator.cli_support import ModelOpt, check_data_file, check_out, fail, new_console, staged, write_error
+from splitft.coordinator.cli_support import (
+    CutOpt,
+    CutRankOpt,
+    ModelOpt,
+    RankOpt,
+    check_data_file,
+    check_out,
+    fail,
+    new_console,
+    staged,
+    write_error,
+)
 from splitft.coordinator.report import read_metrics
-from splitft.shared.errors import ConfigError, SplitFTError
+from splitft.shared.errors import ConfigError, ExitCode, ModelError, SplitFTError
 from splitft.shared.job.config import torch_device
 from splitft.shared.job.data import check_chat_template, collate, eval_examples
 from splitft.shared.job.records import load_records
 from splitft.shared.model.gguf import convert, is_gguf
-from splitft.shared.model.loading import MODEL_TYPES, load_config, model_fingerprint, num_layers
+from splitft.shared.model.loading import (
+    ATTENTION_IMPLEMENTATIONS,
+    MODEL_TYPES,
+    load_config,
+    model_fingerprint,
+    num_layers,
+)
+from splitft.shared.model.lora import LoraSettings
 from splitft.shared.model.loss import evaluate_lm, logits_loss
 from splitft.shared.model.precision import DTYPES
 from splitft.shared.model.split import load_base_model
 from splitft.shared.model.tokenizer import GSM8K, load_tokenizer
+from splitft.shared.wire.codec import FLOAT_WIRE_DTYPES
 
 AdapterOpt = Annotated[Path | None, typer.Option(help="A PEFT adapter folder (e.g. a job's adapter/) on the model.")]
 ChatTemplateOpt = Annotated[
@@ -49,6 +70,99 @@ def chat_template_flag(value: str) -> str | bool:
     except ConfigError as exc:
         raise ConfigError(f"--chat-template: {exc}") from exc
     return setting
+
+
+def inspect(model: ModelOpt, cut: CutOpt, rank: RankOpt = 16, cut_rank: CutRankOpt = 8) -> None:
+    """Print the split plan: what each side holds, the LoRA ranks, and the activation bytes per token.
+
+    A model folder's config is checked against its weights (the blocks and the width they hold)."""
+    from splitft.shared.model.plan import plan_split
+
+    console = new_console()
+    try:
+        plan = plan_split(model, cut, LoraSettings(r=rank, r_cut=cut_rank))
+    except (ConfigError, ModelError) as exc:
+        raise fail(exc) from exc
+    console.print(
+        f"[bold]{plan.source}[/bold]: {plan.model_type} ({plan.family} family), {plan.num_layers} blocks, "
+        f"hidden {plan.hidden_size}, vocab {plan.vocab_size}; cut at {plan.cut}"
+    )
+    sides = Table(title="Split plan")
+    for column in ("side", "holds", "base params", "LoRA params", "LoRA rank per block"):
+        sides.add_column(column)
+    for side, holds in (
+        (plan.client, f"embeddings + blocks 0..{plan.cut - 1}"),
+        (plan.server, f"blocks {plan.cut}..{plan.num_layers - 1} + final norm + LM head"),
+    ):
+        ranks = ", ".join(f"{i}:{r}" for i, r in side.ranks.items())
+        sides.add_row(side.name, holds, f"{side.base_params:,}", f"{side.lora_params:,}", ranks)
+    console.print(sides)
+    wire = Table(title="Activations on the wire (each direction, per token, before zstd)")
+    wire.add_column("wire dtype")
+    wire.add_column("bytes / token", justify="right")
+    wire.add_column("vs fp32", justify="right")
+    fp32 = plan.activation_bytes_per_token["fp32"]
+    for dtype in FLOAT_WIRE_DTYPES:
+        size = plan.activation_bytes_per_token[dtype]
+        wire.add_row(dtype, f"{size:,.0f}", f"{fp32 / size:.2f}x smaller" if dtype != "fp32" else "")
+    console.print(wire)
+
+
+def verify_split(
+    model: ModelOpt,
+    cut: CutOpt,
+    wire: Annotated[str, typer.Option(help=f"Wire dtype: {', '.join(FLOAT_WIRE_DTYPES)}.")] = "fp32",
+    attention: Annotated[str, typer.Option(help=f"Attention: {', '.join(ATTENTION_IMPLEMENTATIONS)}.")] = "sdpa",
+    tolerance: Annotated[float, typer.Option(help="Relative tolerance (applies to the fp32 wire).")] = 1e-5,
+    rank: RankOpt = 16,
+    cut_rank: CutRankOpt = 8,
+) -> None:
+    """Check that one split training step equals the unsplit PEFT model (loss and every LoRA gradient)."""
+    from splitft.shared.model.equivalence import compare_split_to_whole
+
+    console = new_console()
+    try:
+        report = compare_split_to_whole(
+            model, cut, wire_dtype=wire, attn_implementation=attention, lora=LoraSettings(r=rank, r_cut=cut_rank)
+        )
+    except (ConfigError, ModelError) as exc:
+        raise fail(exc) from exc
+    console.print(
+        f"{model} cut {cut} ({attention}, {wire} wire): loss whole {report.loss_whole:.6f}, "
+        f"split {report.loss_split:.6f} (rel. error {report.loss_rel_error:.1e}); "
+        f"worst LoRA gradient rel. error {report.max_grad_rel_error:.1e} over {report.num_weights} weights"
+    )
+    if wire != "fp32":
+        console.print(f"(a {wire} wire is lossy: the errors above are what it costs, not a failure)")
+        return
+    if not report.within(tolerance):
+        console.print(f"[red]MISMATCH[/red] above tolerance {tolerance:g} (worst: {report.worst_weight})")
+        raise typer.Exit(int(ExitCode.CHECK_FAILED))
+    console.print(f"[green]OK[/green]: split equals whole within {tolerance:g}")
+
+
+def save_base(
+    model: ModelOpt,
+    out: Annotated[Path, typer.Option("--out", help="Folder to write (a normal Hugging Face model folder).")],
+    force: Annotated[
+        bool, typer.Option("--force", help="Write into --out even if it holds files (same names are replaced).")
+    ] = False,
+) -> None:
+    """Write a preset's base model (weights, config, tokenizer) as a normal Hugging Face folder."""
+    try:
+        check_out(out)
+        if out.is_dir() and any(out.iterdir()) and not force:
+            raise ConfigError(f"--out {out} is not empty; choose a new folder, or pass --force to write into it")
+        base = load_base_model(model)
+        tokenizer = load_tokenizer(model)
+        with staged(out) as staging:
+            base.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+    except (ConfigError, ModelError) as exc:
+        raise fail(exc) from exc
+    except OSError as exc:
+        raise fail(write_error(out, exc)) from exc
+    new_console().print(f"wrote {model} to {out}")
 
 
 def import_model(
