@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from splitft.coordinator.cli_support import check_data_file, check_out
+from splitft.coordinator.progress import Event
 from splitft.shared.errors import ConfigError
 from splitft.shared.job.config import JobConfig
 
@@ -93,42 +94,42 @@ class ProgressView:
         self.job = job
         self.started = False
 
-    def __call__(self, event: str, data: dict[str, Any]) -> None:
+    def __call__(self, event: Event, data: dict[str, Any]) -> None:
         if not self.started:
             self.progress.start()
             self.started = True
-        if event == "waiting":
+        if event == Event.WAITING:
             self.progress.update(self.task, description=f"waiting for agents ({len(data['online'])}/{data['needed']})")
-        elif event == "round_start":
+        elif event == Event.ROUND_START:
             tails = data.get("tails") or {}
             cuts = " ".join(f"{n}:{c}" + (f"+{tails[n]}" if n in tails else "") for n, c in data["cuts"].items())
             self.progress.update(self.task, description=f"round {data['round']}/{self.job.rounds}  cuts {cuts}")
-        elif event == "step":
+        elif event == Event.STEP:
             self.progress.advance(self.task)
-        elif event == "resumed":
+        elif event == Event.RESUMED:
             self.console.print(
                 f"resumed from {data['checkpoint']} at round {data['round']} (state digest {data['digest']} verified)"
             )
-        elif event == "worker_lost":
+        elif event == Event.WORKER_LOST:
             self.console.print(
                 f"[red]round {data['round']:>3}: a coordinator worker is gone[/red] ({escape(data['error'])}); "
                 "the job goes on with every device on this process"
             )
-        elif event == "round_retry" and data.get("reason") == "worker_lost":
+        elif event == Event.ROUND_RETRY and data.get("reason") == "worker_lost":
             self.console.print(f"round {data['round']:>3}: attempt {data['attempt']} rolled back, running it again")
-        elif event == "round_retry":
+        elif event == Event.ROUND_RETRY:
             self.console.print(
                 f"round {data['round']:>3}: fewer than {self.job.min_agents} agents finished attempt "
                 f"{data['attempt']}; rolled back, running it again"
             )
-        elif event == "round_end":
+        elif event == Event.ROUND_END:
             self.console.print(
                 f"round {data['round']:>3}: eval loss {data['eval_loss']:.4f}  ppl {data['eval_ppl']:.1f}  "
                 f"acc {data['eval_acc']:.3f}  train loss {_number(data['train_loss'])}  "
                 f"round {data['round_time_s']:.1f} s  up {data['bytes_up'] / 1e6:.1f} MB  "
                 f"down {data['bytes_down'] / 1e6:.1f} MB"
             )
-        elif event == "done":
+        elif event == Event.DONE:
             self.progress.stop()
 
 

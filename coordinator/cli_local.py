@@ -183,7 +183,7 @@ def local(
             load_records(data, prompt_field, response_field, limit=1)
         elif prompt_field is not None:
             raise ConfigError("--prompt-field and --response-field name the fields of --data, which is not given")
-        plan = LocalRun(
+        local_run = LocalRun(
             spec, out, agents=agents, cuts=cut_list, samples_per_agent=samples_per_agent, data=data, alpha=alpha or None,
             prompt_field=prompt_field, response_field=response_field,
             broker_url=broker, mqtt_protocol=mqtt_protocol, device=torch_device(device),
@@ -204,7 +204,7 @@ def local(
     )
     made = new_folders(out)
     try:
-        summary = asyncio.run(observed(observatory, console, lambda: run_local(plan, progress=observatory)))
+        summary = asyncio.run(observed(observatory, console, lambda: run_local(local_run, progress=observatory)))
     except SplitFTError as exc:
         remove_empty(made)
         raise fail(exc) from exc
@@ -216,7 +216,7 @@ def local(
             with console.status(f"answering {compare} held-out problems with the base model and with the adapter ..."):
                 comparison = answers.compare(
                     spec.model, Path(summary["adapter"]), Path(spec.eval_data or GSM8K / "test.jsonl"), compare,
-                    chat_template=spec.chat_template, max_new_tokens=compare_tokens, device=plan.device,
+                    chat_template=spec.chat_template, max_new_tokens=compare_tokens, device=local_run.device,
                 )  # fmt: skip
             report_comparison(console, comparison, Path(summary["metrics"]), out)
         except SplitFTError as exc:

@@ -181,7 +181,7 @@ def test_missing_tools_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 async def test_example_mosquitto_config_runs(fleet: FleetSecrets, tmp_path: Path) -> None:
     """tools/mosquitto/splitft-tls.conf, installed as OPERATIONS.md says (a conf.d drop-in under Debian's main
     mosquitto.conf) and pointed at the fleet's files and at free ports, starts and takes a member."""
-    example = (Path(__file__).resolve().parent.parent / "coordinator" / "mosquitto" / "splitft-tls.conf").read_text()
+    example = (Path(__file__).resolve().parent.parent / "tools" / "mosquitto" / "splitft-tls.conf").read_text()
     tls_port, plain_port = free_port(), free_port()
     conf = (
         example.replace("/etc/mosquitto/splitft/", f"{fleet.folder}/")
