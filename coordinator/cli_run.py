@@ -4,7 +4,6 @@ or host, and ``make-key``, the job key that signs their messages and the agents'
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -36,6 +35,7 @@ from splitft.shared.cli_options import (
 )
 from splitft.shared.errors import ConfigError, ExitCode, SplitFTError
 from splitft.shared.job.config import JobConfig, torch_device
+from splitft.shared.wire.keys import write_key
 
 WorkerTimeoutOpt = Annotated[
     float,
@@ -57,8 +57,6 @@ def make_key(
     Give the same file to the coordinator and to every agent with --auth-key-file: each message is
     then signed with it, and messages not signed with it are refused. Keep it secret. An existing
     file is never overwritten unless --force is given."""
-    import secrets
-
     try:
         if out.is_dir():
             raise ConfigError(f"--out {out} is a folder; give the path of the key file to write")
@@ -69,7 +67,7 @@ def make_key(
             )
         if not out.parent.is_dir():
             raise ConfigError(f"cannot write {out}: the folder {out.parent} does not exist")
-        _write_private(out, secrets.token_hex(32) + "\n", replace=force)
+        write_key(out, replace=force)
     except ConfigError as exc:
         raise fail(exc) from exc
     except FileExistsError as exc:  # made by someone else since the check above
@@ -81,26 +79,6 @@ def make_key(
         "--auth-key-file; keep it secret.",
         soft_wrap=True,
     )
-
-
-def _write_private(path: Path, text: str, *, replace: bool) -> None:
-    """Write ``text`` to ``path``, readable by its owner only from the first byte on.
-
-    Without ``replace`` the file must not exist (O_EXCL: never clobbered, even in a race); with it, a
-    complete new file replaces the old one atomically."""
-    if not replace:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.fchmod(fd, 0o600)  # whatever the umask
-            with os.fdopen(fd, "w", encoding="ascii") as f:
-                f.write(text)
-        except BaseException:
-            path.unlink(missing_ok=True)
-            raise
-        return
-    from splitft.shared.job.data import write_text_atomic
-
-    write_text_atomic(path, text)  # through a temp file made with mode 0600
 
 
 def _job(config: Path | None, **overrides: Any) -> JobConfig:

@@ -18,7 +18,7 @@ from splitft.agent.cli import app as agent_app
 from splitft.coordinator.cli import app
 from splitft.shared.errors import ExitCode
 from splitft.shared.model.loading import load_config
-from splitft.shared.wire.envelope import load_key
+from splitft.shared.wire.keys import load_key
 
 from conftest import Broker, save_model
 

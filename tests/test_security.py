@@ -36,7 +36,8 @@ from splitft.shared.job.data import write_shards
 from splitft.shared.job.records import load_records
 from splitft.shared.model.tokenizer import GSM8K
 from splitft.shared.wire.broker import BrokerSettings
-from splitft.shared.wire.envelope import Envelope, encode_envelope, load_key
+from splitft.shared.wire.envelope import Envelope, encode_envelope
+from splitft.shared.wire.keys import load_key
 from splitft.shared.wire.link import Link
 from splitft.shared.wire.topics import Kind, Topics
 from splitft.tools.fleet_secrets import (

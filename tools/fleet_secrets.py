@@ -25,7 +25,6 @@ From Python: ``secrets = make_fleet_secrets(folder, ["a1", "a2"])``; ``secrets.p
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import json
 import os
@@ -44,12 +43,12 @@ import typer
 
 from splitft.shared.cli_options import run_app
 from splitft.shared.errors import SecretsError
+from splitft.shared.wire.keys import write_key, write_private
 
 HERE = Path(__file__).resolve().parent
 ACL_EXAMPLE = HERE / "mosquitto" / "acl.conf"
 DEFAULT_HOSTS = ("localhost", "127.0.0.1")
 NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # the agent and job names of splitft.shared.wire.topics
-KEY_BYTES = 32
 
 # A minimal OpenSSL configuration: the system's openssl.cnf differs between distributions.
 _OPENSSL_CNF = """\
@@ -155,16 +154,6 @@ def _run(args: Sequence[str], what: str) -> None:
         raise SecretsError(f"{what} failed ({Path(args[0]).name} exit {done.returncode}): {output}")
 
 
-def _write_private(path: Path, text: str) -> None:
-    """Write ``text`` to a new file that only its owner can read (mode 0600 from the start)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-
-
 def _subject_alt_names(hosts: Sequence[str]) -> str:
     names = []
     for host in hosts:
@@ -202,12 +191,6 @@ def render_acl(coordinator: str = "coordinator", job: str | None = None, example
         text = re.sub(r"^((?:topic|pattern) \w+ splitft/v1/)(\+|#)", lambda m: m[1] + job + ("/#" if m[2] == "#" else ""),
                       text, flags=re.M)  # fmt: skip
     return text
-
-
-def make_key(path: Path) -> Path:
-    """A job key file: 32 random bytes as hex, mode 0600 (what splitft.shared.wire.envelope.load_key reads)."""
-    _write_private(path, random_source.token_hex(KEY_BYTES) + "\n")
-    return path
 
 
 # --------------------------------------------------------------------------- certificates
@@ -291,19 +274,20 @@ def make_fleet_secrets(
                        out / "clients" / f"{user}.key", out / "clients" / f"{user}.crt")  # fmt: skip
         # mosquitto_passwd -U hashes a file of user:password lines in place; the passwords never appear on
         # a command line (where other users of the machine could read them in /proc).
-        _write_private(out / "passwd", "".join(f"{u}:{passwords[u]}\n" for u in users))
+        write_private(out / "passwd", "".join(f"{u}:{passwords[u]}\n" for u in users), replace=True)
         _run([passwd_tool, "-U", str(out / "passwd")], "hashing the password file")
         os.chmod(out / "passwd", 0o600)
 
-    _write_private(out / "passwords.json", json.dumps(passwords, indent=2) + "\n")
+    write_private(out / "passwords.json", json.dumps(passwords, indent=2) + "\n", replace=True)
+    (out / "credentials").mkdir(mode=0o700, exist_ok=True)
     for user in users:
         lines = [f"SPLITFT_USERNAME={user}", f"SPLITFT_PASSWORD={passwords[user]}"]
         if user != coordinator:
             lines.append(f"SPLITFT_AGENT_ID={user}")
-        _write_private(out / "credentials" / f"{user}.env", "\n".join(lines) + "\n")
+        write_private(out / "credentials" / f"{user}.env", "\n".join(lines) + "\n", replace=True)
     os.chmod(out / "credentials", 0o700)
     (out / "acl.conf").write_text(acl, encoding="utf-8")
-    make_key(out / "job.key")
+    write_key(out / "job.key", replace=True)
     manifest = {
         "coordinator": coordinator,
         "devices": list(devices),

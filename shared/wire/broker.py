@@ -11,7 +11,7 @@ from urllib.parse import urlparse
 
 from splitft.shared.errors import ConfigError
 from splitft.shared.wire.codec import Limits
-from splitft.shared.wire.envelope import MIN_KEY_BYTES, load_key
+from splitft.shared.wire.keys import MIN_KEY_BYTES, load_key
 
 #: the MQTT versions a member speaks
 PROTOCOLS = ("5", "3.1.1")

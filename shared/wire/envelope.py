@@ -28,12 +28,11 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import msgpack
 
-from splitft.shared.errors import ConfigError, Refusal, WireError
+from splitft.shared.errors import Refusal, WireError
 from splitft.shared.wire.codec import (
     DEFAULT_LIMITS,
     Limits,
@@ -47,7 +46,6 @@ from splitft.shared.wire.topics import KINDS, Kind
 PROTOCOL_VERSION = 1
 
 AUTH_TAG_BYTES = 32  # HMAC-SHA256
-MIN_KEY_BYTES = 32
 _ENVELOPE_KEYS = frozenset({"v", "type", "job", "sender", "sid", "seq", "round", "step", "corr", "ts", "auth", "body"})
 
 
@@ -128,21 +126,6 @@ def check_auth(env: Envelope, topic: str, key: bytes, window_s: float | None, no
     now = time.time() if now is None else now
     if window_s is not None and abs(now - env.ts) > window_s:
         raise WireError(Refusal.STALE, f"timestamp {now - env.ts:+.0f} s from now, outside the {window_s:g} s window")
-
-
-def load_key(path: str | Path) -> bytes:
-    """A job key file: at least 32 random bytes written as hex (``splitft-coordinator make-key``)."""
-    try:
-        text = Path(path).read_text(encoding="ascii").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read the key file {path}: {exc}") from exc
-    try:
-        key = bytes.fromhex(text)
-    except ValueError as exc:
-        raise ConfigError(f"key file {path} must hold hex digits only") from exc
-    if len(key) < MIN_KEY_BYTES:
-        raise ConfigError(f"key file {path} holds {len(key)} bytes; at least {MIN_KEY_BYTES} are needed")
-    return key
 
 
 def decode_envelope(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> Envelope:
