@@ -133,15 +133,15 @@ class Membership:
 
     # ------------------------------------------------------------------ admission
 
-    async def admit(self) -> None:
-        """Wait for ``min_agents`` agents, then a short window for more."""
+    async def admit(self, needed: int) -> None:
+        """Wait for ``needed`` agents (the job's ``min_agents``), then a short window for more."""
         deadline = time.monotonic() + self.job.join_timeout_s
-        while len(self.agents.online()) < self.job.min_agents:
-            self.progress(Event.WAITING, {"online": self.agents.online(), "needed": self.job.min_agents})
+        while len(self.agents.online()) < needed:
+            self.progress(Event.WAITING, {"online": self.agents.online(), "needed": needed})
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise JobError(
-                    f"only {len(self.agents.online())} of the {self.job.min_agents} agents needed joined "
+                    f"only {len(self.agents.online())} of the {needed} agents needed joined "
                     f"within {self.job.join_timeout_s:g} s"
                 )
             await wait_briefly(self._joined, remaining)

@@ -191,7 +191,7 @@ class Coordinator:
             self.metrics.truncate(after=self._first_round - 1)
         else:
             self.metrics.restart()
-        await self.membership.admit()
+        await self.membership.admit(self.job.min_agents)
         self.server, cuts = await build_server(
             self.member, self.job, self.device, self.agents.online(), state, self.group, self._worker_processes,
             self.fingerprint,
@@ -254,7 +254,7 @@ class Coordinator:
         assert self.server is not None
         server, job, link = self.server, self.job, self.member.connected_link()
         if len(self.agents.online()) < job.min_agents:
-            await self.membership.admit()
+            await self.membership.admit(self.job.min_agents)
         started = time.monotonic()
         self.roster.begin(round_, {})
         self.exchange.begin_round()

@@ -328,11 +328,11 @@ async def test_resume_continues_from_the_last_checkpoint(broker: Broker, tmp_pat
     loaded: dict[str, torch.Tensor] = {}
     original_round = resumed._round
 
-    async def spy(round_: int, attempt: int, eval_batches: list) -> dict | None:  # type: ignore[type-arg]
+    async def spy(round_: int, attempt: int) -> dict | None:  # type: ignore[type-arg]
         if not loaded:
             assert resumed.server is not None
             loaded.update(lora_state(resumed.server.segment.peft_model))
-        return await original_round(round_, attempt, eval_batches)
+        return await original_round(round_, attempt)
 
     resumed._round = spy  # type: ignore[method-assign]
     await asyncio.wait_for(resumed.run(), timeout=300)
