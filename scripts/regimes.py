@@ -26,18 +26,8 @@ SCENARIOS = ("device-bound", "server-bound", "dynamic")
 
 def main() -> int:
     from splitft.bench.clock import Server
-    from splitft.bench.regimes import (
-        RegimeSettings,
-        before_after,
-        calibrate_host,
-        light,
-        make_costs,
-        plot_name,
-        plot_regime,
-        privacy_price,
-        report,
-        run_regime,
-    )
+    from splitft.bench.regimes import RegimeSettings, calibrate_host, make_costs, run_regime
+    from splitft.bench.regimes_report import before_after, light, plot_name, plot_regime, privacy_price, report
     from splitft.bench.scenario import load_scenario
     from splitft.bench.sections import cpu_name, write_section
     from splitft.shared.errors import ScenarioError

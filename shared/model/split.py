@@ -7,7 +7,7 @@ U-shaped tail or any middle slice is just another spec.
 
 How a segment is built: the full ``*ForCausalLM`` skeleton is created, every module the segment
 does not hold is replaced by a parameter-free :class:`_Hole`, and only then are weights loaded
-(for a local folder, tensor by tensor from its safetensors files), so a device holding ``c`` blocks
+(weights.py; for a local folder, tensor by tensor from its safetensors files), so a device holding ``c`` blocks
 never holds the others. Module and parameter names stay those of the full model, which makes
 adapter names identical on every side. LoRA is applied by PEFT to the blocks the segment holds.
 """
@@ -15,9 +15,7 @@ adapter names identical on every side. LoRA is applied by PEFT to the blocks the
 from __future__ import annotations
 
 import logging
-import math
 import threading
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,24 +24,22 @@ from typing import Any, cast
 import torch
 from accelerate import init_empty_weights
 from peft import PeftModel, get_peft_model
-from safetensors import safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from splitft.shared.errors import ConfigError, ModelError
+from splitft.shared.errors import ConfigError
 from splitft.shared.model.loading import (
-    PRESET_SEED,
     PRESETS,
     Family,
     family_of,
     load_config,
     num_layers,
     resolve_source,
-    weight_files,
 )
 from splitft.shared.model.lora import LoraSettings, block_ranks, init_lora, lora_parameters, peft_config, quiet_peft
 from splitft.shared.model.loss import IGNORE_INDEX, TargetLoss, linear_cross_entropy
 from splitft.shared.model.precision import autocast
+from splitft.shared.model.weights import Cast, FolderWeights, PresetWeights, materialize
 
 log = logging.getLogger(__name__)
 
@@ -349,11 +345,11 @@ def _frozen_part(
     if load_weights:
         # Each tensor is cast to ``dtype`` as it is read: never an fp32 copy of the whole part. Buffers that
         # are not in the checkpoint (rotary frequencies) stay fp32, as Hugging Face keeps them.
-        cast = _Cast(device, dtype)
+        cast = Cast(device, dtype)
         if str(source) in PRESETS:
-            _materialize(model, _PresetWeights(model, config, cast), f"preset {source}")
+            materialize(model, PresetWeights(model, config, cast), f"preset {source}")
         else:
-            _materialize(model, _FolderWeights(model, Path(resolve_source(source)), cast), str(source))
+            materialize(model, FolderWeights(model, Path(resolve_source(source)), cast), str(source))
         model.to(device=device)
     model.requires_grad_(False)
     return model
@@ -391,112 +387,3 @@ def _prune(model: nn.Module, family: Family, spec: SegmentSpec, total: int) -> N
         dropped += [family.final_norm, family.lm_head]
     for path in dropped:
         model.set_submodule(path, _Hole(path))
-
-
-def _materialize(model: nn.Module, source: _PresetWeights | _FolderWeights, what: str) -> None:
-    """Give every parameter (and persistent buffer) the pruned ``model`` still holds its real value."""
-    wanted = [n for n, _ in model.named_parameters(remove_duplicate=False)]
-    wanted += [n for n, _ in model.named_buffers() if _is_persistent(model, n)]
-    state: dict[str, torch.Tensor] = {}
-    missing = []
-    for name in wanted:
-        tensor = source.get(name)
-        if tensor is None:
-            missing.append(name)
-        else:
-            state[name] = tensor
-    if missing:
-        raise ModelError(f"{what}: the checkpoint lacks {len(missing)} weights this segment needs, e.g. {missing[:3]}")
-    model.load_state_dict(state, strict=False, assign=True)
-    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
-    if still_meta:
-        raise ModelError(f"{what}: weights left unloaded: {still_meta[:3]}")
-
-
-def _tied_sources(model: nn.Module) -> dict[str, str]:
-    tied = getattr(model, "_tied_weights_keys", None) or {}
-    return dict(tied) if isinstance(tied, dict) else {}
-
-
-@dataclass(frozen=True)
-class _Cast:
-    device: str | torch.device
-    dtype: torch.dtype
-
-    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
-        dtype = self.dtype if tensor.is_floating_point() else tensor.dtype
-        return tensor.to(device=self.device, dtype=dtype)
-
-
-class _PresetWeights:
-    """Deterministic weights for a preset, drawn per tensor from the preset seed and the tensor's name.
-
-    Like Hugging Face's initialisation (normal(0, initializer_range); norms one, biases zero; GPT-2's
-    residual projections scaled by 1/sqrt(2 L)), but each tensor from its own generator: the values do
-    not depend on which other modules a segment holds, nor on anything else using torch's global
-    generator at the same time (agents build segments in threads).
-    """
-
-    def __init__(self, model: nn.Module, config: PretrainedConfig, cast: _Cast) -> None:
-        self.model = model
-        self.cast = cast
-        self.std = float(getattr(config, "initializer_range", 0.02))
-        self.layers = int(config.num_hidden_layers)
-        self.tied = _tied_sources(model)
-        self.gpt2 = config.model_type == "gpt2"
-        self._cache: dict[str, torch.Tensor] = {}
-
-    def get(self, name: str) -> torch.Tensor | None:
-        key = self.tied.get(name, name)  # a tied head is the embedding, drawn once under its name
-        if key not in self._cache:
-            self._cache[key] = self.cast(self._draw(name, key))
-        return self._cache[key]
-
-    def _draw(self, name: str, key: str) -> torch.Tensor:
-        module_path, _, leaf = name.rpartition(".")
-        module = self.model.get_submodule(module_path)
-        shape = getattr(module, leaf).shape
-        if isinstance(module, nn.LayerNorm) or "Norm" in type(module).__name__:
-            return torch.ones(shape) if leaf == "weight" else torch.zeros(shape)
-        if leaf == "bias":
-            return torch.zeros(shape)
-        std = self.std
-        if self.gpt2 and key.endswith("c_proj.weight"):
-            std /= math.sqrt(2 * self.layers)
-        gen = torch.Generator().manual_seed(PRESET_SEED * 1_000_003 + zlib.crc32(key.encode()))
-        return torch.randn(shape, generator=gen) * std
-
-
-class _FolderWeights:
-    """Weights read tensor by tensor from a folder's safetensors files (never pickled ``.bin`` files)."""
-
-    def __init__(self, model: nn.Module, folder: Path, cast: _Cast) -> None:
-        self.folder = folder
-        self.cast = cast
-        self.index: dict[str, Path] = {}
-        for file in weight_files(folder):
-            with safe_open(file, framework="pt", device="cpu") as f:
-                self.index.update(dict.fromkeys(f.keys(), file))
-        self.prefix = getattr(model, "base_model_prefix", "")
-        self.tied = _tied_sources(model)
-        self._cache: dict[str, torch.Tensor] = {}
-
-    def get(self, name: str) -> torch.Tensor | None:
-        candidates = [name]
-        if self.prefix and name.startswith(self.prefix + "."):
-            candidates.append(name[len(self.prefix) + 1 :])  # checkpoints saved from the bare base model
-        if name in self.tied:  # a tied head stored once, as the embedding
-            candidates += [self.tied[name], self.tied[name].removeprefix(self.prefix + ".")]
-        key = next((c for c in candidates if c in self.index), None)
-        if key is None:
-            return None
-        if key not in self._cache:
-            with safe_open(self.index[key], framework="pt", device="cpu") as f:
-                self._cache[key] = self.cast(f.get_tensor(key))
-        return self._cache[key]
-
-
-def _is_persistent(model: nn.Module, buffer_name: str) -> bool:
-    module_path, _, leaf = buffer_name.rpartition(".")
-    module = model.get_submodule(module_path) if module_path else model
-    return leaf not in module._non_persistent_buffers_set

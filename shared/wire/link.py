@@ -4,8 +4,9 @@ A :class:`Link` is an async context manager that owns one background task. That 
 (MQTT v5, or 3.1.1 for brokers that speak nothing newer), subscribes, runs the caller's
 ``on_connect`` hook (publish a status, re-join), then decodes every incoming payload: topic checked,
 envelope checked, the sender of an agent topic must be that agent, chunks reassembled, duplicates
-(QoS 1 redeliveries) dropped. What passes lands in a queue read with :meth:`receive`; what fails is
-logged with its reason and counted in :attr:`rejected`, and the link carries on.
+(QoS 1 redeliveries) dropped (the checks beside the envelope's own: inbound.py). What passes lands
+in a queue read with :meth:`receive`; what fails is logged with its reason and counted in
+:attr:`rejected`, and the link carries on.
 
 Hostile traffic must not grow the receiver's memory or stall it. Before anything is decompressed the
 link reads the size the zstd frame declares and asks the owner's ``expect`` hook what the topic may
@@ -29,7 +30,7 @@ import logging
 import random
 import socket
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -42,7 +43,6 @@ from paho.mqtt.properties import Properties
 
 from splitft.shared.errors import ROUTINE_REFUSALS, LinkError, Refusal, WireError
 from splitft.shared.wire.broker import BrokerSettings
-from splitft.shared.wire.codec import declared_size
 from splitft.shared.wire.envelope import (
     Envelope,
     Reassembler,
@@ -52,6 +52,7 @@ from splitft.shared.wire.envelope import (
     encode_envelope,
     new_session_id,
 )
+from splitft.shared.wire.inbound import Expect, SeenMessages, check_frame, check_type
 from splitft.shared.wire.queues import ByteQueue
 from splitft.shared.wire.topics import Kind, Topic, Topics
 
@@ -77,24 +78,12 @@ def _refusal(exc: BaseException) -> str | None:
     return None
 
 
-def _check_type(type_: str, topic: Topic, *, chunk_ok: bool) -> None:
-    """Each topic carries one message type (the runtimes dispatch on the topic, so the two must agree)."""
-    expected = Kind.STATUS if topic.kind == "coordinator_status" else topic.kind
-    if type_ != expected and not (chunk_ok and type_ == Kind.CHUNK):
-        raise WireError(Refusal.WRONG_TYPE, f"a {type_!r} message on a {topic.kind!r} topic")
-
-
 @dataclass(frozen=True)
 class Received:
     topic: Topic
     envelope: Envelope
     size: int  # bytes on the wire (all chunks)
     decoded: int = 0  # bytes it decompressed to (what it holds in memory, about)
-
-
-#: ``expect(topic)``: the most bytes a message on ``topic`` may decompress to now, or None when nothing is
-#: expected on it (refused ``unexpected`` without being decompressed)
-Expect = Callable[[Topic], "int | None"]
 
 
 class Link:
@@ -142,7 +131,7 @@ class Link:
         )
         self._decoder: ThreadPoolExecutor | None = None  # decompression and decoding, off the event loop
         self._expiry: asyncio.Task[None] | None = None
-        self._seen: OrderedDict[tuple[str, str, int], None] = OrderedDict()
+        self._seen = SeenMessages()  # (QoS 1 redeliveries, replays)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -345,7 +334,7 @@ class Link:
             return
         try:
             # What the topic may carry, from the frame's header alone: nothing is decompressed yet.
-            decoded, bound = self._bound(topic, payload, topic_name)
+            decoded, bound = check_frame(topic, payload, topic_name, self.settings.limits, self.expect)
             env = await self._decode_off_loop(payload, topic_name)
             size = len(payload)
             if env.job != self.topics.job:
@@ -354,24 +343,20 @@ class Link:
                 raise WireError(
                     Refusal.WRONG_SENDER, f"{env.sender!r} published on {topic_name}, reserved to {topic.publisher!r}"
                 )
-            if env.key in self._seen:
-                raise WireError(Refusal.DUPLICATE, f"message {env.key} seen before")
-            self._remember(env.key)
-            _check_type(env.type, topic, chunk_ok=True)
+            self._seen.add(env.key)
+            check_type(env.type, topic, chunk_ok=True)
             if env.type == Kind.CHUNK:
                 sender = env.sender
                 whole = self._reassembler.add(sender, env.body, limit=bound)
                 if whole is None:
                     return
                 size = len(whole)  # the chunks' envelopes add about 100 bytes per chunk on top
-                decoded, _ = self._bound(topic, whole, topic_name)
+                decoded, _ = check_frame(topic, whole, topic_name, self.settings.limits, self.expect)
                 env = await self._decode_off_loop(whole, topic_name)
                 if env.sender != sender or env.job != self.topics.job or env.type == Kind.CHUNK:
                     raise WireError(Refusal.BAD_CHUNK, "reassembled message does not match its chunks")
-                _check_type(env.type, topic, chunk_ok=False)
-                if env.key in self._seen:
-                    raise WireError(Refusal.DUPLICATE, f"message {env.key} seen before")
-                self._remember(env.key)
+                check_type(env.type, topic, chunk_ok=False)
+                self._seen.add(env.key)
         except WireError as exc:
             self._reject(exc.reason, topic_name, exc.detail)
             return
@@ -382,20 +367,6 @@ class Link:
         if not self._queue.offer(env.sender, Received(topic, env, size, decoded), decoded):
             held, total = self._queue.held(env.sender), self._queue.bytes
             self._reject(Refusal.OVERLOADED, topic_name, f"{env.sender} holds {held} bytes unread, all senders {total}")
-
-    def _bound(self, topic: Topic, payload: bytes, topic_name: str) -> tuple[int, int | None]:
-        """Check a frame against what its topic may carry now, before it is decompressed.
-
-        Returns the bytes it declares and the topic's bound (None: only the link's limits)."""
-        declared = declared_size(payload, self.settings.limits)
-        if self.expect is None:
-            return declared, None
-        bound = self.expect(topic)
-        if bound is None:
-            raise WireError(Refusal.UNEXPECTED, f"nothing is expected on {topic_name} now ({declared} bytes unread)")
-        if declared > bound:
-            raise WireError(Refusal.TOO_LARGE, f"frame declares {declared} bytes; {topic.kind} carries at most {bound}")
-        return declared, bound
 
     async def _decode_off_loop(self, payload: bytes, topic_name: str) -> Envelope:
         if self._decoder is None:  # (not entered: decoding where we are is all there is)
@@ -415,11 +386,6 @@ class Link:
             window = None if env.type == Kind.STATUS else self.settings.auth_window_s
             check_auth(env, topic_name, self.settings.auth_key, window)
         return env
-
-    def _remember(self, key: tuple[str, str, int]) -> None:
-        self._seen[key] = None
-        if len(self._seen) > 100_000:
-            self._seen.popitem(last=False)
 
     # ------------------------------------------------------------------ the connection task
 
