@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from splitft.agent.emulation import Emulation
-from splitft.agent.runtime import _backward, _forward
+from splitft.agent.step import backward, forward
 from splitft.shared.model.defense import DefenseSettings
 from splitft.shared.model.loading import block_flops, load_config
 from splitft.shared.model.split import SegmentSpec, build_segment
@@ -58,7 +58,7 @@ def timed_step(profile: DeviceProfile, length: int = 32) -> tuple[float, float, 
     optimizer.zero_grad(set_to_none=True)
 
     started = time.perf_counter()
-    hidden, _, body, forward_s = _forward(
+    hidden, _, body, forward_s = forward(
         segment, ids, ids, lengths, "fp16", {}, emulation, flops, DefenseSettings(), torch.Generator()
     )
     up = len(pack(body))
@@ -66,7 +66,7 @@ def timed_step(profile: DeviceProfile, length: int = 32) -> tuple[float, float, 
     grad = torch.randn_like(hidden) * 1e-3
     down = len(pack({"grad": grad.half().numpy().tobytes()}))
     time.sleep(emulation.downlink_s(down))
-    backward_s = _backward(hidden, grad, optimizer, emulation, flops)
+    backward_s = backward(hidden, grad, optimizer, emulation, flops)
     elapsed = time.perf_counter() - started
     predicted = profile.compute_seconds(2 * flops) + profile.transfer_seconds(up, down)
     return elapsed, predicted, forward_s, backward_s

@@ -31,8 +31,8 @@ embedding, 50,257 x 128 fp32): the fleet gives every segment the first one's ten
 (:func:`share_frozen_weights`; 20 segments built in one process: +65 MiB shared, +993 MiB not), so an agent
 holds only its adapters, optimiser state, batches and activations, and 500 agents fit on this machine.
 
-``--tcp-nodelay on|off`` is an experiment: it forces TCP_NODELAY on the agents' MQTT sockets on or off
-(splitft.shared.wire.link turns it on; see :func:`set_tcp_nodelay`; scripts/bench_load.py measures it).
+``--tcp-nodelay on|off`` is an experiment: it sets TCP_NODELAY on the agents' MQTT sockets or leaves it off
+(``BrokerSettings.tcp_nodelay``, which is on by default; scripts/bench_load.py measures it).
 """
 
 from __future__ import annotations
@@ -43,35 +43,35 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported: see t
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
 import re
 import resource
 import signal
-import socket
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-import aiomqtt
 import psutil
 import torch
 import typer
 
-import splitft.agent.runtime as agent_runtime
-from splitft.agent.runtime import Agent, AgentSettings
+from splitft.agent.profile import measure_block
+from splitft.agent.runtime import Agent, AgentSettings, AgentTools
 from splitft.shared.cli_options import check_choices, run_app
 from splitft.shared.errors import SplitFTError
 from splitft.shared.job.data import tokenize, write_shards
 from splitft.shared.job.records import Record, load_records
 from splitft.shared.model.memory import SHARED_PROCESS_RUNTIME_MB
-from splitft.shared.model.tokenizer import GSM8K
+from splitft.shared.model.split import Segment, build_segment
+from splitft.shared.model.tokenizer import GSM8K, load_tokenizer
 from splitft.shared.wire.broker import broker_settings
 
 log = logging.getLogger("agent_fleet")
@@ -89,86 +89,69 @@ class Outcome:
     error: str | None
 
 
-def share_constructor_work() -> None:
-    """Make the agents of this process load the tokenizer and measure a block once, not once each.
+def shared_tools() -> AgentTools:
+    """The tools of this process's agents, sharing what gives every agent of one process the same answer.
 
-    Agent.__init__ calls ``load_tokenizer(model)`` and ``measure_block(model, device=...)`` by the names
-    bound in ``splitft.agent.runtime``; memoising those names here (this process only) gives every agent
-    the same tokenizer object and the same measurement. Nothing else changes.
+    The tokenizer is loaded and a block measured once (memoised here: every agent gets the same tokenizer
+    object and the same measurement), and the segments share one copy of the frozen weights
+    (:func:`share_frozen_weights`). Nothing else changes.
     """
-    if not hasattr(agent_runtime.load_tokenizer, "cache_info"):
-        agent_runtime.load_tokenizer = functools.cache(agent_runtime.load_tokenizer)
-    if not hasattr(agent_runtime.measure_block, "cache_info"):
-        agent_runtime.measure_block = functools.cache(agent_runtime.measure_block)
+    return AgentTools(
+        load_tokenizer=functools.cache(load_tokenizer),
+        measure_block=functools.cache(measure_block),
+        build_segment=share_frozen_weights(build_segment),
+    )
 
 
-#: the frozen base weights of this process's segments, one tensor per (name, shape, dtype, device)
-_FROZEN: dict[tuple[str, tuple[int, ...], torch.dtype, torch.device], torch.Tensor] = {}
+def share_frozen_weights(build: Callable[..., Segment]) -> Callable[..., Segment]:
+    """``build`` (a ``build_segment``) whose segments hold one copy of the model's frozen weights, not one each.
 
-
-def share_frozen_weights() -> None:
-    """Make the agents of this process hold one copy of the model's frozen weights, not one each.
-
-    Agents build their segments with ``build_segment`` by the name bound in ``splitft.agent.runtime``;
-    wrapped here (this process only), every frozen parameter of a new segment is replaced by the first
-    segment's tensor of the same name and shape. The base never changes (only the LoRA adapters train,
-    and they stay each agent's own), so sharing it changes no result; the agents' compute threads only
-    read it. What an agent then holds is its adapters, optimiser state, batches and activations.
+    Every frozen parameter of a new segment is replaced by the first segment's tensor of the same name and
+    shape. The base never changes (only the LoRA adapters train, and they stay each agent's own), so sharing
+    it changes no result; the agents' compute threads only read it. What an agent then holds is its
+    adapters, optimiser state, batches and activations.
     """
-    original = agent_runtime.build_segment
-    if getattr(original, "shares_frozen_weights", False):
-        return
+    #: the frozen base weights of the segments built, one tensor per (name, shape, dtype, device)
+    frozen: dict[tuple[str, tuple[int, ...], torch.dtype, torch.device], torch.Tensor] = {}
 
-    @functools.wraps(original)
-    def build(*args: Any, **kwargs: Any) -> Any:
-        segment = original(*args, **kwargs)
+    @functools.wraps(build)
+    def shared(*args: Any, **kwargs: Any) -> Segment:
+        segment = build(*args, **kwargs)
         with torch.no_grad():
             for name, param in segment.peft_model.named_parameters():
                 if param.requires_grad:
                     continue
                 key = (name, tuple(param.shape), param.dtype, param.device)
-                shared = _FROZEN.setdefault(key, param.data)
-                if shared is not param.data:
-                    param.data = shared
+                first = frozen.setdefault(key, param.data)
+                if first is not param.data:
+                    param.data = first
         return segment
 
-    build.shares_frozen_weights = True  # type: ignore[attr-defined]
-    agent_runtime.build_segment = build
-
-
-def set_tcp_nodelay(on: bool) -> None:
-    """An experiment, for this process only: every MQTT connection made from now on sets TCP_NODELAY
-    to ``on``, whatever splitft.shared.wire.link asks for (it asks for TCP_NODELAY by default).
-
-    Without it, Nagle's algorithm holds a publish back while an earlier small segment of the connection
-    (such as the PUBACK of a received QoS 1 message) is unacknowledged, which the broker's delayed ACK
-    puts off by up to 40 ms; and a QoS 1 publish is awaited until its own PUBACK (scripts/bench_load.py
-    measures what that costs).
-    """
-    original = getattr(aiomqtt.Client.__init__, "_splitft_original", aiomqtt.Client.__init__)
-
-    @functools.wraps(original)
-    def init(self: aiomqtt.Client, *args: Any, **kwargs: Any) -> None:
-        kwargs["socket_options"] = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, int(on)),)
-        original(self, *args, **kwargs)
-
-    init._splitft_original = original  # type: ignore[attr-defined]
-    aiomqtt.Client.__init__ = init  # type: ignore[method-assign]
+    return shared
 
 
 def _natural(path: Path) -> list[Any]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
 
 
-def fitting(records: list[Record], model: str, max_length: int) -> list[Record]:
+def fitting(
+    records: list[Record], model: str, max_length: int, load: Callable[[str], Any] = load_tokenizer
+) -> list[Record]:
     """The records that leave something to learn at ``max_length`` tokens (the others are dropped by
-    tokenisation: a shard of only such records gives its agent nothing to train on)."""
-    tokenizer = agent_runtime.load_tokenizer(model)
+    tokenisation: a shard of only such records gives its agent nothing to train on). ``load`` loads the
+    tokenizer (the agents' own: :attr:`AgentTools.load_tokenizer`)."""
+    tokenizer = load(model)
     return [record for record in records if tokenize([record], tokenizer, max_length)]
 
 
 def shard_files(
-    data: Path, count: int, samples_per_agent: int, work: Path, model: str, max_length: int | None
+    data: Path,
+    count: int,
+    samples_per_agent: int,
+    work: Path,
+    model: str,
+    max_length: int | None,
+    load: Callable[[str], Any] = load_tokenizer,
 ) -> list[Path]:
     """One data file per agent: the first ``count`` files of a folder, or ``data`` dealt into ``count`` shards.
 
@@ -183,14 +166,14 @@ def shard_files(
     elif data.is_file():
         records = load_records(data)
         if max_length is not None:
-            records = fitting(records, model, max_length)
+            records = fitting(records, model, max_length, load)
         if len(records) < count:
             raise SystemExit(f"agent_fleet: {data} has {len(records)} usable records, {count} agents need one each")
         files = write_shards(records[: count * samples_per_agent], count, work, seed=0)
     else:
         raise SystemExit(f"agent_fleet: --data-dir {data} is neither a folder nor a file")
     if max_length is not None:
-        tokenizer = agent_runtime.load_tokenizer(model)
+        tokenizer = load(model)
         empty = [f.name for f in files if not tokenize(load_records(f), tokenizer, max_length)]
         if empty:
             raise SystemExit(f"agent_fleet: no record of {', '.join(empty)} fits in {max_length} tokens")
@@ -244,7 +227,7 @@ async def run_fleet(agents: list[Agent], timeout_s: float | None) -> tuple[dict[
 def outcomes(agents: list[Agent], errors: dict[str, BaseException | None]) -> list[Outcome]:
     result = []
     for a in agents:
-        link = a._link  # the agent's Link stays referenced after run(): its counters are final
+        link = a.link  # the agent's Link stays referenced after run(): its counters are final
         error = errors.get(a.name)
         result.append(
             Outcome(
@@ -334,18 +317,16 @@ def fleet(
         broker = broker_settings(broker_url, auth_key_file=auth_key_file)
     except SplitFTError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    if not no_share:
-        share_constructor_work()
-        share_frozen_weights()
+    tools = AgentTools() if no_share else shared_tools()
     if tcp_nodelay is not None:
-        set_tcp_nodelay(tcp_nodelay == "on")
+        broker = dataclasses.replace(broker, tcp_nodelay=tcp_nodelay == "on")
     with tempfile.TemporaryDirectory(prefix="splitft-fleet-") as work:
-        files = shard_files(data_dir, count, samples_per_agent, Path(work), model, max_length)
+        files = shard_files(data_dir, count, samples_per_agent, Path(work), model, max_length, tools.load_tokenizer)
         rss_start_mb = process.memory_info().rss / 2**20
         names = agent_names(prefix, count)
         try:
             agents = [
-                Agent(AgentSettings(n, job, model, f, runtime_mb=SHARED_PROCESS_RUNTIME_MB), broker)
+                Agent(AgentSettings(n, job, model, f, runtime_mb=SHARED_PROCESS_RUNTIME_MB), broker, tools=tools)
                 for n, f in zip(names, files, strict=True)
             ]
         except SplitFTError as exc:

@@ -4,7 +4,8 @@
 The coordinator runs in this process, the agents (tiny-gpt2, B=1, T<=32, every one cut at block 1) in
 one ``scripts/agent_fleet.py`` process on one event loop, both against a Mosquitto of this script's own,
 all on this machine. Every number is measured per round from the coordinator's metrics.jsonl and from
-counters this script keeps on the coordinator's MQTT link (wrapped here, nothing in the runtime changes):
+counters this script keeps on the coordinator's MQTT link (its BrokerSettings' observer: nothing in the runtime
+changes):
 
 * global steps/s: local steps per round / round wall time (a global step = every agent's step);
   agent-steps/s = global steps/s x agents; rounds/s = 1 / round wall time;
@@ -23,7 +24,8 @@ counters this script keeps on the coordinator's MQTT link (wrapped here, nothing
 * publish wait: seconds the coordinator spent awaiting its own publishes (QoS 1: until the PUBACK).
 
 A second run (skip it with ``--no-nagle-run``) turns TCP_NODELAY off on every MQTT socket of the
-coordinator and the fleet (shared/wire/link.py sets it; see agent_fleet.set_tcp_nodelay): with Nagle's
+coordinator and the fleet (shared/wire/link.py sets it; ``BrokerSettings.tcp_nodelay``, the fleet's
+``--tcp-nodelay``): with Nagle's
 algorithm on, the broker's delayed ACK holds up each QoS 1 publish by tens of milliseconds.
 
 The coordinator runs with ``--coordinator-threads`` torch threads (default 1): on a machine whose cores
@@ -49,41 +51,46 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
 import psutil
 import torch
 
-import splitft.coordinator.runtime as coordinator_runtime
-from splitft.bench.fleet import set_tcp_nodelay
 from splitft.bench.sections import cpu_name, write_section
 from splitft.coordinator.brokers import start_mosquitto, stop_broker
 from splitft.coordinator.runtime import Coordinator
 from splitft.shared.job.config import JobConfig
 from splitft.shared.model.tokenizer import GSM8K
 from splitft.shared.wire.broker import BrokerSettings
-from splitft.shared.wire.link import Link
 
 SCRIPTS = Path(__file__).resolve().parent
 T = TypeVar("T")
 
 
-class CountingLink(Link):
-    """The coordinator's link, counting the MQTT messages it publishes and receives, by kind."""
+class MessageCounts:
+    """The MQTT messages the coordinator's links publish and receive, by kind: the observer of its BrokerSettings
+    (splitft.shared.wire.broker.LinkObserver)."""
 
-    sent: ClassVar[Counter[str]] = Counter()
-    received: ClassVar[Counter[str]] = Counter()
-    publish_wait_s: ClassVar[list[float]] = [0.0]  # time spent awaiting publishes (QoS 1: until the PUBACK)
+    def __init__(self) -> None:
+        self.sent: Counter[str] = Counter()
+        self.received: Counter[str] = Counter()
+        self.publish_wait_s = 0.0  # time spent awaiting publishes (QoS 1: until the PUBACK)
 
-    async def _publish_raw(self, topic: str, payload: bytes, *, qos: int, retain: bool) -> None:
-        started = time.perf_counter()
-        await super()._publish_raw(topic, payload, qos=qos, retain=retain)
-        CountingLink.publish_wait_s[0] += time.perf_counter() - started
-        CountingLink.sent[topic.rsplit("/", 1)[-1]] += 1
+    def on_publish(self, topic: str, size: int, seconds: float) -> None:
+        self.publish_wait_s += seconds
+        self.sent[topic.rsplit("/", 1)[-1]] += 1
 
-    async def _accept(self, topic_name: str, payload: bytes) -> None:
-        CountingLink.received[topic_name.rsplit("/", 1)[-1]] += 1
-        await super()._accept(topic_name, payload)
+    def on_receive(self, topic: str, size: int) -> None:
+        self.received[topic.rsplit("/", 1)[-1]] += 1
+
+    def clear(self) -> None:
+        self.sent.clear()
+        self.received.clear()
+        self.publish_wait_s = 0.0
+
+
+#: the counts of this process's coordinator links
+COUNTS = MessageCounts()
 
 
 @dataclass
@@ -102,22 +109,22 @@ class RoundProbe:
         if event == "admitted":
             self._reset()
         elif event == "round_end":
-            sent, received = CountingLink.sent - self.last_sent, CountingLink.received - self.last_received
+            sent, received = COUNTS.sent - self.last_sent, COUNTS.received - self.last_received
             self.rounds[int(data["round"])] = {
                 "loop_cpu_s": time.thread_time() - self.last_loop_cpu,
                 "sent": dict(sent),
                 "received": dict(received),
                 "messages": sum(sent.values()) + sum(received.values()),
                 "compute_s": {k: v - self.last_compute.get(k, 0.0) for k, v in self.compute_s.items()},
-                "publish_wait_s": CountingLink.publish_wait_s[0] - self.last_publish_wait,
+                "publish_wait_s": COUNTS.publish_wait_s - self.last_publish_wait,
             }
             self._reset()
 
     def _reset(self) -> None:
         self.last_loop_cpu = time.thread_time()  # CPU time of the calling thread: progress runs on the loop's
         self.last_compute = dict(self.compute_s)
-        self.last_publish_wait = CountingLink.publish_wait_s[0]
-        self.last_sent, self.last_received = Counter(CountingLink.sent), Counter(CountingLink.received)
+        self.last_publish_wait = COUNTS.publish_wait_s
+        self.last_sent, self.last_received = Counter(COUNTS.sent), Counter(COUNTS.received)
 
 
 class TimedCoordinator(Coordinator):
@@ -156,13 +163,8 @@ async def run(job: JobConfig, agents: int, folder: Path, probe: RoundProbe, node
             stdout=asyncio.subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"},
         )  # fmt: skip
         output = asyncio.create_task(fleet.communicate())
-        original = coordinator_runtime.Link
-        coordinator_runtime.Link = CountingLink
-        try:
-            settings = BrokerSettings(url=broker.url)
-            await TimedCoordinator(job, settings, folder / "out", progress=probe.progress, probe=probe).run()
-        finally:
-            coordinator_runtime.Link = original
+        settings = BrokerSettings(url=broker.url, tcp_nodelay=nodelay, observer=COUNTS)
+        await TimedCoordinator(job, settings, folder / "out", progress=probe.progress, probe=probe).run()
         stdout, _ = await asyncio.wait_for(output, timeout=120)
         if fleet.returncode != 0:
             raise SystemExit(f"the fleet failed ({fleet.returncode}): {stdout.decode(errors='replace')[-2000:]}")
@@ -174,7 +176,6 @@ async def run(job: JobConfig, agents: int, folder: Path, probe: RoundProbe, node
 
 def measure(args: argparse.Namespace, nodelay: bool) -> dict[str, Any]:
     """One run of the coordinator and the fleet; the per-round measurements and their steady-state summary."""
-    set_tcp_nodelay(nodelay)  # this process's MQTT sockets from now on; the fleet gets --tcp-nodelay
     job = load_job(args.agents, args.rounds, args.local_steps)
     probe = RoundProbe()
     started = time.monotonic()

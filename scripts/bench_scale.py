@@ -52,9 +52,8 @@ from typing import Any, ClassVar, TypeVar
 
 import psutil
 import torch
-from bench_load import CountingLink, RoundProbe, TimedCoordinator
+from bench_load import COUNTS, RoundProbe, TimedCoordinator
 
-import splitft.coordinator.runtime as coordinator_runtime
 import splitft.coordinator.workers as workers_module
 from splitft.bench.sections import cpu_name, write_section
 from splitft.coordinator.brokers import free_port, start_mosquitto, stop_broker
@@ -98,18 +97,18 @@ def as_worker(args: argparse.Namespace) -> None:
     """Rank ``--rank``: a coordinator worker with counters; writes them to ``--counts`` when the job ends."""
     torch.set_num_threads(1)
     count_passes()
-    workers_module.Link = CountingLink  # type: ignore[misc]
     workers_module.ServerWorker = TimedWorker  # type: ignore[misc]
 
     async def main() -> float:
         started = time.thread_time()  # this thread runs the event loop
-        await run_worker(WorkerGroup(args.rank, args.world, args.rendezvous), BrokerSettings(url=args.broker))
+        broker = BrokerSettings(url=args.broker, observer=COUNTS)  # the worker's link counts its messages
+        await run_worker(WorkerGroup(args.rank, args.world, args.rendezvous), broker)
         return time.thread_time() - started
 
     loop_cpu = asyncio.run(main())
     counts = {
-        "sent": dict(CountingLink.sent),
-        "received": dict(CountingLink.received),
+        "sent": dict(COUNTS.sent),
+        "received": dict(COUNTS.received),
         "loop_cpu_s": loop_cpu,
         "passes": dict(PASSES),
         "compute_s": dict(TimedWorker.compute_s),
@@ -166,16 +165,13 @@ async def run(job: JobConfig, agents: int, fleets: int, world: int, folder: Path
                 workers.append(subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}))
             group = WorkerGroup(0, world, address)
         beat = asyncio.ensure_future(watch_loop(WATCH_S)()) if WATCH_S else None
-        original = coordinator_runtime.Link
-        coordinator_runtime.Link = CountingLink  # type: ignore[misc]
         loop_started = time.thread_time()
         try:
             await TimedCoordinator(
-                job, BrokerSettings(url=broker.url), folder / "out", progress=probe.progress, probe=probe,
-                workers=group, worker_processes=workers,
+                job, BrokerSettings(url=broker.url, observer=COUNTS), folder / "out", progress=probe.progress,
+                probe=probe, workers=group, worker_processes=workers,
             ).run()  # fmt: skip
         finally:
-            coordinator_runtime.Link = original  # type: ignore[misc]
             if beat is not None:
                 beat.cancel()
         loop_cpu = time.thread_time() - loop_started
@@ -238,9 +234,7 @@ SYNC = ("broadcast", "barrier", "gather", "round_message", "finish_step")
 
 def measure(agents: int, world: int, args: argparse.Namespace) -> dict[str, Any]:
     """One run: the per-round figures and the steady rounds' summary."""
-    CountingLink.sent.clear()
-    CountingLink.received.clear()
-    CountingLink.publish_wait_s[0] = 0.0
+    COUNTS.clear()
     PASSES.clear()
     job = scale_job(agents, args.rounds, args.local_steps)
     probe = ScaleProbe()

@@ -16,7 +16,8 @@ import torch
 import zstandard
 from test_runtime import assert_same_adapters, equivalence_job, read_metrics, run_job, shards
 
-from splitft.agent.runtime import _forward, batch_seed
+from splitft.agent.runtime import batch_seed
+from splitft.agent.step import forward
 from splitft.shared.errors import ConfigError, WireError
 from splitft.shared.job.config import JobConfig
 from splitft.shared.job.data import Batches, tokenize
@@ -244,12 +245,12 @@ def test_agent_sends_defended_activations() -> None:
     ids = torch.randint(0, 1000, (2, 6))
     lengths = torch.tensor([6, 4])
     defense = DefenseSettings(clip=0.2, noise=0.0)
-    sent, extra, body, _ = _forward(segment, ids, None, lengths, "fp32", {}, None, 1.0, defense, torch.Generator())
+    sent, extra, body, _ = forward(segment, ids, None, lengths, "fp32", {}, None, 1.0, defense, torch.Generator())
     assert extra is None and "labels" not in body
     assert float(sent.detach().norm(dim=-1).max()) <= 0.2 + 1e-6
-    plain, _, _, _ = _forward(segment, ids, None, lengths, "fp32", {}, None, 1.0, DefenseSettings(), torch.Generator())
+    plain, _, _, _ = forward(segment, ids, None, lengths, "fp32", {}, None, 1.0, DefenseSettings(), torch.Generator())
     assert float(plain.detach().norm(dim=-1).min()) > 0.3  # the clip did something
-    noisy, _, _, _ = _forward(
+    noisy, _, _, _ = forward(
         segment, ids, None, lengths, "fp32", {}, None, 1.0, DefenseSettings(clip=0.2, noise=1.0), torch.Generator()
     )
     assert not torch.allclose(noisy, sent)

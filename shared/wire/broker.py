@@ -1,12 +1,12 @@
 """How a member reaches the broker: :class:`BrokerSettings`, and :func:`broker_settings` that builds them from the
 command-line options (every error names its option). No network here; :class:`~splitft.shared.wire.link.Link`
-connects with them."""
+connects with them, and tells their :class:`LinkObserver`, if any, of every message."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlparse
 
 from splitft.shared.errors import ConfigError
@@ -22,6 +22,17 @@ SCHEMES = {"mqtt": 1883, "tcp": 1883, "mqtts": 8883, "ssl": 8883}
 def _is_number(value: Any) -> bool:
     """An int or a float, but not a bool."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class LinkObserver(Protocol):
+    """Told of every MQTT message a link publishes or receives: a benchmark's counters (scripts/bench_load.py)."""
+
+    def on_publish(self, topic: str, size: int, seconds: float) -> None:
+        """A message of ``size`` bytes went out on ``topic`` (each chunk of a large one counts); awaiting the
+        publish took ``seconds`` (QoS 1: until the broker's PUBACK)."""
+
+    def on_receive(self, topic: str, size: int) -> None:
+        """A message of ``size`` bytes came in on ``topic``, before any check."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +78,9 @@ class BrokerSettings:
     backoff_min_s: float = 0.2
     backoff_max_s: float = 10.0
     limits: Limits = field(default_factory=Limits)
+    # Instrumentation, not a setting: every Link made with these settings reports its messages to it (None: nobody).
+    # Harnesses count the traffic of members they do not construct the links of, such as a coordinator's.
+    observer: LinkObserver | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         parsed = urlparse(self.url)

@@ -271,6 +271,7 @@ class Link:
             )
 
     async def _publish_raw(self, topic: str, payload: bytes, *, qos: int, retain: bool) -> None:
+        started = time.perf_counter()
         timeout = self.settings.publish_timeout_s + len(payload) / self.settings.min_bandwidth_bytes_s
         deadline = time.monotonic() + self.settings.publish_wait_s
         while True:
@@ -287,6 +288,8 @@ class Link:
                 assert client is not None
                 await client.publish(topic, payload, qos=qos, retain=retain, timeout=timeout)
                 self.bytes_sent += len(payload)
+                if self.settings.observer is not None:
+                    self.settings.observer.on_publish(topic, len(payload), time.perf_counter() - started)
                 return
             except aiomqtt.MqttError as exc:
                 if time.monotonic() > deadline:
@@ -324,6 +327,8 @@ class Link:
     async def _accept(self, topic_name: str, payload: bytes) -> None:
         """Decode one MQTT message; queue it, or count and log why not. Never raises."""
         self.bytes_received += len(payload)
+        if self.settings.observer is not None:
+            self.settings.observer.on_receive(topic_name, len(payload))
         topic = self.topics.parse(topic_name)
         if topic is None:
             self._reject(Refusal.BAD_TOPIC, topic_name, "not a topic of this job")
