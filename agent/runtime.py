@@ -23,7 +23,6 @@ import functools
 import logging
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -41,6 +40,7 @@ from splitft.shared import __version__
 from splitft.shared.errors import ConfigError, DataError, LinkError, ModelError, RoundAborted, SplitFTError, WireError
 from splitft.shared.job.data import check_chat_template
 from splitft.shared.job.records import load_records, record_text
+from splitft.shared.member import Member
 from splitft.shared.model.loading import check_weights, load_config, max_positions, model_fingerprint, num_layers
 from splitft.shared.model.memory import MemoryFigures
 from splitft.shared.model.precision import torch_dtype
@@ -106,7 +106,6 @@ class Agent:
         self.name = settings.name
         self.rounds_done = 0
         self._stashed: list[Received] = []
-        self._link: Link | None = None
         self._done = False
         self._last_assign: tuple[str, int, int] | None = None  # (coordinator session, round, attempt) last taken
         self._coordinator_sid: str | None = None  # the coordinator process last seen online
@@ -118,8 +117,9 @@ class Agent:
         self._runtime_mb: float | None = settings.runtime_mb
         self._refused: SplitFTError | None = None  # why the coordinator did not admit this agent
         self.rejected: Counter[str] = Counter()  # message bodies refused, by reason (the link counts the rest)
-        # All model work on one thread (see the coordinator): one OpenMP pool, no model shared across threads.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitft-compute")
+        # Its link, its compute thread (all model work on one thread: one OpenMP pool, no model shared across
+        # threads) and its background sends, opened and closed together, as the coordinator's.
+        self.member = Member()
 
         # Fail before connecting if the data or the model cannot be used.
         self.records = load_records(settings.data, settings.prompt_field, settings.response_field, settings.max_samples)
@@ -143,7 +143,7 @@ class Agent:
         self.block_s = 2 * self.emulation.compute_s(flops) if self.emulation is not None else seconds
         self.trainer = Trainer(
             self.name, self.topics, settings.model, self.model_config, self.tokenizer, self.records,
-            device=settings.device, dtype=self.dtype, emulation=self.emulation, executor=self._executor,
+            device=settings.device, dtype=self.dtype, emulation=self.emulation, member=self.member,
             build_segment=tools.build_segment, refuse=self._refuse, interrupt=self._interrupt,
             upload_state=self._upload_state,
         )  # fmt: skip
@@ -151,7 +151,7 @@ class Agent:
     @property
     def link(self) -> Link | None:
         """The agent's MQTT link, once run() made it (it stays after run() returns: its counters are final)."""
-        return self._link
+        return self.member.link
 
     @property
     def num_layers(self) -> int:
@@ -167,8 +167,9 @@ class Agent:
             self.topics.coordinator_status(),
         ]
         will = (self.topics.agent(self.name, "status"), {"state": "offline", "role": "agent"})
-        async with Link(self.broker, self.topics, self.name, subscriptions, will=will, on_connect=self._hello) as link:
-            self._link = link
+        async with self.member.connected(
+            self.broker, self.topics, self.name, subscriptions, will=will, on_connect=self._hello
+        ) as link:
             try:
                 await self._hello()
                 while not self._done:
@@ -179,15 +180,11 @@ class Agent:
                 with contextlib.suppress(Exception, asyncio.CancelledError):
                     async with asyncio.timeout(2):
                         await link.publish(*self._goodbye(), retain=True)
-        self._executor.shutdown(wait=False)
         if self._refused is not None:
             raise self._refused
 
     def _goodbye(self) -> tuple[str, str, dict[str, Any]]:
         return self.topics.agent(self.name, "status"), Kind.STATUS, {"state": "offline", "role": "agent"}
-
-    async def _compute(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def _parse_assignment(self, env: Envelope) -> Assignment:
         layers, positions = num_layers(self.model_config), max_positions(self.model_config)
@@ -206,7 +203,7 @@ class Agent:
         log.warning("%s: refused a %s message: %s (%s)", self.name, kind, exc.reason, exc.detail)
 
     async def _hello(self) -> None:
-        link = self._link
+        link = self.member.link
         if link is None:
             return  # the first connection: run() says hello once the link is up
         await link.publish(
@@ -251,7 +248,7 @@ class Agent:
                 measure_memory, self.settings.model, batch, length, usable=usable, runtime=self._runtime_mb,
                 dtype=self.dtype, device=self.settings.device,
             )  # fmt: skip
-            self._memory[(batch, length)] = await self._compute(measure)
+            self._memory[(batch, length)] = await self.member.compute(measure)
         return self._memory[(batch, length)].to_profile()
 
     def _link_profile(self) -> dict[str, Any]:
@@ -326,8 +323,8 @@ class Agent:
 
     async def _train(self, a: Assignment) -> None:
         """One round's work on the device. Fault-injection harnesses override this and :meth:`_upload_state`."""
-        assert self._link is not None
-        await self.trainer.train(a, self._link)
+        assert self.member.link is not None
+        await self.trainer.train(a, self.member.link)
 
     def _upload_state(self, segment: Segment) -> dict[str, torch.Tensor]:
         """The client-side adapters this agent uploads at the end of a round."""

@@ -19,13 +19,11 @@ to re-send after a reconnect.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import time
 import zlib
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -39,6 +37,7 @@ from splitft.agent.step import backward, forward, tail_step
 from splitft.shared.errors import ConfigError, RoundAborted, WireError
 from splitft.shared.job.data import Batches, Example, tokenize
 from splitft.shared.job.records import Record
+from splitft.shared.member import Member
 from splitft.shared.model.loading import head_flops, num_layers
 from splitft.shared.model.lora import load_lora_state, lora_state
 from splitft.shared.model.loss import IGNORE_INDEX
@@ -97,7 +96,7 @@ class Trainer:
         device: str,
         dtype: torch.dtype,
         emulation: Emulation | None,
-        executor: ThreadPoolExecutor,
+        member: Member,
         build_segment: Callable[..., Segment],
         refuse: Callable[[str, WireError], None],
         interrupt: Interrupt,
@@ -112,7 +111,7 @@ class Trainer:
         self.device = device
         self.dtype = dtype
         self.emulation = emulation
-        self._executor = executor  # all model work on the agent's one compute thread
+        self.member = member  # all model work on the agent's one compute thread
         self._build_segment = build_segment
         self._refuse = refuse  # a malformed answer: counted and logged by the agent
         self._interrupt = interrupt
@@ -124,9 +123,6 @@ class Trainer:
         self.pending: Outgoing | None = None  # activations (or the U split's tail gradient) waiting for an answer
         self.last_upload: Outgoing | None = None  # the adapter upload of the last assignment
 
-    async def _compute(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-
     @property
     def num_layers(self) -> int:
         return num_layers(self.model_config)
@@ -134,7 +130,7 @@ class Trainer:
     # ------------------------------------------------------------------ one round
 
     async def train(self, a: Assignment, link: Link) -> None:
-        segment = await self._compute(self._segment_for, a)
+        segment = await self.member.compute(self._segment_for, a)
         expect = {n: tuple(p.shape) for n, p in segment.lora_parameters().items()}
         state = decode_state(a.adapter, expect={n: list(s) for n, s in expect.items()})
         load_lora_state(segment.peft_model, {n: t.to(segment.device) for n, t in state.items()})
@@ -152,7 +148,7 @@ class Trainer:
             input_ids, labels, lengths = batches.next()
 
             flops = a.cut * block_flops(self.model_config, input_ids.shape[0], input_ids.shape[1])
-            hidden, extra, body, forward_s = await self._compute(
+            hidden, extra, body, forward_s = await self.member.compute(
                 forward, segment, input_ids, None if a.u_split else labels, lengths, a.wire_dtype, timings,
                 self.emulation, flops, a.defense, noise,
             )  # fmt: skip
@@ -175,7 +171,7 @@ class Trainer:
                 wait_s = received_at - sent_at
             self.pending = None
 
-            backward_s = await self._compute(backward, hidden, grad, optimizer, self.emulation, flops, extra)
+            backward_s = await self.member.compute(backward, hidden, grad, optimizer, self.emulation, flops, extra)
             blocks = a.cut + a.tail
             timings = {
                 "forward_s": forward_s,
@@ -248,7 +244,7 @@ class Trainer:
         batch, length = labels.shape
         head = head_flops(config, 1, int((labels[:, 1:] != IGNORE_INDEX).sum()))  # the head runs on targets only
         flops = 2 * (a.tail * block_flops(config, batch, length) + head)
-        grad, loss, compute_s = await self._compute(
+        grad, loss, compute_s = await self.member.compute(
             tail_step, segment, top, labels, lengths, tail_start, self.emulation, flops
         )
         body = tail_grad_body(grad, a.wire_dtype, loss if a.report_loss else None)

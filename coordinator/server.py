@@ -141,6 +141,9 @@ class ServerModel:
         # depend on the order the devices' batches arrived in (floating-point sums are not associative)
         self._step_grads: dict[str, dict[str, torch.Tensor]] = {}
         self.round_tokens: Counter[int] = Counter()  # block -> tokens it served this round
+        self.passes: Counter[str] = (
+            Counter()
+        )  # the steps' merged passes so far ("passes") and their batches ("devices")
 
     # ------------------------------------------------------------------ adapters
 
@@ -196,6 +199,7 @@ class ServerModel:
         """
         results: dict[str, StepResult] = {}
         for chunk in _passes(sorted(items, key=lambda i: (i.cut, i.agent)), max_tokens):
+            self.passes.update(passes=1, devices=len(chunk))
             results.update(self._train_merged(chunk))
         return results
 
@@ -280,6 +284,7 @@ class ServerModel:
         steps: dict[str, MiddleStep] = {}
         ordered = sorted(items, key=lambda i: (i.cut, i.tail_start, i.agent))
         for index, chunk in enumerate(_passes(ordered, max_tokens)):
+            self.passes.update(passes=1, devices=len(chunk))
             steps.update(self._forward_merged(chunk, index))
         return steps
 

@@ -304,13 +304,12 @@ class ServerWorker:
         group: WorkerGroup,
         *,
         device: str = "cpu",
-        link_class: type[Link] = Link,
+        member: Member | None = None,
     ) -> None:
         self.job, self.broker, self.group, self.device = job, broker, group, device
-        self.link_class = link_class
         self.topics = Topics(job.job)
         self.fingerprint = model_fingerprint(job.model)
-        self.member = Member()
+        self.member = member or Member()  # (a benchmark's, timing the model work)
         self.agents = Agents(job.offline_grace_s)
         self.roster = Roster(self.member, self.topics)
         self.refusals = Refusals(silent)
@@ -332,7 +331,7 @@ class ServerWorker:
         broker = replace(self.broker, session_expiry_s=WORKER_SESSION_S) if self.broker.protocol == "5" else self.broker
         async with self.member.connected(
             broker, self.topics, COORDINATOR, [self.topics.all_agents(Kind.STATUS)], read=self._read,
-            expect=self._expect, link_class=self.link_class,
+            expect=self._expect,
         ):  # fmt: skip
             await self.member.compute(self.group.barrier)  # ready: rank 0 may assign
             while await self._serve_round():
@@ -406,16 +405,21 @@ async def route_step_topics(link: Link, topics: Topics, served: Mapping[str, Any
     await link.subscribe(sorted(wanted - current))
 
 
-async def run_worker(group: WorkerGroup, broker: BrokerSettings, device: str = "cpu") -> None:
-    """A worker process from start to end: join the group, take the job from rank 0, serve its rounds."""
+async def run_worker(
+    group: WorkerGroup, broker: BrokerSettings, device: str = "cpu", *, member: Member | None = None
+) -> ServerWorker | None:
+    """A worker process from start to end: join the group, take the job from rank 0, serve its rounds. Returns the
+    worker once the job is over (None if rank 0 ended it before it started); ``member``: see :class:`ServerWorker`."""
     await asyncio.to_thread(group.open, device)
     try:
         start = await asyncio.to_thread(group.broadcast)
         if start["op"] != "job":
             log.info("worker %d: rank 0 ended the job before it started", group.rank)
-            return
+            return None
         job = JobConfig.from_dict(json.loads(start["job"]))
-        await ServerWorker(job, broker, group, device=device).serve(start)
+        worker = ServerWorker(job, broker, group, device=device, member=member)
+        await worker.serve(start)
+        return worker
     finally:
         group.close()
 

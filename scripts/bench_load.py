@@ -60,6 +60,7 @@ from splitft.bench.sections import cpu_name, write_section
 from splitft.coordinator.brokers import start_mosquitto, stop_broker
 from splitft.coordinator.runtime import Coordinator
 from splitft.shared.job.config import JobConfig
+from splitft.shared.member import Member
 from splitft.shared.model.tokenizer import GSM8K
 from splitft.shared.wire.broker import BrokerSettings
 
@@ -127,20 +128,21 @@ class RoundProbe:
         self.last_sent, self.last_received = Counter(COUNTS.sent), Counter(COUNTS.received)
 
 
-class TimedCoordinator(Coordinator):
-    """The coordinator, timing each piece of its model work (all of it goes through ``_compute``)."""
+class TimedMember(Member):
+    """A coordinator's or worker's member that times each piece of its model work (all of it goes through
+    ``compute``), by the function's name, into ``compute_s``."""
 
-    def __init__(self, *args: Any, probe: RoundProbe, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._probe = probe
+    def __init__(self, compute_s: dict[str, float]) -> None:
+        super().__init__()
+        self.compute_s = compute_s
 
-    async def _compute(self, fn: Callable[..., T], *args: Any) -> T:
+    async def compute(self, fn: Callable[..., T], *args: Any) -> T:
         started = time.perf_counter()
         try:
-            return await super()._compute(fn, *args)
+            return await super().compute(fn, *args)
         finally:
             name = getattr(fn, "__name__", type(fn).__name__)
-            self._probe.compute_s[name] = self._probe.compute_s.get(name, 0.0) + time.perf_counter() - started
+            self.compute_s[name] = self.compute_s.get(name, 0.0) + time.perf_counter() - started
 
 
 def load_job(agents: int, rounds: int, local_steps: int) -> JobConfig:
@@ -164,7 +166,8 @@ async def run(job: JobConfig, agents: int, folder: Path, probe: RoundProbe, node
         )  # fmt: skip
         output = asyncio.create_task(fleet.communicate())
         settings = BrokerSettings(url=broker.url, tcp_nodelay=nodelay, observer=COUNTS)
-        await TimedCoordinator(job, settings, folder / "out", progress=probe.progress, probe=probe).run()
+        member = TimedMember(probe.compute_s)
+        await Coordinator(job, settings, folder / "out", progress=probe.progress, member=member).run()
         stdout, _ = await asyncio.wait_for(output, timeout=120)
         if fleet.returncode != 0:
             raise SystemExit(f"the fleet failed ({fleet.returncode}): {stdout.decode(errors='replace')[-2000:]}")

@@ -48,17 +48,16 @@ from collections import Counter
 from collections.abc import Callable
 from datetime import date
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
 import psutil
 import torch
-from bench_load import COUNTS, RoundProbe, TimedCoordinator
+from bench_load import COUNTS, RoundProbe, TimedMember
 
-import splitft.coordinator.workers as workers_module
 from splitft.bench.sections import cpu_name, write_section
 from splitft.coordinator.brokers import free_port, start_mosquitto, stop_broker
-from splitft.coordinator.server import ServerModel
-from splitft.coordinator.workers import ServerWorker, WorkerGroup, run_worker
+from splitft.coordinator.runtime import Coordinator
+from splitft.coordinator.workers import WorkerGroup, run_worker
 from splitft.shared.job.config import JobConfig
 from splitft.shared.model.tokenizer import GSM8K
 from splitft.shared.wire.broker import BrokerSettings
@@ -68,41 +67,18 @@ T = TypeVar("T")
 PASSES: Counter[str] = Counter()  # merged server passes of this process: passes, devices
 
 
-def count_passes() -> None:
-    """Count the merged passes of this process's server and the device batches in each."""
-    original = ServerModel._train_merged
-
-    def counted(self: ServerModel, items: Any) -> Any:
-        PASSES["passes"] += 1
-        PASSES["devices"] += len(items)
-        return original(self, items)
-
-    ServerModel._train_merged = counted  # type: ignore[method-assign]
-
-
-class TimedWorker(ServerWorker):
-    """A worker timing its model work and collectives, like bench_load's TimedCoordinator."""
-
-    compute_s: ClassVar[Counter[str]] = Counter()
-
-    async def _compute(self, fn: Callable[..., T], *args: Any) -> T:
-        started = time.perf_counter()
-        try:
-            return await super()._compute(fn, *args)
-        finally:
-            TimedWorker.compute_s[getattr(fn, "__name__", type(fn).__name__)] += time.perf_counter() - started
-
-
 def as_worker(args: argparse.Namespace) -> None:
     """Rank ``--rank``: a coordinator worker with counters; writes them to ``--counts`` when the job ends."""
     torch.set_num_threads(1)
-    count_passes()
-    workers_module.ServerWorker = TimedWorker  # type: ignore[misc]
+    compute_s: dict[str, float] = {}
 
     async def main() -> float:
         started = time.thread_time()  # this thread runs the event loop
         broker = BrokerSettings(url=args.broker, observer=COUNTS)  # the worker's link counts its messages
-        await run_worker(WorkerGroup(args.rank, args.world, args.rendezvous), broker)
+        group = WorkerGroup(args.rank, args.world, args.rendezvous)
+        worker = await run_worker(group, broker, member=TimedMember(compute_s))
+        if worker is not None and worker.server is not None:
+            PASSES.update(worker.server.passes)
         return time.thread_time() - started
 
     loop_cpu = asyncio.run(main())
@@ -111,7 +87,7 @@ def as_worker(args: argparse.Namespace) -> None:
         "received": dict(COUNTS.received),
         "loop_cpu_s": loop_cpu,
         "passes": dict(PASSES),
-        "compute_s": dict(TimedWorker.compute_s),
+        "compute_s": compute_s,
         "rss_mb": psutil.Process().memory_info().rss / 2**20,
     }
     Path(args.counts).write_text(json.dumps(counts))
@@ -167,10 +143,13 @@ async def run(job: JobConfig, agents: int, fleets: int, world: int, folder: Path
         beat = asyncio.ensure_future(watch_loop(WATCH_S)()) if WATCH_S else None
         loop_started = time.thread_time()
         try:
-            await TimedCoordinator(
+            coordinator = Coordinator(
                 job, BrokerSettings(url=broker.url, observer=COUNTS), folder / "out", progress=probe.progress,
-                probe=probe, workers=group, worker_processes=workers,
-            ).run()  # fmt: skip
+                workers=group, worker_processes=workers, member=TimedMember(probe.compute_s),
+            )  # fmt: skip
+            await coordinator.run()
+            if coordinator.server is not None:
+                PASSES.update(coordinator.server.passes)
         finally:
             if beat is not None:
                 beat.cancel()
@@ -405,7 +384,6 @@ def main() -> None:
     except ValueError:
         parser.error(f"--runs must look like 50x1,500x2, got {args.runs!r}")
     torch.set_num_threads(1)
-    count_passes()
     if args.json is not None:  # one run, in a process of its own (see below)
         (agents, world), *_ = plan
         args.json.write_text(json.dumps(measure(agents, world, args)))

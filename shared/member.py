@@ -31,7 +31,8 @@ T = TypeVar("T")
 
 
 class Member:
-    """A link, a reader, a compute thread and background sends, opened and closed together."""
+    """A link, a reader, a compute thread and background sends, opened and closed together. Benchmarks time the
+    model work by overriding :meth:`compute` and handing the member to the coordinator or worker."""
 
     def __init__(self, thread_name: str = "splitft-compute") -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
@@ -68,12 +69,11 @@ class Member:
         on_connect: Callable[[], Awaitable[None]] | None = None,
         expect: Callable[[Topic], int | None] | None = None,
         on_reject: Callable[[str, str], None] | None = None,
-        link_class: type[Link] = Link,
     ) -> AsyncIterator[Link]:
         """Connect, start the reader (``read``, if given), and yield the link; on the way out, in this order: the
         reader stops, the compute thread is shut down (its running call finishes on its own), background sends
-        are cancelled. ``link_class``: a :class:`Link` subclass (benchmarks count what goes through it)."""
-        async with link_class(
+        are cancelled."""
+        async with Link(
             broker, topics, name, subscriptions, will=will, on_connect=on_connect, expect=expect, on_reject=on_reject
         ) as link:
             self.link = link

@@ -463,8 +463,8 @@ async def test_flood_of_garbage_on_every_topic_changes_nothing(broker: Broker, t
     assert total >= 1000, sent
     refused = Counter(coordinator.link.rejected if coordinator.link else {}) + Counter(coordinator.refusals.counts)
     for agent in agents:
-        assert agent._link is not None
-        refused += Counter(agent._link.rejected) + agent.rejected
+        assert agent.link is not None
+        refused += Counter(agent.link.rejected) + agent.rejected
     # Every kind of refusal happened, each with its reason; the run's result is exactly the clean one.
     for reason in ("bad_compression", "too_large", "bad_shape", "nonfinite", "bad_schema"):
         assert refused[reason] > 0, refused
