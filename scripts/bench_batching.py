@@ -2,7 +2,7 @@
 """The batched server segment against the per-device path: one global step of 16 devices, each a batch of
 4 x 256 tokens, on the server (forward from each device's cut, loss, backward, one optimiser step).
 
-* per device: ``ServerModel.train_on`` once per device (what the runtime does today), then ``finish_step``;
+* per device: ``ServerModel.train_on`` once per device (a merged pass of one: the runtime without ``server_batching``), then ``finish_step``;
 * batched: ``ServerModel.train_batch`` (every device's batch merged, the shallower cuts joining at the
   deeper ones), then ``finish_step``; also under a cap of ``--cap`` tokens per pass.
 

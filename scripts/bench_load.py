@@ -128,6 +128,10 @@ class RoundProbe:
         self.last_sent, self.last_received = Counter(COUNTS.sent), Counter(COUNTS.received)
 
 
+#: the server's model work of the steps themselves (merged passes), as the member times it by name
+STEP_WORK = ("train_batch", "forward_batch", "backward_batch")
+
+
 class TimedMember(Member):
     """A coordinator's or worker's member that times each piece of its model work (all of it goes through
     ``compute``), by the function's name, into ``compute_s``."""
@@ -195,7 +199,7 @@ def measure(args: argparse.Namespace, nodelay: bool) -> dict[str, Any]:
         )
         # The coordinator's other model work inside the round's wall time (the checkpoint and the rollback
         # snapshot come between rounds): assignments (client_state), optimiser steps, aggregation, evaluation.
-        other_s = sum(v for k, v in probed["compute_s"].items() if k not in ("train_on", "save_checkpoint", "snapshot"))
+        other_s = sum(v for k, v in probed["compute_s"].items() if k not in (*STEP_WORK, "save_checkpoint", "snapshot"))
         messages = probed["messages"]
         rows.append(
             {
@@ -254,7 +258,7 @@ def report(args: argparse.Namespace, base: dict[str, Any], nagle: dict[str, Any]
     out_kinds = ", ".join(f"{n} {k}" for k, n in sorted(last["sent"].items()))
     other: Counter[str] = Counter()
     for r in steady:
-        other.update({k: v for k, v in r["compute"].items() if k != "train_on"})
+        other.update({k: v for k, v in r["compute"].items() if k not in STEP_WORK})
     other_text = ", ".join(f"{k} {v / len(steady):.2f} s" for k, v in other.most_common() if v / len(steady) >= 0.005)
     rss = [r["rss_mb"] for r in steady]
     lines = [
