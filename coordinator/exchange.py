@@ -31,7 +31,7 @@ from splitft.shared.member import Member
 from splitft.shared.wire.link import Received
 from splitft.shared.wire.messages import Activations, grad_body, parse_act, parse_tail_grad, tail_act_body
 from splitft.shared.wire.queues import ByteQueue
-from splitft.shared.wire.topics import Kind, Topics
+from splitft.shared.wire.topics import Kind, Topic, Topics
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -94,6 +94,13 @@ class StepExchange:
         assert self.server is not None
         tokens = self.job.batch_size * self.job.max_length
         return ENVELOPE_BYTES + tokens * (4 * self.server.hidden_size + 8)
+
+    def expect(self, topic: Topic) -> int | None:
+        """The most a step message on ``topic`` may decompress to now: only an agent with a live assignment sends
+        them, at most the size the job's shapes give; None: nothing is expected there."""
+        if topic.kind not in (Kind.ACT, Kind.TAIL_GRAD) or self.server is None:
+            return None
+        return self.act_bytes() if self.roster.live(topic.agent or "") is not None else None
 
     def queue(self, received: Received) -> None:
         """Hand an activation or tail gradient to the step loop, within the agent's bound."""

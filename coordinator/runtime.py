@@ -135,10 +135,6 @@ class Coordinator:
     def link(self) -> Link | None:
         return self.member.link
 
-    @property
-    def metrics_path(self) -> Path:
-        return self.metrics.path
-
     # ------------------------------------------------------------------ the job: setup -> rounds -> finish
 
     async def run(self) -> dict[str, Any]:
@@ -254,7 +250,6 @@ class Coordinator:
         if len(self.agents.online()) < job.min_agents:
             await self.membership.admit(self.job.min_agents)
         started = time.monotonic()
-        self.roster.begin(round_, {})
         self.exchange.begin_round()
         decision = await self.cuts.decide(round_, self._first_round)
         participants: dict[str, Participant] = {}
@@ -357,14 +352,10 @@ class Coordinator:
         assignment, at most the size the job's shapes give (fp32, the widest wire dtype)."""
         if topic.kind in (Kind.STATUS, Kind.JOIN):
             return SMALL_MESSAGE_BYTES
-        participant = self.roster.live(topic.agent or "")
-        if participant is None or self.server is None:
-            return None
-        if topic.kind in (Kind.ACT, Kind.TAIL_GRAD):
-            return self.exchange.act_bytes()
         if topic.kind == Kind.ADAPTER:
-            return self.uploads.most_bytes(participant)
-        return None
+            participant = self.roster.live(topic.agent or "")
+            return self.uploads.most_bytes(participant) if participant is not None else None
+        return self.exchange.expect(topic)
 
     def _rejected_by_link(self, reason: str, topic: str) -> None:
         self.progress(Event.REJECTED, {"reason": reason, "topic": topic})

@@ -376,11 +376,7 @@ class ServerWorker:
 
     def _expect(self, topic: Topic) -> int | None:
         """What this rank takes: the step messages of the agents it serves this round (see the coordinator's)."""
-        if topic.kind == Kind.STATUS:
-            return SMALL_MESSAGE_BYTES
-        if topic.kind in STEP_KINDS and self.roster.live(topic.agent or "") is not None and self.server is not None:
-            return self.exchange.act_bytes()
-        return None
+        return SMALL_MESSAGE_BYTES if topic.kind == Kind.STATUS else self.exchange.expect(topic)
 
     async def _read(self, received: Received) -> None:
         name, kind, env = received.topic.agent, received.topic.kind, received.envelope

@@ -52,7 +52,7 @@ from typing import Any, TypeVar
 
 import psutil
 import torch
-from bench_load import COUNTS, RoundProbe, TimedMember
+from bench_load import COUNTS, STEP_WORK, RoundProbe, TimedMember
 
 from splitft.bench.sections import cpu_name, write_section
 from splitft.coordinator.brokers import free_port, start_mosquitto, stop_broker
@@ -248,7 +248,7 @@ def measure(agents: int, world: int, args: argparse.Namespace) -> dict[str, Any]
                 "other_s": sum(
                     v
                     for k, v in probed["compute_s"].items()
-                    if k not in (*SYNC, "train_batch", "save_checkpoint", "snapshot")
+                    if k not in (*SYNC, *STEP_WORK, "save_checkpoint", "snapshot")
                 ),
                 "publish_wait_s": probed["publish_wait_s"],
                 "rss_mb": m["coordinator_rss_mb"],
