@@ -141,15 +141,7 @@ class StepExchange:
             for name in [n for n in pending if served[n].dropped is not None or self.agents.gone(n)]:
                 self.roster.drop(served[name], "went offline", notify=False)  # (no change if dropped already)
                 pending.discard(name)
-            arrived = {n: act for n, act in arrived.items() if n in pending}
-            # One arrival is served at once; with server_batching, every agent's once all are in.
-            if arrived and (not batching or pending <= arrived.keys()):
-                pending -= await self._serve(arrived, served, step)
-                arrived = {}
-            tails = sorted(n for n in pending if self._of(n).tail_grad is not None)
-            if tails and (not batching or len(tails) == len(pending)):
-                await self._finish(tails, served, step)
-                pending -= set(tails)
+            await self._serve_ready(pending, arrived, served, step, wait=batching)
             if not pending:
                 return
             if ready:
@@ -164,7 +156,11 @@ class StepExchange:
                 except TimeoutError:
                     if time.monotonic() < deadline:
                         continue
-                    await self._late(pending, arrived, served, step, timeout_s)
+                    # The deadline: those whose messages are in are served; the others are dropped as late.
+                    await self._serve_ready(pending, arrived, served, step, wait=False)
+                    for name in pending:
+                        detail = f"no activations for step {step} within the {timeout_s:.1f} s deadline"
+                        self.roster.drop(served[name], detail)
                     return
             if isinstance(item, Offline):
                 continue  # the loop's top drops it once its grace is over
@@ -208,23 +204,29 @@ class StepExchange:
             if act is not None:
                 arrived[name] = act
 
-    async def _late(
+    async def _serve_ready(
         self,
         pending: set[str],
         arrived: dict[str, Activations],
         served: dict[str, Participant],
         step: int,
-        timeout_s: float,
+        *,
+        wait: bool,
     ) -> None:
-        """The deadline passed: those whose messages are in are served; the others are dropped as late."""
-        if arrived:
-            pending -= await self._serve(arrived, served, step)
+        """Serve what is in: the activations in ``arrived``, then the U split's tail gradients; with ``wait``
+        (``server_batching`` before the deadline) only once every pending agent's are in. The agents whose step
+        is over leave ``pending``; served activations leave ``arrived``."""
+        for name in [n for n in arrived if n not in pending]:
+            del arrived[name]
+        if arrived and (not wait or pending <= arrived.keys()):
+            pending -= await self._serve(dict(arrived), served, step)
+            arrived.clear()
+        if not self.job.u_split:
+            return
         tails = sorted(n for n in pending if self._of(n).tail_grad is not None)
-        if tails:
+        if tails and (not wait or len(tails) == len(pending)):
             await self._finish(tails, served, step)
             pending -= set(tails)
-        for name in pending:
-            self.roster.drop(served[name], f"no activations for step {step} within the {timeout_s:.1f} s deadline")
 
     def answer_late(self, item: Received | Offline) -> None:
         """After the round's last step: a repeated message still gets its answer; anything else is refused."""
