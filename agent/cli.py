@@ -24,6 +24,7 @@ from splitft.shared.cli_options import (
     PasswordOpt,
     UsernameOpt,
     broker_from_options,
+    warn_unauthenticated,
 )
 from splitft.shared.errors import ConfigError, DataError, ExitCode, LinkError, ModelError, exit_code_for
 from splitft.shared.model.loading import PRESETS
@@ -142,6 +143,7 @@ def join(
         )
         agent = Agent(settings, link)
         typer.echo(f"agent {name}: {len(agent.records)} samples from {data}; joining job {job} at {broker}")
+        warn_unauthenticated(auth_key_file)
         asyncio.run(agent.run())
     except (ConfigError, DataError, ModelError, LinkError) as exc:
         typer.echo(f"error: {exc}", err=True)

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,12 +34,12 @@ from transformers import PreTrainedTokenizerBase
 import splitft.agent.profile as agent_profile
 import splitft.shared.model.split as model_split
 import splitft.shared.model.tokenizer as model_tokenizer
+from splitft.agent.bounds import InboundBounds
 from splitft.agent.emulation import Emulation
 from splitft.agent.profile import device_profile, measure_memory, runtime_mb, usable_mb
 from splitft.agent.training import Trainer, batch_seed, upload_state
 from splitft.shared import __version__
 from splitft.shared.errors import ConfigError, DataError, LinkError, ModelError, RoundAborted, SplitFTError, WireError
-from splitft.shared.job.data import check_chat_template
 from splitft.shared.job.records import load_records, record_text
 from splitft.shared.member import Member
 from splitft.shared.model.loading import check_weights, load_config, max_positions, model_fingerprint, num_layers
@@ -47,7 +48,15 @@ from splitft.shared.model.precision import torch_dtype
 from splitft.shared.model.split import Segment
 from splitft.shared.profiles import load_profile
 from splitft.shared.wire.broker import BrokerSettings
-from splitft.shared.wire.control import Assignment, Join, join_body, parse_assign, parse_notice, parse_status
+from splitft.shared.wire.control import (
+    Assignment,
+    Join,
+    join_body,
+    parse_assign,
+    parse_coordinator_status,
+    parse_notice,
+    parse_round,
+)
 from splitft.shared.wire.envelope import Envelope
 from splitft.shared.wire.link import Link, Received
 from splitft.shared.wire.topics import Kind, Topics
@@ -109,6 +118,7 @@ class Agent:
         self._done = False
         self._last_assign: tuple[str, int, int] | None = None  # (coordinator session, round, attempt) last taken
         self._coordinator_sid: str | None = None  # the coordinator process last seen online
+        self._announced: tuple[str, int] | None = None  # (its session, its connection) of the last online status
         self.notices: list[tuple[str, str]] = []  # (event, reason) the coordinator sent
         self._job_max_length: int | None = None  # the job's, from the coordinator's status
         self._job_chat_template: str | bool = "auto"  # likewise
@@ -126,6 +136,7 @@ class Agent:
         self.model_config = load_config(settings.model)
         check_weights(settings.model, self.model_config)
         self.fingerprint = model_fingerprint(settings.model)  # what the coordinator compares, not the path
+        self.bounds = InboundBounds(self.model_config)  # what its topics may carry (the link asks before decoding)
         self.tokenizer = tools.load_tokenizer(settings.model)
         if settings.emulate_scale <= 0:
             raise ConfigError(f"emulate_scale must be positive, got {settings.emulate_scale}")
@@ -139,8 +150,12 @@ class Agent:
         self.dtype = torch_dtype(self.dtype_name, "dtype")
         # The per-block cost, measured once at start (an emulated device's from its profile), so that the
         # controller can place this agent before its first round's reports.
+        started = time.perf_counter()
         seconds, flops = tools.measure_block(settings.model, device=settings.device, dtype=self.dtype)
         self.block_s = 2 * self.emulation.compute_s(flops) if self.emulation is not None else seconds
+        # How long building a segment (and timing it) took: what the coordinator allows, times deadline_factor,
+        # for taking an assignment in before its first step, until this agent's first report.
+        self.load_s = time.perf_counter() - started
         self.trainer = Trainer(
             self.name, self.topics, settings.model, self.model_config, self.tokenizer, self.records,
             device=settings.device, dtype=self.dtype, emulation=self.emulation, member=self.member,
@@ -168,7 +183,7 @@ class Agent:
         ]
         will = (self.topics.agent(self.name, "status"), {"state": "offline", "role": "agent"})
         async with self.member.connected(
-            self.broker, self.topics, self.name, subscriptions, will=will, on_connect=self._hello
+            self.broker, self.topics, self.name, subscriptions, will=will, on_connect=self._hello, expect=self.bounds
         ) as link:
             try:
                 await self._hello()
@@ -218,6 +233,7 @@ class Agent:
                 **device_profile(),
                 **self._link_profile(),
                 "block_s": self.block_s,
+                "load_s": self.load_s,
                 "block_tokens": 4 * 128,
                 "base_dtype": self.dtype_name,
                 **memory,
@@ -263,24 +279,23 @@ class Agent:
         kind, env = received.topic.kind, received.envelope
         try:
             if kind == "coordinator_status":
-                state = parse_status(env.body)
-                if state == "online":
+                # Checked whole: a status with a bad field (retained garbage, say) is refused, and the agent
+                # waits for a valid one (the coordinator restores its status when it sees another on its topic).
+                status = parse_coordinator_status(env.body)
+                if status.state == "online" and self._announced == (env.sid, status.connection):
+                    log.debug("%s: the coordinator's status again, on the same connection", self.name)
+                elif status.state == "online":
+                    self._announced = (env.sid, status.connection)
                     self._coordinator_sid = env.sid
-                    length = env.body.get("max_length")
-                    if type(length) is int and 1 <= length <= 1 << 20:
-                        self._job_max_length = length  # so that the join says how many examples fit
-                    batch = env.body.get("batch_size")
-                    if type(batch) is int and 1 <= batch <= 1 << 16:
-                        self._job_batch_size = batch  # and what memory a step of the job needs here
-                    template = env.body.get("chat_template", "auto")
-                    with contextlib.suppress(ConfigError):  # an unknown value: the assignment will say
-                        check_chat_template(template)
-                        self._job_chat_template = template
+                    self.bounds.status = status  # what an assignment of this job may hold
+                    self._job_max_length = status.max_length  # so that the join says how many examples fit
+                    self._job_batch_size = status.batch_size  # and what memory a step of the job needs here
+                    self._job_chat_template = status.chat_template
                     await self._hello()
-                elif env.body.get("done") is True and env.sid == self._coordinator_sid:
+                elif status.done and env.sid == self._coordinator_sid:
                     log.info("%s: the coordinator finished the job", self.name)
                     self._done = True
-            elif kind == "round" and env.body.get("event") == "done":
+            elif kind == "round" and parse_round(env.body) == "done":
                 log.info("%s: the job is done", self.name)
                 self._done = True
             elif kind == "assign" and not self._is_new(env):
@@ -289,6 +304,7 @@ class Agent:
                 assignment = self._parse_assignment(env)
                 self._last_assign = (env.sid, assignment.round, assignment.attempt)
                 self.trainer.last_upload = None
+                self.bounds.assignment = assignment  # the gradients it takes are of its shape
                 try:
                     await self._train(assignment)
                     self.rounds_done += 1
@@ -296,6 +312,7 @@ class Agent:
                     log.warning("%s: round %d ended early: %s", self.name, assignment.round, exc)
                 finally:
                     self.trainer.pending = None
+                    self.bounds.assignment = None
             elif kind == "notice":
                 notice = parse_notice(env.body)
                 self.notices.append((notice.event, notice.reason))
@@ -341,26 +358,32 @@ class Agent:
             except WireError as exc:
                 self._refuse(kind, exc)
                 return
-        if kind == "assign" or (kind == "round" and env.body.get("event") == "done"):
+        try:  # what it says is checked whatever it is for (a malformed one is counted)
+            event = parse_round(env.body) if kind == "round" else None
+            notice = parse_notice(env.body) if kind == "notice" else None
+        except WireError as exc:
+            self._refuse(kind, exc)
+            return
+        if kind == "assign" or event == "done":
             self._stashed.append(received)  # the coordinator moved on without us
             raise RoundAborted(f"the coordinator moved on ({kind})")
-        if kind == "notice" and (env.corr == a.corr or env.body.get("event") == "not_admitted"):
+        if notice is not None and (env.corr == a.corr or notice.event == "not_admitted"):
+            self._stashed.append(received)
+            raise RoundAborted(f"the coordinator dropped this agent: {notice.reason}")
+        if kind == "coordinator_status":
             try:
-                reason = parse_notice(env.body).reason
+                status = parse_coordinator_status(env.body)
             except WireError as exc:
                 self._refuse(kind, exc)
                 return
-            self._stashed.append(received)
-            raise RoundAborted(f"the coordinator dropped this agent: {reason}")
-        if kind == "coordinator_status":
-            try:
-                state = parse_status(env.body)
-            except WireError:
-                return
+            state = status.state
+            if state == "online" and self._announced == (env.sid, status.connection):
+                return  # announced again on the same connection: nothing was lost
             if state == "online" and env.sid == self._coordinator_sid:
+                self._announced = (env.sid, status.connection)
                 await self._hello()  # the coordinator reconnected: it may have missed our activations
                 return
-            if state == "offline" and env.body.get("done") is not True:
+            if state == "offline" and not status.done:
                 # Its Last Will: it may only be reconnecting (a broker restart sends every Will). Wait on;
                 # a new coordinator process ends the wait (below), or the deadline does.
                 log.warning("%s: the coordinator went offline; waiting for it", self.name)

@@ -81,7 +81,8 @@ def preflight(spec: JobConfig, out: Path, cuts: Sequence[int] = ()) -> None:
 
 
 class ProgressView:
-    """Renders the coordinator's progress events: a bar over all steps and a line per round."""
+    """Renders the coordinator's progress events: a bar over all steps and a line per round. The bar counts the
+    steps of the rounds before the current one and of its current attempt, never past the job's total."""
 
     def __init__(self, console: Console, job: JobConfig) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -103,9 +104,13 @@ class ProgressView:
         elif event == Event.ROUND_START:
             tails = data.get("tails") or {}
             cuts = " ".join(f"{n}:{c}" + (f"+{tails[n]}" if n in tails else "") for n, c in data["cuts"].items())
-            self.progress.update(self.task, description=f"round {data['round']}/{self.job.rounds}  cuts {cuts}")
+            # The steps before this round, whatever ran before: a retried attempt or a resume starts it again.
+            done = (data["round"] - 1) * self.job.local_steps
+            self.progress.update(
+                self.task, completed=done, description=f"round {data['round']}/{self.job.rounds}  cuts {cuts}"
+            )
         elif event == Event.STEP:
-            self.progress.advance(self.task)
+            self.progress.update(self.task, completed=(data["round"] - 1) * self.job.local_steps + data["step"])
         elif event == Event.RESUMED:
             self.console.print(
                 f"resumed from {data['checkpoint']} at round {data['round']} (state digest {data['digest']} verified)"

@@ -32,6 +32,7 @@ from splitft.shared.cli_options import (
     PasswordOpt,
     UsernameOpt,
     broker_from_options,
+    warn_unauthenticated,
 )
 from splitft.shared.errors import ConfigError, ExitCode, SplitFTError
 from splitft.shared.job.config import JobConfig, torch_device
@@ -140,6 +141,7 @@ def run(
         )  # fmt: skip
         server_device = torch_device(device)
         preflight(spec, out)
+        warn_unauthenticated(auth_key_file)
         observatory = build_observatory(spec, console, dashboard, dashboard_token, tensorboard, default=False)
         if rendezvous is not None and workers < 2:
             raise ConfigError("--rendezvous is for --workers 2 or more")

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+from collections.abc import Mapping
 
-from splitft.coordinator.controller import Controller, ControllerSettings, Decision, split_blocks
+from splitft.coordinator.controller import Controller, ControllerSettings, Decision, makespan_s, split_blocks
 from splitft.coordinator.estimates import FleetEstimates
+from splitft.coordinator.exchange import StepExchange
 from splitft.coordinator.roster import Agents, Participant
 from splitft.coordinator.server import ServerModel
 from splitft.shared.job.config import JobConfig
@@ -63,6 +66,29 @@ class CutPlanner:
             self._cuts, decision.reason, decision.makespan_s, decision.server_s, decision.ideal_s,
         )  # fmt: skip
         return decision
+
+    def deadlines(self, decision: Decision | None, participants: Mapping[str, Participant]) -> list[float]:
+        """Each step's deadline this round (StepExchange.deadline_s): from the decision's predicted step or, before
+        the controller decides (the first round, configured cuts), from the devices' join measurements at
+        their layouts, so that a device that joins and stays silent holds a round for seconds, not minutes."""
+        predicted = decision.makespan_s if decision is not None else self.predict(participants)
+        loads = [self.agents.known[n].profile.get("load_s") for n in participants if n in self.agents.known]
+        intake = max((float(s) for s in loads if isinstance(s, (int, float)) and math.isfinite(s)), default=0.0)
+        return [StepExchange.deadline_s(self.job, predicted, step, intake) for step in range(self.job.local_steps)]
+
+    def predict(self, participants: Mapping[str, Participant]) -> float | None:
+        """The step time the estimates predict for ``participants`` at their layouts (None: a device unmeasured)."""
+        if self.controller is None or self.estimates is None or not participants:
+            return None
+        job = self.job
+        for name in participants:  # (what its join measured, until its first report)
+            self.estimates.observe_join(name, self.agents.known[name].profile, job.batch_size * job.max_length)
+        devices = [self.estimates.device(name) for name in participants]
+        known = [d for d in devices if d is not None]
+        if len(known) < len(devices):
+            return None
+        blocks = {name: float(p.cut + p.tail) for name, p in participants.items()}
+        return makespan_s(known, self.estimates.server(), self.controller.settings.num_layers, blocks)
 
     def layout(self, name: str) -> tuple[int, int]:
         """``name``'s (cut, tail) this round: the controller's, else the job's; within its memory."""

@@ -22,12 +22,12 @@ from typing import Any, TypeVar
 
 import torch
 
-from splitft.coordinator.controller import Decision
 from splitft.coordinator.roster import Agents, Participant, Refusals, Roster
 from splitft.coordinator.server import BatchItem, MiddleStep, ServerModel, StepResult
 from splitft.shared.errors import Refusal, WireError
 from splitft.shared.job.config import JobConfig
 from splitft.shared.member import Member
+from splitft.shared.wire.inbound import step_message_bytes
 from splitft.shared.wire.link import Received
 from splitft.shared.wire.messages import Activations, grad_body, parse_act, parse_tail_grad, tail_act_body
 from splitft.shared.wire.queues import ByteQueue
@@ -36,8 +36,6 @@ from splitft.shared.wire.topics import Kind, Topic, Topics
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-#: room for the envelope, names and small fields next to the tensors of a message
-ENVELOPE_BYTES = 64 << 10
 #: activations kept for a later step of the round (an agent ahead of the others), per agent and step
 EARLY_PER_STEP = 4
 
@@ -92,8 +90,7 @@ class StepExchange:
     def act_bytes(self) -> int:
         """The most an activation message may decompress to: (B, T, C) fp32 activations, int32 labels."""
         assert self.server is not None
-        tokens = self.job.batch_size * self.job.max_length
-        return ENVELOPE_BYTES + tokens * (4 * self.server.hidden_size + 8)
+        return step_message_bytes(self.job.batch_size, self.job.max_length, self.server.hidden_size)
 
     def expect(self, topic: Topic) -> int | None:
         """The most a step message on ``topic`` may decompress to now: only an agent with a live assignment sends
@@ -115,15 +112,18 @@ class StepExchange:
     # ------------------------------------------------------------------ one step
 
     @staticmethod
-    def deadline_s(job: JobConfig, decision: Decision | None, step: int) -> float:
-        """How long a step may take: the predicted step times ``deadline_factor``, within bounds.
+    def deadline_s(job: JobConfig, predicted_s: float | None, step: int, intake_s: float = 0.0) -> float:
+        """How long a step may take: the predicted step (``predicted_s``) times ``deadline_factor``, within bounds;
+        ``step_timeout_s`` when nothing predicts it.
 
-        The first step of a round also covers taking the assignment in (a new cut builds a new segment)."""
-        if decision is None or not math.isfinite(decision.makespan_s):
+        The first step of a round also covers taking the assignment in (a new cut builds a new segment): at least
+        ``min_step_timeout_s`` more, or ``deadline_factor`` times ``intake_s``, the longest any device took to
+        build a segment when it joined."""
+        if predicted_s is None or not math.isfinite(predicted_s):
             return job.step_timeout_s
-        deadline = max(job.deadline_factor * decision.makespan_s, job.min_step_timeout_s)
+        deadline = max(job.deadline_factor * predicted_s, job.min_step_timeout_s)
         if step == 0:
-            deadline += job.min_step_timeout_s
+            deadline += max(job.min_step_timeout_s, job.deadline_factor * intake_s)
         return min(deadline, job.step_timeout_s)
 
     async def step(self, step: int, served: dict[str, Participant], timeout_s: float) -> None:

@@ -45,6 +45,8 @@ class Membership:
         self.progress = progress
         self.on_offline = on_offline
         self._joined = asyncio.Event()
+        self._restoring = False  # an announce is on its way (status_seen)
+        self._restored = -1.0  # when the last one went
 
     # ------------------------------------------------------------------ the coordinator's status
 
@@ -56,6 +58,10 @@ class Membership:
             "max_length": self.job.max_length,
             "chat_template": self.job.chat_template,
             "batch_size": self.job.batch_size,  # and what memory a step needs on it
+            "lora_rank": max(self.job.lora.r, self.job.lora.r_cut),  # and how large an assignment may be
+            # A new connection makes agents re-send what it may have missed; a status announced again on the same
+            # one (restoring it over something else on the topic) does not.
+            "connection": self.member.link.connects if self.member.link is not None else 0,
         }
         return self.topics.coordinator_status(), Kind.STATUS, body
 
@@ -63,6 +69,26 @@ class Membership:
         # Retained: agents that start later, or reconnect, learn that the coordinator is up and (re)join.
         if self.member.link is not None:  # None during the first connection: run() announces right after
             await self.member.link.publish(*self.status("online"), retain=True)
+
+    def status_seen(self, sid: str | None, detail: str) -> None:
+        """A message came on the coordinator's own status topic: its own (``sid`` its link's), or another's that
+        now stands retained in its place for whoever connects next (garbage, a forgery, the Last Will of a
+        process of this job that is gone, ``sid`` None when the link refused it): announce again, at most once a
+        second, so that agents starting later find a valid status."""
+        link = self.member.link
+        if link is None or sid == link.sid or self._restoring:
+            return
+        log.warning("another message stands on the coordinator's status topic (%s); announcing again", detail)
+        self._restoring = True
+        self.member.spawn(self._restore())
+
+    async def _restore(self) -> None:
+        try:
+            await asyncio.sleep(max(self._restored + 1.0 - time.monotonic(), 0.0))
+            self._restored = time.monotonic()
+        finally:
+            self._restoring = False
+        await self.announce()
 
     # ------------------------------------------------------------------ joins and Last Wills
 

@@ -12,11 +12,13 @@ import psutil
 
 from splitft.coordinator.controller import Decision
 from splitft.coordinator.roster import Agents, Participant
+from splitft.shared.errors import ExitCode, SplitFTError, exit_code_for
 from splitft.shared.model.loss import EvalResult
 
 
 class MetricsFile:
-    """``metrics.jsonl``: one line per round (round 0: the evaluation before training)."""
+    """``metrics.jsonl``: one line per round (round 0: the evaluation before training); a job that stops on an
+    error ends it with a line that says so (:func:`failure_record`)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -36,6 +38,24 @@ class MetricsFile:
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(jsonable(record)) + "\n")
+
+
+def failure_record(
+    *, round_: int, attempt: int, time_s: float, exc: BaseException, rejected: Counter[str], before: Counter[str]
+) -> dict[str, Any]:
+    """The last line of a job that stopped on an error (no evaluation fields: readers skip it as a round).
+    ``rejected``: the messages refused this far, by reason, as in every line; ``before``: those of the line
+    before, so that ``rejected_since`` counts the refusals since."""
+    return {
+        "round": round_,
+        "attempt": attempt,
+        "time_s": time_s,
+        "failed": True,
+        "reason": f"{type(exc).__name__}: {exc}" if not isinstance(exc, SplitFTError) else str(exc),
+        "exit_code": int(exit_code_for(exc) if isinstance(exc, SplitFTError) else ExitCode.FAILED),
+        "rejected": dict(rejected),
+        "rejected_since": dict(rejected - before),
+    }
 
 
 def round_record(

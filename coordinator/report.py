@@ -9,7 +9,9 @@ from typing import Any
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """The rounds' lines of a metrics.jsonl (a failing job's last line, which has no evaluation, left out)."""
+    lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [record for record in lines if not record.get("failed")]
 
 
 def plot_run(metrics_path: Path, out_png: Path, title: str = "SplitFT run") -> Path:

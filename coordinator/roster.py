@@ -81,6 +81,10 @@ class Participant:
     started: bool = False  # its first activations arrived
     update_norm: float = 0.0
     upload: dict[str, torch.Tensor] | None = None  # its adapter upload, once a valid one arrived
+    # Without a job key, valid uploads that came after the first (one of them may be the agent's own, the
+    # first a forgery), with their sizes, and why the last refused one was: see coordinator/uploads.py
+    spares: list[tuple[dict[str, torch.Tensor], dict[str, float], int]] = field(default_factory=list)
+    refused_upload: str | None = None
     tokens: int = 0
     losses: list[float] = field(default_factory=list)
     accuracies: list[float] = field(default_factory=list)

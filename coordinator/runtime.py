@@ -52,19 +52,17 @@ from splitft.coordinator.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from splitft.coordinator.controller import Decision
 from splitft.coordinator.cuts import CutPlanner
 from splitft.coordinator.exchange import StepExchange
 from splitft.coordinator.layout import device_ranks
 from splitft.coordinator.membership import Membership
 from splitft.coordinator.prepare import build_server, encode_assignment, eval_batches, fleet_estimates
 from splitft.coordinator.progress import Event, Progress, silent
-from splitft.coordinator.record import MetricsFile, eval_fields, jsonable, round_record
+from splitft.coordinator.record import MetricsFile, eval_fields, failure_record, jsonable, round_record
 from splitft.coordinator.roster import Agents, Participant, Refusals, Roster
 from splitft.coordinator.server import ServerModel
 from splitft.coordinator.uploads import Uploads
 from splitft.coordinator.workers import (
-    SMALL_MESSAGE_BYTES,
     WorkerGroup,
     assign_ranks,
     figures,
@@ -72,12 +70,13 @@ from splitft.coordinator.workers import (
     round_message,
     route_step_topics,
 )
-from splitft.shared.errors import JobError, Refusal, SplitFTError, WireError, WorkerLost
+from splitft.shared.errors import ROUTINE_REFUSALS, JobError, Refusal, SplitFTError, WireError, WorkerLost
 from splitft.shared.job.config import JobConfig
 from splitft.shared.member import Member
 from splitft.shared.model.loading import model_fingerprint
 from splitft.shared.wire.broker import BrokerSettings
 from splitft.shared.wire.control import parse_join, parse_status
+from splitft.shared.wire.inbound import SMALL_MESSAGE_BYTES
 from splitft.shared.wire.link import Link, Received
 from splitft.shared.wire.topics import COORDINATOR, Kind, Topic, Topics
 
@@ -129,6 +128,9 @@ class Coordinator:
         self._started = time.monotonic()
         self._elapsed_before = 0.0  # wall time of the rounds before a resume
         self._done = False
+        self._now = (0, 0)  # the round and attempt running (for a failure's line)
+        self._rejected_written: Counter[str] = Counter()  # the refusals counted in the last line written
+        self._rejected_before: Counter[str] = Counter()  # those of the processes before a resume
         self.eval_batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     @property
@@ -144,8 +146,10 @@ class Coordinator:
         # With workers, each rank subscribes to the step topics of its own agents (workers.route_step_topics).
         kinds = [Kind.STATUS, Kind.JOIN, Kind.ADAPTER] + ([] if self._route_steps else [Kind.ACT, Kind.TAIL_GRAD])
         will = (self.topics.coordinator_status(), {"state": "offline", "role": COORDINATOR})
+        # Its own status topic too: another message standing there retained (garbage, a forgery) is replaced.
+        topics = [self.topics.all_agents(k) for k in kinds] + [self.topics.coordinator_status()]
         async with self.member.connected(
-            self.broker, self.topics, COORDINATOR, [self.topics.all_agents(k) for k in kinds], read=self._read,
+            self.broker, self.topics, COORDINATOR, topics, read=self._read,
             will=will, on_connect=self.membership.announce, expect=self._expect, on_reject=self._rejected_by_link,
         ) as link:  # fmt: skip
             await self.membership.announce()
@@ -153,9 +157,13 @@ class Coordinator:
                 first_round, cuts = await self._setup()
                 for round_ in range(first_round, self.job.rounds + 1):
                     record = await self._run_round(round_)
-                    state = {"cuts": [list(c) for c in cuts], "elapsed_s": record["time_s"], "job": self.job.job}
+                    state = {"cuts": [list(c) for c in cuts], "elapsed_s": record["time_s"], "job": self.job.job,
+                             "rejected": record["rejected"]}  # fmt: skip
                     await self.member.compute(save_checkpoint, self.out / "checkpoints", round_, self.server, state)
                 return await self._finish()
+            except Exception as exc:
+                self._write_failure(exc)
+                raise
             finally:
                 if self.group is not None:
                     self.group.close()  # (after a failure the workers see rank 0 go, and stop)
@@ -182,6 +190,8 @@ class Coordinator:
             state = read_state(checkpoint)
             self._first_round = int(state["round"]) + 1
             self._elapsed_before = float(state.get("elapsed_s", 0.0))
+            self._rejected_before = Counter({str(k): int(v) for k, v in state.get("rejected", {}).items()})
+            self._rejected_written = Counter(self._rejected_before)
             self.metrics.truncate(after=self._first_round - 1)
         else:
             self.metrics.restart()
@@ -206,6 +216,19 @@ class Coordinator:
             self.progress(Event.BASELINE, baseline)
         return self._first_round, cuts
 
+    def _write_failure(self, exc: Exception) -> None:
+        """The last line of a job that stops on an error: where it stopped, why, the exit code it ends with, and
+        the refusals counted (all of them, and those since the last line). It has no evaluation fields."""
+        rejected = self._rejected()
+        record = failure_record(
+            round_=self._now[0], attempt=self._now[1], time_s=self._elapsed_before + time.monotonic() - self._started,
+            exc=exc, rejected=rejected, before=self._rejected_written,
+        )  # fmt: skip
+        try:
+            self.metrics.write(record)
+        except OSError as error:  # (the folder may be what failed)
+            log.error("could not write the failure to %s: %s", self.metrics.path, error)
+
     async def _finish(self) -> dict[str, Any]:
         """Export the adapter, tell the workers and the agents the job is done; the job's summary."""
         assert self.server is not None
@@ -228,6 +251,7 @@ class Coordinator:
         """Run a round until at least ``min_agents`` agents finish it; roll back the attempts that fall short."""
         assert self.server is not None
         for attempt in range(1, MAX_ATTEMPTS + 1):
+            self._now = (round_, attempt)
             snapshot = await self.member.compute(self.server.snapshot)
             reason = "too_few_agents"
             try:
@@ -263,7 +287,8 @@ class Coordinator:
             participant.assign_body = encode_assignment(job, self.fingerprint, round_, attempt, participant)
             participants[name] = participant
         self.roster.begin(round_, participants)
-        mine = await self._share_round(round_, attempt, participants, decision)  # the agents this process serves
+        deadlines = self.cuts.deadlines(decision, participants)
+        mine = await self._share_round(round_, attempt, participants, deadlines)  # the agents this process serves
         for participant in participants.values():
             await self.roster.assign(participant)
         layout: dict[str, Any] = {"cuts": {n: p.cut for n, p in participants.items()}}
@@ -277,14 +302,14 @@ class Coordinator:
         for step in range(job.local_steps):
             if group is None and not any(p.dropped is None for p in participants.values()):
                 break  # (with workers, every rank takes every step: their collectives must pair up)
-            await self.exchange.step(step, mine, StepExchange.deadline_s(job, decision, step))
+            await self.exchange.step(step, mine, deadlines[step])
             await self.member.compute(server.finish_step, group.reduce if group is not None else None)
             self.progress(Event.STEP, {"round": round_, "step": step + 1, "of": job.local_steps})
         if group is not None:
             for served in (await self.member.compute(group.gather, figures({})))[1:]:
                 merge_figures(participants, served)
 
-        uploads = self.uploads.screen(await self.uploads.collect(participants), participants)
+        uploads = await self.uploads.take(participants)
         live = [p for p in participants.values() if p.dropped is None]
         if len(live) < job.min_agents:
             log.warning(
@@ -302,10 +327,11 @@ class Coordinator:
             round_=round_, attempt=attempt, time_s=self._elapsed_before + now - self._started,
             round_time_s=now - started, result=result, participants=participants, agents=self.agents,
             u_split=job.u_split, workers=self._ranks if self._route_steps else None,
-            rejected=Counter(link.rejected) + Counter(self.refusals.counts), policy=job.policy, decision=decision,
+            rejected=self._rejected(), policy=job.policy, decision=decision,
         )  # fmt: skip
         self.cuts.observe(live, server)
         self.metrics.write(record)
+        self._rejected_written = Counter(record["rejected"])
         await link.publish(self.topics.job_topic(Kind.METRICS), Kind.METRICS, jsonable(record), round_=round_)
         self.progress(Event.ROUND_END, record)
         return record
@@ -313,7 +339,7 @@ class Coordinator:
     # ------------------------------------------------------------------ several coordinator workers
 
     async def _share_round(
-        self, round_: int, attempt: int, participants: dict[str, Participant], decision: Decision | None
+        self, round_: int, attempt: int, participants: dict[str, Participant], deadlines: list[float]
     ) -> dict[str, Participant]:
         """With workers: deal the agents out to the ranks, send the round to the workers, and return the
         agents this process serves once every rank listens to its own (before any assignment goes out)."""
@@ -325,7 +351,6 @@ class Coordinator:
         mine = {n: p for n, p in participants.items() if self._ranks[n] == 0}
         await route_step_topics(self.member.connected_link(), self.topics, mine)
         if group is not None:
-            deadlines = [StepExchange.deadline_s(self.job, decision, step) for step in range(self.job.local_steps)]
             message = await self.member.compute(
                 round_message, round_, attempt, participants, self._ranks, deadlines, self.server
             )
@@ -350,15 +375,25 @@ class Coordinator:
         The link asks before it decompresses anything. Anyone may join and report a status (small
         messages); activations, tail gradients and adapter uploads come only from an agent with a live
         assignment, at most the size the job's shapes give (fp32, the widest wire dtype)."""
-        if topic.kind in (Kind.STATUS, Kind.JOIN):
+        if topic.kind in (Kind.STATUS, Kind.JOIN, "coordinator_status"):
             return SMALL_MESSAGE_BYTES
         if topic.kind == Kind.ADAPTER:
             participant = self.roster.live(topic.agent or "")
             return self.uploads.most_bytes(participant) if participant is not None else None
         return self.exchange.expect(topic)
 
+    def _rejected(self) -> Counter[str]:
+        """Every message refused in this job this far, by reason: the link's and the parts' since this process
+        started, and those of the processes before it (a resumed job's checkpoint carries them)."""
+        link = self.member.link
+        return (
+            self._rejected_before + Counter(link.rejected if link is not None else {}) + Counter(self.refusals.counts)
+        )
+
     def _rejected_by_link(self, reason: str, topic: str) -> None:
         self.progress(Event.REJECTED, {"reason": reason, "topic": topic})
+        if topic == self.topics.coordinator_status() and reason not in ROUTINE_REFUSALS:  # (not its own, again)
+            self.membership.status_seen(None, f"refused: {reason}")
 
     def _lost(self, name: str) -> None:
         """An agent's process is gone: the step loop and the upload wait re-check."""
@@ -367,6 +402,9 @@ class Coordinator:
 
     async def _read(self, received: Received) -> None:
         name, kind, env = received.topic.agent, received.topic.kind, received.envelope
+        if kind == "coordinator_status":
+            self.membership.status_seen(env.sid, f"session {env.sid}")
+            return
         assert name is not None
         try:
             if kind == Kind.STATUS:

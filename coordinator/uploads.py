@@ -1,5 +1,13 @@
 """The end of a round: adapter uploads checked as they arrive, collected until every agent still in the
-round sent one (or its deadline passed), and screened before they are aggregated."""
+round sent one (or its deadline passed), and screened before they are aggregated.
+
+No single message vetoes an agent. Without a job key, anyone who can publish on the broker can send an upload in
+an agent's name (the round's ``corr`` is readable on the wire), so an upload that is refused (NaN or Inf, or an
+update more than ``max_update_ratio`` times the round's median: ``outlier``) is counted and the agent's next
+one awaited; later valid uploads are kept aside (a few per agent) in case the first was the forgery. The agent
+is dropped for its uploads only when all of them were refused by the upload deadline. With a key, a message's
+sender is who it says: a refused upload is the agent's own, and the agent is dropped from the round and told.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +18,19 @@ import time
 
 import torch
 
-from splitft.coordinator.exchange import ENVELOPE_BYTES, StepExchange
+from splitft.coordinator.exchange import StepExchange
 from splitft.coordinator.membership import wait_briefly
 from splitft.coordinator.roster import Agents, Participant, Refusals, Roster
 from splitft.shared.errors import Refusal, WireError
 from splitft.shared.job.config import JobConfig
+from splitft.shared.wire.inbound import ENVELOPE_BYTES
 from splitft.shared.wire.link import Received
 from splitft.shared.wire.messages import parse_adapter
 
 log = logging.getLogger(__name__)
+
+#: valid uploads kept aside per agent after its first, in a job without a key (each at most an upload's bound)
+MAX_SPARES = 4
 
 
 class Uploads:
@@ -47,32 +59,65 @@ class Uploads:
         return ENVELOPE_BYTES + sum(4 * t.numel() + 256 for t in participant.sent.values())
 
     def arrived(self, received: Received) -> None:
-        """Check an upload as it arrives: the first valid one of the current assignment is kept, nothing else."""
+        """Check an upload as it arrives: the first valid one of the current assignment is taken; without a key,
+        a few later valid ones are kept aside (the first may have been forged)."""
         env, name = received.envelope, received.envelope.sender
         participant = self.roster.current(env)
         if participant is None:
             self.refusals.count(Refusal.UNEXPECTED, name, f"an adapter upload of no current assignment ({env.corr})")
             return
-        if participant.upload is not None:
+        if participant.upload is not None and (self.authenticated or len(participant.spares) >= MAX_SPARES):
             return  # a repeat (re-sent after a reconnect)
         try:
             upload = parse_adapter(env.body, participant.expect)
         except WireError as exc:
             self.refusals.count(exc.reason, name, exc.detail)
-            # Authenticated, a NaN/Inf upload is the agent's own diverged update: refuse it and tell it.
-            # Unauthenticated it may be a forgery: wait for the agent's real upload.
+            # With a key, a NaN/Inf upload is the agent's own diverged update: refuse it and tell it.
             if exc.reason == Refusal.NONFINITE and self.authenticated:
                 self.roster.drop(participant, f"upload refused: {exc.detail}", event="refused")
                 self.wake.set()
+            elif participant.upload is None:
+                participant.refused_upload = exc.detail  # the next one is awaited
             return
-        participant.bytes_up += received.size
-        participant.timings = upload.timings
-        participant.upload = upload.state
+        if participant.upload is not None:
+            participant.spares.append((upload.state, upload.timings, received.size))
+            return
+        self._take(participant, upload.state, upload.timings, received.size)
+
+    def _refuse_taken(self, participant: Participant, detail: str) -> None:
+        """The upload ``participant`` holds is an outlier: with a key, the agent is dropped and told; without, its
+        next upload is awaited (a spare, if one came meanwhile)."""
+        self.refusals.count(Refusal.OUTLIER, participant.name, detail)
+        if self.authenticated:
+            self.roster.drop(participant, f"upload refused: {detail}", event="refused")
+            self.wake.set()
+            return
+        participant.refused_upload = detail
+        participant.upload = None
+        if participant.spares:
+            self._take(participant, *participant.spares.pop(0))
+
+    def _take(
+        self, participant: Participant, state: dict[str, torch.Tensor], timings: dict[str, float], size: int
+    ) -> None:
+        participant.bytes_up += size
+        participant.timings = timings
+        participant.upload = state
         self.wake.set()
 
-    async def collect(self, participants: dict[str, Participant]) -> dict[str, dict[str, torch.Tensor]]:
-        """Wait for every agent still in the round to upload (checked on arrival by :meth:`arrived`)."""
+    async def take(self, participants: dict[str, Participant]) -> list[tuple[float, dict[str, torch.Tensor]]]:
+        """The round's screened uploads, weighted: collected, screened, and collected again for the agents whose
+        uploads were refused, until none is missing or the upload deadline passed."""
         deadline = time.monotonic() + self.job.upload_timeout_s
+        while True:
+            kept = self.screen(await self.collect(participants, deadline), participants)
+            if all(p.dropped is not None or p.upload is not None for p in participants.values()):
+                return kept
+
+    async def collect(
+        self, participants: dict[str, Participant], deadline: float
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """Wait for every agent still in the round to upload (checked on arrival by :meth:`arrived`)."""
         while True:
             while not self.exchange.events.empty():  # activations repeated after a reconnect still get their answer
                 self.exchange.answer_late(self.exchange.events.get_nowait())
@@ -82,7 +127,9 @@ class Uploads:
             remaining = deadline - time.monotonic()
             for participant in participants.values():
                 if participant.dropped is None and participant.upload is None and remaining <= 0:
-                    self.roster.drop(participant, f"no adapter upload within {self.job.upload_timeout_s:g} s")
+                    refused = participant.refused_upload
+                    why = f"every upload it sent was refused (the last: {refused})" if refused else "no adapter upload"
+                    self.roster.drop(participant, f"{why} within {self.job.upload_timeout_s:g} s")
             if all(p.dropped is not None or p.upload is not None for p in participants.values()):
                 return {n: p.upload for n, p in participants.items() if p.dropped is None and p.upload is not None}
             await wait_briefly(self.wake, remaining)
@@ -90,22 +137,24 @@ class Uploads:
     def screen(
         self, uploads: dict[str, dict[str, torch.Tensor]], participants: dict[str, Participant]
     ) -> list[tuple[float, dict[str, torch.Tensor]]]:
-        """Refuse updates far larger than the round's median (a diverged or poisoned device); weight the
-        rest by the tokens the server counted for each agent, not by what the agent claims."""
-        for name, state in uploads.items():
-            p = participants[name]
-            p.update_norm = math.sqrt(sum(float((state[k] - p.sent[k]).double().pow(2).sum()) for k in state))
+        """Refuse updates far larger than the round's median (a diverged, poisoned or forged one); weight the
+        rest by the tokens the server counted for each agent, not by what the agent claims. Without a key, a
+        refused agent's spare uploads are tried in turn, against the same median."""
+        norms = {name: self._norm(participants[name], state) for name, state in uploads.items()}
         ratio = self.job.max_update_ratio
-        norms = sorted(participants[n].update_norm for n in uploads)
-        median = norms[len(norms) // 2] if norms else 0.0
+        ranked = sorted(norms.values())
+        median = ranked[len(ranked) // 2] if ranked else 0.0
         kept: list[tuple[float, dict[str, torch.Tensor]]] = []
-        for name, state in uploads.items():
+        for name in uploads:
             p = participants[name]
-            if p.dropped is not None:
-                continue
-            if ratio > 0 and len(uploads) >= 3 and median > 0 and p.update_norm > ratio * median:
-                reason = f"upload refused: update norm {p.update_norm:.3g} > {ratio:g} x the median {median:.3g}"
-                self.roster.drop(p, reason, event="refused")
-                continue
-            kept.append((float(p.tokens), state))
+            while p.dropped is None and p.upload is not None:
+                p.update_norm = self._norm(p, p.upload)
+                if not (ratio > 0 and len(uploads) >= 3 and median > 0 and p.update_norm > ratio * median):
+                    kept.append((float(p.tokens), p.upload))
+                    break
+                self._refuse_taken(p, f"update norm {p.update_norm:.3g} > {ratio:g} x the median {median:.3g}")
         return kept
+
+    @staticmethod
+    def _norm(participant: Participant, state: dict[str, torch.Tensor]) -> float:
+        return math.sqrt(sum(float((state[k] - participant.sent[k]).double().pow(2).sum()) for k in state))

@@ -64,6 +64,7 @@ from splitft.shared.member import Member
 from splitft.shared.model.loading import model_fingerprint
 from splitft.shared.wire.broker import BrokerSettings
 from splitft.shared.wire.control import parse_status
+from splitft.shared.wire.inbound import SMALL_MESSAGE_BYTES
 from splitft.shared.wire.link import Link, Received
 from splitft.shared.wire.topics import COORDINATOR, Kind, Topic, Topics
 
@@ -72,8 +73,6 @@ T = TypeVar("T")
 
 #: the kinds of message a rank takes for the agents it serves
 STEP_KINDS = ("act", "tail_grad")
-#: the most a status or a join may decompress to (a join's profile is a few hundred bytes)
-SMALL_MESSAGE_BYTES = 64 << 10
 #: how long the broker keeps a worker's session (its subscriptions and what arrives) over a dropped connection
 WORKER_SESSION_S = 120
 

@@ -82,6 +82,21 @@ def broker_from_options(
     )  # fmt: skip
 
 
+#: what `run` and `join` say once when the job has no key
+UNAUTHENTICATED = (
+    "warning: no --auth-key-file: this job's messages are not authenticated, so any client of the broker can "
+    "publish messages in its members' names (forged uploads, gradients, assignments). Give the coordinator and "
+    "every device the same job key (splitft-coordinator make-key); see OPERATIONS.md, "
+    '"The job key and message authentication".'
+)
+
+
+def warn_unauthenticated(auth_key_file: Path | None) -> None:
+    """Say once, on stderr, what a job without a key exposes (the commands call it as they start)."""
+    if auth_key_file is None:
+        typer.secho(UNAUTHENTICATED, err=True, fg=typer.colors.YELLOW)
+
+
 # --------------------------------------------------------------------------- typer apps as main(argv) -> int
 
 #: what typer raises on a bad command line: click's ClickException (typer 0.2x carries its own copy of click)

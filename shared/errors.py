@@ -89,6 +89,7 @@ class Refusal(StrEnum):
     BAD_DTYPE = "bad_dtype"  # a wire dtype that is unknown or not accepted for this tensor
     BAD_SHAPE = "bad_shape"  # a shape other than the one expected, or out of bounds
     NONFINITE = "nonfinite"  # NaN or Inf
+    OUTLIER = "outlier"  # an adapter update far larger than the round's median (a forgery, or a diverged device)
     # the job's state
     UNEXPECTED = "unexpected"  # well-formed, but for no current assignment, or a step already served or not begun
     # the receiver's bounds

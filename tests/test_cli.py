@@ -160,6 +160,8 @@ def test_agent_process_exit_codes_without_traceback(tmp_path: Path) -> None:
     done = _agent(*base, "--data", str(data))
     assert done.returncode == ExitCode.BROKER and "cannot reach the MQTT broker" in done.stderr
     assert "Traceback" not in done.stderr
+    # Without a job key it says so, once, and where to read why
+    assert done.stderr.count("no --auth-key-file") == 1 and "OPERATIONS.md" in done.stderr
 
 
 def test_agent_exits_with_the_broker_code_when_its_link_fails(
@@ -447,6 +449,7 @@ def test_run_with_an_unreachable_broker_leaves_no_out_folder(tmp_path: Path) -> 
     result = _run(tmp_path, "--out", str(out))
     assert_error(result, ExitCode.BROKER, "cannot reach the MQTT broker", NOWHERE)
     assert not (tmp_path / "runs").exists()
+    assert result.output.count("no --auth-key-file") == 1 and "OPERATIONS.md" in result.output
     kept = tmp_path / "kept"
     kept.mkdir()
     (kept / "notes.txt").write_text("mine")

@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,10 +62,12 @@ async def run_with(
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def spawn_agent(broker: Broker, job: str, name: str, data: Path, log: Path) -> subprocess.Popen[bytes]:
-    """An agent in its own process (``splitft-agent join``), so that it can be killed."""
+def spawn_agent(
+    broker: Broker, job: str, name: str, data: Path, log: Path, extra: Sequence[str] = ()
+) -> subprocess.Popen[bytes]:
+    """An agent in its own process (``splitft-agent join``, with ``extra`` options), so that it can be killed."""
     command = [str(BIN / "splitft-agent"), "-v", "join", "--broker", broker.url, "--job", job, "--data", str(data)]
-    command += ["--model", "tiny-gpt2", "--id", name]
+    command += ["--model", "tiny-gpt2", "--id", name, *extra]
     with log.open("ab") as out:
         return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
 

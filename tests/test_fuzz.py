@@ -50,7 +50,15 @@ from splitft.shared.wire.codec import (
     encode_tensor,
 )
 from splitft.shared.wire.control import notice_body, parse_join, parse_notice, parse_status
-from splitft.shared.wire.envelope import Envelope, chunk_payload, decode_envelope, encode_envelope
+from splitft.shared.wire.envelope import (
+    SEAL_BYTES,
+    Envelope,
+    chunk_payload,
+    decode_envelope,
+    encode_envelope,
+    seal,
+    unseal,
+)
 from splitft.shared.wire.link import Link
 from splitft.shared.wire.messages import (
     act_body,
@@ -130,7 +138,7 @@ WRONG: dict[str, list[Any]] = {
     "tensor": [None, 7, "tensor", b"\x00" * 16, [1.0, 2.0], {}],
 }
 ENV_WRONG: dict[str, list[Any]] = {
-    "v": ["1", 1.0, None, True, 2, 0, [1]],
+    "v": ["2", 2.0, None, True, 1, 3, 0, [2]],
     "type": [1, None, ["act"], "nope", b"act", "", {"t": 1}],
     "job": [1, "", None, b"fuzz", ["fuzz"]],
     "sender": [1, "", None, b"a1"],
@@ -140,7 +148,7 @@ ENV_WRONG: dict[str, list[Any]] = {
     "step": ["1", 1.5, None, True],
     "corr": [3, [], b"x", {}, 1.5],
     "ts": ["now", None, NAN, INF, -INF, [], True, b"1"],
-    "auth": ["tag", 1, [], {}, True],
+    "auth": ["tag", 1, [], {}, True, None, b"\x00" * 32],  # version 1's tag field: no longer in an envelope
     "body": [[], None, "x", 1, b"body", True],
 }
 #: msgpack headers that declare far more than follows, ext types, a byte msgpack never uses, nesting
@@ -235,7 +243,7 @@ DEEP_IN_BODY = nested(1010, False)
 #: stay small (``repr`` of a hostile value can recurse too deep, or be four times its size)
 ENV_CASES: list[tuple[str, Any]] = [(name, value) for name, values in ENV_WRONG.items() for value in values]
 ENV_CASES += [(name, DEEP_IN_ENVELOPE) for name in ENV_WRONG]
-ENV_CASES += [(name, lambda: bytes(8 << 20)) for name in ENV_WRONG if name != "auth"]  # bytes are an auth's type
+ENV_CASES += [(name, lambda: bytes(8 << 20)) for name in ENV_WRONG]
 BODY_CASES = [
     (kind, name, value) for kind, fields in SCHEMA.items() for name, tag in fields.items() for value in WRONG[tag]
 ]
@@ -253,7 +261,7 @@ SIZE_LIES = [(real, declared) for real in (1 << 10, 1 << 20, 4 << 20) for declar
 
 
 def raw_fields(payload: bytes) -> dict[str, Any]:
-    return msgpack.unpackb(zstandard.ZstdDecompressor().decompress(payload), raw=False)
+    return msgpack.unpackb(zstandard.ZstdDecompressor().decompress(unseal(payload)[1]), raw=False)
 
 
 @dataclass
@@ -518,8 +526,13 @@ class Fuzzer:
 
     def m_no_content_size(self) -> list[Case]:
         msg = self.message()
-        raw = zstandard.ZstdDecompressor().decompress(self.encode(msg))
-        payload = zstandard.ZstdCompressor(write_content_size=False, write_checksum=True).compress(raw)
+        raw = zstandard.ZstdDecompressor().decompress(self.encode(msg, key=None))
+        frame = zstandard.ZstdCompressor(write_content_size=False, write_checksum=True).compress(raw)
+        if self.rng.random() < 0.5:  # whole, it is read by a stream that stops at the topic's bound
+            payload = seal(KEY, msg.topic, frame) if self.keyed else frame
+            return [self.case("zstd_no_content_size", msg, payload, ACCEPT)]
+        cut = frame[: self.rng.randrange(4, len(frame))]
+        payload = seal(KEY, msg.topic, cut) if self.keyed else cut
         return [self.case("zstd_no_content_size", msg, payload, REFUSE_WIRE)]
 
     def m_zstd_declared_huge(self) -> list[Case]:
@@ -818,13 +831,15 @@ class Fuzzer:
         elif variant == "stale":
             payload = self.encode(msg, replace(msg.env, ts=self.now + self.rng.choice([-1, 1]) * 3600), key=KEY)
         elif variant == "short_tag":
-            fields = raw_fields(self.encode(msg, key=KEY))
-            fields["auth"] = fields["auth"][: self.rng.randrange(32)]
-            payload = compress(msgpack.packb(fields, use_bin_type=True))
+            sealed = self.encode(msg, key=KEY)
+            payload = sealed[:8] + sealed[8 : 8 + self.rng.randrange(32)] + sealed[SEAL_BYTES:]
         else:
-            fields = raw_fields(self.encode(msg, key=KEY))
+            sealed = self.encode(msg, key=KEY)
+            fields = raw_fields(sealed)
             fields["round"] += 1  # still a valid message: only the tag can tell
-            payload = compress(msgpack.packb(fields, use_bin_type=True))
+            payload = sealed[:SEAL_BYTES] + compress(msgpack.packb(fields, use_bin_type=True))
+        if not self.keyed and variant == "short_tag":  # the frame starts inside the cut tag: not a frame
+            return [self.case(f"auth_{variant}", msg, payload, REFUSE_LINK)]
         if not self.keyed:  # without a key nobody checks tags
             return [self.case(f"auth_{variant}", msg, payload, ACCEPT)]
         return [self.case(f"auth_{variant}", msg, payload, REFUSE_LINK, reason=reason)]
@@ -1067,13 +1082,15 @@ def run_mode(keyed: bool, seed: int, n: int, tally: Tally) -> int:
         if case.expect == ACCEPT:
             assert outcome == "accepted" and parsed is not False, f"{where}: a valid message was refused ({refused})"
             if direct is not None and direct.type != Kind.CHUNK:
-                tally.largest_legit = max(tally.largest_legit, zstandard.frame_content_size(case.payload))
+                tally.largest_legit = max(tally.largest_legit, zstandard.frame_content_size(unseal(case.payload)[1]))
         elif case.expect == HELD:
             assert outcome == "held", f"{where}: expected to be held, got {outcome} {refused}"
         elif case.expect == REFUSE_WIRE:
             if direct is not None and case.original is not None and direct == case.original:
                 tally.benign_flips += 1  # e.g. two flips of the same bit: the message is the one that was sent
-                assert outcome == "accepted", where
+                # (with a key, a flip in the tag leaves the message whole but is refused: the tag no longer fits)
+                keyed_flip = link.settings.auth_key is not None and link_reason == "bad_auth"
+                assert outcome == "accepted" or keyed_flip, where
             else:
                 assert direct is None, f"{where}: a broken payload decoded: {direct!s:.300}"
                 assert outcome == "refused", where

@@ -143,9 +143,9 @@ async def test_decoding_runs_off_the_event_loop(broker: Broker, monkeypatch: pyt
     go = threading.Event()
     decode = Link._decode
 
-    def slow_decode(self: Link, payload: bytes, topic_name: str) -> Envelope:
+    def slow_decode(self: Link, frame: bytes, topic_name: str, cap: int | None) -> Envelope:
         released.append(go.wait(timeout=10))
-        return decode(self, payload, topic_name)
+        return decode(self, frame, topic_name, cap)
 
     monkeypatch.setattr(Link, "_decode", slow_decode)
     async with Link(BrokerSettings(url=broker.url), TOPICS, "coordinator", [TOPICS.all_agents("join")]) as coord:

@@ -239,8 +239,8 @@ def test_the_unpacker_refuses_ext_types(raw: bytes) -> None:
 
 
 def test_an_envelope_carrying_an_ext_type_is_refused() -> None:
-    fields = {"v": 1, "type": "act", "job": "j", "sender": "a1", "sid": "s", "seq": 1, "round": 0, "step": 0,
-              "corr": None, "ts": 0.0, "auth": None, "body": {"act": msgpack.ExtType(42, b"\x80\x04K\x01.")}}  # fmt: skip
+    fields = {"v": 2, "type": "act", "job": "j", "sender": "a1", "sid": "s", "seq": 1, "round": 0, "step": 0,
+              "corr": None, "ts": 0.0, "body": {"act": msgpack.ExtType(42, b"\x80\x04K\x01.")}}  # fmt: skip
     with pytest.raises(WireError):
         decode_envelope(compress(msgpack.packb(fields, use_bin_type=True)))
 

@@ -10,14 +10,33 @@ from pathlib import Path
 import msgpack
 import pytest
 import torch
+import zstandard
 
 from splitft.shared.errors import Refusal, WireError
 from splitft.shared.job.config import OptimizerSettings
 from splitft.shared.model.defense import DefenseSettings
 from splitft.shared.model.lora import LoraSettings
-from splitft.shared.wire.codec import encode_tensor, pack
-from splitft.shared.wire.control import Assignment, Join, assign_body, join_body, parse_assign, parse_join
-from splitft.shared.wire.envelope import Envelope, Reassembler, chunk_payload, decode_envelope, encode_envelope
+from splitft.shared.wire.codec import encode_tensor, pack, unpack
+from splitft.shared.wire.control import (
+    Assignment,
+    Join,
+    assign_body,
+    join_body,
+    parse_assign,
+    parse_coordinator_status,
+    parse_join,
+)
+from splitft.shared.wire.envelope import (
+    SEAL_BYTES,
+    Envelope,
+    Reassembler,
+    check_tag,
+    chunk_payload,
+    decode_envelope,
+    encode_envelope,
+    seal,
+    unseal,
+)
 from splitft.shared.wire.messages import act_body, grad_body, parse_act, parse_grad
 from splitft.shared.wire.topics import Kind, Topics
 
@@ -25,8 +44,8 @@ GOOD = Envelope(type=Kind.ACT, job="j", sender="a1", sid="s", seq=1, round=2, st
 
 
 def raw_envelope(**changes: object) -> bytes:
-    fields = {"v": 1, "type": "act", "job": "j", "sender": "a1", "sid": "s", "seq": 1, "round": 0, "step": 0,
-              "corr": None, "ts": 0.0, "auth": None, "body": {}}  # fmt: skip
+    fields = {"v": 2, "type": "act", "job": "j", "sender": "a1", "sid": "s", "seq": 1, "round": 0, "step": 0,
+              "corr": None, "ts": 0.0, "body": {}}  # fmt: skip
     fields.update(changes)
     return pack(fields)
 
@@ -40,13 +59,14 @@ def test_envelope_roundtrip() -> None:
     [
         ({"type": [1]}, "bad_schema", "unknown message type"),  # unhashable: must be refused, not crash the reader
         ({"type": "nope"}, "bad_schema", "unknown message type 'nope'"),
-        ({"v": 2}, "bad_version", "protocol version 2"),
+        ({"v": 1}, "bad_version", "protocol version 1"),  # (version 1's keys differ: the version is named)
+        ({"v": 3}, "bad_version", "protocol version 3"),
         ({"v": [1]}, "bad_version", "protocol version [1]"),
         ({"job": ""}, "bad_schema", "job must be a non-empty string"),
         ({"seq": 1.5}, "bad_schema", "seq must be an integer"),
         ({"round": True}, "bad_schema", "round must be an integer"),
         ({"ts": float("nan")}, "bad_schema", "ts must be a finite number"),
-        ({"auth": "text"}, "bad_schema", "auth must be bytes or nil"),
+        ({"auth": None}, "bad_schema", "1 unknown"),  # version 1's tag field
         ({"body": []}, "bad_schema", "body must be a map"),
         ({"corr": 3}, "bad_schema", "corr must be a string or nil"),
         ({"extra": 1}, "bad_schema", "1 unknown"),
@@ -56,6 +76,49 @@ def test_bad_envelopes(changes: dict, reason: str, detail: str) -> None:  # type
     with pytest.raises(WireError) as info:
         decode_envelope(raw_envelope(**changes))
     assert info.value.reason == reason and detail in info.value.detail, info.value
+
+
+def test_a_sealed_frame_is_checked_before_it_is_decompressed() -> None:
+    """Version 2: the tag covers the topic and the compressed frame, in a zstd skippable frame in front of it."""
+    key, topic = bytes(range(32)), "splitft/j/agents/a1/act"
+    sealed = encode_envelope(GOOD, key=key, topic=topic)
+    tag, frame = unseal(sealed)
+    assert tag is not None and len(tag) == 32 and frame == encode_envelope(GOOD)
+    assert len(sealed) == len(frame) + SEAL_BYTES
+    check_tag(tag, frame, topic, key)
+    assert decode_envelope(sealed) == GOOD  # a member without the key reads past the tag
+    assert unseal(frame) == (None, frame)
+    for args, reason in [
+        ((None, frame, topic, key), "unauthenticated"),
+        ((tag, frame, topic + "x", key), "bad_auth"),
+        ((tag, frame, topic, bytes(32)), "bad_auth"),
+        ((tag[:-1] + bytes([tag[-1] ^ 1]), frame, topic, key), "bad_auth"),
+        ((tag, frame[:-1] + bytes([frame[-1] ^ 1]), topic, key), "bad_auth"),
+    ]:
+        with pytest.raises(WireError) as info:
+            check_tag(*args)  # type: ignore[arg-type]
+        assert info.value.reason == reason
+    # The check never touches the frame's content: a zstd bomb with a wrong tag costs one hash.
+    bomb = zstandard.ZstdCompressor().compress(bytes(64 << 20))
+    with pytest.raises(WireError, match="bad_auth"):
+        check_tag(*unseal(seal(bytes(32), topic, bomb)), topic, key)
+
+
+def test_a_frame_without_a_declared_size_is_streamed_to_a_cap() -> None:
+    raw = msgpack.packb({"x": bytes(100_000)}, use_bin_type=True)
+    stream = zstandard.ZstdCompressor().compressobj()
+    frame = stream.compress(raw) + stream.flush()
+    assert zstandard.frame_content_size(frame) == -1
+    assert unpack(frame) == {"x": bytes(100_000)}
+    assert unpack(frame, cap=len(raw)) == {"x": bytes(100_000)}
+    for data, cap, reason in [(frame, len(raw) - 1, "too_large"), (frame + b"xx", None, "bad_compression"),
+                              (frame[:-3], None, "bad_compression")]:  # fmt: skip
+        with pytest.raises(WireError) as info:
+            unpack(data, cap=cap)
+        assert info.value.reason == reason
+    with pytest.raises(WireError) as info:
+        unpack(pack({"x": bytes(100_000)}), cap=1000)  # a declared size past the cap: refused unread
+    assert info.value.reason == "too_large"
 
 
 def test_an_envelope_must_be_a_map() -> None:
@@ -228,3 +291,20 @@ def test_an_assignment_survives_the_wire() -> None:
     with pytest.raises(WireError) as info:
         parse_assign(3, body, "f2", 12)  # another model, wherever it is kept
     assert info.value.reason == "bad_schema" and "this agent's model has fingerprint f2" in info.value.detail
+
+
+def test_a_coordinator_status_is_checked_whole() -> None:
+    """An agent takes the job's shapes from the coordinator's retained status: one bad field refuses all of it
+    (retained garbage or a forgery must not become the job's shape)."""
+    good = {"state": "online", "role": "coordinator", "max_length": 256, "batch_size": 2, "lora_rank": 16,
+            "chat_template": "auto"}  # fmt: skip
+    status = parse_coordinator_status(good)
+    assert (status.max_length, status.batch_size, status.lora_rank, status.chat_template) == (256, 2, 16, "auto")
+    assert parse_coordinator_status({"state": "offline", "done": True}).done
+    for changes in ({"max_length": "long"}, {"batch_size": 0}, {"lora_rank": True}, {"chat_template": ["x"]},
+                    {"state": "sideways"}, {"done": "yes"}, {"lora_rank": None}):  # fmt: skip
+        with pytest.raises(WireError) as info:
+            parse_coordinator_status({**good, **changes})
+        assert info.value.reason == "bad_schema"
+    with pytest.raises(WireError):
+        parse_coordinator_status({k: v for k, v in good.items() if k != "lora_rank"})

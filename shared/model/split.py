@@ -305,6 +305,13 @@ def build_segment(
         return _build(source, spec, config, family, total, held, lora, lora_seed, device, dtype, load_weights)
 
 
+def matrix_dims(config: PretrainedConfig) -> list[tuple[int, int]]:
+    """The (rows, columns) of every matrix of the model, read on the meta device: nothing is allocated."""
+    with _BUILD_LOCK, init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config)
+    return [(int(p.shape[0]), int(p.shape[1])) for p in model.parameters() if p.dim() == 2]
+
+
 def _build(
     source: str | Path,
     spec: SegmentSpec,

@@ -42,7 +42,7 @@ class BrokerSettings:
     ``mqtts://`` URLs connect over TLS: ``ca_file`` is the CA that signed the broker's certificate
     (default: the system's), ``cert_file``/``key_file`` a client certificate where the broker asks
     for one. ``auth_key`` (at least 32 bytes, the same for every member of the job) signs every
-    message and refuses those not signed with it (see :func:`splitft.shared.wire.envelope.check_auth`).
+    message and refuses those not signed with it (see :func:`splitft.shared.wire.envelope.check_tag`).
     """
 
     url: str = "mqtt://127.0.0.1:1883"

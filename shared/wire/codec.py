@@ -5,7 +5,8 @@ Pure and synchronous; no network here. Everything that decodes treats its input 
 * Never pickle and never ``torch.load`` wire bytes: both execute code chosen by the sender.
 * Sizes are bounded before anything is allocated: the compressed length, the size a zstd frame
   declares (``zstandard``'s one-shot ``max_output_size`` is ignored when the frame declares its own
-  content size, so the declared size itself is checked), and every msgpack length. A frame that
+  content size, so the declared size itself is checked against the receiver's cap), and every msgpack
+  length. A frame that declares no size is decompressed by a stream that stops at the cap. A frame that
   declares far more than its compressed size suggests must prove it by streaming (1 MiB at a time)
   before that much is allocated: a flipped bit in a size field must not cost hundreds of megabytes.
 * Tensors are checked against a dtype whitelist, their byte length against their declared shape,
@@ -243,9 +244,10 @@ def compress(raw: bytes, level: int = 1) -> bytes:
     return zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=True).compress(raw)
 
 
-def declared_size(data: bytes, limits: Limits = DEFAULT_LIMITS) -> int:
+def declared_size(data: bytes, limits: Limits = DEFAULT_LIMITS) -> int | None:
     """The bytes the zstd frame ``data`` says it decompresses to, read from its header alone (nothing is
-    decompressed), after the checks :func:`unpack` makes first: bytes, within ``limits``, a size declared."""
+    decompressed), after the checks :func:`unpack` makes first: bytes, within ``limits``. None: the frame
+    declares no size (our encoders always declare it; such a frame is decompressed by a capped stream)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise WireError(Refusal.BAD_SCHEMA, f"payload must be bytes, got {type(data).__name__}")
     if len(data) > limits.max_compressed_bytes:
@@ -255,26 +257,32 @@ def declared_size(data: bytes, limits: Limits = DEFAULT_LIMITS) -> int:
     except zstandard.ZstdError as exc:
         raise WireError(Refusal.BAD_COMPRESSION, f"not a zstd frame ({exc})") from exc
     if declared < 0:
-        # Without a declared size the only safe way is a capped stream; we simply require the size.
-        raise WireError(Refusal.BAD_COMPRESSION, "zstd frame does not declare its content size")
+        return None
     if declared > limits.max_decoded_bytes:
         raise WireError(Refusal.TOO_LARGE, f"frame declares {declared} bytes > limit {limits.max_decoded_bytes}")
     return int(declared)
 
 
-def unpack(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
-    """Inverse of :func:`pack`, bounded by ``limits`` before any large allocation."""
+def unpack(data: bytes, limits: Limits = DEFAULT_LIMITS, *, cap: int | None = None) -> Any:
+    """Inverse of :func:`pack`, bounded by ``limits`` (and ``cap``, the most bytes this frame may hold) before
+    any large allocation. A frame that declares no size is decompressed by a stream that stops at the cap."""
+    most = limits.max_decoded_bytes if cap is None else min(cap, limits.max_decoded_bytes)
     declared = declared_size(data, limits)
-    if declared > _PLAUSIBLE_RATIO * len(data) + _STREAM_STEP:
-        _check_expands_to(data, declared)
-    try:
-        # One frame and nothing after it: bytes appended to a frame (another frame, a skippable frame,
-        # garbage, or a checksum whose flag a flipped bit cleared) would otherwise pass unnoticed.
-        raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=declared, allow_extra_data=False)
-    except zstandard.ZstdError as exc:
-        raise WireError(Refusal.BAD_COMPRESSION, f"corrupt or truncated zstd frame ({exc})") from exc
-    if len(raw) != declared:
-        raise WireError(Refusal.BAD_COMPRESSION, f"frame declared {declared} bytes but held {len(raw)}")
+    if declared is None:
+        raw = _stream(data, most)
+    else:
+        if declared > most:
+            raise WireError(Refusal.TOO_LARGE, f"frame declares {declared} bytes > {most} expected here")
+        if declared > _PLAUSIBLE_RATIO * len(data) + _STREAM_STEP:
+            _check_expands_to(data, declared)
+        try:
+            # One frame and nothing after it: bytes appended to a frame (another frame, a skippable frame,
+            # garbage, or a checksum whose flag a flipped bit cleared) would otherwise pass unnoticed.
+            raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=declared, allow_extra_data=False)
+        except zstandard.ZstdError as exc:
+            raise WireError(Refusal.BAD_COMPRESSION, f"corrupt or truncated zstd frame ({exc})") from exc
+        if len(raw) != declared:
+            raise WireError(Refusal.BAD_COMPRESSION, f"frame declared {declared} bytes but held {len(raw)}")
     try:
         return msgpack.unpackb(
             raw,
@@ -321,6 +329,28 @@ def _check_expands_to(data: bytes | bytearray | memoryview, declared: int) -> No
         raise WireError(Refusal.BAD_COMPRESSION, f"corrupt zstd frame ({exc})") from exc
     if total < declared:
         raise WireError(Refusal.BAD_COMPRESSION, f"frame declared {declared} bytes but held {total}")
+
+
+def _stream(data: bytes | bytearray | memoryview, most: int) -> bytes:
+    """Decompress one frame that declares no size, refusing it past ``most`` bytes.
+
+    A stream holding one step at a time proves the size first (the one-shot decompressor would allocate
+    ``max_output_size`` up front); then a decompressor object, whose output is now known to be bounded,
+    gives the bytes and says whether anything follows the frame."""
+    total = 0
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=False)
+        while step := reader.read(_STREAM_STEP):
+            total += len(step)
+            if total > most:
+                raise WireError(Refusal.TOO_LARGE, f"frame without a declared size holds more than {most} bytes")
+        whole = zstandard.ZstdDecompressor().decompressobj()
+        raw = whole.decompress(data)
+    except zstandard.ZstdError as exc:
+        raise WireError(Refusal.BAD_COMPRESSION, f"corrupt or truncated zstd frame ({exc})") from exc
+    if not whole.eof or whole.unused_data:
+        raise WireError(Refusal.BAD_COMPRESSION, "truncated zstd frame, or bytes after it")
+    return raw
 
 
 def _refuse_ext(code: int, data: bytes) -> Any:

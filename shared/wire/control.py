@@ -25,7 +25,7 @@ from splitft.shared.wire.fields import get_field, int_field
 
 #: profile fields the coordinator computes with (estimates, placement): numbers >= 0 when present
 PROFILE_NUMBERS = frozenset(
-    {"block_s", "block_tokens", "usable_mb", "memory_available_mb", "memory_total_mb", "uplink_mbps",
+    {"block_s", "block_tokens", "load_s", "usable_mb", "memory_available_mb", "memory_total_mb", "uplink_mbps",
      "downlink_mbps", "rtt_ms", "throughput_gflops", "accelerator_memory_mb", "cpu_logical", "cpu_physical",
      "cpu_max_mhz", "load_1m", "torch_threads"} | PROFILE_FIELDS
 )  # fmt: skip
@@ -269,6 +269,57 @@ def parse_status(body: Mapping[str, Any]) -> str:
     if state not in ("online", "offline"):
         raise WireError(Refusal.BAD_SCHEMA, f"unknown status {_brief(state)}")
     return str(state)
+
+
+#: what the job-wide ``round`` topic announces: a round starting (with its agents), the job done
+ROUND_EVENTS = frozenset({"start", "done"})
+
+
+def parse_round(body: Mapping[str, Any]) -> str:
+    """A ``round`` message's event (``start``: ``agents`` lists the round's agents by name)."""
+    event = get_field(body, "event", str)
+    if event not in ROUND_EVENTS:
+        raise WireError(Refusal.BAD_SCHEMA, f"unknown round event {_brief(event)}")
+    if event == "start":
+        agents = get_field(body, "agents", list)
+        if len(agents) > 1 << 16 or not all(isinstance(a, str) and 0 < len(a) <= 256 for a in agents):
+            raise WireError(Refusal.BAD_SCHEMA, "agents must list the round's agents by name")
+    return str(event)
+
+
+@dataclass(frozen=True)
+class CoordinatorStatus:
+    """The coordinator's retained status. Online, it gives the job's step shape, so that a joining agent can
+    say how many of its examples fit and what memory a step needs, and bound what it will be sent."""
+
+    state: str
+    done: bool = False  # offline because the job is finished
+    connection: int = 0  # the coordinator's broker connection this status was announced on (1, 2, ...)
+    max_length: int = 0
+    batch_size: int = 0
+    lora_rank: int = 0  # the job's highest LoRA rank
+    chat_template: str | bool = "auto"
+
+
+def parse_coordinator_status(body: Mapping[str, Any]) -> CoordinatorStatus:
+    """Every field is checked: a status with one bad field is refused whole (an agent waits for a valid one)."""
+    state = parse_status(body)
+    done = body.get("done", False)
+    if type(done) is not bool:
+        raise WireError(Refusal.BAD_SCHEMA, f"done must be a boolean, got {_brief(done)}")
+    if state == "offline":
+        return CoordinatorStatus(state, done=done)
+    template = body.get("chat_template")
+    if template != "auto" and type(template) is not bool:
+        raise WireError(Refusal.BAD_SCHEMA, f'chat_template must be "auto", true or false, got {_brief(template)}')
+    return CoordinatorStatus(
+        state,
+        connection=int_field(body, "connection", 0, 1 << 40),
+        max_length=int_field(body, "max_length", 1, 1 << 20),
+        batch_size=int_field(body, "batch_size", 1, 1 << 16),
+        lora_rank=int_field(body, "lora_rank", 1, 4096),
+        chat_template=template,
+    )
 
 
 #: what the coordinator tells one agent: it was dropped from a round, or its upload was refused

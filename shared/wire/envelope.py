@@ -2,17 +2,22 @@
 
 Every MQTT payload is one zstd-compressed msgpack map, the envelope::
 
-    {"v": 1, "type": "act", "job": "demo", "sender": "jetson-3", "sid": "9f2c41d0e8a7b6c5",
-     "seq": 42, "round": 3, "step": 1, "corr": "r3", "ts": 1764340000.25, "auth": None,
-     "body": {...}}
+    {"v": 2, "type": "act", "job": "demo", "sender": "jetson-3", "sid": "9f2c41d0e8a7b6c5",
+     "seq": 42, "round": 3, "step": 1, "corr": "r3", "ts": 1764340000.25, "body": {...}}
 
 ``type`` is a :class:`~splitft.shared.wire.topics.Kind`. ``sid`` is a random id per process start, so that
 ``(sender, sid, seq)`` names a message uniquely even across restarts; receivers drop a ``(sender, sid, seq)``
-they have seen (QoS 1 redelivers). ``auth`` carries the message's authentication tag when the job has a key
-(:func:`envelope_mac`): HMAC-SHA256 over the topic and the envelope packed with ``auth`` nil, so a tag binds
-the message to the topic it was published on; ``ts`` then bounds how old a message may be (:func:`check_auth`).
-Bodies are validated by the ``parse_*`` function of their kind (:mod:`~splitft.shared.wire.messages`,
-:mod:`~splitft.shared.wire.control`); tensors inside them by :mod:`splitft.shared.wire.codec`.
+they have seen (QoS 1 redelivers). Bodies are validated by the ``parse_*`` function of their kind
+(:mod:`~splitft.shared.wire.messages`, :mod:`~splitft.shared.wire.control`); tensors inside them by
+:mod:`splitft.shared.wire.codec`.
+
+When the job has a key, the compressed frame is sealed (:func:`seal`): a 40-byte zstd *skippable frame*
+holding an HMAC-SHA256 tag goes in front of it, computed over the topic and the compressed frame. A receiver
+with the key checks the tag before it reads anything else of the message (:func:`check_tag`): a forgery
+costs it one hash of the bytes received, never a decompression. ``ts`` then bounds how old a message may be
+(:func:`check_time`). A receiver without a key skips the tag. (Protocol version 1 carried the tag inside the
+envelope, so it could only be checked after decompressing: a forged zstd bomb was expanded before it was
+refused.)
 
 Payloads larger than the link's limit (brokers cap packets: EMQX at 1 MB by default) travel as
 ``chunk`` envelopes, reassembled by :class:`Reassembler` with bounded memory and a timeout.
@@ -43,10 +48,13 @@ from splitft.shared.wire.codec import (
 from splitft.shared.wire.fields import get_field, int_field
 from splitft.shared.wire.topics import KINDS, Kind
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 AUTH_TAG_BYTES = 32  # HMAC-SHA256
-_ENVELOPE_KEYS = frozenset({"v", "type", "job", "sender", "sid", "seq", "round", "step", "corr", "ts", "auth", "body"})
+#: a zstd skippable frame (magic 0x184D2A5A, little-endian) of AUTH_TAG_BYTES: the seal in front of a frame
+_SEAL_HEADER = (0x184D2A5A).to_bytes(4, "little") + AUTH_TAG_BYTES.to_bytes(4, "little")
+SEAL_BYTES = len(_SEAL_HEADER) + AUTH_TAG_BYTES
+_ENVELOPE_KEYS = frozenset({"v", "type", "job", "sender", "sid", "seq", "round", "step", "corr", "ts", "body"})
 
 
 def new_session_id() -> str:
@@ -65,7 +73,6 @@ class Envelope:
     step: int = -1
     corr: str | None = None
     ts: float = 0.0
-    auth: bytes | None = None
 
     @property
     def key(self) -> tuple[str, str, int]:
@@ -73,7 +80,7 @@ class Envelope:
         return (self.sender, self.sid, self.seq)
 
 
-def _fields(env: Envelope, auth: bytes | None) -> dict[str, Any]:
+def _fields(env: Envelope) -> dict[str, Any]:
     return {
         "v": PROTOCOL_VERSION,
         "type": env.type,
@@ -85,61 +92,76 @@ def _fields(env: Envelope, auth: bytes | None) -> dict[str, Any]:
         "step": env.step,
         "corr": env.corr,
         "ts": env.ts,
-        "auth": auth,
         "body": env.body,
     }
 
 
-def envelope_mac(key: bytes, topic: str, env: Envelope) -> bytes:
-    """HMAC-SHA256 over the topic and the envelope packed with ``auth`` nil.
-
-    The receiver packs the decoded envelope again; msgpack packs the same values to the same bytes,
-    so a tag verifies exactly when topic, header and body are those that were signed.
-    """
+def _tag(key: bytes, topic: str, frame: bytes | memoryview) -> bytes:
+    """HMAC-SHA256 over the topic and the compressed frame: a tag binds the message to the topic it was
+    published on, and is checked without decompressing anything."""
     mac = hmac.new(key, topic.encode() + b"\0", hashlib.sha256)
-    mac.update(msgpack.packb(_fields(env, None), use_bin_type=True))  # no concatenated copy of a big message
+    mac.update(frame)
     return mac.digest()
 
 
+def seal(key: bytes, topic: str, frame: bytes) -> bytes:
+    """``frame`` with its tag in front, in a zstd skippable frame (zstd tools read past it)."""
+    return _SEAL_HEADER + _tag(key, topic, frame) + frame
+
+
+def unseal(payload: bytes) -> tuple[bytes | None, bytes]:
+    """Split a payload into its tag (None: not sealed) and the compressed frame; reads a fixed header only."""
+    if payload[: len(_SEAL_HEADER)] == _SEAL_HEADER and len(payload) >= SEAL_BYTES:
+        return payload[len(_SEAL_HEADER) : SEAL_BYTES], payload[SEAL_BYTES:]
+    return None, payload
+
+
+def check_tag(tag: bytes | None, frame: bytes, topic: str, key: bytes) -> None:
+    """Refuse a frame that is unsigned, or signed with another key, for another topic, or changed since."""
+    if tag is None:
+        raise WireError(Refusal.UNAUTHENTICATED, "message carries no authentication tag")
+    if not hmac.compare_digest(tag, _tag(key, topic, frame)):
+        raise WireError(Refusal.BAD_AUTH, "authentication tag does not match (wrong key, topic or content)")
+
+
 def encode_envelope(env: Envelope, level: int = 1, *, key: bytes | None = None, topic: str | None = None) -> bytes:
-    """Pack and compress ``env``; with ``key`` (and the ``topic`` it is published on) it is signed."""
-    auth = env.auth
-    if key is not None:
-        if topic is None:
-            raise ValueError("signing a message needs the topic it is published on")
-        auth = envelope_mac(key, topic, env)
-    return compress(msgpack.packb(_fields(env, auth), use_bin_type=True), level)
+    """Pack and compress ``env``; with ``key`` (and the ``topic`` it is published on) it is sealed."""
+    frame = compress(msgpack.packb(_fields(env), use_bin_type=True), level)
+    if key is None:
+        return frame
+    if topic is None:
+        raise ValueError("signing a message needs the topic it is published on")
+    return seal(key, topic, frame)
 
 
-def check_auth(env: Envelope, topic: str, key: bytes, window_s: float | None, now: float | None = None) -> None:
-    """Refuse a message that is unsigned, signed with another key or for another topic, or too old or new.
+def check_time(env: Envelope, window_s: float | None, now: float | None = None) -> None:
+    """Refuse an authenticated message stamped too long ago or too far ahead.
 
     ``window_s`` bounds the clock difference between members and how long a captured message can be
     replayed; within it, replays are caught by the receivers' memory of ``(sender, sid, seq)``.
-    ``None`` skips the time check: status messages are retained and Last Wills are signed when a
+    ``None`` skips the check: status messages are retained and Last Wills are signed when a
     connection opens, so both may be old when they arrive (their ``sid`` tells stale ones apart).
     """
-    if env.auth is None:
-        raise WireError(Refusal.UNAUTHENTICATED, "message carries no authentication tag")
-    if len(env.auth) != AUTH_TAG_BYTES or not hmac.compare_digest(env.auth, envelope_mac(key, topic, env)):
-        raise WireError(Refusal.BAD_AUTH, "authentication tag does not match (wrong key, topic or content)")
     now = time.time() if now is None else now
     if window_s is not None and abs(now - env.ts) > window_s:
         raise WireError(Refusal.STALE, f"timestamp {now - env.ts:+.0f} s from now, outside the {window_s:g} s window")
 
 
-def decode_envelope(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> Envelope:
-    """Unpack and check the envelope fields; the body is checked later by its ``parse_*`` function."""
-    obj = unpack(payload, limits)
+def decode_envelope(payload: bytes, limits: Limits = DEFAULT_LIMITS, *, cap: int | None = None) -> Envelope:
+    """Unpack and check the envelope fields; the body is checked later by its ``parse_*`` function.
+
+    A sealed payload's tag is skipped here (the link checks it first, with the key); ``cap``: the most
+    bytes the frame may decompress to (:func:`~splitft.shared.wire.codec.unpack`)."""
+    obj = unpack(unseal(payload)[1], limits, cap=cap)
     if not isinstance(obj, dict):
         raise WireError(Refusal.BAD_SCHEMA, f"envelope must be a map, got {type(obj).__name__}")
-    if set(obj) != _ENVELOPE_KEYS:
-        missing, extra = sorted(_ENVELOPE_KEYS - set(obj)), len(set(obj) - _ENVELOPE_KEYS)
-        raise WireError(Refusal.BAD_SCHEMA, f"envelope keys differ (missing {missing}, {extra} unknown)")
-    if type(obj["v"]) is not int or obj["v"] != PROTOCOL_VERSION:
+    if "v" in obj and (type(obj["v"]) is not int or obj["v"] != PROTOCOL_VERSION):  # (before the keys: they differ)
         raise WireError(
             Refusal.BAD_VERSION, f"protocol version {_brief(obj['v'])}, this build speaks {PROTOCOL_VERSION}"
         )
+    if set(obj) != _ENVELOPE_KEYS:
+        missing, extra = sorted(_ENVELOPE_KEYS - set(obj)), len(set(obj) - _ENVELOPE_KEYS)
+        raise WireError(Refusal.BAD_SCHEMA, f"envelope keys differ (missing {missing}, {extra} unknown)")
     if not isinstance(obj["type"], str) or obj["type"] not in KINDS:
         raise WireError(Refusal.BAD_SCHEMA, f"unknown message type {_brief(obj['type'])}")
     for name in ("job", "sender", "sid"):
@@ -152,8 +174,6 @@ def decode_envelope(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> Envelope
         raise WireError(Refusal.BAD_SCHEMA, "envelope field corr must be a string or nil")
     if isinstance(obj["ts"], bool) or not isinstance(obj["ts"], (int, float)) or not math.isfinite(obj["ts"]):
         raise WireError(Refusal.BAD_SCHEMA, "envelope field ts must be a finite number")
-    if obj["auth"] is not None and not isinstance(obj["auth"], bytes):
-        raise WireError(Refusal.BAD_SCHEMA, "envelope field auth must be bytes or nil")
     if not isinstance(obj["body"], dict):
         raise WireError(Refusal.BAD_SCHEMA, "envelope body must be a map")
     return Envelope(
@@ -167,7 +187,6 @@ def decode_envelope(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> Envelope
         step=obj["step"],
         corr=obj["corr"],
         ts=float(obj["ts"]),
-        auth=obj["auth"],
     )
 
 

@@ -1,7 +1,7 @@
 """What a link checks on a message it receives, beside the envelope's own checks (envelope.py).
 
-Before anything is decompressed: that the frame's declared size fits what its topic may carry now
-(the owner's ``expect`` hook). After decoding: that the message's type is its topic's, and that it was
+Before anything is decompressed (and after the tag, with a job key): that the frame's declared size fits what
+its topic may carry now (the owner's ``expect`` hook). After decoding: that the message's type is its topic's, and that it was
 not accepted before (a QoS 1 redelivery, a replay). :class:`~splitft.shared.wire.link.Link` refuses
 what fails with the :class:`~splitft.shared.errors.WireError`'s reason.
 """
@@ -19,22 +19,34 @@ from splitft.shared.wire.topics import Kind, Topic
 #: expected on it (refused ``unexpected`` without being decompressed)
 Expect = Callable[[Topic], "int | None"]
 
+#: the most a control message may decompress to: a status, a join (a profile of a few hundred bytes), a notice,
+#: a round's start or end
+SMALL_MESSAGE_BYTES = 64 << 10
+#: room for an envelope and a body's small fields beside its tensors
+ENVELOPE_BYTES = 64 << 10
+
+
+def step_message_bytes(batch_size: int, max_length: int, hidden: int) -> int:
+    """The most a step message (activations and labels up; a gradient or the U split's tail activations down)
+    may decompress to at a job's shapes: (B, T, C) in fp32, the widest wire dtype, and int32 labels."""
+    return ENVELOPE_BYTES + batch_size * max_length * (4 * hidden + 8)
+
 
 def check_frame(
-    topic: Topic, payload: bytes, topic_name: str, limits: Limits, expect: Expect | None
+    topic: Topic, frame: bytes, topic_name: str, limits: Limits, expect: Expect | None
 ) -> tuple[int, int | None]:
-    """Check a frame against what its topic may carry now, before it is decompressed.
+    """Check a compressed frame against what its topic may carry now, before it is decompressed.
 
-    Returns the bytes it declares and the topic's bound (None: only the link's limits)."""
-    declared = declared_size(payload, limits)
-    if expect is None:
-        return declared, None
-    bound = expect(topic)
-    if bound is None:
-        raise WireError(Refusal.UNEXPECTED, f"nothing is expected on {topic_name} now ({declared} bytes unread)")
-    if declared > bound:
+    Returns the bytes it will hold in memory, about (what it declares; the topic's bound for a frame that
+    declares nothing, which decoding then stops at), and the topic's bound (None: only the link's limits)."""
+    declared = declared_size(frame, limits)
+    bound = None if expect is None else expect(topic)
+    if expect is not None and bound is None:
+        raise WireError(Refusal.UNEXPECTED, f"nothing is expected on {topic_name} now ({len(frame)} bytes unread)")
+    if declared is not None and bound is not None and declared > bound:
         raise WireError(Refusal.TOO_LARGE, f"frame declares {declared} bytes; {topic.kind} carries at most {bound}")
-    return declared, bound
+    held = declared if declared is not None else bound if bound is not None else len(frame)
+    return held, bound
 
 
 def check_type(type_: str, topic: Topic, *, chunk_ok: bool) -> None:

@@ -1,4 +1,4 @@
-"""Job key files: a job's members sign every message with the same key (:func:`~splitft.shared.wire.envelope.envelope_mac`);
+"""Job key files: a job's members sign every message with the same key (:func:`~splitft.shared.wire.envelope.seal`);
 the key lives in a file only its owner can read."""
 
 from __future__ import annotations

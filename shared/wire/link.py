@@ -8,10 +8,11 @@ envelope checked, the sender of an agent topic must be that agent, chunks reasse
 in a queue read with :meth:`receive`; what fails is logged with its reason and counted in
 :attr:`rejected`, and the link carries on.
 
-Hostile traffic must not grow the receiver's memory or stall it. Before anything is decompressed the
-link reads the size the zstd frame declares and asks the owner's ``expect`` hook what the topic may
-carry now: nothing (an agent with no assignment: ``unexpected``) or at most so many bytes (more:
-``too_large``). Decompression and decoding run on a thread of their own, so that a flood of frames
+Hostile traffic must not grow the receiver's memory or stall it. Verify, then bound, then decode: with a
+job key the payload's tag is checked first, over the compressed bytes (a forgery is refused without being
+decompressed); then the link reads the size the zstd frame declares and asks the owner's ``expect`` hook what
+the topic may carry now: nothing (no assignment: ``unexpected``) or at most so many bytes (more:
+``too_large``; a frame that declares no size is decompressed by a stream that stops there). Decompression and decoding run on a thread of their own, so that a flood of frames
 that are expensive to decode leaves the event loop free for honest agents' messages and deadlines.
 The queue is bounded in bytes per sender and in total (:class:`~splitft.shared.wire.queues.ByteQueue`;
 beyond: ``overloaded``); chunked messages only start for topics that expect that many bytes, are
@@ -46,11 +47,13 @@ from splitft.shared.wire.broker import BrokerSettings
 from splitft.shared.wire.envelope import (
     Envelope,
     Reassembler,
-    check_auth,
+    check_tag,
+    check_time,
     chunk_payload,
     decode_envelope,
     encode_envelope,
     new_session_id,
+    unseal,
 )
 from splitft.shared.wire.inbound import Expect, SeenMessages, check_frame, check_type
 from splitft.shared.wire.queues import ByteQueue
@@ -66,6 +69,8 @@ _FILTERS_PER_PACKET = 100
 #: CONNACK reason codes that retrying will not change: bad user name or password, not authorized, banned,
 #: bad authentication method (Mosquitto 2.0 answers a wrong password with 135, "not authorized")
 _REFUSED_CODES = frozenset({134, 135, 138, 140})
+#: payloads up to this size have their tag checked on the event loop (microseconds); larger ones on the decoder
+_HASH_ON_LOOP_BYTES = 1 << 16
 
 
 def _refusal(exc: BaseException) -> str | None:
@@ -338,9 +343,10 @@ class Link:
             self._reject(Refusal.EMPTY, topic_name, "empty payload")
             return
         try:
+            frame = await self._verify_off_loop(payload, topic_name)
             # What the topic may carry, from the frame's header alone: nothing is decompressed yet.
-            decoded, bound = check_frame(topic, payload, topic_name, self.settings.limits, self.expect)
-            env = await self._decode_off_loop(payload, topic_name)
+            decoded, bound = check_frame(topic, frame, topic_name, self.settings.limits, self.expect)
+            env = await self._decode_off_loop(frame, topic_name, bound)
             size = len(payload)
             if env.job != self.topics.job:
                 raise WireError(Refusal.WRONG_JOB, f"message for job {env.job!r}")
@@ -356,8 +362,9 @@ class Link:
                 if whole is None:
                     return
                 size = len(whole)  # the chunks' envelopes add about 100 bytes per chunk on top
-                decoded, _ = check_frame(topic, whole, topic_name, self.settings.limits, self.expect)
-                env = await self._decode_off_loop(whole, topic_name)
+                frame = await self._verify_off_loop(whole, topic_name)
+                decoded, _ = check_frame(topic, frame, topic_name, self.settings.limits, self.expect)
+                env = await self._decode_off_loop(frame, topic_name, bound)
                 if env.sender != sender or env.job != self.topics.job or env.type == Kind.CHUNK:
                     raise WireError(Refusal.BAD_CHUNK, "reassembled message does not match its chunks")
                 check_type(env.type, topic, chunk_ok=False)
@@ -373,10 +380,21 @@ class Link:
             held, total = self._queue.held(env.sender), self._queue.bytes
             self._reject(Refusal.OVERLOADED, topic_name, f"{env.sender} holds {held} bytes unread, all senders {total}")
 
-    async def _decode_off_loop(self, payload: bytes, topic_name: str) -> Envelope:
+    async def _decode_off_loop(self, frame: bytes, topic_name: str, cap: int | None) -> Envelope:
         if self._decoder is None:  # (not entered: decoding where we are is all there is)
-            return self._decode(payload, topic_name)
-        return await asyncio.get_running_loop().run_in_executor(self._decoder, self._decode, payload, topic_name)
+            return self._decode(frame, topic_name, cap)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._decoder, self._decode, frame, topic_name, cap)
+
+    async def _verify_off_loop(self, payload: bytes, topic_name: str) -> bytes:
+        """With a job key: the payload's tag, checked before anything is decompressed. Returns the frame."""
+        tag, frame = unseal(payload)
+        key = self.settings.auth_key
+        if key is not None and (self._decoder is None or len(payload) <= _HASH_ON_LOOP_BYTES):
+            check_tag(tag, frame, topic_name, key)
+        elif key is not None:
+            await asyncio.get_running_loop().run_in_executor(self._decoder, check_tag, tag, frame, topic_name, key)
+        return frame
 
     async def _expire_chunks(self) -> None:
         """Drop partial chunked messages nobody completes, on a timer (not only when the next chunk comes)."""
@@ -385,11 +403,10 @@ class Link:
             await asyncio.sleep(period)
             self._reassembler.expire()
 
-    def _decode(self, payload: bytes, topic_name: str) -> Envelope:
-        env = decode_envelope(payload, self.settings.limits)
-        if self.settings.auth_key is not None:
-            window = None if env.type == Kind.STATUS else self.settings.auth_window_s
-            check_auth(env, topic_name, self.settings.auth_key, window)
+    def _decode(self, frame: bytes, topic_name: str, cap: int | None) -> Envelope:
+        env = decode_envelope(frame, self.settings.limits, cap=cap)
+        if self.settings.auth_key is not None:  # (the tag was checked before: the time stamp is the sender's)
+            check_time(env, None if env.type == Kind.STATUS else self.settings.auth_window_s)
         return env
 
     # ------------------------------------------------------------------ the connection task
