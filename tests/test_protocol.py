@@ -296,7 +296,7 @@ def test_an_assignment_survives_the_wire() -> None:
 def test_a_coordinator_status_is_checked_whole() -> None:
     """An agent takes the job's shapes from the coordinator's retained status: one bad field refuses all of it
     (retained garbage or a forgery must not become the job's shape)."""
-    good = {"state": "online", "role": "coordinator", "max_length": 256, "batch_size": 2, "lora_rank": 16,
+    good = {"state": "online", "role": "coordinator", "max_length": 256, "batch_size": 2, "lora_rank": 16, "connection": 1,
             "chat_template": "auto"}  # fmt: skip
     status = parse_coordinator_status(good)
     assert (status.max_length, status.batch_size, status.lora_rank, status.chat_template) == (256, 2, 16, "auto")

@@ -14,6 +14,8 @@ adapter names identical on every side. LoRA is applied by PEFT to the blocks the
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import threading
 from collections.abc import Mapping
@@ -25,7 +27,7 @@ import torch
 from accelerate import init_empty_weights
 from peft import PeftModel, get_peft_model
 from torch import nn
-from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from splitft.shared.errors import ConfigError
 from splitft.shared.model.loading import (
@@ -306,10 +308,17 @@ def build_segment(
 
 
 def matrix_dims(config: PretrainedConfig) -> list[tuple[int, int]]:
-    """The (rows, columns) of every matrix of the model, read on the meta device: nothing is allocated."""
+    """The (rows, columns) of every matrix of the model, read on the meta device: nothing is allocated.
+    (Remembered per config: a harness of many agents in one process asks once.)"""
+    return list(_matrix_dims(config.to_json_string()))
+
+
+@functools.lru_cache(maxsize=8)
+def _matrix_dims(config_json: str) -> tuple[tuple[int, int], ...]:
+    config = AutoConfig.for_model(**json.loads(config_json))
     with _BUILD_LOCK, init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config)
-    return [(int(p.shape[0]), int(p.shape[1])) for p in model.parameters() if p.dim() == 2]
+    return tuple((int(p.shape[0]), int(p.shape[1])) for p in model.parameters() if p.dim() == 2)
 
 
 def _build(
