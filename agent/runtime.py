@@ -117,12 +117,8 @@ class Agent:
         self._stashed: list[Received] = []
         self._done = False
         self._last_assign: tuple[str, int, int] | None = None  # (coordinator session, round, attempt) last taken
-        self._coordinator_sid: str | None = None  # the coordinator process last seen online
         self._announced: tuple[str, int] | None = None  # (its session, its connection) of the last online status
         self.notices: list[tuple[str, str]] = []  # (event, reason) the coordinator sent
-        self._job_max_length: int | None = None  # the job's, from the coordinator's status
-        self._job_chat_template: str | bool = "auto"  # likewise
-        self._job_batch_size: int | None = None  # likewise
         self._memory: dict[tuple[int, int], MemoryFigures] = {}  # (batch, length) -> this device's figures
         self._runtime_mb: float | None = settings.runtime_mb
         self._refused: SplitFTError | None = None  # why the coordinator did not admit this agent
@@ -167,6 +163,11 @@ class Agent:
     def link(self) -> Link | None:
         """The agent's MQTT link, once run() made it (it stays after run() returns: its counters are final)."""
         return self.member.link
+
+    @property
+    def _coordinator_sid(self) -> str | None:
+        """The coordinator process last seen online."""
+        return self._announced[0] if self._announced is not None else None
 
     @property
     def num_layers(self) -> int:
@@ -224,10 +225,10 @@ class Agent:
         await link.publish(
             self.topics.agent(self.name, "status"), Kind.STATUS, {"state": "online", "role": "agent"}, retain=True
         )
-        if self._coordinator_sid is None:
+        status = self.bounds.status
+        if status is None:
             return  # the join follows the coordinator's (retained) status, which gives the job's step shape
-        length = self._job_max_length
-        memory = await self._memory_profile()
+        memory = await self._memory_profile(status.batch_size, status.max_length)
         join = Join(
             profile={
                 **device_profile(),
@@ -243,7 +244,7 @@ class Agent:
             model=self.settings.model,
             version=__version__,
             fingerprint=self.fingerprint,
-            usable_samples=None if length is None else self.trainer.usable(length, self._job_chat_template),
+            usable_samples=self.trainer.usable(status.max_length, status.chat_template),
         )
         await link.publish(self.topics.agent(self.name, "join"), Kind.JOIN, join_body(join))
         for out in (self.trainer.pending, self.trainer.last_upload):  # what may have been lost with a connection
@@ -251,11 +252,8 @@ class Agent:
                 log.info("%s: re-sending %s of round %d step %d", self.name, out.type, out.round, out.step)
                 await link.publish(out.topic, out.type, out.body, round_=out.round, step=out.step, corr=out.corr)
 
-    async def _memory_profile(self) -> dict[str, float]:
-        """This device's memory figures at the job's step shape (memory.py), once the coordinator said it."""
-        batch, length = self._job_batch_size, self._job_max_length
-        if batch is None or length is None:
-            return {}
+    async def _memory_profile(self, batch: int, length: int) -> dict[str, float]:
+        """This device's memory figures at the job's step shape (memory.py), as the coordinator's status gave it."""
         if self._runtime_mb is None:
             self._runtime_mb = runtime_mb()  # before any segment of this job: the first join
         if (batch, length) not in self._memory:
@@ -286,11 +284,9 @@ class Agent:
                     log.debug("%s: the coordinator's status again, on the same connection", self.name)
                 elif status.state == "online":
                     self._announced = (env.sid, status.connection)
-                    self._coordinator_sid = env.sid
-                    self.bounds.status = status  # what an assignment of this job may hold
-                    self._job_max_length = status.max_length  # so that the join says how many examples fit
-                    self._job_batch_size = status.batch_size  # and what memory a step of the job needs here
-                    self._job_chat_template = status.chat_template
+                    # The job's shapes: what examples fit and what memory a step needs here (the join says both),
+                    # and what an assignment of this job may hold (the link's bounds).
+                    self.bounds.status = status
                     await self._hello()
                 elif status.done and env.sid == self._coordinator_sid:
                     log.info("%s: the coordinator finished the job", self.name)

@@ -8,7 +8,14 @@ import logging
 import math
 from collections.abc import Mapping
 
-from splitft.coordinator.controller import Controller, ControllerSettings, Decision, makespan_s, split_blocks
+from splitft.coordinator.controller import (
+    Controller,
+    ControllerSettings,
+    Decision,
+    DeviceEstimate,
+    makespan_s,
+    split_blocks,
+)
 from splitft.coordinator.estimates import FleetEstimates
 from splitft.coordinator.exchange import StepExchange
 from splitft.coordinator.roster import Agents, Participant
@@ -44,13 +51,9 @@ class CutPlanner:
         planned = job.plan_first_round and job.policy in ("latency", "splitft")
         if round_ == first_round and not planned:
             return None  # the configured cuts first; decisions rest on this run's own measurements
-        online = self.agents.online()
-        for name in online:  # a device that joined since the last round has only its own measurement
-            self.estimates.observe_join(name, self.agents.known[name].profile, job.batch_size * job.max_length)
-        devices = [self.estimates.device(name) for name in online]
-        if not devices or any(d is None for d in devices):
+        known = self._measured(self.agents.online())
+        if not known:
             return None  # first round (or a new agent): the configured cuts, and measure
-        known = [d for d in devices if d is not None]
         decision = await asyncio.to_thread(self.controller.decide, known, self.estimates.server())
         if job.u_split:
             # The controller placed blocks per device; the split puts them at the bottom or the top.
@@ -72,23 +75,28 @@ class CutPlanner:
         the controller decides (the first round, configured cuts), from the devices' join measurements at
         their layouts, so that a device that joins and stays silent holds a round for seconds, not minutes."""
         predicted = decision.makespan_s if decision is not None else self.predict(participants)
-        loads = [self.agents.known[n].profile.get("load_s") for n in participants if n in self.agents.known]
+        loads = [self.agents.known[n].profile.get("load_s") for n in participants]
         intake = max((float(s) for s in loads if isinstance(s, (int, float)) and math.isfinite(s)), default=0.0)
         return [StepExchange.deadline_s(self.job, predicted, step, intake) for step in range(self.job.local_steps)]
 
     def predict(self, participants: Mapping[str, Participant]) -> float | None:
         """The step time the estimates predict for ``participants`` at their layouts (None: a device unmeasured)."""
-        if self.controller is None or self.estimates is None or not participants:
-            return None
-        job = self.job
-        for name in participants:  # (what its join measured, until its first report)
-            self.estimates.observe_join(name, self.agents.known[name].profile, job.batch_size * job.max_length)
-        devices = [self.estimates.device(name) for name in participants]
-        known = [d for d in devices if d is not None]
-        if len(known) < len(devices):
+        known = self._measured(list(participants))
+        if self.controller is None or self.estimates is None or not known:
             return None
         blocks = {name: float(p.cut + p.tail) for name, p in participants.items()}
         return makespan_s(known, self.estimates.server(), self.controller.settings.num_layers, blocks)
+
+    def _measured(self, names: list[str]) -> list[DeviceEstimate]:
+        """The estimates of ``names``, a device that has not reported yet from its join measurement; empty when
+        any of them (or all: none given) has no estimate."""
+        if self.estimates is None:
+            return []
+        tokens = self.job.batch_size * self.job.max_length
+        for name in names:  # a device that joined since the last round has only its own measurement
+            self.estimates.observe_join(name, self.agents.known[name].profile, tokens)
+        devices = [self.estimates.device(name) for name in names]
+        return [d for d in devices if d is not None] if names and None not in devices else []
 
     def layout(self, name: str) -> tuple[int, int]:
         """``name``'s (cut, tail) this round: the controller's, else the job's; within its memory."""

@@ -107,7 +107,7 @@ async def run_local(run: LocalRun, progress: Progress | None = None) -> dict[str
             summary = await coordinator.run()
             await _wait_agents(processes, timeout_s=60)
         finally:
-            await asyncio.to_thread(_stop, processes)  # the embedded broker keeps serving meanwhile
+            await asyncio.to_thread(stop_processes, processes)  # the embedded broker keeps serving meanwhile
             await asyncio.to_thread(stop_local_workers, workers)
     summary["plot"] = str(
         plot_run(run.out / "metrics.jsonl", run.out / "run.png", title=f"SplitFT local run: {job.job}")
@@ -172,14 +172,14 @@ async def _wait_agents(processes: list[subprocess.Popen[bytes]], timeout_s: floa
         log.warning("%d agent process(es) exited with an error; see the logs folder", len(failed))
 
 
-def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
-    """End the agent processes this run started (by their pids), politely first."""
+def stop_processes(processes: list[subprocess.Popen[bytes]], timeout_s: float = 10) -> None:
+    """End processes this run started (by their pids), politely first: SIGTERM, then SIGKILL after ``timeout_s``."""
     for p in processes:
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)
     for p in processes:
         try:
-            p.wait(timeout=10)
+            p.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()

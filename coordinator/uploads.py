@@ -74,8 +74,7 @@ class Uploads:
             self.refusals.count(exc.reason, name, exc.detail)
             # With a key, a NaN/Inf upload is the agent's own diverged update: refuse it and tell it.
             if exc.reason == Refusal.NONFINITE and self.authenticated:
-                self.roster.drop(participant, f"upload refused: {exc.detail}", event="refused")
-                self.wake.set()
+                self._drop_refused(participant, exc.detail)
             elif participant.upload is None:
                 participant.refused_upload = exc.detail  # the next one is awaited
             return
@@ -89,13 +88,17 @@ class Uploads:
         next upload is awaited (a spare, if one came meanwhile)."""
         self.refusals.count(Refusal.OUTLIER, participant.name, detail)
         if self.authenticated:
-            self.roster.drop(participant, f"upload refused: {detail}", event="refused")
-            self.wake.set()
+            self._drop_refused(participant, detail)
             return
         participant.refused_upload = detail
         participant.upload = None
         if participant.spares:
             self._take(participant, *participant.spares.pop(0))
+
+    def _drop_refused(self, participant: Participant, detail: str) -> None:
+        """With a key, a refused upload is the agent's own: it leaves the round, told why."""
+        self.roster.drop(participant, f"upload refused: {detail}", event="refused")
+        self.wake.set()
 
     def _take(
         self, participant: Participant, state: dict[str, torch.Tensor], timings: dict[str, float], size: int

@@ -9,7 +9,6 @@ import dataclasses
 import io
 import json
 import re
-import signal
 import subprocess
 import time
 from collections import Counter
@@ -27,6 +26,7 @@ from test_runtime import assert_equals_centralised, equivalence_job, read_metric
 
 from splitft.agent.runtime import Agent, AgentSettings
 from splitft.coordinator.cli_jobs import ProgressView
+from splitft.coordinator.local import stop_processes
 from splitft.coordinator.runtime import MAX_ATTEMPTS, Coordinator
 from splitft.shared.errors import JobError
 from splitft.shared.job.config import OptimizerSettings
@@ -45,15 +45,7 @@ MB = 1 << 20
 
 
 def stop(processes: list[subprocess.Popen[bytes]]) -> None:
-    for p in processes:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in processes:
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+    stop_processes(processes, timeout_s=30)
 
 
 # --------------------------------------------------------------------------- no cheap veto

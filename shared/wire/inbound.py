@@ -1,8 +1,8 @@
 """What a link checks on a message it receives, beside the envelope's own checks (envelope.py).
 
 Before anything is decompressed (and after the tag, with a job key): that the frame's declared size fits what
-its topic may carry now (the owner's ``expect`` hook). After decoding: that the message's type is its topic's, and that it was
-not accepted before (a QoS 1 redelivery, a replay). :class:`~splitft.shared.wire.link.Link` refuses
+its topic may carry now (the owner's ``expect`` hook). After decoding: that the message's type is its topic's,
+and that it was not accepted before (a QoS 1 redelivery, a replay). :class:`~splitft.shared.wire.link.Link` refuses
 what fails with the :class:`~splitft.shared.errors.WireError`'s reason.
 """
 

@@ -12,11 +12,11 @@ Hostile traffic must not grow the receiver's memory or stall it. Verify, then bo
 job key the payload's tag is checked first, over the compressed bytes (a forgery is refused without being
 decompressed); then the link reads the size the zstd frame declares and asks the owner's ``expect`` hook what
 the topic may carry now: nothing (no assignment: ``unexpected``) or at most so many bytes (more:
-``too_large``; a frame that declares no size is decompressed by a stream that stops there). Decompression and decoding run on a thread of their own, so that a flood of frames
-that are expensive to decode leaves the event loop free for honest agents' messages and deadlines.
-The queue is bounded in bytes per sender and in total (:class:`~splitft.shared.wire.queues.ByteQueue`;
-beyond: ``overloaded``); chunked messages only start for topics that expect that many bytes, are
-bounded in total, and expire on a timer (``incomplete``).
+``too_large``; a frame that declares no size is decompressed by a stream that stops there). Decoding runs
+on a thread of its own, so that frames that are expensive to decode leave the event loop free for honest
+agents' messages and deadlines. The queue is bounded in bytes per sender and in total (``ByteQueue``; beyond:
+``overloaded``); chunked messages only start for topics that expect that many bytes, are bounded in total, and
+expire on a timer (``incomplete``).
 
 When the connection drops, the task reconnects with capped, jittered exponential backoff and
 subscribes again; :meth:`publish` waits for the connection (up to ``publish_wait_s``) and retries.
