@@ -38,12 +38,3 @@ def device_ranks(total: int, cut: int, tail: int, lora: LoraSettings) -> dict[in
     spec = device_layout(total, cut, tail)
     ranks = block_ranks(total, spec.cuts(total), lora)
     return {j: ranks[j] for j in spec.blocks(total)}
-
-
-def block_of(name: str) -> int:
-    """The block index in a LoRA weight's saved name (``...layers.7.self_attn...`` -> 7)."""
-    parts = name.split(".")
-    for i, part in enumerate(parts[:-1]):
-        if part in ("h", "layers") and parts[i + 1].isdigit():
-            return int(parts[i + 1])
-    raise ValueError(f"no block index in {name!r}")

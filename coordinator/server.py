@@ -49,12 +49,12 @@ from typing import Any
 
 import torch
 
-from splitft.coordinator.aggregation import Contribution, aggregate, convert_state, module_key
 from splitft.coordinator.controller import ServerEstimate
-from splitft.coordinator.layout import block_of, global_ranks
+from splitft.coordinator.layout import global_ranks
 from splitft.shared.job.config import JobConfig
+from splitft.shared.model.aggregation import Contribution, aggregate, convert_state, module_key
 from splitft.shared.model.loading import is_preset, load_config, num_layers
-from splitft.shared.model.lora import load_lora_state, lora_state
+from splitft.shared.model.lora import block_of, load_lora_state, lora_state
 from splitft.shared.model.loss import IGNORE_INDEX, EvalResult, evaluate_lm
 from splitft.shared.model.precision import torch_dtype
 from splitft.shared.model.split import Segment, SegmentSpec, build_segment

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from splitft.coordinator.aggregation import (
+from splitft.shared.model.aggregation import (
     Contribution,
     aggregate,
     convert_state,

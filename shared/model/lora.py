@@ -164,3 +164,12 @@ def quiet_peft() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         yield
+
+
+def block_of(name: str) -> int:
+    """The block index in a LoRA weight's saved name (``...layers.7.self_attn...`` -> 7)."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part in ("h", "layers") and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    raise ValueError(f"no block index in {name!r}")
