@@ -29,6 +29,7 @@ from splitft.shared.cli_options import (
 from splitft.shared.errors import ConfigError, DataError, ExitCode, LinkError, ModelError, exit_code_for
 from splitft.shared.model.loading import PRESETS
 from splitft.shared.profiles import DeviceProfile, load_profile
+from splitft.shared.wire.sealed import load_fleet_key, make_fleet_key
 
 app = typer.Typer(
     help="SplitFT edge agent: runs the client segment of a split model on this device's own data.",
@@ -98,6 +99,14 @@ def join(
         ),
     ] = None,
     connect_timeout: ConnectTimeoutOpt = 30.0,
+    fleet_key_file: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="SPLITFT_FLEET_KEY_FILE",
+            help="The fleet key (make-fleet-key): needed by a job with private adapters, whose client blocks' "
+            "adapters travel sealed with it and are averaged by the devices; the coordinator must not have it.",
+        ),
+    ] = None,
 ) -> None:
     """Join a job: train the client segment when assigned, until the coordinator says the job is done.
 
@@ -140,6 +149,7 @@ def join(
             emulate_virtual=emulate_virtual,
             # --dtype, else the emulated class's (the agent's own default), else the declared class's
             dtype=dtype or (declared.dtype if declared is not None and emulated is None else None),
+            fleet_key=None if fleet_key_file is None else load_fleet_key(fleet_key_file),
         )
         agent = Agent(settings, link)
         typer.echo(f"agent {name}: {len(agent.records)} samples from {data}; joining job {job} at {broker}")
@@ -151,6 +161,22 @@ def join(
     except KeyboardInterrupt:
         raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
     typer.echo(f"agent {name}: the job is done ({agent.rounds_done} rounds trained)")
+
+
+@app.command("make-fleet-key")
+def make_fleet_key_command(
+    out: Annotated[Path, typer.Option(help="Where to write the key (never overwritten; mode 0600).")],
+) -> None:
+    """Make a fleet key: 32 random bytes the devices of a job with private adapters share (join --fleet-key-file)
+    and its coordinator must never hold. Copy it to every device by a channel of your own, not through the broker."""
+    try:
+        typer.echo(f"fleet key written to {make_fleet_key(out)}; give it to the devices only")
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(int(exit_code_for(exc))) from exc
+    except OSError as exc:
+        typer.echo(f"error: cannot write {out}: {exc}", err=True)
+        raise typer.Exit(int(ExitCode.CONFIG)) from exc
 
 
 def _profile(option: str, name_or_path: str) -> DeviceProfile:

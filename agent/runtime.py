@@ -24,7 +24,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -85,6 +85,7 @@ class AgentSettings:
     # The memory the agent's runtime takes before its segment (memory.py): None measures this process, which
     # is right for an agent alone in its process; harnesses running several agents in one give a figure.
     runtime_mb: float | None = None
+    fleet_key: bytes | None = field(default=None, repr=False)  # private adapters (shared/wire/sealed.py)
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,7 @@ class Agent:
             self.name, self.topics, settings.model, self.model_config, self.tokenizer, self.records,
             device=settings.device, dtype=self.dtype, emulation=self.emulation, member=self.member,
             build_segment=tools.build_segment, refuse=self._refuse, interrupt=self._interrupt,
-            upload_state=self._upload_state,
+            upload_state=self._upload_state, fleet_key=settings.fleet_key,
         )  # fmt: skip
 
     @property
@@ -282,6 +283,13 @@ class Agent:
                 status = parse_coordinator_status(env.body)
                 if status.state == "online" and self._announced == (env.sid, status.connection):
                     log.debug("%s: the coordinator's status again, on the same connection", self.name)
+                elif status.state == "online" and status.private_blocks and self.settings.fleet_key is None:
+                    self._refused = ConfigError(
+                        f"{self.name}: job {self.topics.job} keeps its client adapters private (they travel sealed "
+                        "with the fleet key): join with --fleet-key-file"
+                    )
+                    self._done = True
+                    log.error("%s", self._refused)
                 elif status.state == "online":
                     self._announced = (env.sid, status.connection)
                     # The job's shapes: what examples fit and what memory a step needs here (the join says both),

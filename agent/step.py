@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from splitft.agent.emulation import Emulation
-from splitft.shared.model.defense import DefenseSettings, defend, nopeek_loss
+from splitft.shared.model.defense import DefenseSettings, defend, distance_loss, nopeek_loss
 from splitft.shared.model.loss import padding_mask
 from splitft.shared.model.split import Segment
 from splitft.shared.wire.messages import act_body
@@ -37,13 +37,18 @@ def forward(
 ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any], float]:
     """Client forward (B, T) -> (B, T, C), the defense applied, and the encoded activation message.
 
-    Returns (the activations as sent, the NoPeek term to add to the loss or None, the message body, the
-    forward time). ``labels`` go into the message only in the two-part split (None in the U split)."""
+    Returns (the activations as sent, the NoPeek and distance terms to add to the loss or None, the message
+    body, the forward time). ``labels`` go into the message only in the two-part split (None in the U split)."""
     t0 = time.perf_counter()
     mask = padding_mask(lengths, input_ids.shape[1]).to(segment.device)
     segment.train()
     hidden = segment(input_ids.to(segment.device), mask)  # (B, T, C)
     extra = nopeek_loss(input_ids.to(segment.device), hidden, mask, defense.nopeek) if defense.nopeek > 0 else None
+    if defense.distance > 0:  # away from the public base's activations (private adapters)
+        with torch.no_grad(), segment.peft_model.disable_adapter():
+            base = segment(input_ids.to(segment.device), mask)
+        term = distance_loss(hidden, base, mask, defense.distance)
+        extra = term if extra is None else extra + term
     sent = defend(hidden, defense, generator) if defense.active else hidden  # (B, T, C)
     forward_s = time.perf_counter() - t0
     if emulation is not None:

@@ -32,6 +32,7 @@ import torch
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from splitft.agent.emulation import Emulation, block_flops
+from splitft.agent.private import received_adapters, split_upload
 from splitft.agent.profile import peak_rss_mb
 from splitft.agent.step import backward, forward, tail_step
 from splitft.shared.errors import ConfigError, RoundAborted, WireError
@@ -42,7 +43,6 @@ from splitft.shared.model.loading import head_flops, num_layers
 from splitft.shared.model.lora import load_lora_state, lora_state
 from splitft.shared.model.loss import IGNORE_INDEX
 from splitft.shared.model.split import Segment, SegmentSpec
-from splitft.shared.wire.codec import decode_state
 from splitft.shared.wire.control import Assignment
 from splitft.shared.wire.link import Link, Received
 from splitft.shared.wire.messages import adapter_body, parse_grad, parse_tail_act, tail_grad_body
@@ -101,6 +101,7 @@ class Trainer:
         refuse: Callable[[str, WireError], None],
         interrupt: Interrupt,
         upload_state: Callable[[Segment], dict[str, torch.Tensor]],
+        fleet_key: bytes | None = None,
     ) -> None:
         self.name = name
         self.topics = topics
@@ -116,6 +117,7 @@ class Trainer:
         self._refuse = refuse  # a malformed answer: counted and logged by the agent
         self._interrupt = interrupt
         self._upload_state = upload_state  # the adapters to upload (the agent's: tests inject faults there)
+        self._fleet_key = fleet_key  # private adapters are sealed with it (agent/private.py)
         self._segment: Segment | None = None
         self._segment_key: tuple[Any, ...] | None = None
         self._examples: dict[tuple[int, str | bool], list[Example]] = {}
@@ -131,8 +133,8 @@ class Trainer:
 
     async def train(self, a: Assignment, link: Link) -> None:
         segment = await self.member.compute(self._segment_for, a)
-        expect = {n: tuple(p.shape) for n, p in segment.lora_parameters().items()}
-        state = decode_state(a.adapter, expect={n: list(s) for n, s in expect.items()})
+        shapes = {n: tuple(p.shape) for n, p in segment.lora_parameters().items()}
+        state = await self.member.compute(received_adapters, a, shapes, self._fleet_key, self.topics.job)
         load_lora_state(segment.peft_model, {n: t.to(segment.device) for n, t in state.items()})
         optimizer = a.optimizer.build(segment.lora_parameters().values())
         batches = self._batches_for(a)
@@ -203,7 +205,7 @@ class Trainer:
             if loss is not None:
                 losses.append(loss)
         mean = {k: v / a.local_steps for k, v in totals.items()}
-        state_out = self._upload_state(segment)
+        state_out, sealed = split_upload(a, self._upload_state(segment), self._fleet_key, self.topics.job, self.name)
         body = adapter_body(
             state_out,
             max(tokens, 1),
@@ -211,6 +213,7 @@ class Trainer:
             sum(losses) / len(losses) if losses else None,
             mean,
             a.adapter_wire_dtype,
+            sealed,
         )
         self.last_upload = Outgoing(self.topics.agent(self.name, "adapter"), Kind.ADAPTER, body, a.round, -1, a.corr)
         await link.publish(self.topics.agent(self.name, "adapter"), Kind.ADAPTER, body, round_=a.round, corr=a.corr)

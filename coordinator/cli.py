@@ -26,6 +26,7 @@ from splitft.coordinator.cli_model import (
     import_model,
     inspect,
     save_base,
+    unseal_command,
     verify_split,
 )
 from splitft.coordinator.cli_run import make_key, run, worker
@@ -59,6 +60,7 @@ app.command("audit")(audit)
 app.command("import")(import_model)
 app.command("generate")(generate_command)
 app.command("evaluate")(evaluate_command)
+app.command("unseal")(unseal_command)
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ from splitft.coordinator.cli_model import chat_template_flag, report_comparison
 from splitft.coordinator.cli_support import check_data_file, fail, new_console, new_folders, remove_empty
 from splitft.shared.errors import ConfigError, ExitCode, SplitFTError
 from splitft.shared.job.config import JobConfig, torch_device
+from splitft.tools.audit.table import job_privacy
 
 #: what `local` runs without a job file: a short demo that visibly learns (the job file's defaults are for `run`)
 LOCAL_DEFAULTS: dict[str, Any] = {
@@ -202,6 +203,7 @@ def local(
         f"[bold]SplitFT local run[/bold]: {agents} agents (cuts {', '.join(map(str, cut_list))}; {layout}), "
         f"model {spec.model}, {spec.rounds} rounds x {spec.local_steps} steps; output in {out}"
     )
+    console.print(job_privacy(spec, cut_list), highlight=False)
     made = new_folders(out)
     try:
         summary = asyncio.run(observed(observatory, console, lambda: run_local(local_run, progress=observatory)))

@@ -31,6 +31,7 @@ from splitft.coordinator.cli_support import (
     staged,
     write_error,
 )
+from splitft.coordinator.private import unseal_adapter
 from splitft.coordinator.report import read_metrics
 from splitft.shared.errors import ConfigError, ExitCode, ModelError, SplitFTError
 from splitft.shared.job.config import torch_device
@@ -50,6 +51,7 @@ from splitft.shared.model.precision import DTYPES
 from splitft.shared.model.split import load_base_model
 from splitft.shared.model.tokenizer import GSM8K, load_tokenizer
 from splitft.shared.wire.codec import FLOAT_WIRE_DTYPES
+from splitft.shared.wire.sealed import load_fleet_key
 
 AdapterOpt = Annotated[Path | None, typer.Option(help="A PEFT adapter folder (e.g. a job's adapter/) on the model.")]
 ChatTemplateOpt = Annotated[
@@ -361,3 +363,23 @@ def report_comparison(console: Console, comparison: Comparison, metrics: Path, o
         "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in comparison.rows()), encoding="utf-8"
     )
     return figures
+
+
+def unseal_command(
+    adapter: Annotated[Path, typer.Option(help="The exported adapter of a job with private adapters.")],
+    fleet_key_file: Annotated[Path, typer.Option(help="The fleet key the devices hold (make-fleet-key).")],
+    out: Annotated[Path, typer.Option(help="The complete adapter folder to write (must not exist).")],
+) -> None:
+    """Complete the adapter of a job with private adapters: average the private blocks' sealed uploads kept in
+    its private.json with the fleet key, as the devices do, and write a standard PEFT adapter folder. Run it
+    where the fleet key may be, never on the coordinator's host."""
+    console = new_console()
+    try:
+        if out.exists():
+            raise ConfigError(f"--out {out} exists; give a new folder")
+        unseal_adapter(adapter, load_fleet_key(fleet_key_file), out)
+    except SplitFTError as exc:
+        raise fail(exc) from exc
+    except OSError as exc:
+        raise fail(write_error(out, exc)) from exc
+    console.print(f"adapter with its private blocks: {out}")

@@ -37,6 +37,7 @@ from splitft.shared.cli_options import (
 from splitft.shared.errors import ConfigError, ExitCode, SplitFTError
 from splitft.shared.job.config import JobConfig, torch_device
 from splitft.shared.wire.keys import write_key
+from splitft.tools.audit.table import job_privacy
 
 WorkerTimeoutOpt = Annotated[
     float,
@@ -167,6 +168,7 @@ def run(
             "[yellow]two-part split:[/yellow] every step's activations carry the devices' labels (their response "
             'tokens) to this host; split = "u" in the job file keeps tokens and labels on the devices.'
         )
+    console.print(job_privacy(spec), highlight=False)
     made = new_folders(out)  # removed again if the run fails before writing anything in them
     try:
         coordinator = Coordinator(

@@ -31,6 +31,7 @@ from splitft.shared.job.partition import length_dirichlet_partition, plot_partit
 from splitft.shared.job.records import load_records
 from splitft.shared.model.tokenizer import GSM8K, load_tokenizer
 from splitft.shared.wire.broker import BrokerSettings
+from splitft.shared.wire.sealed import make_fleet_key
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,10 @@ async def _broker(run: LocalRun) -> AsyncIterator[tuple[str, str]]:
         await broker.shutdown()
 
 
+#: a local run's fleet key (private adapters), made in its output folder for its agents
+FLEET_KEY_FILE = "fleet.key"
+
+
 def _start_agent(
     run: LocalRun, job: JobConfig, name: str, data: Path, url: str, protocol: str
 ) -> subprocess.Popen[bytes]:
@@ -157,6 +162,11 @@ def _start_agent(
             command.append("--emulate-virtual")
     if run.device_dtype is not None:
         command += ["--dtype", run.device_dtype]
+    if job.private_adapters:  # the devices' key, made for this run; the coordinator never opens it
+        key = run.out / FLEET_KEY_FILE
+        if not key.exists():
+            make_fleet_key(key)
+        command += ["--fleet-key-file", str(key)]
     with (logs / f"{name}.log").open("wb") as log_file:
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         return subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)

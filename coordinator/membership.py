@@ -59,6 +59,7 @@ class Membership:
             "chat_template": self.job.chat_template,
             "batch_size": self.job.batch_size,  # and what memory a step needs on it
             "lora_rank": max(self.job.lora.r, self.job.lora.r_cut),  # and how large an assignment may be
+            "private_blocks": self.job.c_min if self.job.private_adapters else 0,  # and the sealed uploads in it
             # A new connection makes agents re-send what it may have missed; a status announced again on the same
             # one (restoring it over something else on the topic) does not.
             "connection": self.member.link.connects if self.member.link is not None else 0,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ import torch
 
 from splitft.coordinator.estimates import FleetEstimates, adapter_block_bytes, block_memory_mb
 from splitft.coordinator.layout import device_layout
+from splitft.coordinator.private import PrivateAdapters
 from splitft.coordinator.roster import Participant
 from splitft.coordinator.server import ServerModel
 from splitft.coordinator.workers import WorkerGroup, job_message, open_group
@@ -21,6 +22,7 @@ from splitft.shared.errors import JobError, WorkerLost
 from splitft.shared.job.config import JobConfig
 from splitft.shared.job.data import collate, eval_examples
 from splitft.shared.member import Member
+from splitft.shared.model.calibration import public_clips
 from splitft.shared.model.loading import check_max_length, load_config, num_layers
 from splitft.shared.model.tokenizer import GSM8K, load_tokenizer
 from splitft.shared.wire.codec import encode_state, wire_bytes_per_element
@@ -94,10 +96,32 @@ def step_bytes(job: JobConfig, hidden: int) -> tuple[float, float]:
     return tensor + 8 * tokens, tensor
 
 
+def calibrated_clips(job: JobConfig, total: int) -> dict[int, float]:
+    """The clip of each cut the job may use, when its defense calibrates the clip per cut (else none)."""
+    quantile = job.defense.clip_quantile
+    if quantile is None:
+        return {}
+    cuts = tuple(range(max(1, job.c_min), (job.c_max or total - 1) + 1))
+    cuts = tuple(sorted({*cuts, job.cut, *job.cuts.values()}))
+    return public_clips(job.model, cuts, quantile)
+
+
 def encode_assignment(
-    job: JobConfig, fingerprint: str, round_: int, attempt: int, participant: Participant
+    job: JobConfig,
+    fingerprint: str,
+    round_: int,
+    attempt: int,
+    participant: Participant,
+    clips: dict[int, float],
+    private: PrivateAdapters,
+    ranks: Mapping[int, int],
 ) -> dict[str, Any]:
-    """The body of ``participant``'s assignment: its cut, ranks and adapters, and the job's settings for it."""
+    """The body of ``participant``'s assignment: its cut, ranks and adapters, and the job's settings for it
+    (a defense calibrated per cut gets the clip of the participant's cut from ``clips``; with private adapters,
+    the sealed uploads to average and the job's ``ranks`` of the private blocks)."""
+    defense = job.defense
+    if defense.clip_quantile is not None:
+        defense = defense.calibrated(clips[participant.cut])
     assignment = Assignment(
         round=round_,
         model=job.model,
@@ -105,7 +129,7 @@ def encode_assignment(
         cut=participant.cut,
         ranks=participant.ranks,
         lora=job.lora,
-        adapter=encode_state(participant.sent, job.adapter_wire_dtype),
+        adapter=encode_state(private.to_send(participant.sent), job.adapter_wire_dtype),
         local_steps=job.local_steps,
         batch_size=job.batch_size,
         max_length=job.max_length,
@@ -119,7 +143,10 @@ def encode_assignment(
         split=job.split,
         tail=participant.tail,
         report_loss=job.report_loss,
-        defense=job.defense,
+        defense=defense,
         chat_template=job.chat_template,
+        private=private.blocks,
+        private_ranks=tuple(ranks[b] for b in range(private.blocks)),
+        sealed=tuple(private.sealed),
     )
     return assign_body(assignment)

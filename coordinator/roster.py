@@ -14,6 +14,7 @@ import torch
 from splitft.coordinator.progress import Event, Progress
 from splitft.shared.errors import ROUTINE_REFUSALS, Refusal
 from splitft.shared.member import Member
+from splitft.shared.model.lora import block_of
 from splitft.shared.wire.control import notice_body
 from splitft.shared.wire.envelope import Envelope
 from splitft.shared.wire.topics import Kind, Topics
@@ -83,8 +84,10 @@ class Participant:
     upload: dict[str, torch.Tensor] | None = None  # its adapter upload, once a valid one arrived
     # Without a job key, valid uploads that came after the first (one of them may be the agent's own, the
     # first a forgery), with their sizes, and why the last refused one was: see coordinator/uploads.py
-    spares: list[tuple[dict[str, torch.Tensor], dict[str, float], int]] = field(default_factory=list)
+    spares: list[tuple[dict[str, torch.Tensor], dict[str, float], int, bytes | None]] = field(default_factory=list)
     refused_upload: str | None = None
+    private: int = 0  # private adapters: blocks 0..private-1 are uploaded sealed, not in clear
+    sealed: bytes | None = None  # their sealed upload, with ``upload``
     tokens: int = 0
     losses: list[float] = field(default_factory=list)
     accuracies: list[float] = field(default_factory=list)
@@ -102,8 +105,8 @@ class Participant:
 
     @property
     def expect(self) -> dict[str, tuple[int, ...]]:
-        """The adapter names and shapes it must upload: those it was sent."""
-        return {n: tuple(t.shape) for n, t in self.sent.items()}
+        """The adapter names and shapes it must upload in clear: those it was sent (the private blocks' never)."""
+        return {n: tuple(t.shape) for n, t in self.sent.items() if not self.private or block_of(n) >= self.private}
 
 
 class Refusals:

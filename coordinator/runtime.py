@@ -56,7 +56,14 @@ from splitft.coordinator.cuts import CutPlanner
 from splitft.coordinator.exchange import StepExchange
 from splitft.coordinator.layout import device_ranks
 from splitft.coordinator.membership import Membership
-from splitft.coordinator.prepare import build_server, encode_assignment, eval_batches, fleet_estimates
+from splitft.coordinator.prepare import (
+    build_server,
+    calibrated_clips,
+    encode_assignment,
+    eval_batches,
+    fleet_estimates,
+)
+from splitft.coordinator.private import PrivateAdapters
 from splitft.coordinator.progress import Event, Progress, silent
 from splitft.coordinator.record import MetricsFile, eval_fields, failure_record, jsonable, round_record
 from splitft.coordinator.roster import Agents, Participant, Refusals, Roster
@@ -132,6 +139,8 @@ class Coordinator:
         self._rejected_written: Counter[str] = Counter()  # the refusals counted in the last line written
         self._rejected_before: Counter[str] = Counter()  # those of the processes before a resume
         self.eval_batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.clips: dict[int, float] = {}  # a defense's clip per cut, when it is calibrated per cut
+        self.private = PrivateAdapters(job)  # the sealed uploads relayed for the private blocks
 
     @property
     def link(self) -> Link | None:
@@ -158,7 +167,7 @@ class Coordinator:
                 for round_ in range(first_round, self.job.rounds + 1):
                     record = await self._run_round(round_)
                     state = {"cuts": [list(c) for c in cuts], "elapsed_s": record["time_s"], "job": self.job.job,
-                             "rejected": record["rejected"]}  # fmt: skip
+                             "rejected": record["rejected"], "private": self.private.state()}  # fmt: skip
                     await self.member.compute(save_checkpoint, self.out / "checkpoints", round_, self.server, state)
                 return await self._finish()
             except Exception as exc:
@@ -191,6 +200,7 @@ class Coordinator:
             self._first_round = int(state["round"]) + 1
             self._elapsed_before = float(state.get("elapsed_s", 0.0))
             self._rejected_before = Counter({str(k): int(v) for k, v in state.get("rejected", {}).items()})
+            self.private.restore(state.get("private", {}))
             self._rejected_written = Counter(self._rejected_before)
             self.metrics.truncate(after=self._first_round - 1)
         else:
@@ -201,6 +211,7 @@ class Coordinator:
             self.fingerprint,
         )  # fmt: skip
         self.exchange.start(self.server)
+        self.clips = await self.member.compute(calibrated_clips, self.job, self.server.num_layers)
         if checkpoint is not None:
             restored = await self.member.compute(load_checkpoint, checkpoint, self.server)
             log.info("resumed from %s: continuing at round %d", checkpoint, self._first_round)
@@ -233,6 +244,7 @@ class Coordinator:
         """Export the adapter, tell the workers and the agents the job is done; the job's summary."""
         assert self.server is not None
         adapter_dir = await self.member.compute(self.server.export, self.out / "adapter")
+        self.private.export(adapter_dir, self.server.module_ranks(), self.job.seed)
         if self.group is not None:
             try:
                 await self.member.compute(self.group.broadcast, {"op": "done"})
@@ -277,14 +289,17 @@ class Coordinator:
         self.exchange.begin_round()
         decision = await self.cuts.decide(round_, self._first_round)
         participants: dict[str, Participant] = {}
+        self.private.check_round(len(self.agents.online()))
         for name in self.agents.online():
             cut, tail = self.cuts.layout(name)
             ranks = device_ranks(server.num_layers, cut, tail, job.lora)
             state = await self.member.compute(server.client_state, ranks)
             corr = f"{link.sid}:{round_}:{attempt}"
             sid = self.agents.known[name].sid
-            participant = Participant(name, cut, ranks, corr, sid, state, tail=tail)
-            participant.assign_body = encode_assignment(job, self.fingerprint, round_, attempt, participant)
+            participant = Participant(name, cut, ranks, corr, sid, state, tail=tail, private=self.private.blocks)
+            participant.assign_body = encode_assignment(
+                job, self.fingerprint, round_, attempt, participant, self.clips, self.private, server.ranks
+            )
             participants[name] = participant
         self.roster.begin(round_, participants)
         deadlines = self.cuts.deadlines(decision, participants)
@@ -319,6 +334,7 @@ class Coordinator:
             )  # fmt: skip
             self.roster.end()
             return None
+        self.private.keep(round_, uploads, participants)  # the private blocks' sealed uploads, relayed next round
         await self.member.compute(server.aggregate, uploads)
         self.roster.end()
         result = await self.member.compute(server.evaluate, self.eval_batches)

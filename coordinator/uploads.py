@@ -56,7 +56,10 @@ class Uploads:
     @staticmethod
     def most_bytes(participant: Participant) -> int:
         """The most an upload of ``participant`` may decompress to: what it was sent, in fp32."""
-        return ENVELOPE_BYTES + sum(4 * t.numel() + 256 for t in participant.sent.values())
+        adapters = sum(4 * t.numel() + 256 for t in participant.sent.values())
+        return (
+            ENVELOPE_BYTES + adapters + (1024 if participant.private else 0)
+        )  # the private part sealed: its nonce, tag
 
     def arrived(self, received: Received) -> None:
         """Check an upload as it arrives: the first valid one of the current assignment is taken; without a key,
@@ -69,7 +72,7 @@ class Uploads:
         if participant.upload is not None and (self.authenticated or len(participant.spares) >= MAX_SPARES):
             return  # a repeat (re-sent after a reconnect)
         try:
-            upload = parse_adapter(env.body, participant.expect)
+            upload = parse_adapter(env.body, participant.expect, sealed=participant.private > 0)
         except WireError as exc:
             self.refusals.count(exc.reason, name, exc.detail)
             # With a key, a NaN/Inf upload is the agent's own diverged update: refuse it and tell it.
@@ -79,9 +82,9 @@ class Uploads:
                 participant.refused_upload = exc.detail  # the next one is awaited
             return
         if participant.upload is not None:
-            participant.spares.append((upload.state, upload.timings, received.size))
+            participant.spares.append((upload.state, upload.timings, received.size, upload.sealed))
             return
-        self._take(participant, upload.state, upload.timings, received.size)
+        self._take(participant, upload.state, upload.timings, received.size, upload.sealed)
 
     def _refuse_taken(self, participant: Participant, detail: str) -> None:
         """The upload ``participant`` holds is an outlier: with a key, the agent is dropped and told; without, its
@@ -101,11 +104,17 @@ class Uploads:
         self.wake.set()
 
     def _take(
-        self, participant: Participant, state: dict[str, torch.Tensor], timings: dict[str, float], size: int
+        self,
+        participant: Participant,
+        state: dict[str, torch.Tensor],
+        timings: dict[str, float],
+        size: int,
+        sealed: bytes | None,
     ) -> None:
         participant.bytes_up += size
         participant.timings = timings
         participant.upload = state
+        participant.sealed = sealed
         self.wake.set()
 
     async def take(self, participants: dict[str, Participant]) -> list[tuple[float, dict[str, torch.Tensor]]]:

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from splitft.shared.errors import ConfigError
 from splitft.shared.model.aggregation import (
     Contribution,
     aggregate,
@@ -15,7 +16,6 @@ from splitft.shared.model.aggregation import (
     state_ranks,
     to_rank,
 )
-from splitft.shared.errors import ConfigError
 
 K0 = "base_model.model.transformer.h.0.attn.c_attn"
 K1 = "base_model.model.transformer.h.1.attn.c_attn"

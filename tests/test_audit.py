@@ -4,33 +4,40 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
+from splitft.agent.step import forward
 from splitft.coordinator.cli import app
 from splitft.shared.errors import ConfigError, ExitCode
-from splitft.shared.model.defense import DefenseSettings, defend, distance_correlation, nopeek_loss
+from splitft.shared.model.defense import DefenseSettings, defend, distance_correlation, distance_loss, nopeek_loss
 from splitft.shared.model.lora import lora_state
 from splitft.shared.model.split import SegmentSpec, build_segment
 from splitft.shared.model.tokenizer import load_tokenizer
 from splitft.tools.audit import (
     AttackSettings,
     DefenseCase,
+    TokenBatch,
     audit_inversion,
     audit_labels,
     block_outputs,
     client_segment,
     device_examples,
     device_tokens,
+    exact_search,
     finetune_split,
+    on_the_wire,
     parse_cuts,
+    search_sequences,
 )
+from splitft.tools.audit.exact import candidate_step
 
 runner = CliRunner()
-TINY = AttackSettings(public_tokens=2048, eval_tokens=1024, steps=100)
+TINY = AttackSettings(public_tokens=2048, eval_tokens=1024, steps=100, exact_tokens=0)
 
 # --------------------------------------------------------------------------- defend
 
@@ -171,9 +178,51 @@ def test_inversion_recovers_tokens_at_cut_1_and_heavy_noise_lowers_it() -> None:
 
 
 def test_inversion_is_deterministic() -> None:
-    quick = AttackSettings(public_tokens=512, eval_tokens=256, steps=10)
+    quick = AttackSettings(public_tokens=512, eval_tokens=256, steps=10, exact_tokens=0)
     first = audit_inversion("tiny-gpt2", [2], settings=quick)
     assert audit_inversion("tiny-gpt2", [2], settings=quick) == first
+
+
+# --------------------------------------------------------------------------- the exact-search attacker
+
+EXACT = AttackSettings(public_tokens=512, eval_tokens=256, steps=10, exact_tokens=16)
+
+
+@pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-llama"])
+def test_exact_search_recovers_every_token_of_an_undefended_device_at_cut_1(preset: str) -> None:
+    (row,) = audit_inversion(preset, [1], settings=EXACT)
+    assert row.exact_tokens == 16
+    assert row.exact == 1.0, f"exact search recovered {row.exact:.1%} of 16 tokens"
+    assert row.best == (1.0, "exact search")
+
+
+def test_a_candidate_step_computes_what_the_device_sends() -> None:
+    tokenizer = load_tokenizer("tiny-llama")
+    data = device_tokens(device_examples(tokenizer, 200, 48), tokenizer.pad_token_id)
+    segment = build_segment("tiny-llama", SegmentSpec.client(2))
+    with torch.no_grad():
+        sent = segment(data.ids[:1, :12], data.mask[:1, :12])[0]  # (12, C)
+        candidates = torch.tensor([int(data.ids[0, 11]), 5, 77])
+        hidden = candidate_step(segment, 2, data.ids[0, :11], candidates)  # the true token 11 and two others
+    torch.testing.assert_close(hidden[0], sent[11], atol=1e-4, rtol=1e-4)
+    assert float((hidden[1:] - sent[11]).norm(dim=-1).min()) > 1e-2
+
+
+def test_exact_search_reads_the_labels_and_keeps_to_its_proposals() -> None:
+    tokenizer = load_tokenizer("tiny-gpt2")
+    data = device_tokens(device_examples(tokenizer, 200, 48), tokenizer.pad_token_id)
+    segment = build_segment("tiny-gpt2", SegmentSpec.client(1))
+    sent = on_the_wire(block_outputs(segment, data, [1])[1], "fp16")
+    # A text job trains on every position: each label is the next input.
+    text = TokenBatch(data.ids, data.mask, torch.cat([data.ids[:, 1:], data.ids[:, -1:]], 1) * data.mask)
+    found = search_sequences(segment, 1, sent, text, DefenseSettings(), tokens=10)
+    assert (found.exact, found.exact_tokens, found.exact_labels) == (1.0, 10, 1.0)
+    # Proposals that hold the true token find it; proposals without it fall back to the whole vocabulary.
+    truth = data.ids[0, :6]
+    wrong = torch.stack([torch.tensor([(int(t) + 1) % 50257, (int(t) + 2) % 50257]) for t in truth])
+    right = torch.cat([wrong, truth[:, None]], 1)
+    assert torch.equal(exact_search(segment, 1, sent[0, :6], proposals=right), truth)
+    assert torch.equal(exact_search(segment, 1, sent[0, :6], proposals=wrong), truth)
 
 
 def test_label_leakage_without_tail_is_near_total() -> None:
@@ -212,6 +261,7 @@ def test_audit_command_writes_table_plot_and_json(tmp_path: Path) -> None:
     out = tmp_path / "audit"
     args = ["audit", "--model", "tiny-gpt2", "--cuts", "1", "--out", str(out), "--public-tokens", "1024"]
     args += ["--eval-tokens", "512", "--steps", "30", "--noise", "2", "--clip", "median", "--tails", "0"]
+    args += ["--exact-tokens", "6"]
     result = runner.invoke(app, args, env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "Token recovery" in result.output and "label leakage" in result.output
@@ -219,7 +269,11 @@ def test_audit_command_writes_table_plot_and_json(tmp_path: Path) -> None:
     numbers = json.loads((out / "audit.json").read_text())
     assert [r["defense"] for r in numbers["inversion"]] == ["none", "clip median, noise 2"]
     assert all(0 <= r["recovery"] <= 1 for r in numbers["inversion"]) and numbers["labels"][0]["tail"] == 0
-    assert "| 1 |" in (out / "audit.md").read_text()
+    for row in numbers["inversion"]:
+        assert row["exact_tokens"] == 6 and row["best"] == max(row["recovery"], row["exact"])
+        assert row["best_attacker"] in ("exact search", "learned inverse")
+    assert numbers["inversion"][0]["exact"] == 1.0  # undefended, cut 1: every searched token
+    assert "| 1 |" in (out / "audit.md").read_text() and "(exact)" in (out / "audit.md").read_text()
     assert (out / "audit.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -232,6 +286,8 @@ def test_audit_command_writes_table_plot_and_json(tmp_path: Path) -> None:
         (["--clip", "wide"], "--clip"),
         (["--clip", "0"], "defense.clip"),
         (["--nopeek", "1"], "--finetune-steps"),
+        (["--distance", "1"], "--finetune-steps"),
+        (["--private"], "--adapter"),
         (["--tails", "a"], "--tails"),
         (["--steps", "0"], "audit.steps"),
     ],
@@ -248,3 +304,54 @@ def test_audit_command_refuses_bad_options(tmp_path: Path, extra: list[str], nam
 def test_audit_command_refuses_a_missing_model(tmp_path: Path) -> None:
     result = runner.invoke(app, ["audit", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
     assert result.exit_code == ExitCode.MODEL, result.output
+
+
+# --------------------------------------------------------------------------- private adapters, the distance term
+
+
+def test_the_distance_term_pushes_activations_away_from_the_base_until_their_norm() -> None:
+    base = torch.randn(2, 5, 16)
+    mask = torch.ones(2, 5)
+    same = base.clone().requires_grad_(True)
+    term = distance_loss(same + 1e-3, base, mask, 2.0)
+    assert float(term.detach()) == pytest.approx(2.0, abs=1e-2)  # at the base: the whole weight
+    term.backward()
+    assert same.grad is not None and float(same.grad.abs().sum()) > 0
+    far = base + 3 * base.norm(dim=-1, keepdim=True) * torch.nn.functional.normalize(torch.randn(2, 5, 16), dim=-1)
+    assert float(distance_loss(far, base, mask, 2.0)) == 0.0  # more than a norm away: no push
+    assert float(distance_loss(base, base, torch.zeros(2, 5), 2.0)) == 0.0  # padding only
+
+
+def test_an_attacker_without_the_private_adapters_completes_the_segment_from_the_base() -> None:
+    """Adapters far from the base (B drawn large): the server that has them recovers every token; the one that
+    completes the segment from the public base does not."""
+    segment = client_segment("tiny-llama", 1)
+    gen = torch.Generator().manual_seed(0)
+    adapters = {
+        n: (torch.randn(t.shape, generator=gen) * 0.5 if ".lora_B." in n else t) for n, t in lora_state(segment.peft_model).items()
+    }  # fmt: skip
+    known, private = audit_inversion(
+        "tiny-llama", [1],
+        [DefenseCase("known", adapters=adapters), DefenseCase("private", adapters=adapters, knows_adapters=False)],
+        replace(EXACT, exact_tokens=8),
+    )  # fmt: skip
+    assert known.exact == 1.0
+    assert private.exact is not None and private.exact < 0.5
+
+
+def test_an_agent_adds_the_distance_term_to_its_loss() -> None:
+    """Near the base (B small, as after a first step) the term is about its whole weight, and its gradient reaches
+    the device's LoRA weights. (At B = 0 exactly the term has no gradient: the task's loss moves B first.)"""
+    segment = build_segment("tiny-gpt2", SegmentSpec.client(2))
+    with torch.no_grad():
+        for name, p in segment.lora_parameters().items():
+            if ".lora_B." in name:
+                p.normal_(0, 1e-4, generator=torch.Generator().manual_seed(0))
+    ids, lengths = torch.randint(0, 1000, (2, 8)), torch.tensor([8, 5])
+    args = (segment, ids, None, lengths, "fp32", {}, None, 1.0)
+    _, none, _, _ = forward(*args, DefenseSettings(), torch.Generator())
+    _, extra, _, _ = forward(*args, DefenseSettings(distance=3.0), torch.Generator())
+    assert none is None and extra is not None and 2.9 < float(extra.detach()) <= 3.0
+    extra.backward()
+    grads = [p.grad for n, p in segment.lora_parameters().items() if ".lora_B." in n]
+    assert any(g is not None and float(g.abs().sum()) > 0 for g in grads)

@@ -573,7 +573,7 @@ def test_local_run_end_to_end(tmp_path: Path) -> None:
     job = tmp_path / "job.toml"
     job.write_text(
         'job = "from-file"\nrounds = 2\nlocal_steps = 2\nbatch_size = 2\nmax_length = 64\npolicy = "fixed"\n'
-        'split = "two-part"\n[optimizer]\nlr = 0.004\n'
+        'split = "two-part"\nprivacy = "balanced"\n[optimizer]\nlr = 0.004\n'
     )
     from splitft.shared.job.records import load_records
     from splitft.shared.model.tokenizer import GSM8K
@@ -592,6 +592,7 @@ def test_local_run_end_to_end(tmp_path: Path) -> None:
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False, env=WIDE)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "round   2: eval loss" in done.stdout
+    assert "privacy: not audited" in done.stdout  # tiny-gpt2 is not in the audit's table
     assert "Before and after fine-tuning (2 held-out problems" in done.stdout
     compared = json.loads((out / "compare.json").read_text())
     assert compared["problems"] == 2 and len((out / "answers.jsonl").read_text().splitlines()) == 2
@@ -604,6 +605,7 @@ def test_local_run_end_to_end(tmp_path: Path) -> None:
         "job": "from-file", "rounds": 2, "local_steps": 2, "batch_size": 2, "policy": "fixed", "split": "two-part"
     }  # fmt: skip
     assert ran["max_length"] == 96 and ran["optimizer"]["lr"] == 0.004  # the flag wins; the file's lr is kept
+    assert ran["privacy"] == "balanced" and ran["defense"]["clip_quantile"] == 0.5 and ran["defense"]["noise"] > 0
     assert ran["eval_data"] == str(evaluation) and json.loads(lines[0])["eval_tokens"] > 0
     assert compared["eval_loss"] == [json.loads(lines[0])["eval_loss"], json.loads(lines[-1])["eval_loss"]]
 

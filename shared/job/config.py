@@ -41,7 +41,7 @@ import torch
 
 from splitft.shared.errors import ConfigError
 from splitft.shared.job.data import check_chat_template
-from splitft.shared.model.defense import DefenseSettings
+from splitft.shared.model.defense import PRIVACY_LEVELS, DefenseSettings
 from splitft.shared.model.loading import ATTENTION_IMPLEMENTATIONS
 from splitft.shared.model.lora import LoraSettings
 from splitft.shared.model.precision import torch_dtype
@@ -124,6 +124,12 @@ class JobConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
     defense: DefenseSettings = field(default_factory=DefenseSettings)  # what devices do to their activations
+    # "off", "balanced" or "strict": a measured defense (defense.PRIVACY_LEVELS); sets `defense`, which is then
+    # left out or equal to the level's
+    privacy: str = "off"
+    # The adapters of blocks 0..c_min-1 leave a device only sealed with the fleet key, and the devices average them
+    # (shared/wire/sealed.py): the coordinator never holds them in clear. Agents join with --fleet-key-file.
+    private_adapters: bool = False
     attn_implementation: str = "sdpa"
     # The server segment's frozen base weights: fp32, bf16 (a GPU host; autocast on CUDA) or fp16. Each device
     # picks its own (`splitft-agent join --dtype`, by default its profile's). Adapters are fp32 everywhere.
@@ -229,6 +235,17 @@ class JobConfig:
             raise ConfigError(f"optimizer must be optimiser settings (an [optimizer] table), got {self.optimizer!r}")
         if not isinstance(self.defense, DefenseSettings):
             raise ConfigError(f"defense must be defense settings (a [defense] table), got {self.defense!r}")
+        if type(self.private_adapters) is not bool:
+            raise ConfigError(f"private_adapters must be true or false, got {self.private_adapters!r}")
+        if self.privacy not in PRIVACY_LEVELS:
+            raise ConfigError(f"privacy must be one of {sorted(PRIVACY_LEVELS)}, got {self.privacy!r}")
+        if self.privacy != "off":
+            level = PRIVACY_LEVELS[self.privacy]
+            if self.defense not in (DefenseSettings(), level):
+                raise ConfigError(
+                    f'privacy = "{self.privacy}" sets the defense ({level.describe()}): leave [defense] out'
+                )
+            object.__setattr__(self, "defense", level)
 
     @property
     def u_split(self) -> bool:

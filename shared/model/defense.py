@@ -31,7 +31,7 @@ change the activations (add :func:`nopeek_loss` to the loss instead).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -47,6 +47,14 @@ class DefenseSettings:
     noise: float = 0.0  # Gaussian noise; per-token noise norm ~ noise * clip (or ~ noise without a clip); 0 = off
     clip: float | None = None  # per-token L2 norm bound on the activations; None = off
     nopeek: float = 0.0  # weight of the NoPeek distance-correlation term in the device's loss; 0 = off
+    # Weight of the distance term: the device's loss gains ``distance`` x the mean over tokens of
+    # max(0, 1 - |h - h_base| / |h_base|), which keeps its activations at the cut at least their own norm away
+    # from the public base model's (its adapters off): with private adapters, a server that completes the
+    # client segment from the public base no longer finds the tokens. Costs a forward pass without gradients.
+    distance: float = 0.0
+    # The clip calibrated per cut: this quantile of the token norms of public text at the device's cut (base
+    # weights), set by the coordinator in each assignment (``clip`` then carries the value); None = off.
+    clip_quantile: float | None = None
 
     def __post_init__(self) -> None:
         if not _number(self.noise) or self.noise < 0:
@@ -55,11 +63,22 @@ class DefenseSettings:
             raise ConfigError(f"defense.clip must be a finite number > 0 (or unset), got {self.clip!r}")
         if not _number(self.nopeek) or self.nopeek < 0:
             raise ConfigError(f"defense.nopeek must be a finite number >= 0, got {self.nopeek!r}")
+        if not _number(self.distance) or self.distance < 0:
+            raise ConfigError(f"defense.distance must be a finite number >= 0, got {self.distance!r}")
+        if self.clip_quantile is not None:
+            if not _number(self.clip_quantile) or not 0 < self.clip_quantile <= 1:
+                raise ConfigError(f"defense.clip_quantile must be in (0, 1], got {self.clip_quantile!r}")
+            if self.clip is not None:
+                raise ConfigError("defense: give clip (a fixed bound) or clip_quantile (calibrated per cut), not both")
 
     @property
     def active(self) -> bool:
         """Whether :func:`defend` changes the activations."""
-        return self.noise > 0 or self.clip is not None
+        return self.noise > 0 or self.clip is not None or self.clip_quantile is not None
+
+    def calibrated(self, clip: float) -> DefenseSettings:
+        """These settings with the per-cut clip resolved to ``clip`` (what a device is sent)."""
+        return replace(self, clip=clip, clip_quantile=None)
 
     def noise_std(self, width: int) -> float:
         """Standard deviation of the noise on each of ``width`` coordinates."""
@@ -69,15 +88,29 @@ class DefenseSettings:
         parts = []
         if self.clip is not None:
             parts.append(f"clip {self.clip:.3g}")
+        if self.clip_quantile is not None:
+            parts.append("clip median" if self.clip_quantile == 0.5 else f"clip q{self.clip_quantile:g}")
         if self.noise > 0:
             parts.append(f"noise {self.noise:g}")
         if self.nopeek > 0:
             parts.append(f"nopeek {self.nopeek:g}")
+        if self.distance > 0:
+            parts.append(f"distance {self.distance:g}")
         return ", ".join(parts) or "none"
 
 
 def _number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+#: ``privacy = "off" | "balanced" | "strict"`` in a job file: the defense each level stands for, measured by
+#: ``scripts/bench_exact_attack.py`` against the exact-search attacker (BENCHMARKS.md, "Privacy against the
+#: strongest attacker"). The clip is calibrated per cut (the median public token norm at the device's cut).
+PRIVACY_LEVELS = {
+    "off": DefenseSettings(),
+    "balanced": DefenseSettings(noise=1.0, clip_quantile=0.5),
+    "strict": DefenseSettings(noise=4.0, clip_quantile=0.5),
+}
 
 
 def clip_tokens(hidden: torch.Tensor, clip: float) -> torch.Tensor:
@@ -93,6 +126,8 @@ def defend(hidden: torch.Tensor, settings: DefenseSettings, generator: torch.Gen
     that of the clip alone. ``generator`` (on ``hidden``'s device) draws the noise; None uses
     torch's global generator. With every defense off this returns ``hidden`` itself.
     """
+    if settings.clip_quantile is not None:
+        raise ValueError("defend needs the clip calibrated: DefenseSettings.calibrated(clip) first")
     if settings.clip is not None:
         hidden = clip_tokens(hidden, settings.clip)
     if settings.noise > 0:
@@ -100,6 +135,17 @@ def defend(hidden: torch.Tensor, settings: DefenseSettings, generator: torch.Gen
         noise = torch.randn(hidden.shape, generator=generator, device=hidden.device, dtype=hidden.dtype)
         hidden = hidden + noise * std
     return hidden
+
+
+def distance_loss(
+    hidden: torch.Tensor, base: torch.Tensor, attention_mask: torch.Tensor, weight: float
+) -> torch.Tensor:
+    """``weight`` x the mean over real tokens of ``max(0, 1 - |hidden - base| / |base|)``: the device's activations
+    ``hidden`` (B, T, C) pushed away from the base model's ``base`` (no gradient) until a token's are at least
+    their own norm apart."""
+    relative = (hidden.float() - base.float()).norm(dim=-1) / base.float().norm(dim=-1).clamp_min(_EPS)  # (B, T)
+    mask = attention_mask.to(relative.dtype)
+    return weight * ((1 - relative).clamp_min(0) * mask).sum() / mask.sum().clamp_min(1)
 
 
 # --------------------------------------------------------------------------- NoPeek

@@ -19,6 +19,7 @@ from splitft.shared.wire.codec import (
     _brief,
 )
 from splitft.shared.wire.fields import get_field, int_field
+from splitft.shared.wire.sealed import MAX_SEALED, SealedUpload
 
 # --------------------------------------------------------------------------- small messages
 
@@ -121,6 +122,11 @@ class Assignment:
     # clip / noise on the activations sent, NoPeek in the loss
     defense: DefenseSettings = field(default_factory=DefenseSettings)
     chat_template: str | bool = "auto"  # how the device renders its pairs and conversations (shared/job/data.py)
+    # Private adapters (shared/wire/sealed.py): blocks 0..private-1 are averaged by the devices; their ranks in the
+    # job, and the last round's sealed uploads of them (none yet: ``adapter`` carries their initial values)
+    private: int = 0
+    private_ranks: tuple[int, ...] = ()
+    sealed: tuple[SealedUpload, ...] = ()
 
     @property
     def u_split(self) -> bool:
@@ -156,14 +162,40 @@ def assign_body(a: Assignment) -> dict[str, Any]:
             "weight_decay": a.optimizer.weight_decay,
             "momentum": a.optimizer.momentum,
         },
-        "defense": {"noise": a.defense.noise, "clip": a.defense.clip, "nopeek": a.defense.nopeek},
+        "defense": {
+            "noise": a.defense.noise,
+            "clip": a.defense.clip,
+            "nopeek": a.defense.nopeek,
+            **({"distance": a.defense.distance} if a.defense.distance else {}),
+        },
         "wire_dtype": a.wire_dtype,
         "adapter_wire_dtype": a.adapter_wire_dtype,
         "step_timeout_s": a.step_timeout_s,
         "seed": a.seed,
         "attempt": a.attempt,
         "chat_template": a.chat_template,
+        **_private_fields(a),
     }
+
+
+def _private_fields(a: Assignment) -> dict[str, Any]:
+    if not a.private:
+        return {}
+    return {"private": a.private, "private_ranks": list(a.private_ranks), "sealed": [s.to_wire() for s in a.sealed]}
+
+
+def _parse_private(body: Mapping[str, Any], cut: int) -> tuple[int, tuple[int, ...], tuple[SealedUpload, ...]]:
+    private = body.get("private", 0)
+    if type(private) is not int or not 0 <= private <= cut:
+        raise WireError(Refusal.BAD_SCHEMA, f"private {_brief(private)} must be a block count within the cut {cut}")
+    if not private:
+        return 0, (), ()
+    ranks, sealed = body.get("private_ranks"), body.get("sealed")
+    if not (isinstance(ranks, list) and len(ranks) == private and all(type(r) is int and 0 < r <= 4096 for r in ranks)):
+        raise WireError(Refusal.BAD_SCHEMA, "private_ranks must list one positive rank per private block")
+    if not isinstance(sealed, list) or len(sealed) > MAX_SEALED:
+        raise WireError(Refusal.BAD_SCHEMA, f"sealed must list at most {MAX_SEALED} sealed uploads")
+    return private, tuple(ranks), tuple(SealedUpload.from_wire(item) for item in sealed)
 
 
 def parse_assign(
@@ -238,6 +270,7 @@ def parse_assign(
     attempt = body.get("attempt", 1)
     if type(attempt) is not int or not 1 <= attempt <= 1_000_000:
         raise WireError(Refusal.BAD_SCHEMA, "attempt out of range")
+    private, private_ranks, sealed = _parse_private(body, cut)
     return Assignment(
         round=round_,
         model=model,
@@ -261,6 +294,9 @@ def parse_assign(
         defense=defense,
         corr=corr or "",
         chat_template=chat_template,
+        private=private,
+        private_ranks=private_ranks,
+        sealed=sealed,
     )
 
 
@@ -299,6 +335,7 @@ class CoordinatorStatus:
     batch_size: int = 0
     lora_rank: int = 0  # the job's highest LoRA rank
     chat_template: str | bool = "auto"
+    private_blocks: int = 0  # private adapters: the blocks devices average among themselves (0: off)
 
 
 def parse_coordinator_status(body: Mapping[str, Any]) -> CoordinatorStatus:
@@ -319,6 +356,7 @@ def parse_coordinator_status(body: Mapping[str, Any]) -> CoordinatorStatus:
         batch_size=int_field(body, "batch_size", 1, 1 << 16),
         lora_rank=int_field(body, "lora_rank", 1, 4096),
         chat_template=template,
+        private_blocks=int_field(body, "private_blocks", 0, 4096) if "private_blocks" in body else 0,
     )
 
 

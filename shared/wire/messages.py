@@ -148,14 +148,18 @@ def adapter_body(
     loss: float | None,
     timings: Mapping[str, float],
     wire_dtype: str = "fp32",
+    sealed: bytes | None = None,
 ) -> dict[str, Any]:
-    return {
+    body = {
         "adapter": encode_state(state, wire_dtype),
         "tokens": int(tokens),
         "samples": int(samples),
         "loss": None if loss is None else float(loss),  # None: a U-split agent that does not report its loss
         "timings": dict(timings),
     }
+    if sealed is not None:  # private adapters: the private blocks', sealed with the fleet key (sealed.py)
+        body["sealed"] = sealed
+    return body
 
 
 @dataclass(frozen=True)
@@ -165,14 +169,25 @@ class AdapterUpload:
     samples: int
     loss: float | None
     timings: dict[str, float]
+    sealed: bytes | None = None
 
 
-def parse_adapter(body: Mapping[str, Any], expect: Mapping[str, tuple[int, ...]]) -> AdapterUpload:
+def parse_adapter(
+    body: Mapping[str, Any], expect: Mapping[str, tuple[int, ...]], sealed: bool = False
+) -> AdapterUpload:
+    """An adapter upload: its adapters of the names and shapes of ``expect``, and with ``sealed`` (private
+    adapters) the private blocks' sealed ones, which must be there."""
     state = decode_state(get_field(body, "adapter", dict), expect={k: list(v) for k, v in expect.items()})
+    blob = body.get("sealed")
+    if sealed and not (isinstance(blob, bytes) and blob):
+        raise WireError(Refusal.BAD_SCHEMA, "an upload of private adapters lacks its sealed part")
+    if not sealed and blob is not None:
+        raise WireError(Refusal.BAD_SCHEMA, "a sealed part in an upload of a job without private adapters")
     return AdapterUpload(
         state=state,
         tokens=int_field(body, "tokens", 1, 1 << 40),
         samples=int_field(body, "samples", 1, 1 << 40),
         loss=None if body.get("loss", 0) is None else number_field(body, "loss"),
         timings=timings_field(body),
+        sealed=blob if sealed else None,
     )

@@ -28,9 +28,9 @@ audits and their results), :mod:`.report` (audit.md, audit.json, audit.png), :mo
 ``splitft-coordinator audit`` command).
 """
 
+from splitft.shared.model.calibration import PUBLIC_TEXTS
 from splitft.tools.audit.attack import (
     DEVICE_DATA,
-    PUBLIC_TEXTS,
     AttackSettings,
     DefenseCase,
     Inverter,
@@ -42,10 +42,12 @@ from splitft.tools.audit.attack import (
     client_segment,
     device_examples,
     device_tokens,
+    on_the_wire,
     public_tokens,
     recovery,
     train_attack,
 )
+from splitft.tools.audit.exact import SearchOutcome, exact_search, search_sequences
 from splitft.tools.audit.measure import (
     AuditReport,
     CutResult,
@@ -61,8 +63,8 @@ from splitft.tools.audit.report import markdown, plot_recovery, write_report
 
 __all__ = [
     "DEVICE_DATA", "PUBLIC_TEXTS", "AttackSettings", "AuditReport", "CutResult", "DefenseCase", "Inverter",
-    "LabelResult", "Progress", "TokenBatch", "adapter_ranks", "attack_tokens", "audit_inversion", "audit_labels",
-    "block_outputs", "client_segment", "device_examples", "device_tokens", "evaluate_split", "finetune_split",
-    "markdown", "parse_cuts", "plot_recovery", "public_tokens", "recovery", "run_audit", "train_attack",
-    "write_report",
+    "LabelResult", "Progress", "SearchOutcome", "TokenBatch", "adapter_ranks", "attack_tokens", "audit_inversion",
+    "audit_labels", "block_outputs", "client_segment", "device_examples", "device_tokens", "evaluate_split",
+    "exact_search", "finetune_split", "markdown", "on_the_wire", "parse_cuts", "plot_recovery", "public_tokens",
+    "recovery", "run_audit", "search_sequences", "train_attack", "write_report",
 ]  # fmt: skip

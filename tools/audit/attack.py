@@ -3,7 +3,6 @@ and the device text it is scored on, the activations it reads, and its inverse m
 
 from __future__ import annotations
 
-import gzip
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -19,15 +18,16 @@ from transformers import PreTrainedTokenizerBase
 from splitft.shared.errors import ConfigError
 from splitft.shared.job.data import Example, collate, tokenize
 from splitft.shared.job.records import load_records
+from splitft.shared.model.calibration import public_text_ids
 from splitft.shared.model.defense import DefenseSettings
 from splitft.shared.model.loading import family_of, load_config
 from splitft.shared.model.lora import LoraSettings, load_lora_state
 from splitft.shared.model.loss import IGNORE_INDEX, padding_mask
 from splitft.shared.model.split import Segment, SegmentSpec, build_segment
-from splitft.shared.model.tokenizer import DATASETS, GSM8K, load_tokenizer
+from splitft.shared.model.tokenizer import GSM8K, load_tokenizer
+from splitft.shared.wire.codec import FLOAT_WIRE_DTYPES, decode_tensor, encode_tensor
 
 Progress = Callable[[str], None]
-PUBLIC_TEXTS = (DATASETS / "wikitext-2" / "test.txt.gz", DATASETS / "e2e" / "valid.txt.gz")
 DEVICE_DATA = GSM8K / "train.jsonl"
 
 
@@ -46,6 +46,9 @@ class AttackSettings:
     seq_len: int = 64  # public text is cut into windows of this many tokens
     max_length: int = 128  # device examples are truncated to this many tokens
     seed: int = 0
+    wire_dtype: str = "fp16"  # the activations as the wire carries them (the job's wire_dtype)
+    exact_tokens: int = 256  # device tokens (whole sequences from the first) the exact search runs on; 0 = off
+    proposals: int = 0  # the exact search's candidates per position: 0 = the whole vocabulary, k = the inverse's top k
 
     def __post_init__(self) -> None:
         for name in (
@@ -67,6 +70,12 @@ class AttackSettings:
             raise ConfigError(f"audit.lr must be in (0, 1), got {self.lr!r}")
         if self.seq_len < 2 or self.max_length < 2:
             raise ConfigError("audit.seq_len and audit.max_length must be at least 2")
+        for name in ("exact_tokens", "proposals"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 0:
+                raise ConfigError(f"audit.{name} must be an integer >= 0, got {value!r}")
+        if self.wire_dtype not in FLOAT_WIRE_DTYPES:
+            raise ConfigError(f"audit.wire_dtype must be one of {sorted(FLOAT_WIRE_DTYPES)}, got {self.wire_dtype!r}")
 
 
 @dataclass(frozen=True)
@@ -76,13 +85,17 @@ class DefenseCase:
     ``clip_quantile`` calibrates the clip per cut: it replaces ``settings.clip`` with that quantile of
     the token norms of public activations at the cut (what a device would calibrate; the attacker
     knows it from the job). ``adapters`` are the client's LoRA weights by saved name (default: the
-    base, as before the first round); a NoPeek defense acts only through adapters trained with it.
+    base, as before the first round); a NoPeek defense acts only through adapters trained with it. With
+    ``knows_adapters`` false (private adapters) the attacker runs the public base where the device runs them.
     """
 
     name: str
     settings: DefenseSettings = field(default_factory=DefenseSettings)
     clip_quantile: float | None = None
     adapters: Mapping[str, torch.Tensor] | None = field(default=None, compare=False, repr=False)
+    # False: the adapters are private (sealed with the fleet key): the attacker completes the client segment from
+    # the public base instead, and trains and searches with it
+    knows_adapters: bool = True
 
     def __post_init__(self) -> None:
         if self.clip_quantile is not None and not 0 < self.clip_quantile <= 1:
@@ -104,20 +117,7 @@ class TokenBatch:
 
 def public_tokens(tokenizer: PreTrainedTokenizerBase, tokens: int, seq_len: int) -> TokenBatch:
     """About ``tokens`` tokens of public text in windows of ``seq_len``: half WikiText-2, half E2E."""
-    eos = int(tokenizer.eos_token_id)
-    windows = []
-    for path in PUBLIC_TEXTS:
-        want = math.ceil(tokens / len(PUBLIC_TEXTS) / seq_len) * seq_len
-        stream: list[int] = []
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            for line in f:
-                text = line.split("||", 1)[-1].strip()  # E2E lines are "meaning representation||text"
-                if text and not text.startswith("="):  # WikiText headings are "= = Title = ="
-                    stream += [*tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], eos]
-                if len(stream) >= want:
-                    break
-        windows.append(torch.tensor(stream[:want], dtype=torch.int64).view(-1, seq_len))
-    ids = torch.cat(windows)  # (N, seq_len)
+    ids = public_text_ids(tokenizer, tokens, seq_len)  # (N, seq_len)
     targets = torch.full_like(ids, IGNORE_INDEX)
     targets[:, :-1] = ids[:, 1:]
     return TokenBatch(ids, torch.ones_like(ids), targets)
@@ -173,6 +173,11 @@ def block_outputs(
         for hook in hooks:
             hook.remove()
     return {d: torch.cat(parts) for d, parts in captured.items()}
+
+
+def on_the_wire(hidden: torch.Tensor, wire_dtype: str) -> torch.Tensor:
+    """``hidden`` as the server decodes it from the wire (fp16, bf16, int8 or fp32), in fp32."""
+    return decode_tensor(encode_tensor(hidden, wire_dtype), allow_nonfinite=True)
 
 
 def adapter_ranks(adapters: Mapping[str, torch.Tensor], layers_path: str, blocks: int, default: int) -> dict[int, int]:

@@ -4,16 +4,18 @@ U-shaped split's top cut, fine-tuning through the split with a defense on, and t
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 
 from splitft.shared.errors import ConfigError
 from splitft.shared.job.data import Batches, Example, collate
-from splitft.shared.model.defense import DefenseSettings, defend, nopeek_loss
+from splitft.shared.model.defense import DefenseSettings, defend, distance_loss, nopeek_loss
 from splitft.shared.model.loading import hidden_size, load_config, num_layers
 from splitft.shared.model.lora import LoraSettings
 from splitft.shared.model.loss import IGNORE_INDEX, EvalResult, TargetLoss, causal_lm_loss, evaluate_lm, padding_mask
@@ -28,12 +30,14 @@ from splitft.tools.audit.attack import (
     block_outputs,
     client_segment,
     frequency_baseline,
+    on_the_wire,
     recovery,
     rows_of,
     train_attack,
     weight_of,
     windowed,
 )
+from splitft.tools.audit.exact import search_sequences
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +57,17 @@ class CutResult:
     noise_std: float  # per-coordinate noise standard deviation in force
     eval_tokens: int
     coverage: float  # share of the device tokens that occur in the attacker's public text at all
+    exact: float | None = None  # the exact search's token recovery on its ``exact_tokens`` (None: not run)
+    exact_tokens: int = 0
+    exact_labels: float | None = None  # the device's labels read off the next positions' recovered inputs
+    exact_seconds: float = 0.0
+
+    @property
+    def best(self) -> tuple[float, str]:
+        """The strongest attacker's token recovery, and its name."""
+        if self.exact is not None and self.exact >= self.recovery:
+            return self.exact, "exact search"
+        return self.recovery, "learned inverse"
 
 
 @dataclass(frozen=True)
@@ -78,7 +93,10 @@ class AuditReport:
     labels: list[LabelResult]
 
     def to_json(self) -> dict[str, object]:
-        return asdict(self)
+        data = asdict(self)
+        for row, result in zip(cast(list[dict[str, object]], data["inversion"]), self.inversion, strict=True):
+            row["best"], row["best_attacker"] = result.best
+        return data
 
 
 # --------------------------------------------------------------------------- input inversion
@@ -98,25 +116,32 @@ def audit_inversion(
         raise ConfigError(f"cuts must be in 1..{total - 1}, got {list(cuts)}")
     public, device = attack_tokens(source, settings)
     results = []
-    cache: dict[int, tuple[torch.Tensor, dict[int, torch.Tensor], dict[int, torch.Tensor]]] = {}
+    cache: dict[int, tuple[Segment, dict[int, torch.Tensor], dict[int, torch.Tensor]]] = {}
+
+    def seen(
+        adapters: Mapping[str, torch.Tensor] | None,
+    ) -> tuple[Segment, dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """The client segment with ``adapters`` and its activations on public and device text (kept for the next
+        cases with the same adapters)."""
+        if id(adapters) not in cache:
+            if len(cache) >= 2:
+                cache.pop(next(iter(cache)))
+            segment = client_segment(source, max(cuts), adapters)
+            segment.eval()
+            cache[id(adapters)] = (segment, block_outputs(segment, public, cuts), block_outputs(segment, device, cuts))
+        return cache[id(adapters)]
+
     for case in cases:
-        if id(case.adapters) not in cache:  # cases with the same adapters see the same activations
-            segment = client_segment(source, max(cuts), case.adapters)
-            embedding = weight_of(segment, segment.family.embeddings[0])  # (V, C)
-            cache = {
-                id(case.adapters): (
-                    embedding,
-                    block_outputs(segment, public, cuts),
-                    block_outputs(segment, device, cuts),
-                )
-            }
-        embedding, pub_h, dev_h = cache[id(case.adapters)]
+        _, _, dev_h = seen(case.adapters)  # what the device sends
+        segment, pub_h, _ = seen(case.adapters if case.knows_adapters else None)  # what the attacker runs
         for cut in cuts:
-            row = _attack_cut(cut, case, pub_h[cut], dev_h[cut], public, device, embedding, settings)
-            log.info("cut %d, %s: recovery %.3f", cut, case.name, row.recovery)
+            row = _attack_cut(cut, case, segment, pub_h[cut], dev_h[cut], public, device, settings, progress)
+            log.info("cut %d, %s: recovery %.3f, exact %s", cut, case.name, row.recovery, row.exact)
             if progress:
+                exact = "" if row.exact is None else f", exact search {row.exact:.1%} of {row.exact_tokens}"
                 progress(
-                    f"inversion cut {cut} [{case.name}]: recovery {row.recovery:.1%} (baseline {row.baseline:.1%})"
+                    f"inversion cut {cut} [{case.name}]: learned inverse {row.recovery:.1%}{exact} "
+                    f"(baseline {row.baseline:.1%})"
                 )
             results.append(row)
     return results
@@ -125,20 +150,21 @@ def audit_inversion(
 def _attack_cut(
     cut: int,
     case: DefenseCase,
+    segment: Segment,
     pub_h: torch.Tensor,
     dev_h: torch.Tensor,
     public: TokenBatch,
     device: TokenBatch,
-    embedding: torch.Tensor,
     settings: AttackSettings,
+    progress: Progress | None = None,
 ) -> CutResult:
     defense = case.settings
     if case.clip_quantile is not None:
         norms = pub_h.norm(dim=-1)[public.mask.bool()]
         defense = replace(defense, clip=float(torch.quantile(norms, case.clip_quantile)))
     std = defense.noise_std(pub_h.shape[-1])
-    # The device's activations, defended once, as sent.
-    sent = defend(dev_h, defense, torch.Generator().manual_seed(settings.seed + 1))
+    # The device's activations, defended once, as sent and as the wire carries them.
+    sent = on_the_wire(defend(dev_h, defense, torch.Generator().manual_seed(settings.seed + 1)), settings.wire_dtype)
     dev_valid = device.mask.bool()
     eval_x = windowed(sent, device.mask, settings.window)[dev_valid]  # (n, (2w+1) C)
     eval_y = device.ids[dev_valid]
@@ -153,12 +179,23 @@ def _attack_cut(
         x = train_x[rows]
         return x + torch.randn(x.shape, generator=gen) * std * present[rows] if std > 0 else x
 
+    embedding = weight_of(segment, segment.family.embeddings[0])  # (V, C)
     model = train_attack(features, train_y, embedding, settings, prior={settings.window: 1.0})
     coverage = float(torch.isin(eval_y, train_y).float().mean())
-    return CutResult(
+    row = CutResult(
         cut, case.name, recovery(model, eval_x, eval_y), frequency_baseline(train_y, eval_y), defense.clip, std, len(eval_y),
         coverage,
     )  # fmt: skip
+    if settings.exact_tokens == 0:
+        return row
+    started = time.perf_counter()
+    proposals = None
+    if settings.proposals > 0:
+        with torch.no_grad():
+            logits = model(windowed(sent, device.mask, settings.window).flatten(0, 1))  # (N T, V)
+        proposals = logits.topk(min(settings.proposals, logits.shape[-1]), dim=-1).indices.view(*sent.shape[:2], -1)
+    found = search_sequences(segment, cut, sent, device, defense, settings.exact_tokens, proposals, progress)
+    return replace(row, **asdict(found), exact_seconds=time.perf_counter() - started)
 
 
 # --------------------------------------------------------------------------- label leakage (U-shaped split)
@@ -236,7 +273,7 @@ def finetune_split(
     progress: Progress | None = None,
 ) -> tuple[Segment, Segment]:
     """LoRA fine-tuning through the split in one process: client -> :func:`defend` -> server, with
-    the NoPeek term added to the loss when set. Returns the trained (client, server) segments.
+    the NoPeek and distance terms added to the loss when set. Returns the trained (client, server) segments.
 
     End-to-end autograd through ``defend`` gives the gradients the split's wire would carry.
     """
@@ -254,6 +291,10 @@ def finetune_split(
         loss = causal_lm_loss(server(defend(hidden, defense, gen), mask), labels)
         if defense.nopeek > 0:
             loss = loss + nopeek_loss(ids, hidden, mask, defense.nopeek, generator=gen)
+        if defense.distance > 0:
+            with torch.no_grad(), client.peft_model.disable_adapter():
+                base = client(ids, mask)
+            loss = loss + distance_loss(hidden, base, mask, defense.distance)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

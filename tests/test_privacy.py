@@ -1,0 +1,111 @@
+"""The job's privacy setting, the clip calibrated per cut, and the audited table ``run`` reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from splitft.coordinator.prepare import calibrated_clips, encode_assignment
+from splitft.coordinator.private import PrivateAdapters
+from splitft.coordinator.roster import Participant
+from splitft.shared.errors import ConfigError
+from splitft.shared.job.config import JobConfig
+from splitft.shared.model.calibration import public_clips
+from splitft.shared.model.defense import PRIVACY_LEVELS, DefenseSettings, defend
+from splitft.shared.model.loading import model_fingerprint
+from splitft.shared.wire.control import parse_assign
+from splitft.tools.audit.table import describe, job_privacy, load_table, record_audit
+
+
+def test_privacy_levels_set_the_defense() -> None:
+    assert JobConfig(model="tiny-gpt2").defense == DefenseSettings()
+    for level in ("balanced", "strict"):
+        job = JobConfig(model="tiny-gpt2", privacy=level)
+        assert job.defense == PRIVACY_LEVELS[level] and job.defense.clip_quantile == 0.5 and job.defense.noise > 0
+        # a job written back and read again (checkpoints, workers) is the same job
+        assert JobConfig.from_dict({"model": "tiny-gpt2", "privacy": level, "defense": vars(job.defense)}) == job
+    assert PRIVACY_LEVELS["strict"].noise > PRIVACY_LEVELS["balanced"].noise
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"privacy": "paranoid"}, "privacy must be one of"),
+        ({"privacy": "strict", "defense": {"noise": 0.5}}, "leave \\[defense\\] out"),
+        ({"defense": {"clip": 1.0, "clip_quantile": 0.5}}, "not both"),
+        ({"defense": {"clip_quantile": 0.0}}, "defense.clip_quantile"),
+        ({"defense": {"clip_quantile": "median"}}, "defense.clip_quantile"),
+    ],
+)
+def test_bad_privacy_settings_name_the_problem(data: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        JobConfig.from_dict({"model": "tiny-gpt2", **data})
+
+
+def test_an_uncalibrated_clip_is_not_applied() -> None:
+    with pytest.raises(ValueError, match="calibrated"):
+        defend(torch.ones(1, 2, 4), DefenseSettings(clip_quantile=0.5))
+    assert DefenseSettings(noise=1.0, clip_quantile=0.5).calibrated(2.5) == DefenseSettings(noise=1.0, clip=2.5)
+
+
+def test_each_assignment_carries_the_clip_of_its_cut() -> None:
+    job = JobConfig(model="tiny-llama", privacy="balanced", c_min=1, c_max=3, cut=2)
+    clips = calibrated_clips(job, 4)
+    assert sorted(clips) == [1, 2, 3] and len(set(clips.values())) == 3 and all(v > 0 for v in clips.values())
+    assert clips == public_clips("tiny-llama", (1, 2, 3), 0.5)  # the same figures wherever computed
+    # one cut alone gives the same clip as in one pass with the others
+    assert public_clips("tiny-llama", (2,), 0.5)[2] == pytest.approx(clips[2], rel=1e-5)
+    for cut in (1, 3):
+        participant = Participant("a1", cut, dict.fromkeys(range(cut), 8), "s:1:1", "s", {})
+        body = encode_assignment(job, "fp", 1, 1, participant, clips, PrivateAdapters(job), {})
+        assert body["defense"] == {"noise": 1.0, "clip": clips[cut], "nopeek": 0.0}
+        assert parse_assign(1, body, "fp", 4).defense == DefenseSettings(noise=1.0, clip=clips[cut])
+    assert calibrated_clips(JobConfig(model="tiny-llama"), 4) == {}
+
+
+def _results(fingerprint: str) -> dict[str, Any]:
+    """What scripts/bench_exact_attack.py produces, in the fields the table reads."""
+    return {
+        "fingerprint": fingerprint, "model": "tiny test model", "date": "2026-12-05", "hidden_size": 64,
+        "settings": {"exact_tokens": 32}, "defense_cut": 2,
+        "plain": [
+            {"cut": 1, "best": 1.0, "best_attacker": "exact search", "exact_labels": 1.0},
+            {"cut": 2, "best": 0.98, "best_attacker": "exact search", "exact_labels": None},
+        ],
+        "defended": [
+            {"defense": "clip + noise 1", "noise_std": 1.0 * 2.0 / 8, "clip": 2.0, "best": 0.4,
+             "best_attacker": "learned inverse", "exact_labels": 0.3},
+        ],
+        "costs": [{"eval_loss": 2.0}, {"eval_loss": 2.1}],
+        "labels": [{"tail": 0, "recovery": 0.9}],
+    }  # fmt: skip
+
+
+def test_the_audited_table_answers_for_a_job(tmp_path: Path) -> None:
+    path = tmp_path / "audited.json"
+    fingerprint = model_fingerprint("tiny-gpt2")
+    record_audit(path, _results(fingerprint))
+    record_audit(path, _results(fingerprint))  # recorded again: replaced, not doubled
+    table = load_table(path)
+    assert list(table) == [fingerprint] and table[fingerprint]["defenses"][0]["noise"] == 1.0
+    plain = describe(fingerprint, [1, 3], "u", DefenseSettings(), table)
+    assert "cut 1: 100% of tokens (exact search)" in plain and "cut 3: not audited" in plain
+    assert "90% from the tail gradient" in plain
+    noisy = describe(fingerprint, [2], "two-part", DefenseSettings(noise=1.0, clip_quantile=0.5), table)
+    assert "clip + noise 1 at cut 2" in noisy and "40% of a device's tokens" in noisy and "+5.0% eval loss" in noisy
+    assert "noise 4 not audited" in describe(
+        fingerprint, [2], "u", DefenseSettings(noise=4.0, clip_quantile=0.5), table
+    )
+    assert "not audited" in describe("0" * 16, [1], "u", DefenseSettings(), table)
+    assert "nopeek 1 is not audited" in describe(fingerprint, [1], "u", DefenseSettings(nopeek=1.0), table)
+
+
+def test_run_says_what_the_audit_found_for_the_shipped_table() -> None:
+    table = load_table()
+    assert table, "the package ships the audited table"
+    for entry in table.values():
+        assert entry["cuts"] and all(0 <= row["tokens"] <= 1 for row in entry["cuts"].values())
+    assert job_privacy(JobConfig(model="tiny-gpt2")).startswith("privacy: not audited")

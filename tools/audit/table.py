@@ -1,0 +1,116 @@
+"""The audited table: what the privacy benchmark measured on each model, for ``splitft-coordinator run`` to say.
+
+``scripts/bench_exact_attack.py --table tools/audit/audited.json`` records, per model fingerprint, the best
+attacker's token and label recovery at each audited cut without a defense, and at its defense cut each
+clip-and-noise setting's recovery and price (eval loss against none). :func:`describe` turns that into the
+line ``run`` prints for a job's cut, split and defense: the audited figures, or "not audited".
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from splitft.shared.errors import SplitFTError
+from splitft.shared.job.config import JobConfig
+from splitft.shared.model.defense import DefenseSettings
+from splitft.shared.model.loading import model_fingerprint
+
+#: the table that ships with the package
+AUDITED = Path(__file__).with_name("audited.json")
+
+
+def record_audit(path: Path, results: dict[str, Any]) -> None:
+    """Add (or replace) one model's figures in the table at ``path``, from the benchmark's results."""
+    table = json.loads(path.read_text()) if path.is_file() else {"models": {}}
+    none = results["costs"][0]["eval_loss"]
+    gradient = {str(r["tail"]): r["recovery"] for r in results["labels"]}
+    table["models"][results["fingerprint"]] = {
+        "model": results["model"],
+        "date": results["date"],
+        "exact_tokens": results["settings"]["exact_tokens"],
+        "cuts": {
+            str(r["cut"]): {"tokens": r["best"], "attacker": r["best_attacker"], "labels": r["exact_labels"]}
+            for r in results["plain"]
+        },
+        "defense_cut": results["defense_cut"],
+        "defenses": [
+            {
+                "name": r["defense"],
+                "noise": r["noise_std"] and round(r["noise_std"] * results["hidden_size"] ** 0.5 / r["clip"], 6),
+                "tokens": r["best"],
+                "attacker": r["best_attacker"],
+                "labels": r["exact_labels"],
+                "eval_loss": c["eval_loss"] / none - 1,
+            }
+            for r, c in zip(results["defended"], results["costs"][1:], strict=True)
+        ],
+        "tail_gradient_labels": gradient,
+    }
+    path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+
+
+def load_table(path: Path = AUDITED) -> dict[str, Any]:
+    try:
+        return dict(json.loads(path.read_text()).get("models", {}))
+    except (OSError, ValueError):
+        return {}
+
+
+def describe(
+    fingerprint: str, cuts: list[int], split: str, defense: DefenseSettings, table: dict[str, Any] | None = None
+) -> str:
+    """One line: the audited recovery and price for this model, the job's cuts, its split and its defense."""
+    models = load_table() if table is None else table
+    entry = models.get(fingerprint)
+    if entry is None:
+        return "privacy: not audited (this model is not in the audit's table; run splitft-coordinator audit)"
+    model = entry["model"]
+    if defense.noise > 0 and defense.clip_quantile is not None:
+        rows = [d for d in entry["defenses"] if d["noise"] == defense.noise]
+        if not rows:
+            return (
+                f"privacy: noise {defense.noise:g} not audited on {model} (audited: "
+                + ", ".join(d["name"] for d in entry["defenses"])
+                + ")"
+            )
+        row = rows[0]
+        text = (
+            f"privacy: {row['name']} at cut {entry['defense_cut']} on {model}: the best attacker ({row['attacker']}) "
+            f"reads back {row['tokens']:.0%} of a device's tokens"
+        )
+        if row["labels"] is not None:
+            text += f" and {row['labels']:.0%} of its labels"
+        return text + f", for {row['eval_loss']:+.1%} eval loss (audited, frozen base)"
+    if defense.active or defense.nopeek > 0:
+        return f"privacy: the defense {defense.describe()} is not audited on {model}"
+    parts = []
+    for cut in sorted(set(cuts)):
+        row = entry["cuts"].get(str(cut))
+        parts.append(
+            f"cut {cut}: {row['tokens']:.0%} of tokens ({row['attacker']})" if row else f"cut {cut}: not audited"
+        )
+    text = f"privacy: no defense; on {model} the best attacker reads back " + ", ".join(parts)
+    if split == "u":
+        gradient = max(entry["tail_gradient_labels"].values(), default=None)
+        if gradient is not None:
+            text += f"; U split labels: {gradient:.0%} from the tail gradient, and the next inputs with the tokens"
+    return text
+
+
+def job_privacy(job: JobConfig, cuts: Sequence[int] | None = None) -> str:
+    """:func:`describe` for a job: its model, the cuts it starts with (``cuts``, default the job file's), its
+    split and its defense."""
+    cuts = sorted(set(cuts) if cuts is not None else {job.cut, *job.cuts.values()})
+    try:
+        fingerprint = model_fingerprint(job.model)
+    except SplitFTError:
+        return "privacy: not audited (the model could not be read to look it up)"
+    text = describe(fingerprint, cuts, job.split, job.defense)
+    if job.policy != "fixed":
+        text += (
+            f" (the cuts the job starts with; the controller may move them within {job.c_min}..{job.c_max or 'L-1'})"
+        )
+    return text
