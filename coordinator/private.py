@@ -72,7 +72,8 @@ class PrivateAdapters:
             p = by_upload[id(state)]
             if weight > 0 and p.sealed is not None:
                 kept.append(SealedUpload(p.name, round_, weight, p.sealed))
-        self.sealed = kept
+        if kept:  # nobody trained them (no token): they keep their value, as a module nobody holds does
+            self.sealed = kept
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps (the blobs as base64; still sealed)."""
@@ -112,6 +113,7 @@ def unseal_adapter(folder: Path, key: bytes, out: Path) -> Path:
         merged = average_sealed(key, job, sealed, ranks, seed)
     except WireError as exc:
         raise ConfigError(f"cannot open the private adapters: {exc.detail}") from exc
+    # (a blob left out is logged; with the devices' key every blob of a clean run opens)
     weights = load_file(folder / ADAPTER_FILE)
     unknown = sorted(set(merged) - set(weights))
     if unknown:

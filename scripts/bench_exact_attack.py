@@ -252,12 +252,14 @@ def verdict(results: dict[str, Any]) -> str:
             "(no defense here acts on the gradient going down), and a two-part split sends them in clear."
         )
     cheap = [p for p in points if p[3] <= 0.05]
-    nearest = min(cheap, key=lambda p: p[1]) if cheap else min(points, key=lambda p: p[3])
+    text = "No setting measured reaches <= 10% token recovery by the best attacker for <= +5% eval loss. "
+    if cheap:
+        nearest = min(cheap, key=lambda p: p[1])
+        text += f"Within +5%, the lowest recovery is {nearest[0]}: {nearest[1]:.1%} for {nearest[3]:+.1%}."
+    else:
+        nearest = min(points, key=lambda p: p[3])
+        text += f"None costs under +5%; the cheapest, {nearest[0]}, recovers {nearest[1]:.1%} for {nearest[3]:+.1%}."
     strong = [p for p in points if p[1] <= 0.10]
-    text = (
-        "No setting measured reaches <= 10% token recovery by the best attacker for <= +5% eval loss. "
-        f"Within +5%, the lowest recovery is {nearest[0]}: {nearest[1]:.1%} for {nearest[3]:+.1%}."
-    )
     if strong:
         first = min(strong, key=lambda p: p[3])
         text += f" The cheapest setting under 10% is {first[0]}: {first[1]:.1%} for {first[3]:+.1%} eval loss."

@@ -268,7 +268,13 @@ def section(command: str, results: dict[str, Any], tables: str) -> str:
         if facts
         else f"`{results['model']}`"
     )
-    return f"""## Privacy: inverting the activations at the cut, and what defenses cost
+    return f"""## Privacy: inverting the activations at the cut, and what defenses cost (learned inverse)
+
+**Every figure in this section is the learned inverse's, a weaker attacker than the server has**: the exact
+search over the vocabulary (the section "Privacy against the strongest attacker") recovers every token
+at every cut it was run at, without a defense, on SmolLM2-135M. The tables stay for what they compare
+(NoPeek against clip and noise, what each costs when fine-tuned through); read their recovery figures as
+lower bounds.
 
 The server as attacker: it knows the frozen base and the client adapters, runs the client segment on
 public text (WikiText-2 + E2E, {s["public_tokens"]:,} tokens) and trains an inverse model (an MLP over

@@ -31,6 +31,7 @@ from splitft.bench.sections import cpu_name, write_section
 from splitft.shared.job.data import tokenize
 from splitft.shared.job.records import load_records
 from splitft.shared.model.defense import DefenseSettings
+from splitft.shared.model.loading import model_fingerprint
 from splitft.shared.model.lora import LoraSettings, lora_state
 from splitft.shared.model.tokenizer import GSM8K, load_tokenizer
 from splitft.tools.audit import (
@@ -41,6 +42,7 @@ from splitft.tools.audit import (
     evaluate_split,
     finetune_split,
 )
+from splitft.tools.audit.table import record_private
 
 
 def main() -> None:
@@ -62,6 +64,7 @@ def main() -> None:
     parser.add_argument("--attack-steps", type=int, default=300)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--write", type=Path)
+    parser.add_argument("--table", type=Path, help="record the figures in this JSON table (run reads it)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     hf_logging.disable_progress_bar()
@@ -107,6 +110,8 @@ def main() -> None:
     (args.out / "private-attack.json").write_text(json.dumps(results, indent=2) + "\n")
     text = table(results)
     print(text)
+    if args.table:
+        record_private(args.table, model_fingerprint(model), results)
     if args.write:
         command = (
             "python scripts/bench_private_attack.py" + (f" --model {args.model}" if args.model else "")

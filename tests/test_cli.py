@@ -605,7 +605,8 @@ def test_local_run_end_to_end(tmp_path: Path) -> None:
         "job": "from-file", "rounds": 2, "local_steps": 2, "batch_size": 2, "policy": "fixed", "split": "two-part"
     }  # fmt: skip
     assert ran["max_length"] == 96 and ran["optimizer"]["lr"] == 0.004  # the flag wins; the file's lr is kept
-    assert ran["privacy"] == "balanced" and ran["defense"]["clip_quantile"] == 0.5 and ran["defense"]["noise"] > 0
+    assert ran["privacy"] == "balanced" and ran["private_adapters"] and ran["defense"]["distance"] == 0.5
+    assert (out / "fleet.key").is_file() and (out / "adapter" / "private.json").is_file()  # the devices' key, made here
     assert ran["eval_data"] == str(evaluation) and json.loads(lines[0])["eval_tokens"] > 0
     assert compared["eval_loss"] == [json.loads(lines[0])["eval_loss"], json.loads(lines[-1])["eval_loss"]]
 

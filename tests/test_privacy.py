@@ -17,17 +17,19 @@ from splitft.shared.model.calibration import public_clips
 from splitft.shared.model.defense import PRIVACY_LEVELS, DefenseSettings, defend
 from splitft.shared.model.loading import model_fingerprint
 from splitft.shared.wire.control import parse_assign
-from splitft.tools.audit.table import describe, job_privacy, load_table, record_audit
+from splitft.tools.audit.table import describe, job_privacy, load_table, record_audit, record_private
 
 
-def test_privacy_levels_set_the_defense() -> None:
+def test_privacy_levels_set_the_defense_and_private_adapters() -> None:
     assert JobConfig(model="tiny-gpt2").defense == DefenseSettings()
-    for level in ("balanced", "strict"):
-        job = JobConfig(model="tiny-gpt2", privacy=level)
-        assert job.defense == PRIVACY_LEVELS[level] and job.defense.clip_quantile == 0.5 and job.defense.noise > 0
+    for name in ("balanced", "strict"):
+        job = JobConfig(model="tiny-gpt2", privacy=name)
+        level = PRIVACY_LEVELS[name]
+        assert job.defense == level.defense and job.defense.distance > 0 and job.private_adapters
         # a job written back and read again (checkpoints, workers) is the same job
-        assert JobConfig.from_dict({"model": "tiny-gpt2", "privacy": level, "defense": vars(job.defense)}) == job
-    assert PRIVACY_LEVELS["strict"].noise > PRIVACY_LEVELS["balanced"].noise
+        again = {"model": "tiny-gpt2", "privacy": name, "private_adapters": True, "defense": vars(job.defense)}
+        assert JobConfig.from_dict(again) == job
+    assert PRIVACY_LEVELS["strict"].defense.distance > PRIVACY_LEVELS["balanced"].defense.distance
 
 
 @pytest.mark.parametrize(
@@ -52,7 +54,7 @@ def test_an_uncalibrated_clip_is_not_applied() -> None:
 
 
 def test_each_assignment_carries_the_clip_of_its_cut() -> None:
-    job = JobConfig(model="tiny-llama", privacy="balanced", c_min=1, c_max=3, cut=2)
+    job = JobConfig(model="tiny-llama", defense=DefenseSettings(noise=1.0, clip_quantile=0.5), c_min=1, c_max=3, cut=2)
     clips = calibrated_clips(job, 4)
     assert sorted(clips) == [1, 2, 3] and len(set(clips.values())) == 3 and all(v > 0 for v in clips.values())
     assert clips == public_clips("tiny-llama", (1, 2, 3), 0.5)  # the same figures wherever computed
@@ -101,6 +103,20 @@ def test_the_audited_table_answers_for_a_job(tmp_path: Path) -> None:
     )
     assert "not audited" in describe("0" * 16, [1], "u", DefenseSettings(), table)
     assert "nopeek 1 is not audited" in describe(fingerprint, [1], "u", DefenseSettings(nopeek=1.0), table)
+    private = {
+        "model": "tiny test model", "cut": 2, "date": "2026-12-05",
+        "rows": [
+            {"distance": 0.0, "knows_adapters": True, "best": 1.0, "best_attacker": "exact search", "exact_labels": 1.0, "eval_loss": 1.0},
+            {"distance": 0.5, "knows_adapters": False, "best": 0.7, "best_attacker": "exact search", "exact_labels": 0.6, "eval_loss": 1.1},
+        ],
+    }  # fmt: skip
+    record_private(path, fingerprint, private)
+    table = load_table(path)
+    line = describe(fingerprint, [2], "u", DefenseSettings(distance=0.5), table, private=True)
+    assert (
+        "private adapters, distance 0.5, at cut 2" in line and "70% of a device's tokens" in line and "+10.0%" in line
+    )
+    assert "not audited" in describe(fingerprint, [2], "u", DefenseSettings(distance=2.0), table, private=True)
 
 
 def test_run_says_what_the_audit_found_for_the_shipped_table() -> None:

@@ -49,6 +49,7 @@ async def run_job(
     emulate: dict[str, Path] | None = None,
     resume: bool = False,
     dtype: str | None = None,
+    fleet_key: bytes | None = None,
     **options: Any,
 ) -> Coordinator:
     """Run ``job`` to the end: a coordinator (given ``options``) and one in-process agent per data shard
@@ -65,6 +66,7 @@ async def run_job(
                 emulate=str((emulate or {})[name]) if emulate else None,
                 runtime_mb=SHARED_PROCESS_RUNTIME_MB,  # the agents share this process (and pytest's memory)
                 dtype=dtype,
+                fleet_key=fleet_key,
             ),
             settings,
         )

@@ -124,8 +124,8 @@ class JobConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
     defense: DefenseSettings = field(default_factory=DefenseSettings)  # what devices do to their activations
-    # "off", "balanced" or "strict": a measured defense (defense.PRIVACY_LEVELS); sets `defense`, which is then
-    # left out or equal to the level's
+    # "off", "balanced" or "strict": a measured setting (defense.PRIVACY_LEVELS); sets `defense` (then left out,
+    # or equal to the level's) and turns `private_adapters` on where the level has them
     privacy: str = "off"
     # The adapters of blocks 0..c_min-1 leave a device only sealed with the fleet key, and the devices average them
     # (shared/wire/sealed.py): the coordinator never holds them in clear. Agents join with --fleet-key-file.
@@ -241,11 +241,13 @@ class JobConfig:
             raise ConfigError(f"privacy must be one of {sorted(PRIVACY_LEVELS)}, got {self.privacy!r}")
         if self.privacy != "off":
             level = PRIVACY_LEVELS[self.privacy]
-            if self.defense not in (DefenseSettings(), level):
+            if self.defense not in (DefenseSettings(), level.defense):
                 raise ConfigError(
-                    f'privacy = "{self.privacy}" sets the defense ({level.describe()}): leave [defense] out'
+                    f'privacy = "{self.privacy}" sets the defense ({level.defense.describe()}): leave [defense] out'
                 )
-            object.__setattr__(self, "defense", level)
+            object.__setattr__(self, "defense", level.defense)
+            if level.private_adapters:
+                object.__setattr__(self, "private_adapters", True)
 
     @property
     def u_split(self) -> bool:

@@ -16,6 +16,7 @@ tokens each device trained on (it counts them itself).
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from splitft.shared.errors import ConfigError, Refusal, WireError
 from splitft.shared.model.aggregation import Contribution, aggregate, convert_state, module_key
 from splitft.shared.wire.codec import DEFAULT_LIMITS, decode_state, encode_state, pack, unpack
 from splitft.shared.wire.keys import load_key, write_key
+
+log = logging.getLogger(__name__)
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
@@ -114,17 +117,24 @@ def average_sealed(
     seed: int,
 ) -> dict[str, torch.Tensor]:
     """Open every upload and average them as the coordinator averages adapters (token-weighted, each module
-    over its holders, at ``ranks``: module key -> the job's rank of that module). A blob that does not open or
-    holds a NaN/Inf is a WireError: every device gets the same blobs, so every device refuses the round alike."""
+    over its holders, at ``ranks``: module key -> the job's rank of that module). A blob that does not open with
+    the key, or holds other modules or NaN/Inf, is left out and logged: every device gets the same blobs, so
+    every device leaves out the same ones. None left is a WireError."""
     contributions = []
     for upload in uploads:
-        state = open_sealed(key, upload.blob, associated(job, upload.round, upload.agent))
-        unknown = {module_key(n) for n in state} - set(ranks)
-        if unknown:
-            raise WireError(Refusal.BAD_SCHEMA, f"sealed adapters of {upload.agent} hold modules {sorted(unknown)[:2]}")
-        if not all(bool(torch.isfinite(t).all()) for t in state.values()):
-            raise WireError(Refusal.NONFINITE, f"the sealed adapters of {upload.agent} hold NaN or Inf")
+        try:
+            state = open_sealed(key, upload.blob, associated(job, upload.round, upload.agent))
+            unknown = {module_key(n) for n in state} - set(ranks)
+            if unknown:
+                raise WireError(Refusal.BAD_SCHEMA, f"it holds modules {sorted(unknown)[:2]} of no private block")
+            if not all(bool(torch.isfinite(t).all()) for t in state.values()):
+                raise WireError(Refusal.NONFINITE, "it holds NaN or Inf")
+        except WireError as exc:
+            log.warning("left out the sealed adapters of %s (round %d): %s", upload.agent, upload.round, exc.detail)
+            continue
         contributions.append(Contribution(upload.weight, state))
+    if not contributions:
+        raise WireError(Refusal.UNAUTHENTICATED, "no sealed adapter of the last round opens with this fleet key")
     return aggregate(contributions, ranks, seed=seed)
 
 

@@ -52,6 +52,30 @@ def record_audit(path: Path, results: dict[str, Any]) -> None:
     path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
 
 
+def record_private(path: Path, fingerprint: str, results: dict[str, Any]) -> None:
+    """Add the private-adapter figures of ``scripts/bench_private_attack.py`` to a model's entry (made first by
+    :func:`record_audit`)."""
+    table = json.loads(path.read_text()) if path.is_file() else {"models": {}}
+    entry = table["models"].setdefault(fingerprint, {"model": results["model"], "cuts": {}, "defenses": []})
+    known = results["rows"][0]["eval_loss"]
+    entry["private"] = {
+        "cut": results["cut"],
+        "date": results["date"],
+        "settings": [
+            {
+                "distance": r["distance"],
+                "tokens": r["best"],
+                "attacker": r["best_attacker"],
+                "labels": r["exact_labels"],
+                "eval_loss": r["eval_loss"] / known - 1,
+            }
+            for r in results["rows"]
+            if not r["knows_adapters"]
+        ],
+    }
+    path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+
+
 def load_table(path: Path = AUDITED) -> dict[str, Any]:
     try:
         return dict(json.loads(path.read_text()).get("models", {}))
@@ -60,14 +84,22 @@ def load_table(path: Path = AUDITED) -> dict[str, Any]:
 
 
 def describe(
-    fingerprint: str, cuts: list[int], split: str, defense: DefenseSettings, table: dict[str, Any] | None = None
+    fingerprint: str,
+    cuts: list[int],
+    split: str,
+    defense: DefenseSettings,
+    table: dict[str, Any] | None = None,
+    private: bool = False,
 ) -> str:
-    """One line: the audited recovery and price for this model, the job's cuts, its split and its defense."""
+    """One line: the audited recovery and price for this model, the job's cuts, its split, its defense and whether
+    its client adapters are private."""
     models = load_table() if table is None else table
     entry = models.get(fingerprint)
     if entry is None:
         return "privacy: not audited (this model is not in the audit's table; run splitft-coordinator audit)"
     model = entry["model"]
+    if private:
+        return _describe_private(entry, defense)
     if defense.noise > 0 and defense.clip_quantile is not None:
         rows = [d for d in entry["defenses"] if d["noise"] == defense.noise]
         if not rows:
@@ -100,6 +132,22 @@ def describe(
     return text
 
 
+def _describe_private(entry: dict[str, Any], defense: DefenseSettings) -> str:
+    audited = entry.get("private") or {}
+    rows = [r for r in audited.get("settings", []) if r["distance"] == defense.distance]
+    if not rows or defense.active or defense.nopeek > 0:
+        return f"privacy: private adapters with {defense.describe()} are not audited on {entry['model']}"
+    row = rows[0]
+    text = (
+        f"privacy: private adapters, distance {defense.distance:g}, at cut {audited['cut']} on {entry['model']}: the "
+        f"best attacker ({row['attacker']}, the client segment completed from the public base) reads back "
+        f"{row['tokens']:.0%} of a device's tokens"
+    )
+    if row["labels"] is not None:
+        text += f" and {row['labels']:.0%} of its labels"
+    return text + f", for {row['eval_loss']:+.1%} eval loss (audited, fine-tuned)"
+
+
 def job_privacy(job: JobConfig, cuts: Sequence[int] | None = None) -> str:
     """:func:`describe` for a job: its model, the cuts it starts with (``cuts``, default the job file's), its
     split and its defense."""
@@ -108,7 +156,7 @@ def job_privacy(job: JobConfig, cuts: Sequence[int] | None = None) -> str:
         fingerprint = model_fingerprint(job.model)
     except SplitFTError:
         return "privacy: not audited (the model could not be read to look it up)"
-    text = describe(fingerprint, cuts, job.split, job.defense)
+    text = describe(fingerprint, cuts, job.split, job.defense, private=job.private_adapters)
     if job.policy != "fixed":
         text += (
             f" (the cuts the job starts with; the controller may move them within {job.c_min}..{job.c_max or 'L-1'})"
