@@ -38,6 +38,8 @@ def test_privacy_levels_set_the_defense_and_private_adapters() -> None:
         ({"privacy": "paranoid"}, "privacy must be one of"),
         ({"privacy": "strict", "defense": {"noise": 0.5}}, "leave \\[defense\\] out"),
         ({"defense": {"clip": 1.0, "clip_quantile": 0.5}}, "not both"),
+        ({"private_adapters": True, "c_min": 2, "cut": 1}, "below c_min: \\(default\\) 1"),
+        ({"private_adapters": "yes"}, "true or false"),
         ({"defense": {"clip_quantile": 0.0}}, "defense.clip_quantile"),
         ({"defense": {"clip_quantile": "median"}}, "defense.clip_quantile"),
     ],

@@ -237,6 +237,12 @@ class JobConfig:
             raise ConfigError(f"defense must be defense settings (a [defense] table), got {self.defense!r}")
         if type(self.private_adapters) is not bool:
             raise ConfigError(f"private_adapters must be true or false, got {self.private_adapters!r}")
+        low = [f"{agent} {cut}" for agent, cut in [("(default)", self.cut), *self.cuts.items()] if cut < self.c_min]
+        if self.private_adapters and low:
+            raise ConfigError(
+                f"private_adapters keeps blocks 0..c_min-1 ({self.c_min}) on every device, but these cuts are below "
+                f"c_min: {', '.join(low)}"
+            )
         if self.privacy not in PRIVACY_LEVELS:
             raise ConfigError(f"privacy must be one of {sorted(PRIVACY_LEVELS)}, got {self.privacy!r}")
         if self.privacy != "off":
