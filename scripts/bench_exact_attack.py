@@ -297,8 +297,9 @@ The server knows the frozen base and the client adapters (it aggregates them), s
 segment itself: position by position, it tries candidates for the next token after those it has
 recovered and keeps the one whose activation at the cut is nearest to what it received (the learned
 inverse's top {s["proposals"]} first, the whole vocabulary of {results["vocab_size"]:,} when none is as near as the true
-token would be). It attacks the activations as the wire carries them ({s["wire_dtype"]}), with the device's
-clip applied to its candidates and fresh noise it does not know. The learned inverse (an MLP trained on
+token would be: within the wire's rounding without noise, within the true token's chi-squared bound
+C + 4 sqrt(2C) of the noise-whitened distance with it). It attacks the activations as the wire carries them
+({s["wire_dtype"]}), with the device's clip applied to its candidates and fresh noise it does not know. The learned inverse (an MLP trained on
 {s["public_tokens"]:,} public tokens, {s["steps"]} steps) runs beside it on {s["eval_tokens"]:,} held-out device
 tokens; "best" is the stronger of the two. Labels: in a causal LM each label is the next input, so the exact search
 reads the device's loss targets off the next positions it recovers. Price: eval loss of the split with the

@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """The privacy frontier: token recovery by the best attacker against the eval-loss cost, one curve per defense,
-from the results of ``bench_exact_attack.py`` (clip + noise, frozen split) and ``bench_private_attack.py``
-(private adapters with the distance term, fine-tuned).
+from the results of ``bench_exact_attack.py`` (clip + noise, frozen split) and ``bench_trained_defenses.py``
+(clip + noise, the information bottleneck, private adapters with the distance term and the combination, each
+fine-tuned with the model).
 
     python scripts/plot_privacy_frontier.py --exact benchmarks/privacy/exact-attack.json \\
-        --private benchmarks/privacy/private-attack.json --out benchmarks/privacy/frontier.png
+        --trained benchmarks/privacy/trained-defenses.json --out benchmarks/privacy/frontier.png
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from pathlib import Path
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--exact", type=Path, required=True)
-    parser.add_argument("--private", type=Path, required=True)
+    parser.add_argument("--trained", type=Path, required=True, help="bench_trained_defenses.py's results")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    exact, private = json.loads(args.exact.read_text()), json.loads(args.private.read_text())
+    exact, trained = json.loads(args.exact.read_text()), json.loads(args.trained.read_text())
 
     import matplotlib
 
@@ -34,15 +35,20 @@ def main() -> None:
         (100 * (c["eval_loss"] / none - 1), r["best"], r["defense"].replace("clip + ", ""))
         for r, c in zip(exact["defended"], exact["costs"][1:], strict=True)
     ]
-    known = private["rows"][0]["eval_loss"]
-    kept = [
-        (100 * (r["eval_loss"] / known - 1), r["best"], r["setting"].replace("private + ", ""))
-        for r in private["rows"][1:]
-    ]
-    for points, label, marker in (
-        (noise, f"clip + noise, frozen split (cut {exact['defense_cut']})", "o"),
-        (kept, f"private adapters + distance, fine-tuned (cut {private['cut']})", "s"),
+    curves = [(noise, f"clip + noise, frozen split (cut {exact['defense_cut']})", "o")]
+    ref = next(r for r in trained["rows"] if r["setting"] == "none")
+    start = [(0.0, ref["best"], "none")]
+    for kind, label, marker in (
+        ("noise", "clip + noise, fine-tuned with it", "^"),
+        ("bottleneck", "information bottleneck (MID), fine-tuned", "D"),
+        ("private", "private adapters (+ distance), fine-tuned", "s"),
+        ("combined", "private + distance + clip + noise, fine-tuned", "*"),
     ):
+        rows = [r for r in trained["rows"] if _kind(r) == kind]
+        points = [(100 * (r["eval_loss"] / ref["eval_loss"] - 1), r["best"], _short(r["setting"])) for r in rows]
+        if points:
+            curves.append(((start if kind != "combined" else []) + points, f"{label} (cut {trained['cut']})", marker))
+    for points, label, marker in curves:
         ax.plot([x for x, _, _ in points], [100 * y for _, y, _ in points], marker=marker, label=label)
         for x, y, name in points:
             ax.annotate(name, (x, 100 * y), fontsize=7, xytext=(3, 3), textcoords="offset points")
@@ -58,6 +64,20 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=120)
     print(args.out)
+
+
+def _kind(row: dict[str, object]) -> str:
+    if row["setting"] == "none":
+        return "none"
+    if row.get("bottleneck") is not None:
+        return "bottleneck"
+    if not row["knows_adapters"]:
+        return "combined" if row.get("noise") else "private"
+    return "noise"
+
+
+def _short(setting: object) -> str:
+    return str(setting).replace("private + ", "").replace("clip + ", "")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,9 @@ from splitft.shared.model.split import SegmentSpec, build_segment
 from splitft.shared.model.tokenizer import load_tokenizer
 from splitft.tools.audit import (
     AttackSettings,
+    Bottleneck,
+    Channel,
+    CutResult,
     DefenseCase,
     TokenBatch,
     audit_inversion,
@@ -28,6 +31,7 @@ from splitft.tools.audit import (
     client_segment,
     device_examples,
     device_tokens,
+    evaluate_split,
     exact_search,
     finetune_split,
     on_the_wire,
@@ -35,6 +39,7 @@ from splitft.tools.audit import (
     search_sequences,
 )
 from splitft.tools.audit.exact import candidate_step
+from splitft.tools.audit.report import best_cell
 
 runner = CliRunner()
 TINY = AttackSettings(public_tokens=2048, eval_tokens=1024, steps=100, exact_tokens=0)
@@ -215,7 +220,7 @@ def test_exact_search_reads_the_labels_and_keeps_to_its_proposals() -> None:
     sent = on_the_wire(block_outputs(segment, data, [1])[1], "fp16")
     # A text job trains on every position: each label is the next input.
     text = TokenBatch(data.ids, data.mask, torch.cat([data.ids[:, 1:], data.ids[:, -1:]], 1) * data.mask)
-    found = search_sequences(segment, 1, sent, text, DefenseSettings(), tokens=10)
+    found = search_sequences(segment, 1, sent, text, Channel(), tokens=10)
     assert (found.exact, found.exact_tokens, found.exact_labels) == (1.0, 10, 1.0)
     # Proposals that hold the true token find it; proposals without it fall back to the whole vocabulary.
     truth = data.ids[0, :6]
@@ -223,6 +228,82 @@ def test_exact_search_reads_the_labels_and_keeps_to_its_proposals() -> None:
     right = torch.cat([wrong, truth[:, None]], 1)
     assert torch.equal(exact_search(segment, 1, sent[0, :6], proposals=right), truth)
     assert torch.equal(exact_search(segment, 1, sent[0, :6], proposals=wrong), truth)
+
+
+def test_the_channel_whitens_by_the_noise_of_each_coordinate() -> None:
+    hidden = torch.tensor([[3.0, 4.0], [0.0, 10.0]])
+    target = torch.tensor([0.0, 0.0])
+    assert Channel().distance(hidden, target).tolist() == [25.0, 100.0]
+    assert Channel(clip=5.0).distance(hidden, target).tolist() == [25.0, 25.0]
+    # noise ten times wider on the second coordinate: the first candidate is then the farther one
+    uneven = Channel(gain=torch.tensor([2.0, 1.0]), std=torch.tensor([1.0, 10.0]))
+    assert uneven.noisy and uneven.distance(hidden, target).tolist() == pytest.approx([36.16, 1.0])
+    assert Channel.of(DefenseSettings(clip=2.0, noise=1.0), 4).std == pytest.approx(1.0)
+    # by direction, a scaled candidate matches
+    turned = Channel(direction=True).distance(torch.tensor([[6.0, 8.0], [8.0, 6.0]]), torch.tensor([3.0, 4.0]))
+    assert turned[0] == pytest.approx(0.0, abs=1e-6) and float(turned[1]) > 0.1
+
+
+def test_the_report_names_the_search_by_direction() -> None:
+    row = CutResult(2, "private", 0.5, 0.0, None, 0.0, 10, 1.0, exact=0.9, exact_tokens=8, exact_match="directions")
+    assert row.best == (0.9, "exact search by direction") and best_cell(row) == "90.0% (exact, directions)"
+    assert replace(row, exact_match="vectors").best == (0.9, "exact search")
+
+
+def test_a_search_by_direction_reads_activations_off_by_a_scale() -> None:
+    """The model-completion server's copy of the segment may be off by a scale (adapters that scale the
+    activations down): matching vectors then fails, matching directions does not."""
+    tokenizer = load_tokenizer("tiny-gpt2")
+    data = device_tokens(device_examples(tokenizer, 200, 48), tokenizer.pad_token_id)
+    segment = build_segment("tiny-gpt2", SegmentSpec.client(1))
+    scaled = 0.01 * on_the_wire(block_outputs(segment, data, [1])[1], "fp16")[0, :6]
+    truth = data.ids[0, :6]
+    assert torch.equal(exact_search(segment, 1, scaled, Channel(direction=True)), truth)
+    assert not torch.equal(exact_search(segment, 1, scaled, Channel()), truth)
+
+
+def test_the_bottleneck_starts_near_the_identity_and_prices_information() -> None:
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 5, 64, generator=gen) * 3.0
+    neck = Bottleneck(64, scale=3.0, weight=0.5, sigma=1e-4)
+    with torch.no_grad():
+        sent, kl = neck(hidden, gen)
+    torch.testing.assert_close(sent, hidden, atol=2e-3, rtol=0)
+    assert kl.shape == (2, 5) and float(kl.min()) > 0
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    assert float(neck.loss(kl, mask)) == pytest.approx(0.5 * float(kl[mask.bool()].mean()), rel=1e-5)
+    # more noise, less information; a gate of zero, none
+    wide = Bottleneck(64, scale=3.0, weight=0.5, sigma=1.0)
+    assert wide.information(hidden.flatten(0, 1)) < neck.information(hidden.flatten(0, 1))
+    with torch.no_grad():
+        wide.gate.zero_()
+    assert wide.information(hidden.flatten(0, 1)) == 0.0
+    with pytest.raises(ValueError, match="bottleneck"):
+        Bottleneck(64, scale=0.0, weight=1.0)
+
+
+def test_a_bottleneck_trains_and_the_audit_attacks_through_it() -> None:
+    tokenizer = load_tokenizer("tiny-gpt2")
+    examples = device_examples(tokenizer, 400, 32)
+    neck = Bottleneck(128, scale=0.05, weight=1.0, sigma=0.1)
+    start = neck.log_sigma.detach().clone()
+    client, server = finetune_split("tiny-gpt2", 1, DefenseSettings(), examples, steps=3, batch_size=2, bottleneck=neck)
+    assert not torch.equal(neck.log_sigma.detach(), start)  # the KL term pushes the noise up
+    result = evaluate_split(
+        client, server, DefenseSettings(), examples[:4], int(tokenizer.pad_token_id), bottleneck=neck
+    )
+    assert math.isfinite(result.loss)
+    adapters = lora_state(client.peft_model)
+    # almost no noise: the attacker who knows the bottleneck still reads every token; wide noise: far fewer
+    quiet = Bottleneck(128, scale=0.05, weight=1.0, sigma=1e-3)
+    loud = Bottleneck(128, scale=0.05, weight=1.0, sigma=8.0)
+    settings = AttackSettings(public_tokens=512, eval_tokens=256, steps=10, exact_tokens=8, proposals=4)
+    cases = [DefenseCase(n, adapters=adapters, bottleneck=b) for n, b in (("quiet", quiet), ("loud", loud))]
+    rows = audit_inversion("tiny-gpt2", [1], cases, settings)
+    assert rows[0].exact == 1.0 and rows[0].exact_tokens == 8
+    assert rows[1].exact is not None and rows[1].exact < 0.5
+    with pytest.raises(ConfigError, match="bottleneck"):
+        audit_inversion("tiny-gpt2", [1], [DefenseCase("both", DefenseSettings(noise=1.0), bottleneck=quiet)], settings)
 
 
 def test_label_leakage_without_tail_is_near_total() -> None:
@@ -309,7 +390,7 @@ def test_audit_command_refuses_a_missing_model(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- private adapters, the distance term
 
 
-def test_the_distance_term_pushes_activations_away_from_the_base_until_their_norm() -> None:
+def test_the_distance_term_turns_the_activations_away_from_the_base() -> None:
     base = torch.randn(2, 5, 16)
     mask = torch.ones(2, 5)
     same = base.clone().requires_grad_(True)
@@ -317,8 +398,9 @@ def test_the_distance_term_pushes_activations_away_from_the_base_until_their_nor
     assert float(term.detach()) == pytest.approx(2.0, abs=1e-2)  # at the base: the whole weight
     term.backward()
     assert same.grad is not None and float(same.grad.abs().sum()) > 0
-    far = base + 3 * base.norm(dim=-1, keepdim=True) * torch.nn.functional.normalize(torch.randn(2, 5, 16), dim=-1)
-    assert float(distance_loss(far, base, mask, 2.0)) == 0.0  # more than a norm away: no push
+    # scaled up, the activations are as near as the base's: scale does not meet the term
+    assert float(distance_loss(3 * base, base, mask, 2.0)) == pytest.approx(2.0, abs=1e-4)
+    assert float(distance_loss(-base, base, mask, 2.0)) == 0.0  # turned away: no push
     assert float(distance_loss(base, base, torch.zeros(2, 5), 2.0)) == 0.0  # padding only
 
 

@@ -17,7 +17,14 @@ from splitft.shared.model.calibration import public_clips
 from splitft.shared.model.defense import PRIVACY_LEVELS, DefenseSettings, defend
 from splitft.shared.model.loading import model_fingerprint
 from splitft.shared.wire.control import parse_assign
-from splitft.tools.audit.table import describe, job_privacy, load_table, record_audit, record_private
+from splitft.tools.audit.table import (
+    describe,
+    job_privacy,
+    load_table,
+    record_audit,
+    record_private,
+    record_trained,
+)
 
 
 def test_privacy_levels_set_the_defense_and_private_adapters() -> None:
@@ -119,6 +126,39 @@ def test_the_audited_table_answers_for_a_job(tmp_path: Path) -> None:
         "private adapters, distance 0.5, at cut 2" in line and "70% of a device's tokens" in line and "+10.0%" in line
     )
     assert "not audited" in describe(fingerprint, [2], "u", DefenseSettings(distance=2.0), table, private=True)
+
+
+def test_figures_fine_tuned_with_the_noise_are_preferred(tmp_path: Path) -> None:
+    path = tmp_path / "audited.json"
+    fingerprint = model_fingerprint("tiny-gpt2")
+    record_audit(path, _results(fingerprint))
+    row = {"best_attacker": "exact search", "bottleneck": None, "distance": 0.0, "knows_adapters": True}
+    trained = {
+        "model": "tiny test model", "cut": 2, "date": "2026-12-05",
+        "rows": [
+            {**row, "setting": "none", "noise": 0.0, "best": 1.0, "exact_labels": 1.0, "eval_loss": 1.0},
+            {**row, "setting": "clip + noise 1", "noise": 1.0, "best": 0.9, "exact_labels": 0.8, "eval_loss": 2.0},
+            {**row, "setting": "bottleneck 1", "noise": 0.0, "bottleneck": 1.0, "best": 1.0, "exact_labels": 1.0, "eval_loss": 1.2},
+            {**row, "setting": "private + distance 0.5 + clip + noise 1", "noise": 1.0, "distance": 0.5,
+             "knows_adapters": False, "best": 0.3, "exact_labels": None, "eval_loss": 2.5},
+        ],
+    }  # fmt: skip
+    record_trained(path, fingerprint, trained)
+    record_audit(path, _results(fingerprint))  # the frozen figures recorded again keep the fine-tuned ones
+    table = load_table(path)
+    assert [r["name"] for r in table[fingerprint]["trained"]["settings"]] == [
+        "clip + noise 1", "private + distance 0.5 + clip + noise 1"
+    ]  # fmt: skip
+    noisy = describe(fingerprint, [2], "two-part", DefenseSettings(noise=1.0, clip_quantile=0.5), table)
+    assert "90% of a device's tokens and 80% of its labels, for +100.0% eval loss (audited, fine-tuned" in noisy
+    both = DefenseSettings(noise=1.0, clip_quantile=0.5, distance=0.5)
+    line = describe(fingerprint, [2], "u", both, table, private=True)
+    assert line.startswith("privacy: private adapters + distance 0.5 + clip + noise 1 at cut 2")
+    assert "completed from the public base) reads back 30% of a device's tokens, for +150.0%" in line
+    # the frozen figure where nothing fine-tuned matches; a fixed clip is not the calibrated one
+    frozen = describe(fingerprint, [2], "u", both, table)  # not private: nothing fine-tuned matches
+    assert "40% of a device's tokens" in frozen and "(audited, frozen base)" in frozen
+    assert "not audited" in describe(fingerprint, [2], "u", DefenseSettings(noise=1.0, clip=3.0), table)
 
 
 def test_run_says_what_the_audit_found_for_the_shipped_table() -> None:

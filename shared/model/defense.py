@@ -34,6 +34,7 @@ import math
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 
 from splitft.shared.errors import ConfigError
 
@@ -48,9 +49,10 @@ class DefenseSettings:
     clip: float | None = None  # per-token L2 norm bound on the activations; None = off
     nopeek: float = 0.0  # weight of the NoPeek distance-correlation term in the device's loss; 0 = off
     # Weight of the distance term: the device's loss gains ``distance`` x the mean over tokens of
-    # max(0, 1 - |h - h_base| / |h_base|), which keeps its activations at the cut at least their own norm away
-    # from the public base model's (its adapters off): with private adapters, a server that completes the
-    # client segment from the public base no longer finds the tokens. Costs a forward pass without gradients.
+    # max(0, 1 - |u - u_base|), u = h / |h| the direction of a token's activation at the cut and u_base the public
+    # base model's (its adapters off), which turns its activations at least 60 degrees away from the base's: with
+    # private adapters, a server that completes the client segment from the public base no longer finds the
+    # tokens, whether it compares activations or their directions. Costs a forward pass without gradients.
     distance: float = 0.0
     # The clip calibrated per cut: this quantile of the token norms of public text at the device's cut (base
     # weights), set by the coordinator in each assignment (``clip`` then carries the value); None = off.
@@ -113,10 +115,10 @@ class PrivacyLevel:
 
 
 #: ``privacy = "off" | "balanced" | "strict"`` in a job file, measured against the strongest server by
-#: ``scripts/bench_private_attack.py`` on SmolLM2-135M at cut 2 (BENCHMARKS.md, "Private adapters"): the adapters
-#: kept from the server, and the distance term at two weights: 0.5 (78% of the tokens recovered instead of 100%,
-#: for +9% eval loss) and 2 (63%, +15%). Neither reaches 10%: the only setting measured under it is clip + noise 8,
-#: at a price no model pays (BENCHMARKS.md, "Privacy against the strongest attacker").
+#: ``scripts/bench_trained_defenses.py`` on SmolLM2-135M at cut 2 (BENCHMARKS.md, "Defenses trained with the
+#: model"): the adapters kept from the server, and the distance term at two weights: 0.5 (98% of the tokens
+#: recovered instead of 100%, for +2.6% eval loss) and 2 (89%, +16%). Neither hides much: the only setting measured
+#: under 10% is clip + noise 8, at a price no model pays (BENCHMARKS.md, "Privacy against the strongest attacker").
 PRIVACY_LEVELS = {
     "off": PrivacyLevel(DefenseSettings()),
     "balanced": PrivacyLevel(DefenseSettings(distance=0.5), private_adapters=True),
@@ -151,12 +153,16 @@ def defend(hidden: torch.Tensor, settings: DefenseSettings, generator: torch.Gen
 def distance_loss(
     hidden: torch.Tensor, base: torch.Tensor, attention_mask: torch.Tensor, weight: float
 ) -> torch.Tensor:
-    """``weight`` x the mean over real tokens of ``max(0, 1 - |hidden - base| / |base|)``: the device's activations
-    ``hidden`` (B, T, C) pushed away from the base model's ``base`` (no gradient) until a token's are at least
-    their own norm apart."""
-    relative = (hidden.float() - base.float()).norm(dim=-1) / base.float().norm(dim=-1).clamp_min(_EPS)  # (B, T)
-    mask = attention_mask.to(relative.dtype)
-    return weight * ((1 - relative).clamp_min(0) * mask).sum() / mask.sum().clamp_min(1)
+    """``weight`` x the mean over real tokens of ``max(0, 1 - |u - u_base|)``, ``u`` the direction (unit vector) of
+    a token's activation: the device's activations ``hidden`` (B, T, C) turned away from the base model's ``base``
+    (no gradient) until a token's directions are at least 1 apart (60 degrees).
+
+    On directions, not on the vectors: a term on ``|h - h_base| / |h_base|`` is met by scaling the activations
+    up (the adapters learned to double their norm, at a small price since the server's next block normalises
+    them), and a server that compares directions then finds the tokens anyway."""
+    apart = (F.normalize(hidden.float(), dim=-1, eps=_EPS) - F.normalize(base.float(), dim=-1, eps=_EPS)).norm(dim=-1)
+    mask = attention_mask.to(apart.dtype)
+    return weight * ((1 - apart).clamp_min(0) * mask).sum() / mask.sum().clamp_min(1)
 
 
 # --------------------------------------------------------------------------- NoPeek

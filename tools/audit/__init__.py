@@ -21,11 +21,18 @@ label (the next token) and is scored on the device's targets (GSM8K answers), ne
 that sees the hidden state alone: it runs the tail itself (it knows its weights) and takes the
 model's own top-1 next-token guess.
 
+The stronger attacker is the exact search (:mod:`.exact`): the server runs the client segment on every
+candidate for the next token after those it has recovered and keeps the nearest to what it received, the
+distances whitened by the noise it knows the spread of; where the client adapters are private it runs the
+public base instead, and matches directions as well as vectors (its copy may be off by a scale). Every
+figure the audit reports is the best of the attackers, named.
+
 Everything is seeded: the same settings give the same numbers on the same machine and thread count.
 
-Modules: :mod:`.attack` (the attacker: settings, data, activations, the inverse model), :mod:`.measure` (the
-audits and their results), :mod:`.report` (audit.md, audit.json, audit.png), :mod:`.cli` (the
-``splitft-coordinator audit`` command).
+Modules: :mod:`.attack` (the attacker: settings, data, activations, the inverse model), :mod:`.exact` (the
+exact search), :mod:`.measure` (the audits and their results), :mod:`.bottleneck` (the information bottleneck
+measured as a defense), :mod:`.report` (audit.md, audit.json, audit.png), :mod:`.table` (the audited figures
+``run`` prints), :mod:`.cli` (the ``splitft-coordinator audit`` command).
 """
 
 from splitft.shared.model.calibration import PUBLIC_TEXTS
@@ -47,7 +54,8 @@ from splitft.tools.audit.attack import (
     recovery,
     train_attack,
 )
-from splitft.tools.audit.exact import SearchOutcome, exact_search, search_sequences
+from splitft.tools.audit.bottleneck import Bottleneck
+from splitft.tools.audit.exact import Channel, SearchOutcome, exact_search, search_sequences
 from splitft.tools.audit.measure import (
     AuditReport,
     CutResult,
@@ -62,7 +70,7 @@ from splitft.tools.audit.measure import (
 from splitft.tools.audit.report import markdown, plot_recovery, write_report
 
 __all__ = [
-    "DEVICE_DATA", "PUBLIC_TEXTS", "AttackSettings", "AuditReport", "CutResult", "DefenseCase", "Inverter",
+    "DEVICE_DATA", "PUBLIC_TEXTS", "AttackSettings", "AuditReport", "Bottleneck", "Channel", "CutResult", "DefenseCase", "Inverter",
     "LabelResult", "Progress", "SearchOutcome", "TokenBatch", "adapter_ranks", "attack_tokens", "audit_inversion",
     "audit_labels", "block_outputs", "client_segment", "device_examples", "device_tokens", "evaluate_split",
     "exact_search", "finetune_split", "markdown", "on_the_wire", "parse_cuts", "plot_recovery", "public_tokens",

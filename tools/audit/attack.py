@@ -96,6 +96,9 @@ class DefenseCase:
     # False: the adapters are private (sealed with the fleet key): the attacker completes the client segment from
     # the public base instead, and trains and searches with it
     knows_adapters: bool = True
+    # a trained information bottleneck the device sends through (tools/audit/bottleneck.py); the attacker knows
+    # its weights (they travel with the adapters) but not its noise
+    bottleneck: nn.Module | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.clip_quantile is not None and not 0 < self.clip_quantile <= 1:

@@ -13,6 +13,12 @@ recovered prefix followed by the candidates, under an attention mask that lets e
 prefix and itself only; the prefix's keys and values are computed once per chunk and shared by all its
 candidates, so a position costs about one pass of the client blocks over the vocabulary (plus the
 candidates' attention to the prefix), whatever its depth in the sequence.
+
+Against noise the distances are whitened (divided by the noise's spread on each coordinate, a
+:class:`Channel`), so the nearest candidate is the most likely one for a learned, uneven noise too; the
+learned inverse's proposals are kept only when the nearest of them is as near as the true token would be
+(the whitened distance of the true token is chi-squared with C degrees of freedom: at most C + 4 sqrt(2C)),
+else the whole vocabulary is searched.
 """
 
 from __future__ import annotations
@@ -23,12 +29,58 @@ from dataclasses import dataclass
 from typing import cast
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from splitft.shared.model.defense import DefenseSettings, clip_tokens
 from splitft.shared.model.loss import IGNORE_INDEX
 from splitft.shared.model.split import Segment
 from splitft.tools.audit.attack import Progress, TokenBatch
+
+
+@dataclass(frozen=True)
+class Channel:
+    """What the server knows of the way from a device's activation to what it receives.
+
+    A candidate activation ``h`` (N, C) would be received as ``gain * clip(h)`` plus Gaussian noise of standard
+    deviation ``std`` on each coordinate (a number, or one per coordinate (C,)); ``gain`` None is 1.
+    """
+
+    clip: float | None = None
+    gain: torch.Tensor | None = None
+    std: torch.Tensor | float = 0.0
+    # compare directions (unit vectors), not the vectors: the match of a server whose copy of the client segment
+    # may be off by a scale (private adapters: it runs the public base, which the device's adapters may scale)
+    direction: bool = False
+
+    @classmethod
+    def of(cls, defense: DefenseSettings | None, width: int) -> Channel:
+        """The channel of a device's clip and noise (:func:`~splitft.shared.model.defense.defend`)."""
+        return cls() if defense is None else cls(defense.clip, None, defense.noise_std(width))
+
+    @property
+    def noisy(self) -> bool:
+        return bool(torch.as_tensor(self.std).gt(0).any())
+
+    def expected(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What ``hidden`` (N, C) is received as, before the noise."""
+        if self.clip is not None:
+            hidden = clip_tokens(hidden, self.clip)
+        return hidden if self.gain is None else hidden * self.gain.to(hidden)
+
+    def distance(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """(N,) squared distances of the candidates ``hidden`` (N, C) to the received ``target`` (C,), whitened;
+        with ``direction``, of their unit vectors (times the target's squared norm, for the same rounding bound)."""
+        expected = self.expected(hidden)
+        if self.direction:
+            scale = target.norm()
+            return (
+                (F.normalize(expected, dim=-1) * scale - target).pow(2).sum(-1) if scale > 0 else expected.sum(-1) * 0
+            )
+        diff = expected - target
+        if self.noisy:
+            diff = diff / torch.as_tensor(self.std).to(diff).clamp_min(1e-12)
+        return diff.pow(2).sum(-1)
 
 
 def candidate_step(segment: Segment, cut: int, prefix: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -77,7 +129,7 @@ def exact_search(
     segment: Segment,
     cut: int,
     sent: torch.Tensor,
-    defense: DefenseSettings | None = None,
+    channel: Channel | None = None,
     proposals: torch.Tensor | None = None,
     chunk: int = 512,
     progress: Callable[[int], None] | None = None,
@@ -85,36 +137,35 @@ def exact_search(
     """Recover the tokens (T,) of one sequence from its activations at ``cut`` as sent, ``sent`` (T, C).
 
     ``segment`` is the client segment (at least ``cut`` blocks) with the weights the attacker believes the
-    device holds; the clip of ``defense`` is applied to every candidate's activation, as the device
-    applies it; the noise is not (the attacker keeps the nearest candidate). ``proposals`` (T, K) are the
-    token ids tried first at each position (the learned inverse's top ``k``): the nearest of them is kept
-    when it is as near as the true token would be (within twice the noise's expected energy plus the wire's
-    rounding), else the rest of the vocabulary is searched too; None searches the whole vocabulary. Without
-    noise, the search stops at a candidate within the wire's rounding of the activation (the token itself).
-    ``progress(t)`` is called after each position.
+    device holds; ``channel`` (default: none) is what the attacker knows of the device's defense: the clip and
+    gain are applied to every candidate's activation, as the device applies them, and the distances are
+    whitened by the noise's spread (the noise itself it cannot know). ``proposals`` (T, K) are the token ids
+    tried first at each position (the learned inverse's top ``k``): the nearest of them is kept when it is as
+    near as the true token would be (within the wire's rounding without noise; within C + 4 sqrt(2C), the
+    true token's chi-squared bound, with noise), else the rest of the vocabulary is searched too; None
+    searches the whole vocabulary. Without noise, the search stops at a candidate within the wire's rounding
+    of the activation (the token itself). ``progress(t)`` is called after each position.
     """
     vocab = int(segment.config.vocab_size)
     device = segment.device
     target = sent.float().to(device)
-    std = 0.0 if defense is None else defense.noise_std(target.shape[-1])
+    channel = channel or Channel()
+    width = target.shape[-1]
     recovered = torch.empty(len(sent), dtype=torch.long)
     for t in range(len(sent)):
-        # What the true token's distance may be: the noise's energy (twice its expectation) plus the wire's
-        # rounding; a proposal nearer than that is taken, else the whole vocabulary is searched.
+        # What the true token's distance may be: the wire's rounding without noise; with noise (whitened), the
+        # chi-squared bound of C coordinates. A proposal nearer than that is taken, else the vocabulary is searched.
         rounding = 1e-3 * float(target[t].pow(2).sum())
-        accept = 2 * std**2 * target.shape[-1] + rounding
+        accept = width + 4 * (2 * width) ** 0.5 if channel.noisy and not channel.direction else rounding
         best_distance, best_token = float("inf"), -1
         for candidates in _candidate_sets(vocab, None if proposals is None else proposals[t]):
             for start in range(0, len(candidates), chunk):
                 ids = candidates[start : start + chunk].to(device)
-                hidden = candidate_step(segment, cut, recovered[:t], ids)
-                if defense is not None and defense.clip is not None:
-                    hidden = clip_tokens(hidden, defense.clip)
-                distance = (hidden - target[t]).pow(2).sum(-1)  # (N,)
+                distance = channel.distance(candidate_step(segment, cut, recovered[:t], ids), target[t])  # (N,)
                 j = int(distance.argmin())
                 if float(distance[j]) < best_distance:
                     best_distance, best_token = float(distance[j]), int(ids[j])
-                if best_distance <= rounding and std == 0:
+                if best_distance <= rounding and not channel.noisy:
                     break  # no noise: a candidate within the wire's rounding is the token
             if best_distance <= accept:
                 break
@@ -140,7 +191,7 @@ def search_sequences(
     cut: int,
     sent: torch.Tensor,
     device: TokenBatch,
-    defense: DefenseSettings,
+    channel: Channel,
     tokens: int,
     proposals: torch.Tensor | None = None,
     progress: Progress | None = None,
@@ -160,7 +211,7 @@ def search_sequences(
         if take <= 0:
             break
         guess = exact_search(
-            segment, cut, sent[row, :take], defense, None if proposals is None else proposals[row, :take]
+            segment, cut, sent[row, :take], channel, None if proposals is None else proposals[row, :take]
         )
         truth = device.ids[row, :take]
         correct += int((guess == truth).sum())

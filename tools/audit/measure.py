@@ -37,7 +37,8 @@ from splitft.tools.audit.attack import (
     weight_of,
     windowed,
 )
-from splitft.tools.audit.exact import search_sequences
+from splitft.tools.audit.bottleneck import Bottleneck
+from splitft.tools.audit.exact import Channel, search_sequences
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +62,15 @@ class CutResult:
     exact_tokens: int = 0
     exact_labels: float | None = None  # the device's labels read off the next positions' recovered inputs
     exact_seconds: float = 0.0
+    # how the exact search that recovered the most matched: "vectors", or "directions" (model completion, where the
+    # server's copy of the segment may be off by a scale)
+    exact_match: str = "vectors"
 
     @property
     def best(self) -> tuple[float, str]:
         """The strongest attacker's token recovery, and its name."""
         if self.exact is not None and self.exact >= self.recovery:
-            return self.exact, "exact search"
+            return self.exact, "exact search" if self.exact_match == "vectors" else "exact search by direction"
         return self.recovery, "learned inverse"
 
 
@@ -162,29 +166,40 @@ def _attack_cut(
     if case.clip_quantile is not None:
         norms = pub_h.norm(dim=-1)[public.mask.bool()]
         defense = replace(defense, clip=float(torch.quantile(norms, case.clip_quantile)))
-    std = defense.noise_std(pub_h.shape[-1])
-    # The device's activations, defended once, as sent and as the wire carries them.
-    sent = on_the_wire(defend(dev_h, defense, torch.Generator().manual_seed(settings.seed + 1)), settings.wire_dtype)
+    width = pub_h.shape[-1]
+    gen = torch.Generator().manual_seed(settings.seed + 1)
+    bottleneck = cast(Bottleneck | None, case.bottleneck)
+    # The device's activations, defended once, as sent and as the wire carries them; what the server knows of it.
+    if bottleneck is None:
+        channel = Channel.of(defense, width)
+        sent = on_the_wire(defend(dev_h, defense, gen), settings.wire_dtype)
+    else:
+        if defense.noise > 0:
+            raise ConfigError("an audit case has either noise or a bottleneck, not both")
+        channel = bottleneck.channel(defense.clip)
+        with torch.no_grad():
+            sent = on_the_wire(bottleneck(defend(dev_h, defense), gen)[0], settings.wire_dtype)
+    std = torch.as_tensor(channel.std, dtype=torch.float32).expand(width)  # (C,) per coordinate
     dev_valid = device.mask.bool()
     eval_x = windowed(sent, device.mask, settings.window)[dev_valid]  # (n, (2w+1) C)
     eval_y = device.ids[dev_valid]
-    # The attacker's public activations: clipped here, noised afresh for every batch.
+    # The attacker's public activations as received without the noise; noised afresh for every batch.
     pub_valid = public.mask.bool()
-    train_x = windowed(defend(pub_h, replace(defense, noise=0.0)), public.mask, settings.window)[pub_valid]
+    train_x = windowed(channel.expected(pub_h), public.mask, settings.window)[pub_valid]
     train_y = public.ids[pub_valid]
     # Neighbours beyond the sequence are zeros (no token) and get no noise, as on the device.
-    present = windowed(torch.ones_like(pub_h), public.mask, settings.window)[pub_valid]
+    present = windowed(torch.ones_like(pub_h) * std, public.mask, settings.window)[pub_valid]
 
     def features(rows: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         x = train_x[rows]
-        return x + torch.randn(x.shape, generator=gen) * std * present[rows] if std > 0 else x
+        return x + torch.randn(x.shape, generator=gen) * present[rows] if channel.noisy else x
 
     embedding = weight_of(segment, segment.family.embeddings[0])  # (V, C)
     model = train_attack(features, train_y, embedding, settings, prior={settings.window: 1.0})
     coverage = float(torch.isin(eval_y, train_y).float().mean())
     row = CutResult(
-        cut, case.name, recovery(model, eval_x, eval_y), frequency_baseline(train_y, eval_y), defense.clip, std, len(eval_y),
-        coverage,
+        cut, case.name, recovery(model, eval_x, eval_y), frequency_baseline(train_y, eval_y), defense.clip,
+        float(std.mean()), len(eval_y), coverage,
     )  # fmt: skip
     if settings.exact_tokens == 0:
         return row
@@ -194,8 +209,15 @@ def _attack_cut(
         with torch.no_grad():
             logits = model(windowed(sent, device.mask, settings.window).flatten(0, 1))  # (N T, V)
         proposals = logits.topk(min(settings.proposals, logits.shape[-1]), dim=-1).indices.view(*sent.shape[:2], -1)
-    found = search_sequences(segment, cut, sent, device, defense, settings.exact_tokens, proposals, progress)
-    return replace(row, **asdict(found), exact_seconds=time.perf_counter() - started)
+    found = search_sequences(segment, cut, sent, device, channel, settings.exact_tokens, proposals, progress)
+    match = "vectors"
+    if not case.knows_adapters and found.exact < 1:  # the completed segment may be off by a scale: match directions
+        turned = search_sequences(
+            segment, cut, sent, device, replace(channel, direction=True), settings.exact_tokens, proposals, progress
+        )
+        if turned.exact > found.exact:
+            found, match = turned, "directions"
+    return replace(row, **asdict(found), exact_seconds=time.perf_counter() - started, exact_match=match)
 
 
 # --------------------------------------------------------------------------- label leakage (U-shaped split)
@@ -271,9 +293,13 @@ def finetune_split(
     lora: LoraSettings | None = None,
     seed: int = 0,
     progress: Progress | None = None,
+    bottleneck: Bottleneck | None = None,
+    bottleneck_lr: float = 0.05,
 ) -> tuple[Segment, Segment]:
-    """LoRA fine-tuning through the split in one process: client -> :func:`defend` -> server, with
-    the NoPeek and distance terms added to the loss when set. Returns the trained (client, server) segments.
+    """LoRA fine-tuning through the split in one process: client -> :func:`defend` (-> ``bottleneck``) ->
+    server, with the NoPeek, distance and bottleneck terms added to the loss when set. Returns the trained
+    (client, server) segments; ``bottleneck`` trains in place, at its own learning rate ``bottleneck_lr`` (its
+    3 C numbers would barely move in a few dozen steps at the adapters' rate).
 
     End-to-end autograd through ``defend`` gives the gradients the split's wire would carry.
     """
@@ -281,14 +307,22 @@ def finetune_split(
     client = build_segment(source, SegmentSpec.client(cut), lora=lora, lora_seed=seed)
     server = build_segment(source, SegmentSpec.server(cut, total), lora=lora, lora_seed=seed)
     params = [*client.lora_parameters().values(), *server.lora_parameters().values()]
-    opt = torch.optim.AdamW(params, lr=lr)
+    groups: list[dict[str, object]] = [{"params": params}]
+    if bottleneck is not None:
+        groups.append({"params": list(bottleneck.parameters()), "lr": bottleneck_lr, "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, lr=lr)
     pad = int(load_tokenizer(source).pad_token_id)
     batches, gen = Batches(examples, batch_size, pad, seed), torch.Generator().manual_seed(seed)
     for step in range(steps):
         ids, labels, lengths = batches.next()
         mask = padding_mask(lengths, ids.shape[1])
         hidden = client(ids, mask)  # (B, T, C)
-        loss = causal_lm_loss(server(defend(hidden, defense, gen), mask), labels)
+        sent = defend(hidden, defense, gen)
+        if bottleneck is not None:
+            sent, kl = bottleneck(sent, gen)
+        loss = causal_lm_loss(server(sent, mask), labels)
+        if bottleneck is not None:
+            loss = loss + bottleneck.loss(kl, mask)
         if defense.nopeek > 0:
             loss = loss + nopeek_loss(ids, hidden, mask, defense.nopeek, generator=gen)
         if defense.distance > 0:
@@ -300,19 +334,29 @@ def finetune_split(
         opt.step()
         if progress and (step + 1) % 25 == 0:
             progress(
-                f"finetune cut {cut} [{defense.describe()}]: step {step + 1}/{steps}, loss {float(loss.detach()):.3f}"
+                f"finetune cut {cut} [{defense.describe()}{'' if bottleneck is None else f', bottleneck {bottleneck.weight:g}'}]: "
+                f"step {step + 1}/{steps}, loss {float(loss.detach()):.3f}"
             )
     return client, server
 
 
 def evaluate_split(
-    client: Segment, server: Segment, defense: DefenseSettings, examples: Sequence[Example], pad_id: int, seed: int = 1
+    client: Segment,
+    server: Segment,
+    defense: DefenseSettings,
+    examples: Sequence[Example],
+    pad_id: int,
+    seed: int = 1,
+    bottleneck: Bottleneck | None = None,
 ) -> EvalResult:
-    """Eval loss and perplexity of the split with the device's defense applied (as deployed)."""
+    """Eval loss and perplexity of the split with the device's defense (and bottleneck) applied, as deployed."""
     gen = torch.Generator().manual_seed(seed)
 
     def loss_of(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> TargetLoss:
-        return server.target_loss(defend(client(ids, mask), defense, gen), mask, labels)
+        sent = defend(client(ids, mask), defense, gen)
+        if bottleneck is not None:
+            sent = bottleneck(sent, gen)[0]
+        return server.target_loss(sent, mask, labels)
 
     batches = [collate(examples[i : i + 16], pad_id) for i in range(0, len(examples), 16)]
     return evaluate_lm(loss_of, batches)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from splitft.tools.audit.measure import AuditReport, CutResult
 
-SHORT = {"exact search": "exact", "learned inverse": "inverse"}
+SHORT = {"exact search": "exact", "exact search by direction": "exact, directions", "learned inverse": "inverse"}
 
 
 def best_cell(row: CutResult) -> str:

@@ -2,8 +2,10 @@
 
 ``scripts/bench_exact_attack.py --table tools/audit/audited.json`` records, per model fingerprint, the best
 attacker's token and label recovery at each audited cut without a defense, and at its defense cut each
-clip-and-noise setting's recovery and price (eval loss against none). :func:`describe` turns that into the
-line ``run`` prints for a job's cut, split and defense: the audited figures, or "not audited".
+clip-and-noise setting's recovery and price (eval loss against none, frozen base);
+``scripts/bench_trained_defenses.py --table`` adds the private-adapter settings and the noised settings
+fine-tuned with the defense on (their price after the model adapted, preferred where both exist). :func:`describe` turns that into the line ``run`` prints
+for a job's cut, split and defense: the audited figures, or "not audited".
 """
 
 from __future__ import annotations
@@ -27,34 +29,36 @@ def record_audit(path: Path, results: dict[str, Any]) -> None:
     table = json.loads(path.read_text()) if path.is_file() else {"models": {}}
     none = results["costs"][0]["eval_loss"]
     gradient = {str(r["tail"]): r["recovery"] for r in results["labels"]}
-    table["models"][results["fingerprint"]] = {
-        "model": results["model"],
-        "date": results["date"],
-        "exact_tokens": results["settings"]["exact_tokens"],
-        "cuts": {
-            str(r["cut"]): {"tokens": r["best"], "attacker": r["best_attacker"], "labels": r["exact_labels"]}
-            for r in results["plain"]
-        },
-        "defense_cut": results["defense_cut"],
-        "defenses": [
-            {
-                "name": r["defense"],
-                "noise": r["noise_std"] and round(r["noise_std"] * results["hidden_size"] ** 0.5 / r["clip"], 6),
-                "tokens": r["best"],
-                "attacker": r["best_attacker"],
-                "labels": r["exact_labels"],
-                "eval_loss": c["eval_loss"] / none - 1,
-            }
-            for r, c in zip(results["defended"], results["costs"][1:], strict=True)
-        ],
-        "tail_gradient_labels": gradient,
-    }
+    # the other benchmarks' figures (private, trained) for this model are kept
+    table["models"].setdefault(results["fingerprint"], {}).update(
+        {
+            "model": results["model"],
+            "date": results["date"],
+            "exact_tokens": results["settings"]["exact_tokens"],
+            "cuts": {
+                str(r["cut"]): {"tokens": r["best"], "attacker": r["best_attacker"], "labels": r["exact_labels"]}
+                for r in results["plain"]
+            },
+            "defense_cut": results["defense_cut"],
+            "defenses": [
+                {
+                    "name": r["defense"],
+                    "noise": r["noise_std"] and round(r["noise_std"] * results["hidden_size"] ** 0.5 / r["clip"], 6),
+                    "tokens": r["best"],
+                    "attacker": r["best_attacker"],
+                    "labels": r["exact_labels"],
+                    "eval_loss": c["eval_loss"] / none - 1,
+                }
+                for r, c in zip(results["defended"], results["costs"][1:], strict=True)
+            ],
+            "tail_gradient_labels": gradient,
+        }
+    )
     path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
 
 
 def record_private(path: Path, fingerprint: str, results: dict[str, Any]) -> None:
-    """Add the private-adapter figures of ``scripts/bench_private_attack.py`` to a model's entry (made first by
-    :func:`record_audit`)."""
+    """Add the private-adapter figures (without noise) of ``scripts/bench_trained_defenses.py`` to a model's entry."""
     table = json.loads(path.read_text()) if path.is_file() else {"models": {}}
     entry = table["models"].setdefault(fingerprint, {"model": results["model"], "cuts": {}, "defenses": []})
     known = results["rows"][0]["eval_loss"]
@@ -70,7 +74,34 @@ def record_private(path: Path, fingerprint: str, results: dict[str, Any]) -> Non
                 "eval_loss": r["eval_loss"] / known - 1,
             }
             for r in results["rows"]
-            if not r["knows_adapters"]
+            if not r["knows_adapters"] and not r.get("noise") and r.get("bottleneck") is None
+        ],
+    }
+    path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+
+
+def record_trained(path: Path, fingerprint: str, results: dict[str, Any]) -> None:
+    """Add the noised settings of ``scripts/bench_trained_defenses.py`` (fine-tuned with the clip at the median
+    public norm and the noise on, private adapters or not) to a model's entry."""
+    table = json.loads(path.read_text()) if path.is_file() else {"models": {}}
+    entry = table["models"].setdefault(fingerprint, {"model": results["model"], "cuts": {}, "defenses": []})
+    none = next(r["eval_loss"] for r in results["rows"] if r["setting"] == "none")
+    entry["trained"] = {
+        "cut": results["cut"],
+        "date": results["date"],
+        "settings": [
+            {
+                "name": r["setting"],
+                "private": not r["knows_adapters"],
+                "noise": r["noise"],
+                "distance": r["distance"],
+                "tokens": r["best"],
+                "attacker": r["best_attacker"],
+                "labels": r["exact_labels"],
+                "eval_loss": r["eval_loss"] / none - 1,
+            }
+            for r in results["rows"]
+            if r["noise"] > 0 and r["bottleneck"] is None
         ],
     }
     path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
@@ -98,6 +129,9 @@ def describe(
     if entry is None:
         return "privacy: not audited (this model is not in the audit's table; run splitft-coordinator audit)"
     model = entry["model"]
+    trained = _trained(entry, defense, private)
+    if trained is not None:
+        return trained
     if private:
         return _describe_private(entry, defense)
     if defense.noise > 0 and defense.clip_quantile is not None:
@@ -130,6 +164,25 @@ def describe(
         if gradient is not None:
             text += f"; U split labels: {gradient:.0%} from the tail gradient, and the next inputs with the tokens"
     return text
+
+
+def _trained(entry: dict[str, Any], defense: DefenseSettings, private: bool) -> str | None:
+    """The line for a noised defense measured fine-tuned with it (the clip at the median), or None."""
+    audited = entry.get("trained") or {}
+    if defense.noise == 0 or defense.clip_quantile != 0.5 or defense.nopeek > 0:
+        return None
+    for row in audited.get("settings", []):
+        if (row["private"], row["noise"], row["distance"]) == (private, defense.noise, defense.distance):
+            text = (
+                f"privacy: {'private adapters + ' if private else ''}{row['name'].removeprefix('private + ')} at cut "
+                f"{audited['cut']} on {entry['model']}: the best attacker ({row['attacker']}"
+                f"{', the client segment completed from the public base' if private else ''}) reads back "
+                f"{row['tokens']:.0%} of a device's tokens"
+            )
+            if row["labels"] is not None:
+                text += f" and {row['labels']:.0%} of its labels"
+            return text + f", for {row['eval_loss']:+.1%} eval loss (audited, fine-tuned with the noise)"
+    return None
 
 
 def _describe_private(entry: dict[str, Any], defense: DefenseSettings) -> str:
