@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 from pathlib import Path
 
 import aiohttp
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_cli import assert_error
@@ -40,7 +42,10 @@ READ_PAGE = """({
 })"""
 
 
-async def test_dashboard_in_a_browser_metrics_and_tensorboard(broker: Broker, tmp_path: Path) -> None:
+async def test_dashboard_in_a_browser_metrics_and_tensorboard(
+    broker: Broker, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="splitft.coordinator.membership")  # who joined and who left
     job = JobConfig(
         job="watch", model="tiny-gpt2", rounds=ROUNDS, local_steps=2, batch_size=2, max_length=48, cut=1,
         min_agents=2, eval_samples=4, policy="splitft",
@@ -91,7 +96,15 @@ async def test_dashboard_in_a_browser_metrics_and_tensorboard(broker: Broker, tm
         for s in family.samples
     }
     assert samples[("splitft_rounds_completed_total", ())] == ROUNDS
-    assert samples[("splitft_agents_online", ())] == 2
+    # The agents online as the coordinator last saw them: one that said goodbye (the job done) before the
+    # coordinator stopped counts as offline.
+    online: dict[str, bool] = {}
+    for record in caplog.records:
+        words = record.getMessage().split()
+        if record.name == "splitft.coordinator.membership" and words[:1] == ["agent"] and len(words) > 2:
+            online[words[1]] = {"joined": True, "went": False}.get(words[2], online.get(words[1], False))
+    assert set(online) == {"a1", "a2"}
+    assert samples[("splitft_agents_online", ())] == sum(online.values())
     assert samples[("splitft_eval_loss", ())] == metrics[-1]["eval_loss"]
     assert samples[("splitft_bytes_total", (("direction", "up"),))] == sum(m["bytes_up"] for m in metrics[1:])
     for name in ("a1", "a2"):
