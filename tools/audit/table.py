@@ -143,13 +143,8 @@ def describe(
                 + ")"
             )
         row = rows[0]
-        text = (
-            f"privacy: {row['name']} at cut {entry['defense_cut']} on {model}: the best attacker ({row['attacker']}) "
-            f"reads back {row['tokens']:.0%} of a device's tokens"
-        )
-        if row["labels"] is not None:
-            text += f" and {row['labels']:.0%} of its labels"
-        return text + f", for {row['eval_loss']:+.1%} eval loss (audited, frozen base)"
+        head = f"privacy: {row['name']} at cut {entry['defense_cut']} on {model}: the best attacker ({row['attacker']})"
+        return head + _reads_back(row, "frozen base")
     if defense.active or defense.nopeek > 0:
         return f"privacy: the defense {defense.describe()} is not audited on {model}"
     parts = []
@@ -173,15 +168,12 @@ def _trained(entry: dict[str, Any], defense: DefenseSettings, private: bool) -> 
         return None
     for row in audited.get("settings", []):
         if (row["private"], row["noise"], row["distance"]) == (private, defense.noise, defense.distance):
-            text = (
+            head = (
                 f"privacy: {'private adapters + ' if private else ''}{row['name'].removeprefix('private + ')} at cut "
                 f"{audited['cut']} on {entry['model']}: the best attacker ({row['attacker']}"
-                f"{', the client segment completed from the public base' if private else ''}) reads back "
-                f"{row['tokens']:.0%} of a device's tokens"
+                f"{', the client segment completed from the public base' if private else ''})"
             )
-            if row["labels"] is not None:
-                text += f" and {row['labels']:.0%} of its labels"
-            return text + f", for {row['eval_loss']:+.1%} eval loss (audited, fine-tuned with the noise)"
+            return head + _reads_back(row, "fine-tuned with the noise")
     return None
 
 
@@ -191,14 +183,18 @@ def _describe_private(entry: dict[str, Any], defense: DefenseSettings) -> str:
     if not rows or defense.active or defense.nopeek > 0:
         return f"privacy: private adapters with {defense.describe()} are not audited on {entry['model']}"
     row = rows[0]
-    text = (
+    head = (
         f"privacy: private adapters, distance {defense.distance:g}, at cut {audited['cut']} on {entry['model']}: the "
-        f"best attacker ({row['attacker']}, the client segment completed from the public base) reads back "
-        f"{row['tokens']:.0%} of a device's tokens"
+        f"best attacker ({row['attacker']}, the client segment completed from the public base)"
     )
-    if row["labels"] is not None:
-        text += f" and {row['labels']:.0%} of its labels"
-    return text + f", for {row['eval_loss']:+.1%} eval loss (audited, fine-tuned)"
+    return head + _reads_back(row, "fine-tuned")
+
+
+def _reads_back(row: dict[str, Any], how: str) -> str:
+    """The line's end: reads back X% of a device's tokens [and Y% of its labels], for Z eval loss (audited, how)."""
+    labels = "" if row["labels"] is None else f" and {row['labels']:.0%} of its labels"
+    price = f"{row['eval_loss']:+.1%} eval loss (audited, {how})"
+    return f" reads back {row['tokens']:.0%} of a device's tokens{labels}, for {price}"
 
 
 def job_privacy(job: JobConfig, cuts: Sequence[int] | None = None) -> str:
