@@ -20,8 +20,8 @@ knows them (the plain job) whitens what it receives, ``(sent / (scale gain) - ga
 nearest candidate the most likely one (:class:`~splitft.tools.audit.exact.Channel`).
 
 It lives in the audit, not in the job settings: trained with the model at cut 2 of SmolLM2-135M, it put its
-noise where the task needs the activations least, which is where the tokens are not, and the exact search that
-knows its weights still recovered 99-100% of the tokens at every KL weight measured (BENCHMARKS.md, "Defenses
+noise where the task needs the activations least, yet the coordinates it kept clear still told the tokens apart:
+the exact search that knows its weights recovered 99-100% of them at every KL weight measured (BENCHMARKS.md, "Defenses
 trained with the model"), so agents do not run it.
 """
 
