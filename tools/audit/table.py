@@ -25,85 +25,76 @@ AUDITED = Path(__file__).with_name("audited.json")
 
 
 def record_audit(path: Path, results: dict[str, Any]) -> None:
-    """Add (or replace) one model's figures in the table at ``path``, from the benchmark's results."""
-    table = json.loads(path.read_text()) if path.is_file() else {"models": {}}
+    """Add (or replace) one model's figures in the table at ``path``, from the benchmark's results (the other
+    benchmarks' figures for it, private and trained, are kept)."""
     none = results["costs"][0]["eval_loss"]
-    gradient = {str(r["tail"]): r["recovery"] for r in results["labels"]}
-    # the other benchmarks' figures (private, trained) for this model are kept
-    table["models"].setdefault(results["fingerprint"], {}).update(
-        {
-            "model": results["model"],
-            "date": results["date"],
-            "exact_tokens": results["settings"]["exact_tokens"],
-            "cuts": {
-                str(r["cut"]): {"tokens": r["best"], "attacker": r["best_attacker"], "labels": r["exact_labels"]}
-                for r in results["plain"]
-            },
-            "defense_cut": results["defense_cut"],
-            "defenses": [
-                {
-                    "name": r["defense"],
-                    "noise": r["noise_std"] and round(r["noise_std"] * results["hidden_size"] ** 0.5 / r["clip"], 6),
-                    "tokens": r["best"],
-                    "attacker": r["best_attacker"],
-                    "labels": r["exact_labels"],
-                    "eval_loss": c["eval_loss"] / none - 1,
-                }
-                for r, c in zip(results["defended"], results["costs"][1:], strict=True)
-            ],
-            "tail_gradient_labels": gradient,
-        }
-    )
-    path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    _update(path, results["fingerprint"], results["model"], {
+        "model": results["model"],
+        "date": results["date"],
+        "exact_tokens": results["settings"]["exact_tokens"],
+        "cuts": {
+            str(r["cut"]): {"tokens": r["best"], "attacker": r["best_attacker"], "labels": r["exact_labels"]}
+            for r in results["plain"]
+        },
+        "defense_cut": results["defense_cut"],
+        "defenses": [
+            {
+                "name": r["defense"],
+                "noise": r["noise_std"] and round(r["noise_std"] * results["hidden_size"] ** 0.5 / r["clip"], 6),
+                **_figures(r, c["eval_loss"], none),
+            }
+            for r, c in zip(results["defended"], results["costs"][1:], strict=True)
+        ],
+        "tail_gradient_labels": {str(r["tail"]): r["recovery"] for r in results["labels"]},
+    })  # fmt: skip
 
 
 def record_private(path: Path, fingerprint: str, results: dict[str, Any]) -> None:
     """Add the private-adapter figures (without noise) of ``scripts/bench_trained_defenses.py`` to a model's entry."""
-    table = json.loads(path.read_text()) if path.is_file() else {"models": {}}
-    entry = table["models"].setdefault(fingerprint, {"model": results["model"], "cuts": {}, "defenses": []})
     known = results["rows"][0]["eval_loss"]
-    entry["private"] = {
+    _update(path, fingerprint, results["model"], {"private": {
         "cut": results["cut"],
         "date": results["date"],
         "settings": [
-            {
-                "distance": r["distance"],
-                "tokens": r["best"],
-                "attacker": r["best_attacker"],
-                "labels": r["exact_labels"],
-                "eval_loss": r["eval_loss"] / known - 1,
-            }
+            {"distance": r["distance"], **_figures(r, r["eval_loss"], known)}
             for r in results["rows"]
             if not r["knows_adapters"] and not r.get("noise") and r.get("bottleneck") is None
         ],
-    }
-    path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    }})  # fmt: skip
 
 
 def record_trained(path: Path, fingerprint: str, results: dict[str, Any]) -> None:
     """Add the noised settings of ``scripts/bench_trained_defenses.py`` (fine-tuned with the clip at the median
     public norm and the noise on, private adapters or not) to a model's entry."""
-    table = json.loads(path.read_text()) if path.is_file() else {"models": {}}
-    entry = table["models"].setdefault(fingerprint, {"model": results["model"], "cuts": {}, "defenses": []})
     none = next(r["eval_loss"] for r in results["rows"] if r["setting"] == "none")
-    entry["trained"] = {
+    _update(path, fingerprint, results["model"], {"trained": {
         "cut": results["cut"],
         "date": results["date"],
         "settings": [
             {
-                "name": r["setting"],
-                "private": not r["knows_adapters"],
-                "noise": r["noise"],
-                "distance": r["distance"],
-                "tokens": r["best"],
-                "attacker": r["best_attacker"],
-                "labels": r["exact_labels"],
-                "eval_loss": r["eval_loss"] / none - 1,
+                "name": r["setting"], "private": not r["knows_adapters"], "noise": r["noise"],
+                "distance": r["distance"], **_figures(r, r["eval_loss"], none),
             }
             for r in results["rows"]
             if r["noise"] > 0 and r["bottleneck"] is None
         ],
+    }})  # fmt: skip
+
+
+def _figures(row: dict[str, Any], eval_loss: float, reference: float) -> dict[str, Any]:
+    """A benchmark row's best attacker, its token and label recovery, and its eval loss against ``reference``."""
+    return {
+        "tokens": row["best"],
+        "attacker": row["best_attacker"],
+        "labels": row["exact_labels"],
+        "eval_loss": eval_loss / reference - 1,
     }
+
+
+def _update(path: Path, fingerprint: str, model: str, figures: dict[str, Any]) -> None:
+    """Set ``figures`` in the model's entry of the table at ``path`` (made if missing), the rest of it kept."""
+    table = json.loads(path.read_text()) if path.is_file() else {"models": {}}
+    table["models"].setdefault(fingerprint, {"model": model, "cuts": {}, "defenses": []}).update(figures)
     path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
 
 
