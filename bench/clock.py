@@ -9,8 +9,9 @@ as a discrete-event simulation from first principles instead:
   per block and direction; the LM head ``2 V C`` per token and direction);
 * a message takes ``bytes * 8 / bandwidth + rtt / 2`` on the device's profiled link (the bytes are the
   ones the run really sent);
-* the server's compute is FLOPs over a rate measured on this host (:func:`calibrate_server`) times a
-  stated speed-up (the study's stand-in for a GPU server);
+* the server's compute is FLOPs over its rates, which come from a named profile (a GPU class in
+  ``firmware_profiles/``) or are given in TFLOP/s (:func:`server_from`), never from this host, so that a replay
+  gives the same times on any machine (:func:`calibrate_server` measures this host, for comparison only);
 * the events follow the protocol: a device gets the global adapters, then per step runs its forward,
   sends its activations, waits for the server (which serves one batch at a time, in arrival order, and
   steps its optimiser once every batch of the step is in, so a batch of step ``k + 1`` waits for the
@@ -34,8 +35,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PretrainedConfig
 
+from splitft.shared.errors import ConfigError
 from splitft.shared.model.loading import block_flops, head_flops, num_layers
-from splitft.shared.profiles import DeviceProfile
+from splitft.shared.profiles import DeviceProfile, load_profile
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,30 @@ class Server:
 
     block_flops_per_s: float
     head_flops_per_s: float
+
+
+def server_from(spec: str) -> Server:
+    """The server's rates from ``spec``: a profile name or ``.toml`` file (its sustained throughput, for the
+    blocks and the head alike), or ``"blocks,head"`` in TFLOP/s (one number: both)."""
+    parts = spec.split(",")
+    try:
+        rates = [float(p) * 1e12 for p in parts]
+    except ValueError:
+        rates = []
+    if rates:
+        if len(rates) > 2 or not all(math.isfinite(r) and r > 0 for r in rates):
+            raise ConfigError(
+                f"server rates must be one or two positive numbers in TFLOP/s ('blocks,head'), got {spec!r}"
+            )
+        return Server(rates[0], rates[-1])
+    profile = load_profile(spec)
+    rate = profile.throughput_gflops * 1e9
+    return Server(rate, rate)
+
+
+def server_label(server: Server) -> str:
+    """``"blocks,head"`` in TFLOP/s, as :func:`server_from` reads it back."""
+    return f"{server.block_flops_per_s / 1e12:.6g},{server.head_flops_per_s / 1e12:.6g}"
 
 
 @dataclass(frozen=True)
