@@ -35,9 +35,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PretrainedConfig
 
-from splitft.shared.errors import ConfigError
 from splitft.shared.model.loading import block_flops, head_flops, num_layers
-from splitft.shared.profiles import DeviceProfile, load_profile
+from splitft.shared.profiles import DeviceProfile, server_rates
 
 
 @dataclass(frozen=True)
@@ -79,22 +78,9 @@ class Server:
 
 
 def server_from(spec: str) -> Server:
-    """The server's rates from ``spec``: a profile name or ``.toml`` file (its sustained throughput, for the
-    blocks and the head alike), or ``"blocks,head"`` in TFLOP/s (one number: both)."""
-    parts = spec.split(",")
-    try:
-        rates = [float(p) * 1e12 for p in parts]
-    except ValueError:
-        rates = []
-    if rates:
-        if len(rates) > 2 or not all(math.isfinite(r) and r > 0 for r in rates):
-            raise ConfigError(
-                f"server rates must be one or two positive numbers in TFLOP/s ('blocks,head'), got {spec!r}"
-            )
-        return Server(rates[0], rates[-1])
-    profile = load_profile(spec)
-    rate = profile.throughput_gflops * 1e9
-    return Server(rate, rate)
+    """The server's rates from ``spec``: a profile name or ``.toml`` file, or ``"blocks,head"`` in TFLOP/s
+    (:func:`splitft.shared.profiles.server_rates`)."""
+    return Server(*server_rates(spec))
 
 
 def server_label(server: Server) -> str:

@@ -68,6 +68,7 @@ class FleetEstimates:
         local_steps: int = 1,
         step_bytes: tuple[float, float] = (0.0, 0.0),
         change_ratio: float = CHANGE_RATIO,
+        measure_server: bool = True,
     ) -> None:
         """``server`` is the server's calibration; the estimates see it, and every later measurement of it,
         ``server_speedup`` times faster (an emulated study's stand-in for a faster server; 1 in real jobs).
@@ -76,7 +77,9 @@ class FleetEstimates:
         ``local_steps`` steps.
         ``step_bytes``: the bytes a step is expected to send up and down (the job's shapes), used for a
         device until it reports its own (its first round, planned from its join measurement).
-        ``change_ratio``: see :data:`CHANGE_RATIO` (``math.inf``: smooth every measurement)."""
+        ``change_ratio``: see :data:`CHANGE_RATIO` (``math.inf``: smooth every measurement).
+        ``measure_server``: False keeps ``server`` as it is (an emulated server, the job's ``emulate_server``):
+        the server's measured times then change nothing."""
         self.weight = weight
         self.round_trips = round_trips
         self.adapter_block_bytes = adapter_block_bytes
@@ -84,6 +87,7 @@ class FleetEstimates:
         self.step_bytes = step_bytes
         self.change_ratio = change_ratio
         self.server_speedup = server_speedup
+        self.measure_server = measure_server
         self.base_server = ServerEstimate(
             block_s=server.block_s / server_speedup, head_s=server.head_s / server_speedup
         )
@@ -122,6 +126,8 @@ class FleetEstimates:
         return self._devices.setdefault(name, _Device(block, up, down, fixed, upload))
 
     def observe_server(self, num_layers: int, cut: int, seconds: float) -> None:
+        if not self.measure_server:
+            return
         seconds /= self.server_speedup
         predicted = self.base_server.step_s(num_layers, [cut])
         if predicted > 0 and seconds > 0:

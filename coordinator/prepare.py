@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from splitft.coordinator.controller import ServerEstimate
 from splitft.coordinator.estimates import FleetEstimates, adapter_block_bytes, block_memory_mb
 from splitft.coordinator.layout import device_layout
 from splitft.coordinator.private import PrivateAdapters
@@ -23,8 +24,9 @@ from splitft.shared.job.config import JobConfig
 from splitft.shared.job.data import collate, eval_examples
 from splitft.shared.member import Member
 from splitft.shared.model.calibration import public_clips
-from splitft.shared.model.loading import check_max_length, load_config, num_layers
+from splitft.shared.model.loading import block_flops, check_max_length, head_flops, load_config, num_layers
 from splitft.shared.model.tokenizer import GSM8K, load_tokenizer
+from splitft.shared.profiles import server_rates
 from splitft.shared.wire.codec import encode_state, wire_bytes_per_element
 from splitft.shared.wire.control import Assignment, assign_body
 
@@ -72,15 +74,29 @@ def eval_batches(job: JobConfig) -> list[tuple[torch.Tensor, torch.Tensor, torch
 async def fleet_estimates(member: Member, job: JobConfig, server: ServerModel) -> FleetEstimates:
     """The controller's estimates before any device reported: the server calibrated on this host, the job's
     shapes. Every policy predicts step times: they set the step deadlines and the achieved/ideal ratio."""
-    calibration = await member.compute(server.calibrate, job.batch_size, job.max_length, job.c_min)
-    log.info(
-        "server calibration: %.4f s per block, %.4f s head, per device batch", calibration.block_s, calibration.head_s
-    )
+    if job.emulate_server is not None:  # the server is a stated one, not this host: nothing is measured
+        blocks, head = server_rates(job.emulate_server)
+        config = server.segment.config
+        calibration = ServerEstimate(
+            block_s=2 * block_flops(config, job.batch_size, job.max_length) / blocks,
+            head_s=2 * head_flops(config, job.batch_size, job.max_length) / head,
+        )
+        log.info(
+            "server emulated as %s: %.5f s per block, %.5f s head, per device batch",
+            job.emulate_server, calibration.block_s, calibration.head_s,
+        )  # fmt: skip
+    else:
+        calibration = await member.compute(server.calibrate, job.batch_size, job.max_length, job.c_min)
+        log.info(
+            "server calibration: %.4f s per block, %.4f s head, per device batch",
+            calibration.block_s, calibration.head_s,
+        )  # fmt: skip
     block_mb = block_memory_mb(server.segment.config, job.batch_size, job.max_length)
     if job.u_split:  # the head is on the devices: the server's work per batch is its blocks alone
         calibration = replace(calibration, head_s=0.0)
     return FleetEstimates(
         job.ewma, calibration, block_mb, job.server_speedup, round_trips=2 if job.u_split else 1,
+        measure_server=job.emulate_server is None,
         adapter_block_bytes=adapter_block_bytes(server.segment.lora_parameters()),
         local_steps=job.local_steps, step_bytes=step_bytes(job, server.hidden_size),
     )  # fmt: skip

@@ -131,6 +131,21 @@ def load_profile(name_or_path: str | Path) -> DeviceProfile:
     return parse_profile(data, source=path)
 
 
+def server_rates(spec: str) -> tuple[float, float]:
+    """A server's sustained rates in FLOP/s, (blocks, LM head), from ``spec``: a profile name or ``.toml`` file
+    (its sustained throughput, for both), or ``"blocks,head"`` in TFLOP/s (one number: both)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError(f"a server is a profile name or 'blocks,head' in TFLOP/s, got {spec!r}")
+    try:
+        rates = [float(part) * 1e12 for part in spec.split(",")]
+    except ValueError:
+        profile = load_profile(spec.strip())
+        return profile.throughput_gflops * 1e9, profile.throughput_gflops * 1e9
+    if len(rates) > 2 or not all(math.isfinite(r) and r > 0 for r in rates):
+        raise ConfigError(f"server rates must be one or two positive numbers in TFLOP/s ('blocks,head'), got {spec!r}")
+    return rates[0], rates[-1]
+
+
 def parse_profile(data: Mapping[str, Any], source: Path | None = None) -> DeviceProfile:
     """Check a parsed profile against the schema and build it; every error names the file and the field."""
     where = f"{source}: " if source is not None else ""

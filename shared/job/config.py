@@ -45,6 +45,7 @@ from splitft.shared.model.defense import PRIVACY_LEVELS, DefenseSettings
 from splitft.shared.model.loading import ATTENTION_IMPLEMENTATIONS
 from splitft.shared.model.lora import LoraSettings
 from splitft.shared.model.precision import torch_dtype
+from splitft.shared.profiles import server_rates
 from splitft.shared.wire.codec import FLOAT_WIRE_DTYPES
 from splitft.shared.wire.topics import check_name
 
@@ -148,6 +149,10 @@ class JobConfig:
     # The controller plans as if the server were this many times faster than it measures: an emulated
     # study's stand-in for a GPU server (this host's measured speed x server_speedup). Real jobs keep 1.
     server_speedup: float = 1.0
+    # Or: the controller plans as if the server were this one, a profile name (firmware_profiles/, e.g. gpu-l4) or
+    # "blocks,head" in TFLOP/s, instead of measuring this host; with agents emulated virtually, the cuts then
+    # depend on nothing of the machine the job runs on (studies; splitft.bench.clock replays with the same rates).
+    emulate_server: str | None = None
     # Two-part: merge the step's activations of every device into as few server passes as fit (for a GPU
     # host with many devices); the server then waits for the step's last device before it answers any.
     server_batching: bool = False
@@ -223,6 +228,10 @@ class JobConfig:
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
         if not (_is_number(self.server_speedup) and 0 < self.server_speedup < 1e6):
             raise ConfigError(f"server_speedup must be a positive number, got {self.server_speedup!r}")
+        if self.emulate_server is not None:
+            server_rates(self.emulate_server)  # a ConfigError naming what is wrong
+            if self.server_speedup != 1:
+                raise ConfigError("emulate_server and server_speedup are two ways to set the server's speed: give one")
         if not (_is_number(self.ewma) and 0 < self.ewma <= 1):
             raise ConfigError(f"ewma must be a number in (0, 1], got {self.ewma!r}")
         if type(self.seed) is not int:
