@@ -1,7 +1,11 @@
 """Where adaptation pays: every cut policy on several regimes, on the simulated clock, against honest baselines.
 
-For each scenario (:mod:`.scenario`: a fleet, a server speed, events during the run) the same rounds run
-under every policy and are timed event by event on the simulated clock (:mod:`.clock`):
+For each scenario (:mod:`.scenario`: a fleet, a server, events during the run) the same rounds run
+under every policy and are timed event by event on the simulated clock (:mod:`.clock`). The model is the
+study's small base or any other (``scripts/regimes.py --model``; :mod:`.regimes_model`): its blocks' and
+head's FLOPs, hidden size, memory per block, adapters and number of blocks (the cuts tried) set the costs.
+The server's rates are the scenario's (a profile or TFLOP/s), never this machine's, so a run gives the
+same table to the last digit on any machine (``--calibrate`` measures this machine, for comparison only).
 
 * ``fixed-c`` for every cut ``c``: one cut for all devices (capped by each device's memory), and
   **best fixed**, the one of them that finished soonest (a choice made in hindsight);
@@ -27,7 +31,8 @@ here are exact but late: they see a round's conditions after it ran), the time a
 its segment when its cut moves, and batch lengths that vary from step to step (every step here is
 ``batch x length`` tokens).
 
-The tables and plots of the report are in :mod:`splitft.bench.regimes_report`.
+The tables and plots of the report are in :mod:`splitft.bench.regimes_report`, the model in
+:mod:`splitft.bench.regimes_model`.
 """
 
 from __future__ import annotations
@@ -35,14 +40,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from transformers import GPT2Config, PretrainedConfig
+from transformers import PretrainedConfig
 
-from splitft.bench.clock import CostModel, Device, Server, SplitParticipant, split_round
+from splitft.bench.clock import CostModel, Device, Server, SplitParticipant, server_label, split_round
+from splitft.bench.regimes_model import adapted_shapes, base_config
 from splitft.bench.scenario import Scenario
 from splitft.bench.study.methods import split_step
 from splitft.coordinator.controller import (
@@ -56,13 +61,6 @@ from splitft.coordinator.controller import (
 from splitft.coordinator.estimates import CHANGE_RATIO, FleetEstimates, block_memory_mb, blocks_that_fit
 from splitft.shared.model.loading import block_flops, head_flops
 from splitft.shared.profiles import DeviceProfile
-
-
-def base_config() -> PretrainedConfig:
-    """The study's base model (splitft.tools.pretrain's default shape): 12 blocks, width 256, vocab 8,192."""
-    return GPT2Config(
-        vocab_size=8192, n_positions=256, n_embd=256, n_layer=12, n_head=4, n_inner=1024, bos_token_id=0, eos_token_id=0
-    )
 
 
 @dataclass(frozen=True)
@@ -130,10 +128,8 @@ def fleet_at(scenario: Scenario, round_: int) -> list[LiveDevice]:
 class Costs:
     """One step's costs in the simulation: the model, the server, the shapes and the bytes."""
 
-    model: CostModel
+    model: CostModel  # the model's shape and the server's rates (the estimator's calibration too)
     settings: RegimeSettings
-    host: Server  # this host's measured rates (the estimator's calibration; the server is speedup x this)
-    speedup: float
 
     @property
     def layers(self) -> int:
@@ -178,10 +174,8 @@ class Costs:
         return self.model.server_batch_s(cut, s.batch, s.length, head_tokens=self.targets)
 
     def adapter_bytes(self, cut: int) -> float:
-        """A client segment's adapters (fp32), each way: r (in + out) per adapted matrix of a GPT-2 block."""
-        h, inner = self.hidden, int(getattr(self.model.config, "n_inner", None) or 4 * self.hidden)
-        per_block = self.settings.r * ((h + 3 * h) + (h + h) + (h + inner) + (inner + h))
-        return cut * per_block * 4
+        """A client segment's adapters (fp32), each way: r (in + out) per adapted matrix of a block."""
+        return cut * self.settings.r * sum(i + o for i, o in adapted_shapes(self.model.config)) * 4
 
     def block_s(self, device: Device, tokens: int | None = None) -> float:
         """A device's forward + backward of one block for one step (of ``tokens`` tokens, default the job's)."""
@@ -296,9 +290,10 @@ class ControlledPolicy:
             policy=self.policy, num_layers=c.layers, fixed_cut=c.settings.first_cut, hysteresis=c.settings.hysteresis
         )
         self.controller = Controller(settings)
-        calibration = c.server_estimate(c.host)
+        # The estimator's calibration is the server's own rates (a real job calibrates the server it runs on).
+        calibration = c.server_estimate(c.model.server)
         self.estimates = FleetEstimates(
-            c.settings.ewma, calibration, c.block_mb(), c.speedup, round_trips=2 if c.u else 1,
+            c.settings.ewma, calibration, c.block_mb(), round_trips=2 if c.u else 1,
             adapter_block_bytes=0.0 if before else c.adapter_bytes(1), local_steps=c.settings.local_steps,
             step_bytes=(0.0, 0.0) if before else (c.act_bytes, c.grad_bytes),
             change_ratio=math.inf if before else CHANGE_RATIO,
@@ -342,8 +337,7 @@ class ControlledPolicy:
                 "upload_s": 0.0 if c.settings.controller_before else uploads,
             }
             self.estimates.observe_device(d.name, timings, self.join_profile(d), None)
-            host_s = c.server_batch_s(cuts[d.name]) * c.speedup
-            self.estimates.observe_server(c.layers, cuts[d.name], host_s)
+            self.estimates.observe_server(c.layers, cuts[d.name], c.server_batch_s(cuts[d.name]))
 
 
 def run_policy(costs: Costs, scenario: Scenario, policy: str) -> list[dict[str, Any]]:
@@ -400,7 +394,9 @@ def run_regime(costs: Costs, scenario: Scenario) -> dict[str, Any]:
     return {
         "scenario": scenario.name,
         "split": costs.settings.split,
-        "server_speedup": scenario.server_speedup,
+        "server": scenario.server_spec,  # as the scenario (or --server) names it
+        "server_tflops": server_label(costs.model.server),  # blocks,head
+        "layers": costs.layers,
         "devices": len(scenario.devices),
         "rounds": scenario.rounds,
         "events": [{"round": e.round, "event": e.describe()} for e in scenario.events],
@@ -452,20 +448,6 @@ def resettle_rounds(
     return out
 
 
-def make_costs(settings: RegimeSettings, speedup: float, host: Server) -> Costs:
-    config = base_config()
-    server = Server(host.block_flops_per_s * speedup, host.head_flops_per_s * speedup)
-    return Costs(CostModel(config, server), settings, host, speedup)
-
-
-def calibrate_host(settings: RegimeSettings, repeats: int = 5) -> tuple[Server, dict[str, float]]:
-    """This host's server rates on the base's shape (random weights: the speed does not depend on them)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from splitft.bench.clock import calibrate_server
-
-    with tempfile.TemporaryDirectory(prefix="splitft-regimes-") as folder:
-        torch.manual_seed(0)
-        AutoModelForCausalLM.from_config(base_config()).save_pretrained(folder)
-        return calibrate_server(folder, settings.batch, settings.length, repeats=repeats)
+def make_costs(settings: RegimeSettings, server: Server, config: PretrainedConfig | None = None) -> Costs:
+    """The costs of ``config``'s model (default: the study's base) against ``server``."""
+    return Costs(CostModel(config if config is not None else base_config(), server), settings)

@@ -7,6 +7,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from matplotlib.figure import Figure
+
 
 def light(result: Mapping[str, Any]) -> dict[str, Any]:
     """A regime's result without the per-round rows of the fixed cuts that were not the best one."""
@@ -18,15 +20,32 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def report(results: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> str:
+def server_name(result: Mapping[str, Any]) -> str:
+    """The regime's server as the scenario names it, and its rates: 'gpu-l4 (12.1,12.1 TFLOP/s)'."""
+    name, rates = result["server"], result["server_tflops"]
+    return f"{rates} TFLOP/s" if name == rates else f"{name} ({rates} TFLOP/s)"
+
+
+def model_name(model: Mapping[str, Any]) -> str:
+    """'tiny-llama (llama): 8.6M parameters, 12 blocks, hidden 128, vocab 50,257'."""
+    return (
+        f"{model['name']} ({model['type']}): {model['parameters'] / 1e6:.1f}M parameters, "
+        f"{model['layers']} blocks, hidden {model['hidden']}, vocab {model['vocab']:,}"
+    )
+
+
+def report(results: Sequence[Mapping[str, Any]], meta: Mapping[str, Any], folder: str = "benchmarks/regimes") -> str:
+    """The section's tables; ``meta`` names the model, ``folder`` is where the plots are linked from."""
     lines = [
+        f"Model: {model_name(meta['model'])}. Server rates in TFLOP/s, blocks and LM head.",
+        "",
         "| regime | split | devices | server | best fixed (in hindsight) | splitft vs best fixed | splitft / oracle "
         "| best fixed / oracle | step prediction error (median / worst) |",
         "|---|---|---:|---:|---|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
-            f"| {r['scenario']} | {r['split']} | {r['devices']} | x{r['server_speedup']:g} | {r['best_fixed']} "
+            f"| {r['scenario']} | {r['split']} | {r['devices']} | {server_name(r)} | {r['best_fixed']} "
             f"({r['total_s'][r['best_fixed']]:.1f} s) | **{r['splitft_vs_best_fixed']:.2f}x** sooner "
             f"| {r['splitft_over_oracle']:.3f} | {r['best_fixed_over_oracle']:.3f} "
             f"| {_pct(r['step_error_median'])} / {_pct(r['step_error_worst'])} |"
@@ -36,7 +55,7 @@ def report(results: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> str
         lines += [
             "",
             f"#### {r['scenario']}, {r['split']} split: {r['devices']} devices at the start, "
-            f"server x{r['server_speedup']:g}, {r['rounds']} rounds",
+            f"server {server_name(r)}, {r['rounds']} rounds",
             "",
             "| policy | simulated time of the run (s) | vs oracle |",
             "|---|---:|---:|",
@@ -67,7 +86,7 @@ def report(results: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> str
             for e in r["resettle_rounds"]:
                 settled = "never" if e["rounds_to_settle"] is None else str(e["rounds_to_settle"])
                 lines.append(f"| {e['round']} | {e['events']} | {settled} |")
-        lines += ["", f"![{r['scenario']}, {r['split']}](benchmarks/regimes/{plot_name(r)})"]
+        lines += ["", f"![{r['scenario']}, {r['split']}]({folder}/{plot_name(r)})"]
     return "\n".join(lines)
 
 
@@ -95,8 +114,6 @@ def privacy_price(results: Sequence[Mapping[str, Any]]) -> str:
 
 
 def plot_regime(result: Mapping[str, Any], path: Path) -> Path:
-    from matplotlib.figure import Figure
-
     runs = result["runs"]
     fig = Figure(figsize=(9, 6.5))
     top, bottom = fig.subplots(2, 1, sharex=True)
@@ -122,7 +139,7 @@ def plot_regime(result: Mapping[str, Any], path: Path) -> Path:
         top.annotate(event["event"], (event["round"] - 0.45, 0.97 - 0.06 * (i % 6)), xycoords=("data", "axes fraction"),
                      fontsize=6, va="top", color="dimgrey")  # fmt: skip
     top.set_title(
-        f"{result['scenario']} ({result['split']} split): {result['devices']} devices, server x{result['server_speedup']:g}"
+        f"{result['scenario']} ({result['split']} split): {result['devices']} devices, server {server_name(result)}"
     )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

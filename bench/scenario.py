@@ -3,7 +3,8 @@
 One directive per line; ``#`` starts a comment; blank lines are ignored::
 
     name dynamic                    # the scenario's name (default: the file's stem)
-    server 5                        # the server: this host's measured speed times 5
+    server gpu-l4                   # the server: a profile (firmware_profiles/, or a .toml file) ...
+    server 0.285,0.482              # ... or its rates in TFLOP/s, blocks and LM head
     rounds 12                       # rounds of the run
     device nano-1 jetson-nano       # a device from round 1: its id and its profile (firmware_profiles/)
     at 4 throttle orin-1 0.3        # from round 4 on: orin-1 computes at 30% of its profile (thermal)
@@ -13,6 +14,11 @@ One directive per line; ``#`` starts a comment; blank lines are ignored::
 
 ``throttle 1`` restores full speed; ``link DEVICE profile`` restores the profile's own link. Every error
 names the file and the line, and says what was expected.
+
+The server is named absolutely, never as a factor of the machine that runs the scenario, so a scenario
+gives the same times on any machine. A lone number (``server 5``, which once meant "5 x this host") is
+refused: write both rates (``server 5,5`` for 5 TFLOP/s). A scenario without a ``server`` line needs
+one from the command line (``scripts/regimes.py --server``, which also overrides the files' own).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from splitft.bench.clock import Server, server_from
 from splitft.shared.errors import ConfigError, ScenarioError
 from splitft.shared.profiles import DeviceProfile, load_profile
 
@@ -54,7 +61,8 @@ class Event:
 @dataclass(frozen=True)
 class Scenario:
     name: str
-    server_speedup: float
+    server_spec: str  # the server as the file names it ('gpu-l4', '0.285,0.482'); '' when it names none
+    server: Server | None  # its rates; None when the file names none (the command line must)
     rounds: int
     devices: tuple[tuple[str, DeviceProfile], ...]  # present from round 1
     events: tuple[Event, ...] = field(default_factory=tuple)
@@ -73,6 +81,33 @@ def _number(word: str, what: str, where: str, *, integer: bool = False, positive
     return value
 
 
+def parse_server(spec: str) -> Server:
+    """The server a scenario's ``server`` line or the command line names: a profile name or ``.toml`` file,
+    or ``blocks,head`` in TFLOP/s. Raises :class:`ScenarioError` saying what is expected."""
+    words = spec.split(",")
+    numbers = all(_is_number(w) for w in words)
+    if len(words) == 1 and numbers:
+        raise ScenarioError(
+            f"the server {spec!r} is a lone number: name a profile (e.g. gpu-l4) or give the rates in TFLOP/s, "
+            f"blocks and head (e.g. 0.285,0.482; '{spec},{spec}' for {spec} TFLOP/s on both); a server is no "
+            "longer a factor of this host's speed"
+        )
+    if len(words) > 1 and (len(words) != 2 or not numbers):
+        raise ScenarioError(f"the server's rates must be two numbers in TFLOP/s, 'blocks,head', got {spec!r}")
+    try:
+        return server_from(spec)
+    except ConfigError as exc:
+        raise ScenarioError(f"the server {spec!r}: {exc}") from None
+
+
+def _is_number(word: str) -> bool:
+    try:
+        float(word)
+    except ValueError:
+        return False
+    return True
+
+
 def _profile(word: str, where: str) -> DeviceProfile:
     try:
         return load_profile(word)
@@ -83,7 +118,7 @@ def _profile(word: str, where: str) -> DeviceProfile:
 def parse_scenario(text: str, source: str = "<scenario>") -> Scenario:
     """Read a scenario from its text; ``source`` names it in errors (a path, usually)."""
     name = Path(source).stem if source != "<scenario>" else "scenario"
-    speedup, rounds = 1.0, 0
+    server_spec, server, rounds = "", None, 0
     devices: dict[str, DeviceProfile] = {}
     events: list[Event] = []
     present: set[str] = set()  # devices present at the latest event's round, to check leave/throttle/link
@@ -101,8 +136,14 @@ def parse_scenario(text: str, source: str = "<scenario>") -> Scenario:
             name = args[0]
         elif key == "server":
             if len(args) != 1:
-                raise ScenarioError(f"{where}: 'server' takes one number, the speed-up over this host, e.g. 'server 5'")
-            speedup = _number(args[0], "the server's speed-up", where)
+                raise ScenarioError(
+                    f"{where}: 'server' takes a profile name or 'blocks,head' in TFLOP/s, e.g. 'server gpu-l4' "
+                    "or 'server 0.285,0.482'"
+                )
+            try:
+                server_spec, server = args[0], parse_server(args[0])
+            except ScenarioError as exc:
+                raise ScenarioError(f"{where}: {exc}") from None
         elif key == "rounds":
             if len(args) != 1:
                 raise ScenarioError(f"{where}: 'rounds' takes one whole number, e.g. 'rounds 12'")
@@ -131,7 +172,7 @@ def parse_scenario(text: str, source: str = "<scenario>") -> Scenario:
     for e in events:
         if e.round > rounds:
             raise ScenarioError(f"{source} line {e.line}: round {e.round} is after the last round ({rounds})")
-    return Scenario(name, speedup, rounds, tuple(devices.items()), tuple(events))
+    return Scenario(name, server_spec, server, rounds, tuple(devices.items()), tuple(events))
 
 
 def _event(args: list[str], where: str, number: int, present: set[str], seen: set[str], last_round: int) -> Event:
