@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from splitft.bench import study
-from splitft.bench.study.methods import gsm8k_answer
 from splitft.bench.study.reporting import _bytes_per_token
+from splitft.coordinator.answers import gsm8k_answer
 from splitft.tools import pretrain as pb
 
 TINY_BASE = pb.Settings(
@@ -67,19 +67,33 @@ def test_a_small_study_runs_every_part_and_reports_it(base: Path, tmp_path: Path
         final_eval_samples=8,
         gen_samples=2,
         gen_tokens=8,
-        methods=("centralised", "fedavg", "splitft"),
+        methods=("centralised", "fedavg", "fixed", "splitft"),
         wire_dtypes=("fp16", "int8"),
     )
     out = tmp_path / "study"
     study.run_study(settings, out, base)
 
-    summaries = [json.loads(line) for line in (out / "summary.jsonl").read_text().splitlines()]
+    everything = [json.loads(line) for line in (out / "summary.jsonl").read_text().splitlines()]
+    summaries = [s for s in everything if "replayed_from" not in s]
     assert [(s["method"], s["wire_dtype"]) for s in summaries] == [
         ("centralised", None),
         ("fedavg", None),
+        ("fixed", "fp16"),
         ("splitft", "fp16"),
         ("splitft", "int8"),
     ]
+    # The fixed run replayed at every cut the devices hold (the tiny base has 4 blocks) and at the oracle's cuts:
+    # the same learning, other times; the oracle is never slower than any single cut, round by round.
+    replayed = {s["method"]: s for s in everything if s.get("replayed_from") == "fixed"}
+    assert set(replayed) == {"fixed-1", "fixed-2", "fixed-3", "oracle"}
+    fixed_rows = [json.loads(line) for line in (out / summaries[2]["rounds"]).read_text().splitlines()]
+    by_label = {m: [json.loads(x) for x in (out / s["rounds"]).read_text().splitlines()] for m, s in replayed.items()}
+    for rows in by_label.values():
+        assert [r["eval_ppl"] for r in rows] == [r["eval_ppl"] for r in fixed_rows]
+    assert by_label["fixed-2"][-1]["virtual_s"] == pytest.approx(fixed_rows[-1]["virtual_s"])  # the run's own cut
+    for r in range(1, 3):
+        step = {m: rows[r]["virtual_s"] - rows[r - 1]["virtual_s"] for m, rows in by_label.items()}
+        assert step["oracle"] <= min(step.values()) + 1e-9, step
     untrained = []
     for s in summaries:
         rows = [json.loads(line) for line in (out / s["rounds"]).read_text().splitlines()]
@@ -94,7 +108,7 @@ def test_a_small_study_runs_every_part_and_reports_it(base: Path, tmp_path: Path
     targets = study.with_targets(out, summaries, settings.target_margin)
     assert len({t["target_ppl"] for t in targets}) == 1 and targets[0]["target_ppl"] > 0  # centralised's, for all
     assert targets[0]["time_to_target_s"] is not None  # the reference reaches its own target
-    central, fedavg, split, int8 = summaries
+    central, fedavg, _, split, int8 = summaries
     assert central["bytes_down"] == 0 and central["bytes_up"] > 0  # the raw data, once
     assert fedavg["bytes_up"] == fedavg["bytes_down"] > 0  # adapters only, the same size each way
     assert split["retried_rounds"] == 0 and set(split["final_cuts"]) == {f"agent-{i}" for i in range(1, 6)}
@@ -106,6 +120,7 @@ def test_a_small_study_runs_every_part_and_reports_it(base: Path, tmp_path: Path
 
     text = study.report(out)
     assert "| splitft |" in text and "| fedavg |" in text and "**Wire dtype**" in text
+    assert "| best fixed (" in text and "| oracle (replayed) |" in text
     for plot in ("study_ppl.png", "study_bytes.png", "study_cuts.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
 
@@ -113,9 +128,9 @@ def test_a_small_study_runs_every_part_and_reports_it(base: Path, tmp_path: Path
     report = tmp_path / "BENCHMARKS.md"
     report.write_text("# Benchmarks\n")
     assert study.main(["--quick", "--out", str(out), "--report-only", "--write", str(report)]) == 0
-    replayed = [json.loads(line) for line in (out / "summary.jsonl").read_text().splitlines()]
-    assert [s["virtual_s"] for s in replayed] == [s["virtual_s"] for s in summaries]
-    assert "## Benchmark study (quick)" in report.read_text()
+    again = [json.loads(line) for line in (out / "summary.jsonl").read_text().splitlines()]
+    assert [s["virtual_s"] for s in again] == [s["virtual_s"] for s in everything]
+    assert "## Benchmark study (quick, gsm8k, tiny base)" in report.read_text()
     kept = tmp_path / "benchmarks" / "study-quick"
     assert (kept / "summary.jsonl").is_file() and (kept / "study_ppl.png").is_file()
-    assert len(list(kept.glob("runs/*/*/rounds.jsonl"))) == 4
+    assert len(list(kept.glob("runs/*/*/rounds.jsonl"))) == 5

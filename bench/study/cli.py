@@ -1,11 +1,17 @@
 """The SplitFT benchmark study: every method on the same emulated fleet, data, base model and token budget.
 
-    python scripts/study.py --quick                      # about 12 minutes on 2 cores (base model included)
+    python scripts/study.py --quick                      # the tiny base on GSM8K, about 12 minutes on 2 cores
     python scripts/study.py                              # the full study (about 55 minutes, 10 more for the base)
     python scripts/study.py --write BENCHMARKS.md        # and replace the study's section there
+    python scripts/study.py --quick --model SmolLM2-135M-Instruct.Q4_1.gguf --task e2e   # a real model
+    (an interrupted study goes on where it stopped when run again with the same options; --fresh starts over)
 
-Methods, each on the same length-Dirichlet partition of GSM8K train among five devices (Jetson Nano,
-2 x Jetson Orin Nano, Raspberry Pi 5, laptop), for each alpha:
+Tasks (--task, splitft.bench.study.tasks): gsm8k (exact match of the final number), wikitext (the SplitFT
+paper's: perplexity), e2e (SplitLoRA's: BLEU and ROUGE-L of generated descriptions). Models (--model): the
+project's pretrained tiny base by default, or any model folder, GGUF file or preset.
+
+Methods, each on the same length-Dirichlet partition of the task's training records among five devices (Jetson
+Nano, 2 x Jetson Orin Nano, Raspberry Pi 5, laptop), for each alpha:
 
 * ``centralised``: LoRA in one process on the pooled data, one step on every device's batch at once
   (the quality reference; its data would have to leave the devices);
@@ -14,14 +20,18 @@ Methods, each on the same length-Dirichlet partition of GSM8K train among five d
 * ``fixed``: SplitFT's runtime with one cut for all (SplitLoRA / SFL style), uniform LoRA rank;
 * ``paper``: the SplitFT paper's rule (cuts follow local accuracy), uniform rank;
 * ``splitft``: the ``splitft`` policy (latency-optimal cuts, performance term, hysteresis) with the
-  lower rank at the cut blocks.
+  lower rank at the cut blocks;
+* replayed from the ``fixed`` run (it learns the same at any cut: the split is exact and its rank uniform):
+  ``fixed-c`` for every cut c (the report's *best fixed* is the soonest to target, chosen in hindsight) and
+  ``oracle`` (each round at the cuts that make it shortest on the simulated clock), bench/study/hindsight.py.
 
 The split methods are real runs: a Mosquitto broker (the embedded one when Mosquitto is missing), the
 coordinator, and five ``splitft-agent join`` processes emulating the devices *virtually* (they report
 their profiles' compute times without waiting for them, agent/emulation.py). Time is measured twice:
 host wall time, and a simulated clock (splitft.bench.clock) that replays every round on the
-devices' profiles against a server ``--server-speedup`` times faster than this host (a GPU server's
-stand-in; the coordinator's controller plans with the same speed-up). The wire-dtype study reruns
+devices' profiles against the server ``--server`` (a profile such as gpu-l4, or "blocks,head" TFLOP/s; the
+coordinator's controller plans with the same server instead of measuring this host, so the cuts and the
+simulated times depend on nothing of this machine). The wire-dtype study reruns
 ``splitft`` with fp32, bf16 and int8 activations (fp16 is the main run).
 
 Written to ``--out``: ``runs/<alpha>/<method>/rounds.jsonl`` (one line per round: simulated and wall
@@ -34,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,11 +56,22 @@ from transformers.utils import logging as hf_logging
 
 from splitft.bench.sections import write_section
 from splitft.bench.study.reporting import plot_study, publish, report, section, with_targets
-from splitft.bench.study.run import replay_runs, run_study
-from splitft.bench.study.settings import FULL, METHODS, QUICK, WIRE_DTYPES, StudySettings, read_jsonl
+from splitft.bench.study.run import StudyMismatch, replay_runs, run_study
+from splitft.bench.study.settings import FULL, METHODS, QUICK, TASKS, WIRE_DTYPES, StudySettings, read_jsonl
 from splitft.shared.cli_options import check_choices, run_app
+from splitft.tools.pretrain import FACTS_FILE
 
 app = typer.Typer(add_completion=False)
+
+
+def study_label(settings: StudySettings, model: Path | None) -> str:
+    """The study's name (its default --out, its BENCHMARKS.md section and benchmarks/ folder): ``study-quick`` for
+    the tiny base on GSM8K, else with the task and the model, e.g. ``study-quick-e2e-smollm2-135m-instruct-q4-1``."""
+    tiny = model is None or (model / FACTS_FILE).is_file()  # the project's pretrained base
+    if tiny and settings.task == "gsm8k":
+        return f"study-{settings.variant}"
+    name = "tiny-base" if tiny or model is None else re.sub(r"[^a-z0-9]+", "-", model.stem.lower()).strip("-")
+    return f"study-{settings.variant}-{settings.task}-{name}"
 
 
 @app.command(help=__doc__)
@@ -59,13 +81,23 @@ def study(
         Path | None, typer.Option("--out", help="results folder (default: study-quick/ or study-full/)")
     ] = None,
     base: Annotated[
-        Path | None, typer.Option("--base", help="a base model folder (default: splitft.tools.pretrain's cached build)")
+        Path | None,
+        typer.Option(
+            "--model", "--base", help="a model folder or GGUF file (default: splitft.tools.pretrain's tiny base)"
+        ),
     ] = None,
+    task: Annotated[str, typer.Option("--task", help=f"what the devices learn: {', '.join(TASKS)}")] = "gsm8k",
+    server: Annotated[
+        str | None, typer.Option("--server", help="the simulated server: a profile or 'blocks,head' TFLOP/s [gpu-l4]")
+    ] = None,
+    split: Annotated[
+        str | None, typer.Option("--split", help="the split runs' split: two-part or u [two-part]")
+    ] = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="rerun every run, even those finished in --out")] = False,
     alphas: Annotated[
         list[float] | None, typer.Option("--alphas", help="length-Dirichlet alphas, one or more (default 0.1 1.0)")
     ] = None,
     rounds: Annotated[int | None, typer.Option("--rounds")] = None,
-    server_speedup: Annotated[float | None, typer.Option("--server-speedup")] = None,
     methods: Annotated[
         list[str] | None,
         typer.Option("--methods", help=f"a subset of the methods (with centralised): {', '.join(METHODS)}"),
@@ -90,8 +122,12 @@ def study(
         changes["alphas"] = tuple(alphas)
     if rounds:
         changes["rounds"] = rounds
-    if server_speedup:
-        changes["server_speedup"] = server_speedup
+    check_choices("--task", [task], TASKS)
+    changes["task"] = task
+    if server:
+        changes["server"] = server
+    if split:
+        changes["split"] = split
     if methods:
         changes["methods"] = tuple(methods)
     if wire_dtypes:
@@ -102,17 +138,24 @@ def study(
         settings = dataclasses.replace(settings, **changes)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    out = out or Path(f"study-{settings.variant}")
+    label = study_label(settings, base)
+    out = out or Path(label)
     torch.set_num_threads(int(os.environ.get("SPLITFT_STUDY_THREADS", "2")))
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecations, once per model
     hf_logging.set_verbosity_error()  # not a warning per long GSM8K problem while partitioning
     hf_logging.disable_progress_bar()
+    if base is not None and not base.exists():
+        raise typer.BadParameter(f"{base}: no such model folder or file", param_hint="--model")
     if not report_only:
-        run_study(settings, out, base)
+        try:
+            run_study(settings, out, base, fresh=fresh)
+        except StudyMismatch as exc:  # a study in --out made otherwise
+            raise typer.BadParameter(str(exc), param_hint="--out") from exc
     else:  # the settings the results were made with, and their plots again
         recorded = json.loads((out / "study.json").read_text())["settings"]
         fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items()}
         settings = StudySettings(**fields)
+        label = study_label(settings, Path(json.loads((out / "study.json").read_text())["base"]))
         replay_runs(settings, out)
         summaries = read_jsonl(out / "summary.jsonl")
         plot_study(settings, out, with_targets(out, summaries, settings.target_margin))
@@ -121,8 +164,8 @@ def study(
     if write:
         meta = json.loads((out / "study.json").read_text())
         root = write.resolve().parent
-        kept = publish(out, root / "benchmarks" / f"study-{settings.variant}")
-        write_section(write, f"study-{settings.variant}", section(meta, text, kept.relative_to(root)))
+        kept = publish(out, root / "benchmarks" / label)
+        write_section(write, label, section(meta, text, kept.relative_to(root)))
     return 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,19 +25,19 @@ from splitft.bench.clock import (
     split_round,
 )
 from splitft.bench.study.settings import FLEET, IGNORE_INDEX, StudySettings, read_jsonl, say
-from splitft.coordinator.answers import generate, gsm8k_answer, load_model
+from splitft.bench.study.tasks import Task
 from splitft.coordinator.controller import DeviceEstimate, ServerEstimate, ideal_bound, makespan_s
 from splitft.coordinator.local import LocalRun, run_local
 from splitft.coordinator.progress import Event
 from splitft.shared.job.config import JobConfig
-from splitft.shared.job.data import Batches, collate, prompt_text, tokenize
+from splitft.shared.job.data import Batches, collate, tokenize
 from splitft.shared.job.partition import length_dirichlet_partition, token_lengths, write_partition
-from splitft.shared.job.records import Pair, Record, load_records, record_text
+from splitft.shared.job.records import Record, load_records, record_text
 from splitft.shared.model.loading import block_flops, block_params, load_config, num_layers
 from splitft.shared.model.lora import LoraSettings, load_lora_state, lora_state
-from splitft.shared.model.loss import causal_lm_loss, evaluate_lm, logits_loss, padding_mask
+from splitft.shared.model.loss import causal_lm_loss, evaluate_lm, padding_mask
 from splitft.shared.model.split import Segment, SegmentSpec, build_segment
-from splitft.shared.model.tokenizer import GSM8K, load_tokenizer
+from splitft.shared.model.tokenizer import load_tokenizer
 from splitft.shared.profiles import load_profile
 from splitft.shared.wire.codec import encode_state
 
@@ -51,18 +51,19 @@ class Fleet:
     names: tuple[str, ...]
     devices: tuple[Device, ...]
     shards: tuple[tuple[Record, ...], ...]  # the records of each device
+    task: Task
 
 
-def make_fleet(settings: StudySettings, base: Path, alpha: float, folder: Path) -> Fleet:
+def make_fleet(settings: StudySettings, base: Path, alpha: float, folder: Path, task: Task) -> Fleet:
     """The same partition run_local makes for these settings (checked against its files after each run)."""
     names = tuple(f"agent-{i + 1}" for i in range(settings.agents))
-    records = load_records(GSM8K / "train.jsonl", limit=settings.agents * settings.samples_per_agent)
+    records = load_records(task.train, limit=settings.agents * settings.samples_per_agent)
     lengths = token_lengths(records, load_tokenizer(str(base)))
     partition = length_dirichlet_partition(lengths, settings.agents, alpha, seed=settings.seed)
     write_partition(records, partition, folder, prefix="shard")
     shards = tuple(tuple(records[i] for i in part) for part in partition.parts)
     devices = tuple(Device.from_profile(load_profile(name)) for name in FLEET)
-    return Fleet(names, devices, shards)
+    return Fleet(names, devices, shards, task)
 
 
 def agent_streams(settings: StudySettings, base: Path, fleet: Fleet) -> dict[str, Batches]:
@@ -76,9 +77,12 @@ def agent_streams(settings: StudySettings, base: Path, fleet: Fleet) -> dict[str
     return streams
 
 
-def eval_batches(tokenizer: Any, max_length: int, samples: int, batch: int = 8) -> list[tuple[Any, Any, Any]]:
-    """The first ``samples`` GSM8K test problems, as the coordinator evaluates them."""
-    examples = tokenize(load_records(GSM8K / "test.jsonl", limit=samples), tokenizer, max_length)
+def eval_batches(
+    tokenizer: Any, max_length: int, samples: int, source: Path, batch: int = 8
+) -> list[tuple[Any, Any, Any]]:
+    """The first ``samples`` records of ``source`` (the task's evaluation records), as the coordinator evaluates
+    them."""
+    examples = tokenize(load_records(source, limit=samples), tokenizer, max_length)
     pad = int(tokenizer.pad_token_id)
     return [collate(examples[i : i + batch], pad) for i in range(0, len(examples), batch)]
 
@@ -200,7 +204,7 @@ def _row(
 # --------------------------------------------------------------------------- split methods
 
 
-def split_job(settings: StudySettings, base: Path, method: str, alpha: float, wire: str) -> JobConfig:
+def split_job(settings: StudySettings, base: Path, method: str, alpha: float, wire: str, task: Task) -> JobConfig:
     return JobConfig(
         job=f"study-{method}-{wire}-a{alpha:g}".replace(".", "p"),
         model=str(base),
@@ -217,7 +221,8 @@ def split_job(settings: StudySettings, base: Path, method: str, alpha: float, wi
         optimizer=settings.optimizer,
         eval_samples=settings.eval_samples,
         seed=settings.seed,
-        server_speedup=settings.server_speedup,
+        eval_data=str(task.eval),
+        emulate_server=settings.server,
         # Wall-clock guards only: every part shares this host's two cores, far slower than the plan.
         min_step_timeout_s=300.0,
         step_timeout_s=600.0,
@@ -237,7 +242,7 @@ def run_split(
     out: Path,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """One real run through the broker; then its rounds replayed on the simulated clock."""
-    job = split_job(settings, base, method, alpha, wire)
+    job = split_job(settings, base, method, alpha, wire, fleet.task)
     plan = LocalRun(
         job,
         out,
@@ -245,6 +250,7 @@ def run_split(
         cuts=(settings.fixed_cut,),
         samples_per_agent=settings.samples_per_agent,
         alpha=alpha,
+        data=fleet.task.train,
         broker_url=broker[0] if broker else None,
         mqtt_protocol=broker[1] if broker else "5",
         emulate=FLEET,
@@ -269,42 +275,86 @@ def run_split(
     return replay_split(settings, base, fleet, costs, metrics), summary
 
 
+@dataclass(frozen=True)
+class AgentRound:
+    """What one device did in one round of a split run: its cut, its steps' shapes and the bytes it sent."""
+
+    name: str
+    device: Device
+    cut: int
+    tail: int | None
+    shapes: tuple[tuple[int, int, int], ...]  # per step: sequences, padded length, target tokens
+    act: float  # bytes per step, up (activations) and down (gradients)
+    grad: float
+    adapter_up: float  # the round's adapter upload and the assignment's adapters, bytes
+    adapter_down: float
+
+
+def round_agents(
+    settings: StudySettings, streams: Mapping[str, Batches], fleet: Fleet, record: Mapping[str, Any]
+) -> list[AgentRound]:
+    """A split run's round as its devices ran it (the batches drawn from ``streams``, the agents' own)."""
+    devices = dict(zip(fleet.names, fleet.devices, strict=True))
+    agents = []
+    for name, agent in record["agents"].items():
+        timings = agent.get("timings") or {}
+        act, grad = float(timings.get("bytes_up", 0.0)), float(timings.get("bytes_down", 0.0))
+        shapes = []
+        for _ in range(settings.local_steps):
+            input_ids, labels, _ = streams[name].next()
+            targets = int((labels[:, 1:] != IGNORE_INDEX).sum())  # the head runs on the targets only
+            shapes.append((int(input_ids.shape[0]), int(input_ids.shape[1]), targets))
+        agents.append(
+            AgentRound(
+                name, devices[name], int(agent["cut"]), agent.get("tail"), tuple(shapes), act, grad,
+                adapter_up=max(agent["bytes_up"] - settings.local_steps * act, 0.0),
+                adapter_down=max(agent["bytes_down"] - settings.local_steps * grad, 0.0),
+            )
+        )  # fmt: skip
+    return agents
+
+
+def round_timing(costs: CostModel, agents: Sequence[AgentRound], cuts: Mapping[str, int] | None = None) -> RoundTiming:
+    """The round on the simulated clock, at the devices' own cuts or at ``cuts`` (the adapter bytes then scale
+    with the blocks a device holds; the activations' size does not depend on the cut)."""
+    participants = []
+    for a in agents:
+        cut = a.cut if cuts is None else cuts[a.name]
+        held = (cut + (a.tail or 0)) / (a.cut + (a.tail or 0))
+        steps_run = [split_step(costs, a.device, cut, a.tail, b, t, n, a.act, a.grad) for b, t, n in a.shapes]
+        down, up = a.device.down_s(a.adapter_down * held), a.device.up_s(a.adapter_up * held)
+        participants.append(SplitParticipant(a.name, down, steps_run, up))
+    return split_round(participants)
+
+
 def replay_split(
-    settings: StudySettings, base: Path, fleet: Fleet, costs: CostModel, metrics: Sequence[Mapping[str, Any]]
+    settings: StudySettings,
+    base: Path,
+    fleet: Fleet,
+    costs: CostModel,
+    metrics: Sequence[Mapping[str, Any]],
+    cuts_of: Callable[[Sequence[AgentRound]], Mapping[str, int]] | None = None,
 ) -> list[dict[str, Any]]:
     """Per-round rows of a split run, with each round replayed on the simulated clock.
 
     The batch shapes are the agents' own (the same seeded streams); the bytes are the ones the run
     sent (per step: the agent's mean activation and gradient messages; the rest of a round's traffic
-    is the assignment and the adapter upload).
+    is the assignment and the adapter upload). ``cuts_of`` replays the rounds at other cuts (a round's
+    devices -> their cuts; the learning, evaluation and bytes stay the run's).
     """
     streams = agent_streams(settings, base, fleet)
-    devices = dict(zip(fleet.names, fleet.devices, strict=True))
     rows = [_row(0, 0.0, 0.0, metrics[0], 0, 0, {})]
     virtual, wall, up, down = 0.0, 0.0, 0, 0
     for record in metrics[1:]:
         wall += record["round_time_s"]  # from the round's assignments to its evaluation (not start-up)
-        participants, estimates, shapes = [], [], []
-        for name, agent in record["agents"].items():
-            device, steps_run = devices[name], []
-            timings = agent.get("timings") or {}
-            act, grad = float(timings.get("bytes_up", 0.0)), float(timings.get("bytes_down", 0.0))
-            for _ in range(settings.local_steps):
-                input_ids, labels, _ = streams[name].next()
-                b, t = input_ids.shape
-                shapes.append((b, t))
-                targets = int((labels[:, 1:] != -100).sum())  # the head runs on the targets only
-                steps_run.append(split_step(costs, device, agent["cut"], agent.get("tail"), b, t, targets, act, grad))
-            adapter_up = max(agent["bytes_up"] - settings.local_steps * act, 0.0)
-            adapter_down = max(agent["bytes_down"] - settings.local_steps * grad, 0.0)
-            participants.append(SplitParticipant(name, device.down_s(adapter_down), steps_run, device.up_s(adapter_up)))
-            estimates.append((device, agent["cut"], act, grad))
-        timing = split_round(participants)
+        agents = round_agents(settings, streams, fleet, record)
+        cuts = None if cuts_of is None else dict(cuts_of(agents))
+        timing = round_timing(costs, agents, cuts)
         virtual += timing.seconds
         up, down = up + record["bytes_up"], down + record["bytes_down"]
-        row = _row(record["round"], virtual, wall, record, up, down, record["cuts"])
-        if settings.split == "two-part":
-            row.update(_balance(costs, timing, estimates, shapes, record))
+        row = _row(record["round"], virtual, wall, record, up, down, record["cuts"] if cuts is None else cuts)
+        if settings.split == "two-part" and cuts is None:
+            row.update(_balance(costs, timing, agents, record))
         else:  # the balance bound models the two-part split only
             row.update(step_s=round(timing.mean_step_s, 5), attempt=record.get("attempt", 1))
         rows.append(row)
@@ -338,14 +388,11 @@ def split_step(
 
 
 def _balance(
-    costs: CostModel,
-    timing: RoundTiming,
-    estimates: Sequence[tuple[Device, int, float, float]],
-    shapes: Sequence[tuple[int, int]],
-    record: Mapping[str, Any],
+    costs: CostModel, timing: RoundTiming, agents: Sequence[AgentRound], record: Mapping[str, Any]
 ) -> dict[str, Any]:
     """The round's cuts against the balanced lower bound, both in the controller's step model at the round's
     mean batch shape: the step time M of these cuts over the least M of any fractional cuts (>= 1)."""
+    shapes = [shape for a in agents for shape in a.shapes]
     b = sum(s[0] for s in shapes) / len(shapes)
     t = round(sum(s[1] for s in shapes) / len(shapes))
     flops = block_flops(costs.config, 1, t) * b
@@ -356,16 +403,16 @@ def _balance(
     devices = [
         DeviceEstimate(
             name=f"{i}",
-            block_s=2 * flops / d.flops_per_s,
-            up_bytes=act,
-            down_bytes=grad,
-            uplink_bps=d.uplink_bps,
-            downlink_bps=d.downlink_bps,
-            rtt_s=d.rtt_s,
+            block_s=2 * flops / a.device.flops_per_s,
+            up_bytes=a.act,
+            down_bytes=a.grad,
+            uplink_bps=a.device.uplink_bps,
+            downlink_bps=a.device.downlink_bps,
+            rtt_s=a.device.rtt_s,
         )
-        for i, (d, _, act, grad) in enumerate(estimates)
+        for i, a in enumerate(agents)
     ]
-    cuts = {f"{i}": float(cut) for i, (_, cut, _, _) in enumerate(estimates)}
+    cuts = {f"{i}": float(a.cut) for i, a in enumerate(agents)}
     achieved = makespan_s(devices, server, costs.layers, cuts)
     ideal = ideal_bound(devices, server, costs.layers, 1, costs.layers - 1)
     one_cut = {c: makespan_s(devices, server, costs.layers, dict.fromkeys(cuts, float(c))) for c in range(1, 7)}
@@ -378,45 +425,6 @@ def _balance(
         "achieved_over_ideal": round(achieved / ideal, 4) if ideal > 0 else None,
         "train_loss": record.get("train_loss"),
         "rss_mb": {n: a.get("timings", {}).get("rss_mb") for n, a in record["agents"].items()},
-    }
-
-
-# --------------------------------------------------------------------------- final evaluation
-
-
-def final_evaluation(settings: StudySettings, base: Path, adapter: Path) -> dict[str, Any]:
-    """Perplexity and next-token accuracy on more of GSM8K test; answer accuracy by greedy generation."""
-    tokenizer = load_tokenizer(str(base))
-    model = load_model(base, adapter)
-    evals = eval_batches(tokenizer, settings.max_length, settings.final_eval_samples)
-    result = evaluate_lm(lambda i, m, y: logits_loss(model(input_ids=i, attention_mask=m).logits, y), evals)
-    # The first gen_samples problems whose question leaves the model room to answer (all of GSM8K test at 256).
-    room_needed = min(settings.gen_tokens, settings.max_length // 4)
-    problems = [
-        (p.prompt, p.completion)
-        for p in load_records(GSM8K / "test.jsonl")
-        if isinstance(p, Pair)
-        and len(tokenizer(prompt_text(p.prompt, tokenizer), add_special_tokens=False)["input_ids"])
-        <= settings.max_length - room_needed
-    ][: settings.gen_samples]
-    correct, answered = 0, 0
-    for i in range(0, len(problems), 8):
-        chunk = problems[i : i + 8]
-        longest = max(
-            len(tokenizer(prompt_text(p, tokenizer), add_special_tokens=False)["input_ids"]) for p, _ in chunk
-        )
-        room = max(settings.max_length - longest, 1)
-        texts = generate(model, tokenizer, [p for p, _ in chunk], max_new_tokens=min(settings.gen_tokens, room))
-        for text, (_, reference) in zip(texts, chunk, strict=True):
-            got = gsm8k_answer(text)
-            answered += got is not None
-            correct += got is not None and got == gsm8k_answer(reference)
-    return {
-        "final_ppl": round(result.perplexity, 4),
-        "final_acc": round(result.accuracy, 6),
-        "gsm8k_correct": correct,
-        "gsm8k_answered": answered,
-        "gsm8k_problems": len(problems),
     }
 
 

@@ -58,14 +58,51 @@ COLORS = {
     "fixed": "tab:orange",
     "paper": "tab:purple",
     "splitft": "tab:blue",
+    "oracle": "tab:green",
 }
+
+
+def best_fixed(summaries: Sequence[Mapping[str, Any]], alpha: float) -> dict[str, Any] | None:
+    """Of the single cuts replayed for ``alpha`` (``fixed-c``, with their time to target), the one that reached the
+    target soonest (or, none reaching it, finished soonest): best fixed in hindsight, named ``best fixed (cut c)``."""
+    runs = [s for s in summaries if s["alpha"] == alpha and s["method"].startswith("fixed-")]
+    if not runs:
+        return None
+
+    def key(s: Mapping[str, Any]) -> tuple[float, float]:
+        reached = s.get("time_to_target_s")
+        return (math.inf if reached is None else reached, s["virtual_s"])
+
+    best = min(runs, key=key)
+    return {**best, "method": f"best fixed (cut {best['method'].removeprefix('fixed-')})"}
+
+
+def table_runs(summaries: Sequence[Mapping[str, Any]], alpha: float) -> dict[str, dict[str, Any]]:
+    """One alpha's runs for the tables, by method: the methods run, best fixed in hindsight and the oracle."""
+    runs = {s["method"]: dict(s) for s in summaries if s["alpha"] == alpha and s["wire_dtype"] in (None, "fp16")}
+    table = {m: runs[m] for m in METHODS if m in runs}
+    best = best_fixed(summaries, alpha)
+    if best is not None:
+        table["best fixed"] = best
+    if "oracle" in runs:
+        table["oracle"] = runs["oracle"]
+    return table
+
+
+def quality(s: Mapping[str, Any]) -> str:
+    """The task's score of a run's greedy answers: GSM8K correct, or BLEU / ROUGE-L; '-' for none."""
+    if "bleu" in s:
+        return f"{s['bleu']:.2f} / {s['rouge_l']:.2f}"
+    if "gsm8k_correct" in s:
+        return f"{s['gsm8k_correct']}/{s['gsm8k_problems']}"
+    return "-"
 
 
 def plot_study(settings: StudySettings, out: Path, summaries: Sequence[Mapping[str, Any]]) -> None:
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    main = [s for s in summaries if s["wire_dtype"] in (None, "fp16")]
+    main = [s for s in summaries if s["wire_dtype"] in (None, "fp16") and not s["method"].startswith("fixed-")]
     alphas = settings.alphas
     fig = Figure(figsize=(6 * len(alphas), 8))
     axes = fig.subplots(2, len(alphas), squeeze=False)
@@ -84,7 +121,7 @@ def plot_study(settings: StudySettings, out: Path, summaries: Sequence[Mapping[s
             ax.set_xlim(left=0)
             ax.set_yscale("log")
             ax.set_xlabel(label)
-            ax.set_ylabel("eval perplexity (GSM8K test)")
+            ax.set_ylabel(f"eval perplexity ({settings.task} held out)")
             ax.set_title(f"length-Dirichlet alpha = {alpha:g}")
             ax.legend(fontsize=8)
     fig.tight_layout()
@@ -144,30 +181,29 @@ def report(out: Path) -> str:
     failed = read_jsonl(failed_path) if failed_path.exists() else []
     st = meta["settings"]
     lines = [f"**Failed run**: alpha {f['alpha']:g}, {f['method']} ({f['wire_dtype']}): {f['error']}" for f in failed]
+    score = {"gsm8k": "GSM8K correct", "e2e": "BLEU / ROUGE-L"}.get(st.get("task", "gsm8k"), "score")
     for alpha in st["alphas"]:
-        rows = [s for s in summaries if s["alpha"] == alpha and s["wire_dtype"] in (None, "fp16")]
-        if not rows:
+        ref = table_runs(summaries, alpha)
+        if not ref:
             continue
-        ref = {s["method"]: s for s in rows}
+        first = next(iter(ref.values()))
         lines += [
-            f"**alpha = {alpha:g}** (target perplexity {rows[0]['target_ppl']:.1f} = centralised final x "
+            f"**alpha = {alpha:g}** (target perplexity {first['target_ppl']:.2f} = centralised final x "
             f"{1 + st['target_margin']:g})",
             "",
             "| method | sim. round s | sim. time to target s | wall round s | wall to target s | final ppl | "
-            "next-token acc | GSM8K correct | MiB up | MiB down | device memory MiB: est. (agent RSS) | final cuts | "
+            f"next-token acc | {score} | MiB up | MiB down | device memory MiB: est. (agent RSS) | final cuts | "
             "achieved/ideal |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
         ]
-        for method in METHODS:
-            s = ref.get(method)
-            if s is None:
-                continue
+        for s in ref.values():
             cuts = "/".join(str(c) for c in s.get("final_cuts", {}).values()) or "-"
             ratio = s.get("achieved_over_ideal")
+            name = s["method"] + (" (replayed)" if s.get("replayed_from") else "")
             lines.append(
-                f"| {method} | {s['round_virtual_s']:.3f} | {_fmt_s(s['time_to_target_s'])} | {s['round_wall_s']:.1f} | "
-                f"{_fmt_s(s['wall_to_target_s'])} | {s['final_ppl']:.2f} | {s['final_acc']:.4f} | "
-                f"{s['gsm8k_correct']}/{s['gsm8k_problems']} | {s['bytes_up'] / 2**20:.2f} | "
+                f"| {name} | {s['round_virtual_s']:.3f} | {_fmt_s(s['time_to_target_s'])} | "
+                f"{s['round_wall_s']:.1f} | {_fmt_s(s['wall_to_target_s'])} | {s['final_ppl']:.2f} | "
+                f"{s['final_acc']:.4f} | {quality(s)} | {s['bytes_up'] / 2**20:.2f} | "
                 f"{s['bytes_down'] / 2**20:.2f} | {_memory(s)} | {cuts} | "
                 f"{'-' if ratio is None else f'{ratio:.2f}'} |"
             )
@@ -187,15 +223,15 @@ def report(out: Path) -> str:
             "|---|---:|---:|---:|---:|---:|",
         ]
         for dtype in WIRE_DTYPES:
-            s = next((s for s in wire if s["wire_dtype"] == dtype), None)
-            if s is None:
+            run = next((s for s in wire if s["wire_dtype"] == dtype), None)
+            if run is None:
                 continue
-            per_token = _bytes_per_token(out, s)
+            per_token = _bytes_per_token(out, run)
             base_bytes = _bytes_per_token(out, fp32) if fp32 else per_token
             lines.append(
                 f"| {dtype} | {per_token[0]:.1f} | {per_token[1]:.1f} | "
-                f"{(base_bytes[0] + base_bytes[1]) / (per_token[0] + per_token[1]):.2f}x smaller | {s['final_ppl']:.3f} | "
-                f"{(s['final_ppl'] / fp32['final_ppl'] - 1) * 100 if fp32 else 0:+.2f}% |"
+                f"{(base_bytes[0] + base_bytes[1]) / (per_token[0] + per_token[1]):.2f}x smaller | {run['final_ppl']:.3f} | "
+                f"{(run['final_ppl'] / fp32['final_ppl'] - 1) * 100 if fp32 else 0:+.2f}% |"
             )
     return "\n".join(lines)
 
@@ -207,27 +243,37 @@ def _memory(s: Mapping[str, Any]) -> str:
 
 
 def _ratios(ref: Mapping[str, Mapping[str, Any]], st: Mapping[str, Any]) -> list[str]:
-    def speedup(other: str, goal: str) -> str:
+    def speedup(other: str, goal: str | None) -> str:
         if "splitft" not in ref or other not in ref:
             return ""
         a, b = ref["splitft"]["time_to_target_s"], ref[other]["time_to_target_s"]
+        other = ref[other]["method"]
         if a is None:
-            return f"splitft did not reach the target (goal: {goal} sooner than {other})"
+            return f"splitft did not reach the target ({other}: {_fmt_s(b)} s)"
         if b is None:
             whole = ref[other]["virtual_s"]
             return (
                 f"{other} did not reach the target within its whole budget ({whole:.1f} s), splitft did in {a:.2f} s: "
-                f"more than {whole / a:.1f}x sooner (goal {goal})"
+                f"more than {whole / a:.1f}x sooner" + (f" (goal {goal})" if goal else "")
             )
         if a == 0:
             return "splitft's starting point already meets the target"
-        return f"splitft {b / a:.2f}x sooner than {other} (goal {goal})"
+        return f"splitft {b / a:.2f}x sooner than {other}" + (f" (goal {goal})" if goal else "")
 
-    parts = [text for text in (speedup("fixed", "1.5x"), speedup("fedavg", "3x")) if text]
-    lines = [f"- Time to target (simulated): {'; '.join(parts)}."] if parts else []
+    best = "best fixed" if "best fixed" in ref else None
+    parts = [speedup("fixed", None), speedup(best, "at least 0.95x") if best else "", speedup("fedavg", "3x")]
+    lines = [f"- Time to target (simulated): {'; '.join(p for p in parts if p)}."] if any(parts) else []
+    oracle, ours = ref.get("oracle", {}).get("time_to_target_s"), ref.get("splitft", {}).get("time_to_target_s")
+    if oracle and ours:
+        lines.append(
+            f"- The oracle reached the target in {oracle / ours:.3f} of splitft's time (goal: splitft within 10%)."
+        )
     if "splitft" in ref and "centralised" in ref:
         gap = (ref["splitft"]["final_ppl"] / ref["centralised"]["final_ppl"] - 1) * 100
-        lines.append(f"- Final perplexity: splitft {gap:+.2f}% against centralised LoRA (goal within 2%).")
+        line = f"- Final perplexity: splitft {gap:+.2f}% against centralised LoRA (goal within 2%)"
+        if "bleu" in ref["splitft"] and "bleu" in ref["centralised"]:
+            line += f"; BLEU {ref['splitft']['bleu']:.2f} against {ref['centralised']['bleu']:.2f}"
+        lines.append(line + ".")
     if ref.get("splitft", {}).get("achieved_over_ideal"):
         lines.append(
             f"- Achieved step time over the balanced ideal, splitft rounds 2+: {ref['splitft']['achieved_over_ideal']:.2f} "
@@ -273,7 +319,9 @@ def publish(out: Path, folder: Path) -> Path:
     """Copy the light results (plots, summaries, per-round JSONL) next to the report, to be committed."""
     if folder.exists():
         shutil.rmtree(folder)
-    for pattern in ("*.png", "study.json", "summary.jsonl", "runs/*/*/rounds.jsonl", "runs/*/*/metrics.jsonl"):
+    patterns = ("*.png", "study.json", "summary.jsonl", "runs/*/*/rounds.jsonl", "runs/*/*/metrics.jsonl",
+                "runs/*/*/summary.json", "runs/*/fixed/hindsight/oracle.jsonl")  # fmt: skip
+    for pattern in patterns:
         for path in out.glob(pattern):
             target = folder / path.relative_to(out)
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -281,31 +329,72 @@ def publish(out: Path, folder: Path) -> Path:
     return folder
 
 
-def section(meta: Mapping[str, Any], text: str, out: Path) -> str:
-    st, facts = meta["settings"], meta["base_facts"]
+def _model_line(meta: Mapping[str, Any]) -> str:
+    facts = meta["base_facts"]
+    if "tokens" in facts:  # the project's pretrained tiny base
+        return (
+            f"Base: `splitft.tools.pretrain`'s {facts['family']} family, {facts['parameters']:,} parameters, pretrained "
+            f"on {facts['tokens']:,} tokens of WikiText-2 and E2E (WikiText-2 validation perplexity "
+            f"{facts['valid_ppl']:.0f})."
+        )
     return (
-        f"## Benchmark study ({st['variant']})\n\n"
-        f"`{meta['command']}` on {meta['host']} ({meta['threads']} torch threads), {meta['date'][:10]}; "
+        f"Model: `{facts['model']}` ({facts['family']}, {facts['parameters'] / 1e6:.1f}M parameters from its config: "
+        f"{facts['layers']} blocks of width {facts['hidden']}, vocabulary {facts['vocab']:,})."
+    )
+
+
+def _server_line(meta: Mapping[str, Any]) -> str:
+    rates = meta["server_tflops"]
+    if "server" not in meta:  # the first tiny studies: this host's calibrated speed x a factor
+        return (
+            f"Server: this host x {meta['settings']['server_speedup']:g} ({rates['blocks']:.2f} TFLOP/s on blocks; "
+            "calibrated on the host that ran it, so another host replays it otherwise)."
+        )
+    return (
+        f"Server: `{meta['server']}` ({rates['blocks']:.2f} TFLOP/s on blocks, {rates['head']:.2f} on the head; named, "
+        "not measured: the controller plans with it too, so cuts and simulated times do not depend on this host)."
+    )
+
+
+TASK_TEXT = {
+    "gsm8k": "GSM8K (train problems on the devices; per-round eval: the first {eval} test problems; final: {final} "
+    "problems, greedy answers on {gen})",
+    "wikitext": "WikiText-2 paragraphs (validation split on the devices; eval: the first {eval} test paragraphs per "
+    "round, {final} at the end)",
+    "e2e": "E2E NLG (validation pairs on the devices; eval: the first {eval} test meaning representations per round, "
+    "{final} at the end; BLEU (sacrebleu) and ROUGE-L (rouge-score) of greedy descriptions of {gen} test MRs "
+    "against all their references)",
+}
+
+
+def section(meta: Mapping[str, Any], text: str, out: Path) -> str:
+    st = meta["settings"]
+    task = TASK_TEXT[st.get("task", "gsm8k")].format(
+        eval=st["eval_samples"], final=st["final_eval_samples"], gen=st["gen_samples"]
+    )
+    return (
+        f"## Benchmark study ({st['variant']}, {st.get('task', 'gsm8k')}, {meta['base_facts'].get('model', 'tiny base')})"
+        f"\n\n`{meta['command']}` on {meta['host']} ({meta['threads']} torch threads), {meta['date'][:10]}; "
         f"{meta.get('study_wall_s', 0) / 60:.1f} minutes in all. Raw results (JSONL per run): `{out}/`.\n\n"
-        f"Base: `splitft.tools.pretrain`'s {facts['family']} family, {facts['parameters']:,} parameters, pretrained on "
-        f"{facts['tokens']:,} tokens of WikiText-2 and E2E (WikiText-2 validation perplexity {facts['valid_ppl']:.0f}). "
+        f"{_model_line(meta)} Task: {task}. "
         f"Fleet: {', '.join(meta['fleet'])} (virtual emulation). Each method: {st['rounds']} rounds x "
         f"{st['local_steps']} local steps x {len(meta['fleet'])} devices x {st['batch_size']} sequences of at most "
         f"{st['max_length']} tokens; AdamW lr {st['lr']}, LoRA r {st['r']} (splitft r_cut {st['r_cut']}); fixed cut "
-        f"{st['fixed_cut']}. Server: this host x {st['server_speedup']:g} "
-        f"({meta['server_tflops']['blocks']:.2f} TFLOP/s on blocks). Per-round eval: first {st['eval_samples']} GSM8K "
-        f"test problems; final: {st['final_eval_samples']} problems, greedy answers on {st['gen_samples']}.\n\n"
+        f"{st['fixed_cut']}; {st.get('split', 'two-part')} split. {_server_line(meta)}\n\n"
         "Time is read on two clocks. *Simulated* (sim.): every round replayed event by event "
         "(`splitft.bench.clock`) on the devices' profiles (compute: FLOPs over sustained throughput; link: "
-        "the bytes the run really sent over the profiled bandwidth, plus RTT) against the server above; the "
-        "coordinator's controller plans with the same server speed. *Wall*: this host, where the coordinator, the "
+        "the bytes the run really sent over the profiled bandwidth, plus RTT) against the server above. "
+        "*Wall*: this host, where the coordinator, the "
         "broker and five agent processes share the cores and the agents compute at host speed (they report their "
         "profiles' times without waiting for them), so it shows the system's own overhead, not the fleet's; "
-        "centralised and fedavg run in one process, without broker or messages. The target is centralised LoRA's "
+        "centralised and fedavg run in one process, without broker or messages. *Best fixed* and *oracle* are the "
+        "fixed run replayed on the simulated clock at every single cut (the soonest to target, chosen in hindsight) "
+        "and at each round's fastest cuts (the split is exact and the fixed run's rank uniform, so they learn what "
+        "it learned). The target is centralised LoRA's "
         f"last per-round perplexity x {1 + st['target_margin']:g}; the time to reach it is interpolated "
         "log-linearly between rounds. Device memory: an estimate for the deepest device part (fp32 weights, LoRA "
         "with AdamW, saved activations), and in parentheses the largest agent process measured (RSS, with Python, "
-        "torch and the tokenizer). GSM8K correct: greedy answers whose number after `####` is the reference's. "
+        "torch and the tokenizer). "
         "Achieved/ideal: the step time of the round's cuts over the least step time of any fractional cuts, both "
         "in the controller's model at the round's mean batch shape (rounds 2 on).\n\n"
         f"![perplexity against time]({out}/study_ppl.png)\n![bytes]({out}/study_bytes.png)\n"

@@ -15,15 +15,11 @@ from typing import Any
 
 import torch
 
-from splitft.bench.clock import (
-    CostModel,
-    Server,
-    calibrate_server,
-)
+from splitft.bench.clock import CostModel, Server, server_from, server_label
 from splitft.bench.sections import cpu_name
+from splitft.bench.study.hindsight import hindsight_rows
 from splitft.bench.study.methods import (
     eval_batches,
-    final_evaluation,
     make_fleet,
     memory_estimate_mb,
     replay_split,
@@ -32,12 +28,23 @@ from splitft.bench.study.methods import (
     run_split,
 )
 from splitft.bench.study.reporting import plot_study, with_targets
+from splitft.bench.study.scoring import final_evaluation
 from splitft.bench.study.settings import FLEET, SPLIT_METHODS, StudySettings, read_jsonl, say, write_jsonl
-from splitft.shared.model.loading import load_config, num_layers
+from splitft.bench.study.tasks import Task, prepare_task
+from splitft.shared.model.loading import block_params, load_config, num_layers
 from splitft.shared.model.tokenizer import load_tokenizer
 from splitft.tools import pretrain as pretrain_base
 
 # --------------------------------------------------------------------------- the study
+
+
+def is_hindsight(method: str) -> bool:
+    """``fixed-<cut>`` and ``oracle``: replayed from the fixed run, not run (:mod:`.hindsight`)."""
+    return method == "oracle" or method.startswith("fixed-")
+
+
+FINAL_KEYS = ("final_ppl", "final_acc", "gsm8k_correct", "gsm8k_answered", "gsm8k_problems", "bleu", "rouge_l",
+              "e2e_problems")  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -62,27 +69,89 @@ def mqtt_broker(folder: Path) -> Iterator[tuple[str, str] | None]:
 
 def replay_runs(settings: StudySettings, out: Path) -> None:
     """Replay every split run of ``out`` on the simulated clock again, from its metrics (the clock is a pure
-    function of them, the settings and the recorded server speed), and rewrite its rows and summary."""
+    function of them, the settings and the recorded server rates), and rewrite its rows and summary."""
     meta = json.loads((out / "study.json").read_text())
     base = Path(meta["base"])
     rates = meta["server_tflops"]
     costs = CostModel(load_config(str(base)), Server(rates["blocks"] * 1e12, rates["head"] * 1e12))
-    summaries = read_jsonl(out / "summary.jsonl")
+    task = prepare_task(settings.task, out / "data")
+    summaries = [s for s in read_jsonl(out / "summary.jsonl") if not is_hindsight(s["method"])]
     for i, s in enumerate(summaries):
         if s["method"] not in SPLIT_METHODS:
             continue
         run_dir = out / Path(s["rounds"]).parent
-        fleet = make_fleet(settings, base, s["alpha"], run_dir / "partition")
-        metrics = read_jsonl(run_dir / "metrics.jsonl")
-        rows = replay_split(settings, base, fleet, costs, metrics)
+        fleet = make_fleet(settings, base, s["alpha"], run_dir / "partition", task)
+        rows = replay_split(settings, base, fleet, costs, read_jsonl(run_dir / "metrics.jsonl"))
         write_jsonl(run_dir / "rounds.jsonl", rows)
-        final = {k: s[k] for k in ("final_ppl", "final_acc", "gsm8k_correct", "gsm8k_answered", "gsm8k_problems")}
+        final = {k: v for k, v in s.items() if k in FINAL_KEYS}
         summaries[i] = summarise(settings, base, s["alpha"], s["method"], s["wire_dtype"], rows, final, s["wall_s"])
+    summaries += hindsight_summaries(settings, base, out, summaries, costs, task)
     write_jsonl(out / "summary.jsonl", summaries)
 
 
-def run_study(settings: StudySettings, out: Path, base: Path | None) -> dict[str, Any]:
+def hindsight_summaries(
+    settings: StudySettings,
+    base: Path,
+    out: Path,
+    summaries: Sequence[Mapping[str, Any]],
+    costs: CostModel,
+    task: Task,
+) -> list[dict[str, Any]]:
+    """Every single cut and the oracle, replayed from each alpha's ``fixed`` run (:mod:`.hindsight`)."""
+    derived = []
+    for s in summaries:
+        if s["method"] != "fixed" or s["wire_dtype"] != "fp16":
+            continue
+        run_dir = out / Path(s["rounds"]).parent
+        fleet = make_fleet(settings, base, s["alpha"], run_dir / "partition", task)
+        replays = hindsight_rows(settings, base, fleet, costs, read_jsonl(run_dir / "metrics.jsonl"))
+        for label, rows in replays.items():
+            path = run_dir / "hindsight" / f"{label}.jsonl"
+            path.parent.mkdir(exist_ok=True)
+            write_jsonl(path, rows)
+            final = {k: v for k, v in s.items() if k in FINAL_KEYS}
+            summary = summarise(settings, base, s["alpha"], label, "fp16", rows, final, s["wall_s"])
+            derived.append({**summary, "rounds": str(path.relative_to(out)), "replayed_from": "fixed"})
+    return derived
+
+
+def _model_facts(base: Path) -> dict[str, Any]:
+    """What the report says of the model: the pretraining facts of the project's tiny base, or the config's."""
+    facts_file = base / pretrain_base.FACTS_FILE
+    if facts_file.is_file():
+        return json.loads(facts_file.read_text())
+    config = load_config(str(base))
+    layers, hidden, vocab = num_layers(config), int(config.hidden_size), int(config.vocab_size)
+    tied = bool(getattr(config, "tie_word_embeddings", True))
+    parameters = vocab * hidden * (1 if tied else 2) + layers * block_params(config)
+    return {"model": base.name, "family": config.model_type, "parameters": parameters, "layers": layers,
+            "hidden": hidden, "vocab": vocab}  # fmt: skip
+
+
+class StudyMismatch(ValueError):
+    """The results folder holds a study made with other settings or another model."""
+
+
+def _check_resumable(out: Path, meta: Mapping[str, Any]) -> None:
+    """Runs already in ``out`` are kept only when they were made with these settings and this model."""
+    path = out / "study.json"
+    if not path.is_file():
+        return
+    before = json.loads(path.read_text())
+    for key in ("settings", "base"):
+        if json.dumps(before.get(key), sort_keys=True) != json.dumps(meta[key], sort_keys=True, default=str):
+            raise StudyMismatch(
+                f"{out} holds a study made with other {key} ({path}); give another --out, or --fresh to start over"
+            )
+
+
+def run_study(settings: StudySettings, out: Path, base: Path | None, fresh: bool = False) -> dict[str, Any]:
+    """Run every method for every alpha; runs already finished in ``out`` (a ``summary.json`` in their folder,
+    same settings and model) are kept, so an interrupted study goes on where it stopped (``fresh``: rerun all)."""
     started = time.perf_counter()
+    if fresh:  # this study's own files only
+        shutil.rmtree(out / "runs", ignore_errors=True)
+        (out / "study.json").unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     if base is None:
         pre = pretrain_base.Settings(family="gpt2", tokens=settings.base_tokens) if settings.base_tokens else None
@@ -91,29 +160,25 @@ def run_study(settings: StudySettings, out: Path, base: Path | None) -> dict[str
         say("base model: pretraining (or the cached build) ...")
         base = pretrain_base.build_base(pre, log=lambda m: say(f"  pretrain: {m}"))
     config = load_config(str(base))
-    server, calibration = calibrate_server(str(base), settings.batch_size, settings.max_length)
-    server = Server(
-        server.block_flops_per_s * settings.server_speedup, server.head_flops_per_s * settings.server_speedup
-    )
+    server = server_from(settings.server)
     costs = CostModel(config, server)
-    say(
-        f"base {base}; server: this host x {settings.server_speedup:g} = "
-        f"{server.block_flops_per_s / 1e12:.2f} TFLOP/s blocks, {server.head_flops_per_s / 1e12:.2f} head"
-    )
+    say(f"model {base}; task {settings.task}; server {settings.server}: {server_label(server)} TFLOP/s (blocks,head)")
+    task = prepare_task(settings.task, out / "data")
     tokenizer = load_tokenizer(str(base))
-    evals = eval_batches(tokenizer, settings.max_length, settings.eval_samples)
+    evals = eval_batches(tokenizer, settings.max_length, settings.eval_samples, task.eval)
     meta = {
-        "settings": dataclasses.asdict(settings),
+        "settings": json.loads(json.dumps(dataclasses.asdict(settings))),
         "base": str(base),
-        "base_facts": json.loads((base / pretrain_base.FACTS_FILE).read_text()),
+        "base_facts": _model_facts(base),
         "fleet": list(FLEET),
         "host": cpu_name(),
         "threads": torch.get_num_threads(),
-        "calibration": calibration,
+        "server": settings.server,
         "server_tflops": {"blocks": server.block_flops_per_s / 1e12, "head": server.head_flops_per_s / 1e12},
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join(["python", "scripts/study.py", *sys.argv[1:]]),
     }
+    _check_resumable(out, meta)
     (out / "study.json").write_text(json.dumps(meta, indent=2, default=str))
     summaries: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
@@ -124,11 +189,15 @@ def run_study(settings: StudySettings, out: Path, base: Path | None) -> dict[str
         for index, (alpha, method, wire) in enumerate(plan, 1):
             label = method if wire == "fp16" else f"{method}-{wire}"
             run_dir = out / "runs" / f"alpha-{alpha:g}" / label
+            if (run_dir / "summary.json").is_file():  # finished before an interruption: kept
+                summaries.append(json.loads((run_dir / "summary.json").read_text()))
+                say(f"[{index}/{len(plan)}] alpha {alpha:g}: {label}: done before, kept ({run_dir}/summary.json)")
+                continue
             if run_dir.exists():
                 shutil.rmtree(run_dir)
             run_dir.mkdir(parents=True)
             say(f"[{index}/{len(plan)}] alpha {alpha:g}: {label}")
-            fleet = make_fleet(settings, base, alpha, run_dir / "partition")
+            fleet = make_fleet(settings, base, alpha, run_dir / "partition", task)
             t0 = time.perf_counter()
             try:
                 if method == "centralised":
@@ -142,7 +211,7 @@ def run_study(settings: StudySettings, out: Path, base: Path | None) -> dict[str
                     adapter = Path(summary["adapter"])
                 run_wall = time.perf_counter() - t0
                 write_jsonl(run_dir / "rounds.jsonl", rows)
-                final = final_evaluation(settings, base, adapter)
+                final = final_evaluation(settings, base, adapter, task)
             except Exception as exc:  # one failed run must not lose the others: recorded, reported, skipped
                 say(f"  FAILED: {type(exc).__name__}: {exc} (see {run_dir})")
                 failed.append(
@@ -150,10 +219,13 @@ def run_study(settings: StudySettings, out: Path, base: Path | None) -> dict[str
                 )
                 continue
             summaries.append(summarise(settings, base, alpha, method, wire, rows, final, run_wall))
+            (run_dir / "summary.json").write_text(json.dumps(summaries[-1]) + "\n")
+            quality = ", ".join(f"{k} {final[k]}" for k in final if k not in ("final_ppl", "final_acc"))
             say(
-                f"  done in {run_wall:.0f} s: final ppl {final['final_ppl']:.1f}, "
-                f"simulated {rows[-1]['virtual_s']:.1f} s, GSM8K {final['gsm8k_correct']}/{final['gsm8k_problems']}"
+                f"  done in {run_wall:.0f} s: final ppl {final['final_ppl']:.2f}, "
+                f"simulated {rows[-1]['virtual_s']:.1f} s{', ' + quality if quality else ''}"
             )
+    summaries += hindsight_summaries(settings, base, out, summaries, costs, task)
     write_jsonl(out / "summary.jsonl", summaries)
     write_jsonl(out / "failed.jsonl", failed)
     plot_study(settings, out, with_targets(out, summaries, settings.target_margin))
@@ -177,10 +249,11 @@ def summarise(
     layers = num_layers(load_config(str(base)))
     trained = rows[1:]
     tokens = settings.rounds * settings.local_steps * settings.agents * settings.batch_size
+    split = method in SPLIT_METHODS or is_hindsight(method)
     summary: dict[str, Any] = {
         "alpha": alpha,
         "method": method,
-        "wire_dtype": wire if method in SPLIT_METHODS else None,
+        "wire_dtype": wire if split else None,
         "rounds": f"runs/alpha-{alpha:g}/{method if wire == 'fp16' else f'{method}-{wire}'}/rounds.jsonl",
         "sequences": tokens,
         "virtual_s": rows[-1]["virtual_s"],
@@ -192,7 +265,7 @@ def summarise(
         "bytes_down": rows[-1]["bytes_down"],
         **final,
     }
-    if method in SPLIT_METHODS:
+    if split:
         ratios = [r["achieved_over_ideal"] for r in trained[1:] if r.get("achieved_over_ideal")]
         summary["achieved_over_ideal"] = round(sum(ratios) / len(ratios), 4) if ratios else None
         summary["retried_rounds"] = sum(1 for r in trained if r.get("attempt", 1) > 1)

@@ -10,6 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from splitft.shared.job.config import OptimizerSettings
+from splitft.shared.profiles import server_rates
+
+TASKS = ("gsm8k", "wikitext", "e2e")  # splitft.bench.study.tasks
 
 FLEET = ("jetson-nano", "jetson-orin-nano", "jetson-orin-nano", "raspberry-pi-5", "laptop")
 METHODS = ("centralised", "fedavg", "fixed", "paper", "splitft")
@@ -37,7 +40,11 @@ class StudySettings:
     final_eval_samples: int = 200  # for the final perplexity and next-token accuracy
     gen_samples: int = 50  # GSM8K test problems answered by greedy generation
     gen_tokens: int = 128
+    # The published tiny studies' server: this host's measured speed x server_speedup (before servers were named;
+    # kept to read their results). New runs ignore it: their server is `server`.
     server_speedup: float = 100.0
+    server: str = "gpu-l4"  # the simulated server: a profile name or "blocks,head" TFLOP/s (host-independent)
+    task: str = "gsm8k"  # splitft.bench.study.tasks.TASKS
     split: str = "two-part"  # the split runs' split, "two-part" or "u" (their devices then also hold `tail` blocks)
     tail: int = 1
     wire_alpha: float = 1.0
@@ -52,6 +59,11 @@ class StudySettings:
             raise ValueError(f"methods must be among {METHODS} and include centralised (the target's reference)")
         if not set(self.wire_dtypes) <= set(WIRE_DTYPES):
             raise ValueError(f"wire dtypes must be among {WIRE_DTYPES}")
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.split not in ("two-part", "u"):
+            raise ValueError(f"split must be two-part or u, got {self.split!r}")
+        server_rates(self.server)  # a ConfigError (a ValueError) naming what is wrong
         if self.wire_alpha not in self.alphas:
             raise ValueError(f"wire_alpha {self.wire_alpha} is not one of the alphas {self.alphas}")
 
