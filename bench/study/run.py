@@ -145,7 +145,9 @@ def _check_resumable(out: Path, meta: Mapping[str, Any]) -> None:
             )
 
 
-def run_study(settings: StudySettings, out: Path, base: Path | None, fresh: bool = False) -> dict[str, Any]:
+def run_study(
+    settings: StudySettings, out: Path, base: Path | None, fresh: bool = False, model_name: str | None = None
+) -> dict[str, Any]:
     """Run every method for every alpha; runs already finished in ``out`` (a ``summary.json`` in their folder,
     same settings and model) are kept, so an interrupted study goes on where it stopped (``fresh``: rerun all)."""
     started = time.perf_counter()
@@ -169,7 +171,7 @@ def run_study(settings: StudySettings, out: Path, base: Path | None, fresh: bool
     meta = {
         "settings": json.loads(json.dumps(dataclasses.asdict(settings))),
         "base": str(base),
-        "base_facts": _model_facts(base),
+        "base_facts": {**_model_facts(base), **({"model": model_name} if model_name else {})},
         "fleet": list(FLEET),
         "host": cpu_name(),
         "threads": torch.get_num_threads(),
