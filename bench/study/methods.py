@@ -314,13 +314,18 @@ def round_agents(
     return agents
 
 
+def _held(agent: AgentRound, cut: int) -> float:
+    """The blocks a device holds at ``cut`` over those it held in the run (its adapters scale with them)."""
+    return (cut + (agent.tail or 0)) / (agent.cut + (agent.tail or 0))
+
+
 def round_timing(costs: CostModel, agents: Sequence[AgentRound], cuts: Mapping[str, int] | None = None) -> RoundTiming:
     """The round on the simulated clock, at the devices' own cuts or at ``cuts`` (the adapter bytes then scale
     with the blocks a device holds; the activations' size does not depend on the cut)."""
     participants = []
     for a in agents:
         cut = a.cut if cuts is None else cuts[a.name]
-        held = (cut + (a.tail or 0)) / (a.cut + (a.tail or 0))
+        held = _held(a, cut)
         steps_run = [split_step(costs, a.device, cut, a.tail, b, t, n, a.act, a.grad) for b, t, n in a.shapes]
         down, up = a.device.down_s(a.adapter_down * held), a.device.up_s(a.adapter_up * held)
         participants.append(SplitParticipant(a.name, down, steps_run, up))
@@ -351,7 +356,11 @@ def replay_split(
         cuts = None if cuts_of is None else dict(cuts_of(agents))
         timing = round_timing(costs, agents, cuts)
         virtual += timing.seconds
-        up, down = up + record["bytes_up"], down + record["bytes_down"]
+        if cuts is None:
+            up, down = up + record["bytes_up"], down + record["bytes_down"]
+        else:  # the activations as sent, the adapters of the blocks each device would have held
+            up += round(sum(len(a.shapes) * a.act + a.adapter_up * _held(a, cuts[a.name]) for a in agents))
+            down += round(sum(len(a.shapes) * a.grad + a.adapter_down * _held(a, cuts[a.name]) for a in agents))
         row = _row(record["round"], virtual, wall, record, up, down, record["cuts"] if cuts is None else cuts)
         if settings.split == "two-part" and cuts is None:
             row.update(_balance(costs, timing, agents, record))

@@ -200,9 +200,10 @@ def report(out: Path) -> str:
             cuts = "/".join(str(c) for c in s.get("final_cuts", {}).values()) or "-"
             ratio = s.get("achieved_over_ideal")
             name = s["method"] + (" (replayed)" if s.get("replayed_from") else "")
+            wall = "- | -" if s.get("replayed_from") else f"{s['round_wall_s']:.1f} | {_fmt_s(s['wall_to_target_s'])}"
             lines.append(
                 f"| {name} | {s['round_virtual_s']:.3f} | {_fmt_s(s['time_to_target_s'])} | "
-                f"{s['round_wall_s']:.1f} | {_fmt_s(s['wall_to_target_s'])} | {s['final_ppl']:.2f} | "
+                f"{wall} | {s['final_ppl']:.2f} | "
                 f"{s['final_acc']:.4f} | {quality(s)} | {s['bytes_up'] / 2**20:.2f} | "
                 f"{s['bytes_down'] / 2**20:.2f} | {_memory(s)} | {cuts} | "
                 f"{'-' if ratio is None else f'{ratio:.2f}'} |"
@@ -230,10 +231,16 @@ def report(out: Path) -> str:
             base_bytes = _bytes_per_token(out, fp32) if fp32 else per_token
             lines.append(
                 f"| {dtype} | {per_token[0]:.1f} | {per_token[1]:.1f} | "
-                f"{(base_bytes[0] + base_bytes[1]) / (per_token[0] + per_token[1]):.2f}x smaller | {run['final_ppl']:.3f} | "
-                f"{(run['final_ppl'] / fp32['final_ppl'] - 1) * 100 if fp32 else 0:+.2f}% |"
+                f"{_vs_fp32(base_bytes, per_token, fp32)} | {run['final_ppl']:.3f} | "
+                f"{'-' if fp32 is None else format((run['final_ppl'] / fp32['final_ppl'] - 1) * 100, '+.2f') + '%'} |"
             )
     return "\n".join(lines)
+
+
+def _vs_fp32(fp32_bytes: tuple[float, float], bytes_: tuple[float, float], fp32: Mapping[str, Any] | None) -> str:
+    if fp32 is None:
+        return "- (no fp32 run)"
+    return f"{(fp32_bytes[0] + fp32_bytes[1]) / (bytes_[0] + bytes_[1]):.2f}x smaller"
 
 
 def _memory(s: Mapping[str, Any]) -> str:
