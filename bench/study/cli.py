@@ -60,13 +60,12 @@ from splitft.bench.study.reporting import plot_study, publish, report, section, 
 from splitft.bench.study.run import StudyMismatch, replay_runs, run_study
 from splitft.bench.study.settings import (
     FULL,
-    FULL_MODEL,
     METHODS,
     QUICK,
-    QUICK_MODEL,
     TASKS,
     WIRE_DTYPES,
     StudySettings,
+    model_settings,
     read_jsonl,
 )
 from splitft.shared.cli_options import check_choices, run_app
@@ -142,7 +141,7 @@ def study(
     elif base is not None and not base.exists() and not is_preset(str(base)):
         raise typer.BadParameter(f"{base}: no such model folder or file, nor a preset", param_hint="--model")
     real = base is not None and not (base / FACTS_FILE).is_file()  # not the project's tiny base
-    settings = (QUICK_MODEL if real else QUICK) if quick else (FULL_MODEL if real else FULL)
+    settings = model_settings(quick, task) if real else (QUICK if quick else FULL)
     changes: dict[str, Any] = {}
     if alphas:
         changes["alphas"] = tuple(alphas)
