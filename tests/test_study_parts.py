@@ -15,7 +15,9 @@ from transformers import GPT2Config
 from splitft.bench import study
 from splitft.bench.clock import CostModel, Device, Server, server_from
 from splitft.bench.study import hindsight, methods, run
+from splitft.bench.study.cli import study_label
 from splitft.bench.study.metrics import bleu, rouge_l
+from splitft.bench.study.settings import model_settings
 from splitft.bench.study.tasks import e2e_pairs, held_out, prepare_task, references, wikitext_paragraphs
 from splitft.coordinator.controller import ServerEstimate
 from splitft.coordinator.estimates import FleetEstimates
@@ -195,3 +197,16 @@ def test_an_interrupted_study_goes_on_where_it_stopped(tmp_path: Path, monkeypat
     # Other settings in the same folder: refused, not mixed.
     with pytest.raises(run.StudyMismatch, match="other settings"):
         run.run_study(dataclasses.replace(settings, rounds=2), out, base)
+
+
+def test_the_command_names_its_study_and_refuses_what_it_cannot_run(capsys: pytest.CaptureFixture[str]) -> None:
+    assert study_label(study.QUICK, None) == "study-quick"
+    assert study_label(dataclasses.replace(study.QUICK, task="e2e"), None) == "study-quick-e2e-tiny-base"
+    assert study_label(study.FULL, Path("/models/My_Model.gguf")) == "study-full-gsm8k-my-model"
+    assert study_label(study.QUICK, Path("/x"), "smollm2") == "study-quick-gsm8k-smollm2-135m"
+    assert model_settings(True, "wikitext").max_length == 128 and model_settings(True, "e2e").max_length == 256
+    assert model_settings(False, "e2e").rounds == 8
+    assert study.main(["--quick", "--model", "/no/such/model"]) == 2
+    assert "no such model" in capsys.readouterr().err
+    assert study.main(["--quick", "--task", "squad"]) == 2
+    assert study.main(["--quick", "--server", "gpu-h9000"]) == 2
