@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from splitft.bench.clock import CostModel
-from splitft.bench.study.methods import AgentRound, Fleet, memory_estimate_mb, replay_split, round_timing
+from splitft.bench.study.methods import (
+    AgentRound,
+    Fleet,
+    memory_estimate_mb,
+    replay_split,
+    round_timing,
+    split_rounds,
+)
 from splitft.bench.study.settings import FLEET, StudySettings
 from splitft.shared.profiles import load_profile
 
@@ -31,15 +38,11 @@ def cut_limits(settings: StudySettings, base: Path, fleet: Fleet, layers: int) -
     """The deepest cut each device's memory holds (the memory estimate of its part against its profile's usable
     memory), at most the deepest cut the split allows."""
     deepest = layers - 1 - (settings.tail if settings.split == "u" else 0)
+    need = {c: memory_estimate_mb(settings, base, c, head=settings.split == "u") for c in range(1, deepest + 1)}
     limits = {}
     for name, profile in zip(fleet.names, FLEET, strict=True):
         usable = load_profile(profile).usable_mb
-        fits = [
-            c
-            for c in range(1, deepest + 1)
-            if memory_estimate_mb(settings, base, c, head=settings.split == "u") <= usable
-        ]
-        limits[name] = max(fits, default=1)
+        limits[name] = max((c for c, mb in need.items() if mb <= usable), default=1)
     return limits
 
 
@@ -106,4 +109,8 @@ def hindsight_rows(
 
     replays = {f"fixed-{c}": single(c) for c in range(1, max(limits.values()) + 1)}
     replays["oracle"] = oracle
-    return {label: replay_split(settings, base, fleet, costs, metrics, cuts_of=f) for label, f in replays.items()}
+    rounds = split_rounds(settings, base, fleet, metrics)
+    return {
+        label: replay_split(settings, base, fleet, costs, metrics, cuts_of=f, rounds=rounds)
+        for label, f in replays.items()
+    }

@@ -332,6 +332,14 @@ def round_timing(costs: CostModel, agents: Sequence[AgentRound], cuts: Mapping[s
     return split_round(participants)
 
 
+def split_rounds(
+    settings: StudySettings, base: Path, fleet: Fleet, metrics: Sequence[Mapping[str, Any]]
+) -> list[list[AgentRound]]:
+    """Every round of a split run as its devices ran it (the batch shapes drawn once from the agents' streams)."""
+    streams = agent_streams(settings, base, fleet)
+    return [round_agents(settings, streams, fleet, record) for record in metrics[1:]]
+
+
 def replay_split(
     settings: StudySettings,
     base: Path,
@@ -339,20 +347,21 @@ def replay_split(
     costs: CostModel,
     metrics: Sequence[Mapping[str, Any]],
     cuts_of: Callable[[Sequence[AgentRound]], Mapping[str, int]] | None = None,
+    rounds: Sequence[Sequence[AgentRound]] | None = None,
 ) -> list[dict[str, Any]]:
     """Per-round rows of a split run, with each round replayed on the simulated clock.
 
     The batch shapes are the agents' own (the same seeded streams); the bytes are the ones the run
     sent (per step: the agent's mean activation and gradient messages; the rest of a round's traffic
     is the assignment and the adapter upload). ``cuts_of`` replays the rounds at other cuts (a round's
-    devices -> their cuts; the learning, evaluation and bytes stay the run's).
+    devices -> their cuts; the learning, evaluation and bytes stay the run's). ``rounds``: the run's
+    :func:`split_rounds`, when the caller replays it more than once.
     """
-    streams = agent_streams(settings, base, fleet)
+    rounds = split_rounds(settings, base, fleet, metrics) if rounds is None else rounds
     rows = [_row(0, 0.0, 0.0, metrics[0], 0, 0, {})]
     virtual, wall, up, down = 0.0, 0.0, 0, 0
-    for record in metrics[1:]:
+    for record, agents in zip(metrics[1:], rounds, strict=True):
         wall += record["round_time_s"]  # from the round's assignments to its evaluation (not start-up)
-        agents = round_agents(settings, streams, fleet, record)
         cuts = None if cuts_of is None else dict(cuts_of(agents))
         timing = round_timing(costs, agents, cuts)
         virtual += timing.seconds

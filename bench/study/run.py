@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from splitft.bench.clock import CostModel, Server, server_from, server_label
+from splitft.bench.regimes_model import describe_model
 from splitft.bench.sections import cpu_name
 from splitft.bench.study.hindsight import hindsight_rows
 from splitft.bench.study.methods import (
@@ -31,7 +32,7 @@ from splitft.bench.study.reporting import plot_study, with_targets
 from splitft.bench.study.scoring import final_evaluation
 from splitft.bench.study.settings import FLEET, SPLIT_METHODS, StudySettings, read_jsonl, say, write_jsonl
 from splitft.bench.study.tasks import Task, prepare_task
-from splitft.shared.model.loading import block_params, load_config, num_layers
+from splitft.shared.model.loading import load_config, num_layers
 from splitft.shared.model.tokenizer import load_tokenizer
 from splitft.tools import pretrain as pretrain_base
 
@@ -116,16 +117,13 @@ def hindsight_summaries(
 
 
 def _model_facts(base: Path) -> dict[str, Any]:
-    """What the report says of the model: the pretraining facts of the project's tiny base, or the config's."""
+    """What the report says of the model: the pretraining facts of the project's tiny base, or its shape."""
     facts_file = base / pretrain_base.FACTS_FILE
     if facts_file.is_file():
         return json.loads(facts_file.read_text())
-    config = load_config(str(base))
-    layers, hidden, vocab = num_layers(config), int(config.hidden_size), int(config.vocab_size)
-    tied = bool(getattr(config, "tie_word_embeddings", True))
-    parameters = vocab * hidden * (1 if tied else 2) + layers * block_params(config)
-    return {"model": base.name, "family": config.model_type, "parameters": parameters, "layers": layers,
-            "hidden": hidden, "vocab": vocab}  # fmt: skip
+    shape = describe_model(base.name, str(base), load_config(str(base)))
+    return {"model": shape["name"], "family": shape["type"],
+            **{k: shape[k] for k in ("parameters", "layers", "hidden", "vocab")}}  # fmt: skip
 
 
 class StudyMismatch(ValueError):
