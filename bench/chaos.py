@@ -93,6 +93,12 @@ def _moved_on(wire: cf.Wire, seen: int) -> bool:
     return wire.round > seen or wire.done
 
 
+def _fault_round(wire: cf.Wire) -> int:
+    """The round a fault injected now lands in: the one running, or the next when the last one seen has completed."""
+    done = max((int(m.get("round", 0)) for _, _, m in wire.metrics), default=0)
+    return wire.round if wire.round > done else done + 1
+
+
 async def until(predicate: Callable[[], bool], timeout_s: float, period_s: float = 0.1) -> bool:
     deadline = time.monotonic() + timeout_s
     while not predicate():
@@ -297,8 +303,8 @@ class Soak:
             kind = self._next_kind()
             times = [float(m.get("round_time_s") or 0) for _, _, m in wire.metrics] or self._reference_times()
             await asyncio.sleep(job.rng.uniform(0.1, 0.8) * sorted(times)[len(times) // 2])
-            if wire.done or wire.round >= self.s.rounds:
-                self._kinds.insert(0, kind)  # not used: the next job gets it
+            if wire.done or _fault_round(wire) >= self.s.rounds:
+                self._kinds.insert(0, kind)  # not used (never in a job's last round): the next job gets it
                 continue
             fault = await self._inject(job, kind)
             seen = wire.round + 1  # a quiet round in between: every member listens to the garbage for a while
@@ -310,9 +316,8 @@ class Soak:
 
     async def _inject(self, job: JobState, kind: str) -> Fault:
         wire, fleet, rng, agents = job.wire, job.fleet, job.rng, self.s.agents
-        done = max((int(m.get("round", 0)) for _, _, m in wire.metrics), default=0)
         target = rng.choice(agents) if kind == "agent_kill" else ("broker" if kind == "broker_restart" else COORDINATOR)
-        fault = Fault(kind, target, wire.round if wire.round > done else done + 1, time.monotonic())
+        fault = Fault(kind, target, _fault_round(wire), time.monotonic())
         job.faults.append(fault)
         self.faults[kind] += 1
         old, connects = wire.members[target].sid if target in wire.members else None, wire.connects
