@@ -135,6 +135,23 @@ def test_mixed_ranks_into_the_smaller_rank_is_the_best_approximation() -> None:
     torch.testing.assert_close(b.norm(dim=0), a.norm(dim=1), rtol=1e-5, atol=1e-6)
 
 
+def test_refactorisation_from_stacked_factors_matches_an_svd_of_the_whole_update() -> None:
+    # The truncated SVD is taken from the stacked factors (rank 8 + 4 here, far below min(out, in) = 40), not
+    # from the (96, 40) update: the kept product is the full SVD's truncation, to float rounding.
+    s1, s2 = pair(K0, 8, 1, out=96, in_=40), pair(K0, 4, 2, out=96, in_=40)
+    out = aggregate([Contribution(3.0, s1), Contribution(1.0, s2)], {K0: 5})
+    m = (3 * product(s1, K0) + product(s2, K0)) / 4
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    best = (u[:, :5] * s[:5]) @ vh[:5]
+    assert rel(product(out, K0), best) < 1e-6
+    # A stacked rank above the update's (the same holder twice: rank 16 stacked, 8 real) keeps only the
+    # real directions; the others are fresh trainable rows with zero columns of B.
+    twice = aggregate([Contribution(1.0, s1), Contribution(1.0, s1)], {K0: 12}, seed=2)
+    a, b = factors(twice, K0)
+    assert rel(product(twice, K0), product(s1, K0)) < 1e-6
+    assert torch.count_nonzero(b[:, 8:]) == 0 and (a[8:].abs().sum(dim=1) > 0).all()
+
+
 def test_aggregate_into_a_larger_rank_pads_trainable_directions() -> None:
     s1, s2 = pair(K0, 1, 1), pair(K0, 2, 2)  # the average has rank 3 <= min(OUT, IN)
     out = aggregate([Contribution(1.0, s1), Contribution(4.0, s2)], {K0: 6}, seed=3)

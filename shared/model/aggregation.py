@@ -17,7 +17,7 @@ adapter contributes to the model is the update ``ΔW ∝ B @ A`` (out, in), and 
 ``lora_alpha = alpha_per_rank * rank`` the scaling is the same at every rank, so updates of different
 ranks are directly comparable. Note ``avg(B @ A) != avg(B) @ avg(A)`` (the latter has cross terms
 ``B_i @ A_j``): we average the updates exactly, in float64, then re-factorise the average to the
-target rank by truncated SVD, ``B = U_r sqrt(S_r)``, ``A = sqrt(S_r) V_r^T``, which by Eckart–Young is
+target rank by truncated SVD (computed from the stacked factors, never forming the (out, in) update), ``B = U_r sqrt(S_r)``, ``A = sqrt(S_r) V_r^T``, which by Eckart–Young is
 the best rank-r approximation of the averaged update in Frobenius norm (exact when the average has
 rank <= r).
 
@@ -91,24 +91,39 @@ def _weighted(probs: Sequence[float], tensors: Sequence[torch.Tensor]) -> torch.
     return out
 
 
-def _refactor(m: torch.Tensor, rank: int, key: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best rank-``rank`` factors (A, B) of ``m`` (out, in) in float64, padded to ``rank``; float32 out."""
-    out_f, in_f = m.shape
-    u, s, vh = torch.linalg.svd(m, full_matrices=False)  # (out, k), (k,), (k, in), k = min(out, in)
-    # Singular values below the usual numerical-rank tolerance are noise: keeping them would add
-    # directions of random orientation and ~0 scale that are neither the update nor trainable.
+def _svd_of_product(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The thin SVD ``u, s, vh`` of ``b @ a`` ((out, R) @ (R, in), float64) without forming the product.
+
+    ``b = Q_b R_b`` and ``a^T = Q_a R_a`` (reduced QR), so ``b @ a = Q_b (R_b R_a^T) Q_a^T`` and the SVD of
+    the small core ``R_b R_a^T`` gives the product's: the same singular values and vectors as an SVD of the
+    (out, in) product, in O((out + in) R^2) instead of O(out in min(out, in)) (at SmolLM2-135M's MLP,
+    1536 x 576 against a stacked rank of 32: about 30 times less work)."""
+    q_b, r_b = torch.linalg.qr(b)  # (out, k_b), (k_b, R)
+    q_a, r_a = torch.linalg.qr(a.T)  # (in, k_a), (k_a, R)
+    u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)  # (k_b, k), (k,), (k, k_a)
+    return q_b @ u, s, vh @ q_a.T
+
+
+def _refactor(b: torch.Tensor, a: torch.Tensor, rank: int, key: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-``rank`` factors (A, B) of the update ``b @ a`` (float64 factors, (out, R) and (R, in)),
+    padded to ``rank``; float32 out."""
+    out_f, in_f = b.shape[0], a.shape[1]
+    u, s, vh = _svd_of_product(b, a)
+    # Singular values below the usual numerical-rank tolerance (that of an SVD of the (out, in) update) are
+    # noise: keeping them would add directions of random orientation and ~0 scale that are neither the update
+    # nor trainable.
     tol = s.max() * max(out_f, in_f) * torch.finfo(torch.float64).eps
     kept = min(rank, int((s > tol).sum()))
     root = s[:kept].sqrt()
-    b = u[:, :kept] * root  # (out, kept)
-    a = root[:, None] * vh[:kept]  # (kept, in)
+    b_out = u[:, :kept] * root  # (out, kept)
+    a_out = root[:, None] * vh[:kept]  # (kept, in)
     if kept < rank:
         # Draw the full (rank, in) block and keep its tail, so row i's init does not depend on `kept`.
         gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
         fresh = (torch.rand((rank, in_f), generator=gen, dtype=torch.float64) * 2 - 1) / math.sqrt(in_f)
-        a = torch.cat([a, fresh[kept:].to(m.device)])  # (rank, in)
-        b = torch.cat([b, m.new_zeros((out_f, rank - kept))], dim=1)  # (out, rank)
-    return a.float(), b.float()
+        a_out = torch.cat([a_out, fresh[kept:].to(a.device)])  # (rank, in)
+        b_out = torch.cat([b_out, b.new_zeros((out_f, rank - kept))], dim=1)  # (out, rank)
+    return a_out.float(), b_out.float()
 
 
 def to_rank(
@@ -125,7 +140,7 @@ def to_rank(
         raise ConfigError(f"module {key!r}: A {tuple(a.shape)} and B {tuple(b.shape)} are not a LoRA pair")
     if a.shape[0] == rank:
         return a, b
-    return _refactor(b.double() @ a.double(), rank, key, seed)
+    return _refactor(b.double(), a.double(), rank, key, seed)
 
 
 def aggregate(
@@ -169,8 +184,10 @@ def aggregate(
             a_out = _weighted(probs, [a for _, a, _ in held]).float()  # (r, in)
             b_out = _weighted(probs, [b for _, _, b in held]).float()  # (out, r)
         else:
-            m = _weighted(probs, [b.double() @ a.double() for _, a, b in held])  # (out, in)
-            a_out, b_out = _refactor(m, rank, key, seed)
+            # The weighted sum of the updates, sum_h p_h B_h A_h, is one product of the stacked factors.
+            b_all = torch.cat([p * b.double() for p, (_, _, b) in zip(probs, held, strict=True)], dim=1)
+            a_all = torch.cat([a.double() for _, a, _ in held])  # (sum of ranks, in)
+            a_out, b_out = _refactor(b_all, a_all, rank, key, seed)
         result[key + _A], result[key + _B] = a_out, b_out
     return result
 
