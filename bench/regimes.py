@@ -37,7 +37,6 @@ The tables and plots of the report are in :mod:`splitft.bench.regimes_report`, t
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import statistics
 from collections.abc import Mapping, Sequence
@@ -56,7 +55,7 @@ from splitft.coordinator.controller import (
     DeviceEstimate,
     ServerEstimate,
     latency_cuts,
-    makespan_s,
+    steady_step_s,
 )
 from splitft.coordinator.estimates import CHANGE_RATIO, FleetEstimates, block_memory_mb, blocks_that_fit
 from splitft.shared.model.loading import block_flops, head_flops
@@ -318,10 +317,10 @@ class ControlledPolicy:
         devices = [d for d in (self.estimates.device(d.name) for d in fleet) if d is not None]
         server = self.estimates.server()
         decision = self.controller.decide(devices, server)
-        # The controller's M counts each step's share of the round's adapter exchange; the steady step
-        # between gradients (what the clock's step time measures) is M without it.
-        steady = [dataclasses.replace(d, adapter_block_bytes=0.0) for d in devices]
-        return decision.cuts, (makespan_s(steady, server, self.costs.layers, decision.cuts), decision.makespan_s)
+        # The controller's step time counts each step's share of the round's adapter exchange; the clock's step
+        # time is the steady step between gradients, which the controller's queue also predicts.
+        steady = steady_step_s(devices, server, self.costs.layers, decision.cuts)
+        return decision.cuts, (steady, decision.queued_s)
 
     def observe(self, fleet: Sequence[LiveDevice], cuts: Mapping[str, int]) -> None:
         """The round's reports: each device's measured block time, bytes and upload time; the server's times."""

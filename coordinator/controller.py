@@ -26,13 +26,21 @@ Policies (``POLICIES``):
   cut whose round trip fits within T (and that it can hold in memory); deeper cuts only lower the
   server's total, so the optimum is one of these "deepest within T" assignments, with T one of the
   devices' round-trip times. The candidates are tried in increasing order until the server's total
-  fits too (exact for this model);
+  fits too (exact for this model). Then :func:`refine_cuts` improves them for the queue (below);
 * ``splitft`` ``latency``, then the performance term applied only where it costs at most
   ``perf_slack`` of the makespan, then hysteresis: the previous cuts are kept unless the new ones
   are predicted at least ``hysteresis`` faster, so cuts do not flap on noisy reports.
 
-The model is a simplification: the server is idle at the start of a step until the first device's
-activations arrive, which M ignores; the metrics put the measured step time beside the prediction.
+M is a lower bound. The server serves the batches one at a time in the order they arrive, so
+batches that arrive together wait for each other (two devices on slow links arrive last, and the
+second waits for the first's server work); the server is idle at a round's start until the first
+batch is in; and a device's adapters come before its first step and go after its last, not spread
+over the steps. :func:`queued_step_s` replays the round so (Q, the round over its steps; Q >= M), and
+:func:`refine_cuts` moves one device's cut at a time while Q falls, starting from M's optimum. Where
+nobody waits the two agree (a single device: Q is M plus the adapter messages' latency over the
+steps). A decision carries both: M is its predicted step (the metrics put the measured step beside
+it), Q what ``latency`` and ``splitft`` minimise. The U split's queue is replayed as the two-part
+one's, its two round trips folded into one.
 
 The U split (the device also holds the last ``k`` blocks and the head) has the same shape: a device
 runs ``c + k`` blocks and the server ``L - c - k``, the head's cost moves into the device's fixed
@@ -55,6 +63,8 @@ from dataclasses import dataclass, field
 
 from splitft.shared.errors import ConfigError
 from splitft.shared.job.config import POLICIES
+
+REFINE_SWEEPS = 3  # passes of refine_cuts over the fleet
 
 
 @dataclass(frozen=True)
@@ -129,6 +139,7 @@ class Decision:
     ideal_s: float  # the balanced lower bound
     reason: str = ""
     kept: bool = False  # hysteresis kept the previous cuts
+    queued_s: float = 0.0  # the predicted round over its steps (Q, queued_step_s): what latency and splitft minimise
 
     @property
     def ratio(self) -> float:
@@ -156,17 +167,18 @@ class Controller:
             reason = "performance rule"
         else:
             cuts = latency_cuts(devices, server, s.num_layers, s.c_min, s.upper)
-            reason = "minimum predicted makespan"
+            cuts = refine_cuts(devices, server, s.num_layers, s.c_min, s.upper, cuts)
+            reason = "minimum predicted step time"
             if s.policy == "splitft":
-                base = self._makespan(devices, server, cuts)
+                base = self._queued(devices, server, cuts)
                 shifted = self._performance(devices, cuts)
-                if self._makespan(devices, server, shifted) <= base * (1 + s.perf_slack):
+                if self._queued(devices, server, shifted) <= base * (1 + s.perf_slack):
                     cuts, reason = shifted, "minimum makespan, then the performance rule"
         decision = self._predict(devices, server, cuts, reason)
         if s.policy == "splitft" and previous is not None and set(previous) == {d.name for d in devices}:
             kept = {d.name: self._clamp(d, previous[d.name]) for d in devices}
             kept_decision = self._predict(devices, server, kept, "kept: the change would not pay", kept=True)
-            if kept != cuts and decision.makespan_s > kept_decision.makespan_s * (1 - s.hysteresis):
+            if kept != cuts and decision.queued_s > kept_decision.queued_s * (1 - s.hysteresis):
                 decision = kept_decision
         self.history.append(decision)
         return decision
@@ -190,8 +202,8 @@ class Controller:
             out[d.name] = self._clamp(d, round(cuts[d.name] + shift))
         return out
 
-    def _makespan(self, devices: Sequence[DeviceEstimate], server: ServerEstimate, cuts: Mapping[str, int]) -> float:
-        return self._predict(devices, server, cuts, "").makespan_s
+    def _queued(self, devices: Sequence[DeviceEstimate], server: ServerEstimate, cuts: Mapping[str, int]) -> float:
+        return queued_step_s(devices, server, self.settings.num_layers, cuts)
 
     def _predict(
         self,
@@ -209,6 +221,7 @@ class Controller:
             device_s=device_s,
             server_s=server_s,
             makespan_s=max(max(device_s.values()), server_s),
+            queued_s=queued_step_s(devices, server, s.num_layers, cuts),
             ideal_s=ideal_bound(devices, server, s.num_layers, s.c_min, s.upper),
             reason=reason,
             kept=kept,
@@ -233,6 +246,82 @@ def makespan_s(
     """The predicted step time M of the module docstring."""
     trips = max(turnaround_s(d, server, num_layers, cuts[d.name]) for d in devices)
     return max(trips, server.step_s(num_layers, [cuts[d.name] for d in devices]))
+
+
+def _queue(
+    devices: Sequence[DeviceEstimate], server: ServerEstimate, num_layers: int, cuts: Mapping[str, float]
+) -> tuple[float, list[float]]:
+    """One round replayed as the coordinator serves it: (its seconds, when each step's last batch was served).
+
+    A device gets its blocks' adapters, then per step runs its forward pass (a third of its compute) and sends
+    its activations; the server takes one batch at a time in arrival order, and a step's batches only once
+    every batch of the previous step is answered; the gradient comes back, the device runs its backward pass
+    (two thirds) and its next forward. After its last step it sends its adapters back."""
+    pre, post, work, ready, upload = {}, {}, {}, {}, {}
+    for d in devices:
+        cut = cuts[d.name]
+        compute = d.fixed_s + cut * d.block_s
+        pre[d.name] = compute / 3 + d.up_bytes * 8 / d.uplink_bps + d.rtt_s / 2  # forward, activations up
+        post[d.name] = 2 * compute / 3 + d.down_bytes * 8 / d.downlink_bps + d.rtt_s / 2  # gradient down, backward
+        work[d.name] = server.step_s(num_layers, [cut])
+        adapter_bits = cut * d.adapter_block_bytes * 8
+        ready[d.name] = adapter_bits / d.downlink_bps + d.rtt_s / 2 + pre[d.name]  # its first batch arrives
+        upload[d.name] = adapter_bits / d.uplink_bps + d.rtt_s / 2
+    t, ends = 0.0, []
+    for _ in range(max(d.steps for d in devices)):
+        for arrival, name in sorted((ready[n], n) for n in ready):
+            t = max(t, arrival) + work[name]
+            ready[name] = t + post[name] + pre[name]  # (t: answered) its next step's batch arrives
+        ends.append(t)
+    return max(ready[n] - pre[n] + upload[n] for n in ready), ends
+
+
+def queued_step_s(
+    devices: Sequence[DeviceEstimate], server: ServerEstimate, num_layers: int, cuts: Mapping[str, float]
+) -> float:
+    """Q: the round as the coordinator serves it (:func:`_queue`) over its steps, the adapter exchange in it
+    as in M; Q >= M (batches that arrive together wait for each other, which M's ``max_i (d_i + s_i)`` leaves
+    out, and a device's adapters delay its first step)."""
+    seconds, ends = _queue(devices, server, num_layers, cuts)
+    return seconds / len(ends)
+
+
+def steady_step_s(
+    devices: Sequence[DeviceEstimate], server: ServerEstimate, num_layers: int, cuts: Mapping[str, float]
+) -> float:
+    """The time between two steps' ends in the middle of the round (the first step alone when there is one)."""
+    _, ends = _queue(devices, server, num_layers, cuts)
+    return (ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1 else ends[0]
+
+
+def refine_cuts(
+    devices: Sequence[DeviceEstimate],
+    server: ServerEstimate,
+    num_layers: int,
+    c_min: int,
+    c_max: int,
+    cuts: Mapping[str, int],
+    sweeps: int = REFINE_SWEEPS,
+) -> dict[str, int]:
+    """``cuts`` improved for Q (:func:`queued_step_s`): each device in turn tries every cut it can hold, the
+    others held, and keeps any that shortens Q, for at most ``sweeps`` passes over the fleet or until a pass
+    changes nothing. From M's optimum this keeps the cuts where the queue changes nothing and moves the
+    devices whose batches wait behind each other's."""
+    out = dict(cuts)
+    best = queued_step_s(devices, server, num_layers, out)
+    for _ in range(sweeps):
+        improved = False
+        for d in devices:
+            for cut in range(c_min, min(c_max, d.max_blocks) + 1):
+                if cut == out[d.name]:
+                    continue
+                trial = {**out, d.name: cut}
+                seconds = queued_step_s(devices, server, num_layers, trial)
+                if seconds < best * (1 - 1e-9):
+                    out, best, improved = trial, seconds, True
+        if not improved:
+            break
+    return out
 
 
 def _deepest_within(
