@@ -70,11 +70,10 @@ class LocalRun:
         return [f"agent-{i + 1}" for i in range(self.agents)]
 
 
-async def run_local(run: LocalRun, progress: Progress | None = None) -> dict[str, Any]:
-    """Shard the data, start the broker and the agents, run the job; returns the coordinator's summary
-    plus the plot's path."""
+def write_agent_data(run: LocalRun) -> list[Path]:
+    """Shard the run's data among its agents, as :func:`run_local` does first: ``out/data/<agent>.jsonl``, one
+    per agent in the order of :meth:`LocalRun.agent_names` (the same files for the same run, every time)."""
     run.out.mkdir(parents=True, exist_ok=True)
-    names = run.agent_names()
     source = run.data or GSM8K / "train.jsonl"
     records = load_records(source, run.prompt_field, run.response_field, limit=run.agents * run.samples_per_agent)
     if run.alpha is None:
@@ -85,7 +84,15 @@ async def run_local(run: LocalRun, progress: Progress | None = None) -> dict[str
         partition = length_dirichlet_partition(lengths, run.agents, run.alpha, seed=run.job.seed)
         written = write_partition(records, partition, run.out / "data", prefix="shard")
         plot_partition(partition, lengths, run.out / "partition.png", title=f"Length-Dirichlet alpha={run.alpha}")
-    shards = [shard.replace(shard.with_name(f"{name}.jsonl")) for name, shard in zip(names, written, strict=True)]
+    names = run.agent_names()
+    return [shard.replace(shard.with_name(f"{name}.jsonl")) for name, shard in zip(names, written, strict=True)]
+
+
+async def run_local(run: LocalRun, progress: Progress | None = None) -> dict[str, Any]:
+    """Shard the data, start the broker and the agents, run the job; returns the coordinator's summary
+    plus the plot's path."""
+    names = run.agent_names()
+    shards = write_agent_data(run)
     cuts = {name: run.cuts[i % len(run.cuts)] for i, name in enumerate(names)}
     job = replace(run.job, cuts={**run.job.cuts, **cuts}, min_agents=run.agents)
 

@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """Runtime overhead: the same LoRA training in one process vs. split across 3 agents through Mosquitto.
 
-For each configuration (a split and a wire dtype), one after the other on the same machine:
+For each configuration (a split and a wire dtype; ``:batched`` for the job's ``server_batching``), one after the
+other on the same machine:
 
 (b) split: the coordinator in this process and 3 agent processes (cuts 1, 2, 3; one torch thread
     each, as `splitft-coordinator local` starts them), talking through a real Mosquitto on loopback;
     each global step = every agent's forward, activations up, server step, gradient down (U split: the
     server's activations down to the device's norm, head and loss, their gradient up, then the
     gradient down);
-(a) one process, right after it: the whole model on the same batches, the same compute: each agent's
+(a) one process, right before and right after it (the ratio uses the mean of the two, so that the drift of a
+    shared machine's speed over minutes is not read as the split's): the whole model on the same batches, the same compute: each agent's
     batch in its own forward and backward pass (the shapes the split computes), the head on the target
     positions only (as the server and the U split's devices compute it), the gradients accumulated and
     one optimiser step per global step; the same LoRA ranks as the server's, the same dtype (fp32).
@@ -23,6 +25,7 @@ The model's chat template is used where it has one (chat_template "auto", as the
 
     python scripts/bench_runtime.py                                     # tiny-gpt2, two-part, fp16
     python scripts/bench_runtime.py --model smollm2 --configs two-part:fp16,two-part:int8,u:fp16,u:int8
+    python scripts/bench_runtime.py --model smollm2 --configs two-part:fp16,two-part:fp16:batched
     python scripts/bench_runtime.py --write BENCHMARKS.md               # and replace the runtime section
 
 --model takes a preset, a model folder, a .gguf file, or 'smollm2' (SmolLM2-135M-Instruct, the GGUF
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import shlex
@@ -54,7 +58,7 @@ from splitft.agent.training import batch_seed
 from splitft.bench.sections import cpu_name, smollm2, write_section
 from splitft.coordinator.brokers import start_mosquitto, stop_broker
 from splitft.coordinator.layout import device_layout, global_ranks
-from splitft.coordinator.local import LocalRun, run_local
+from splitft.coordinator.local import LocalRun, run_local, write_agent_data
 from splitft.coordinator.progress import Event
 from splitft.shared.errors import SplitFTError
 from splitft.shared.job.config import SPLITS, JobConfig, OptimizerSettings
@@ -78,34 +82,40 @@ def say(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+BATCHED = "batched"  # a configuration's third field: the job's server_batching on
+
+
 @dataclass(frozen=True)
 class Config:
     split: str  # "two-part" or "u"
     wire: str  # the activations' and gradients' wire dtype
+    batched: bool = False  # server_batching: every device's activations of a step in one merged server pass
 
     @property
     def label(self) -> str:
-        return f"{self.split}:{self.wire}"
+        return f"{self.split}:{self.wire}" + (f":{BATCHED}" if self.batched else "")
 
 
 def parse_configs(text: str) -> list[Config]:
-    """``two-part:fp16,u:int8`` -> the configurations, in order; a clear error for anything else."""
-    example = "e.g. two-part:fp16,two-part:int8,u:fp16,u:int8"
+    """``two-part:fp16,u:int8,two-part:fp16:batched`` -> the configurations, in order; a clear error for anything
+    else."""
+    example = f"e.g. two-part:fp16,two-part:int8,u:fp16,u:int8,two-part:fp16:{BATCHED}"
     if not text.strip():
-        raise ValueError(f"--configs is empty: give SPLIT:WIRE items separated by commas, {example}")
+        raise ValueError(f"--configs is empty: give SPLIT:WIRE[:{BATCHED}] items separated by commas, {example}")
     configs: list[Config] = []
     for raw in text.split(","):
         item = raw.strip()
-        split, colon, wire = item.partition(":")
-        if not item or not colon or not split or not wire or ":" in wire:
-            raise ValueError(f"--configs: {item!r} is not SPLIT:WIRE ({example})")
+        split, colon, rest = item.partition(":")
+        wire, _, mode = rest.partition(":")
+        if not item or not colon or not split or not wire or mode not in ("", BATCHED) or rest.endswith(":"):
+            raise ValueError(f"--configs: {item!r} is not SPLIT:WIRE[:{BATCHED}] ({example})")
         if split not in SPLITS:
             raise ValueError(f"--configs: {item!r}: the split must be one of {', '.join(SPLITS)}, got {split!r}")
         if wire not in FLOAT_WIRE_DTYPES:
             raise ValueError(
                 f"--configs: {item!r}: the wire dtype must be one of {', '.join(FLOAT_WIRE_DTYPES)}, got {wire!r}"
             )
-        config = Config(split, wire)
+        config = Config(split, wire, mode == BATCHED)
         if config in configs:
             raise ValueError(f"--configs: {item!r} is given twice")
         configs.append(config)
@@ -260,7 +270,8 @@ class Watch:
 @dataclass(frozen=True)
 class Row:
     config: Config
-    one_process_s: float
+    one_process_s: float  # the mean of ...
+    one_process_runs: tuple[float, float]  # ... the runs before and after the split run
     split_s: float  # round time / steps
     steps_s: float  # the steps alone, per step
     before_s: float  # per step: between rounds (checkpoint, snapshot, assignments) ...
@@ -304,6 +315,7 @@ def job_for(model: Model, config: Config, args: argparse.Namespace) -> JobConfig
         job="bench", model=model.source, rounds=args.rounds, local_steps=args.local_steps, batch_size=args.batch,
         max_length=args.length, lora=LoraSettings(), wire_dtype=config.wire, optimizer=OptimizerSettings(lr=1e-3),
         eval_samples=1, split=config.split, tail=args.tail if config.split == "u" else 0, chat_template="auto",
+        server_batching=config.batched,
     )  # fmt: skip
     job.check_cuts(model.blocks)
     return job
@@ -314,18 +326,22 @@ def measure(model: Model, config: Config, job: JobConfig, label: str) -> Row:
     load_before = os.getloadavg()[0]
     others = OthersCpu()
     tmp = Path(tempfile.mkdtemp(prefix="splitft-bench-"))
-    say(f"{label}: split run: Mosquitto and 3 agents, {job.rounds} rounds of {job.local_steps} steps (in {tmp})")
     watch = Watch(label, job)
+    run = LocalRun(job, tmp / "out", agents=3, cuts=CUTS, samples_per_agent=64)
+    data = dict(zip(run.agent_names(), write_agent_data(run), strict=True))  # the split run writes the same again
+    measured = (job.rounds - 1) * job.local_steps
+    # The one-process reference runs before and after the split run, and the ratio uses their mean: on a shared
+    # machine the speed drifts over minutes (the two runs are in the table).
+    say(f"{label}: one process, before: the same compute on the same batches, 1 warm-up step + {measured} steps")
+    before = one_process(model.source, job, data)
+    say(f"{label}: split run: Mosquitto and 3 agents, {job.rounds} rounds of {job.local_steps} steps (in {tmp})")
     broker = start_mosquitto(tmp / "broker")
     try:
-        run = LocalRun(job, tmp / "out", agents=3, cuts=CUTS, samples_per_agent=64, broker_url=broker.url)
-        asyncio.run(run_local(run, progress=watch))
+        asyncio.run(run_local(dataclasses.replace(run, broker_url=broker.url), progress=watch))
     finally:
         stop_broker(broker)
-    data = {name: tmp / "out" / "data" / f"{name}.jsonl" for name in run.agent_names()}
-    measured = (job.rounds - 1) * job.local_steps
-    say(f"{label}: one process: the same compute on the same batches, 1 warm-up step + {measured} steps")
-    one_process_s = one_process(model.source, job, data)
+    say(f"{label}: one process, after: the same steps again")
+    after = one_process(model.source, job, data)
     load_after = os.getloadavg()[0]
     others_cpu = others.share()
 
@@ -338,7 +354,8 @@ def measure(model: Model, config: Config, job: JobConfig, label: str) -> Row:
 
     row = Row(
         config=config,
-        one_process_s=one_process_s,
+        one_process_s=(before + after) / 2,
+        one_process_runs=(before, after),
         split_s=watch.wall_s(),
         steps_s=statistics.mean(watch.steps_s(r["round"]) for r in records),
         before_s=statistics.mean(watch.before_s(r["round"]) for r in records),
@@ -421,13 +438,14 @@ def report(model: Model, rows: list[Row], args: argparse.Namespace, command: str
     lines += [
         f"Split step against the same compute in one process, {caption}:",
         "",
-        "| configuration | one process s / step | split s / step | ratio | split, steps only | ratio, steps only | "
+        "| configuration | one process s / step (before, after) | split s / step | ratio | split, steps only | ratio, steps only | "
         "per-round work | bytes / step | load 1 min before, after | others' CPU |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r.config.label} | {r.one_process_s:.3f} | {r.split_s:.3f} | {r.ratio:.2f} | {r.steps_s:.3f} | "
+            f"| {r.config.label} | {r.one_process_s:.3f} ({r.one_process_runs[0]:.2f}, {r.one_process_runs[1]:.2f}) | "
+            f"{r.split_s:.3f} | {r.ratio:.2f} | {r.steps_s:.3f} | "
             f"{r.steps_s / r.one_process_s:.2f} | {r.round_work_s:.3f} | {r.bytes_step / 1e6:.2f} MB | "
             f"{r.load[0]:.2f}, {r.load[1]:.2f} | {r.others_cpu:.0%} |"
         )
@@ -569,7 +587,8 @@ def main() -> None:
             f"{args.local_steps} steps (rounds 2..{args.rounds} measured); agents cut at "
             f"{', '.join(map(str, CUTS))}{u_note}; coordinator, agents and Mosquitto on one machine "
             f"({cpu_name()}, {torch.get_num_threads()} threads), {date.today().isoformat()}. The one-process "
-            "reference is the same compute on the same batches, measured right after each split run.\n\n"
+            "reference is the same compute on the same batches, measured right before and right after each split run (the ratios "
+            "use the mean of the two).\n\n"
             f"`{command}`\n\n{report(model, rows, args, command, header=False)}",
         )
 

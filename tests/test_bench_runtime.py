@@ -28,8 +28,10 @@ _spec.loader.exec_module(bench)
 
 
 def test_configs_are_read_in_order() -> None:
-    configs = bench.parse_configs("two-part:fp16, two-part:int8,u:fp16,u:int8")
-    assert [c.label for c in configs] == ["two-part:fp16", "two-part:int8", "u:fp16", "u:int8"]
+    configs = bench.parse_configs("two-part:fp16, two-part:int8,u:fp16,u:int8,two-part:fp16:batched")
+    labels = ["two-part:fp16", "two-part:int8", "u:fp16", "u:int8", "two-part:fp16:batched"]
+    assert [c.label for c in configs] == labels
+    assert [c.batched for c in configs] == [False] * 4 + [True]
 
 
 @pytest.mark.parametrize(
@@ -39,7 +41,9 @@ def test_configs_are_read_in_order() -> None:
         ("two-part", "is not SPLIT:WIRE"),
         ("two-part:fp16,", "'' is not SPLIT:WIRE"),
         (":fp16", "is not SPLIT:WIRE"),
-        ("u:fp16:x", "is not SPLIT:WIRE"),
+        ("u:fp16:x", "is not SPLIT:WIRE[:batched]"),
+        ("u:fp16:batched:", "is not SPLIT:WIRE[:batched]"),
+        ("u:fp16:", "is not SPLIT:WIRE[:batched]"),
         ("three-part:fp16", "the split must be one of two-part, u, got 'three-part'"),
         ("u:fp8", "the wire dtype must be one of"),
         ("u:int8,u:int8", "'u:int8' is given twice"),
@@ -99,15 +103,15 @@ def test_server_layouts_follow_the_split() -> None:
 def test_the_report_names_model_host_and_command() -> None:
     model = bench.Model("tiny-gpt2", "tiny-gpt2", 8_900_000, 12, 128, 50257)
     row = bench.Row(
-        bench.Config("u", "int8"), one_process_s=1.0, split_s=1.2, steps_s=1.1, before_s=0.05, after_s=0.05, server_s=0.8, forward_s=0.05,
-        tail_s=0.1, backward_s=0.05, messaging_s=0.01, wait_s=0.9, bytes_step=1e6, load=(0.1, 0.2), others_cpu=0.05,
+        bench.Config("u", "int8"), one_process_s=1.0, one_process_runs=(1.05, 0.95), split_s=1.2, steps_s=1.1,
+        before_s=0.05, after_s=0.05, server_s=0.8, forward_s=0.05, tail_s=0.1, backward_s=0.05, messaging_s=0.01, wait_s=0.9, bytes_step=1e6, load=(0.1, 0.2), others_cpu=0.05,
     )  # fmt: skip
     args = argparse.Namespace(model="tiny-gpt2")
     text = bench.report(model, [row], args, "python scripts/bench_runtime.py --configs u:int8")
     assert "tiny-gpt2, 8.9M parameters (12 blocks, hidden 128, vocabulary 50,257)" in text
     assert bench.cpu_name() in text
     assert "`python scripts/bench_runtime.py --configs u:int8`" in text
-    assert "| u:int8 | 1.000 | 1.200 | 1.20 |" in text
+    assert "| u:int8 | 1.000 (1.05, 0.95) | 1.200 | 1.20 |" in text
     assert "u:int8: met (1.20)" in text  # the tiny preset's target is 1.25
 
 
