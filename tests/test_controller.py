@@ -56,9 +56,9 @@ def test_faster_device_gets_the_deeper_cut() -> None:
     assert cuts["laptop"] > cuts["orin"] > cuts["nano"], cuts
 
 
-@pytest.mark.parametrize("seed", range(20))
-def test_latency_cuts_are_optimal_on_random_fleets(seed: int) -> None:
-    rng = random.Random(seed)
+def random_fleet(rng: random.Random, size: int, steps: int = 4) -> tuple[list[DeviceEstimate], ServerEstimate]:
+    """Devices of random speeds, links (some at 2 Mbit/s) and memory; adapters of a block exchanged once a round
+    of ``steps`` steps, or none."""
     devices = [
         DeviceEstimate(
             f"d{i}",
@@ -66,16 +66,22 @@ def test_latency_cuts_are_optimal_on_random_fleets(seed: int) -> None:
             fixed_s=rng.uniform(0, 0.05),
             up_bytes=5e5,
             down_bytes=5e5,
-            uplink_bps=rng.choice([20e6, 100e6, 1e9]),
-            downlink_bps=100e6,
-            rtt_s=rng.uniform(0, 0.05),
+            uplink_bps=rng.choice([2e6, 20e6, 1e9]),
+            downlink_bps=rng.choice([2e6, 100e6]),
+            rtt_s=rng.uniform(0, 0.08),
             max_blocks=rng.choice([3, 6, 11]),
-            adapter_block_bytes=rng.choice([0.0, 2.6e5]),  # a block's adapters, each way once a round ...
-            steps=rng.choice([1, 4]),  # ... of this many steps
+            adapter_block_bytes=rng.choice([0.0, 2.6e5]),
+            steps=steps,
         )
-        for i in range(rng.randint(1, 4))
+        for i in range(size)
     ]
-    server = ServerEstimate(block_s=rng.uniform(0.001, 0.05), head_s=rng.uniform(0, 0.1))
+    return devices, ServerEstimate(block_s=rng.uniform(0.005, 0.1), head_s=rng.uniform(0, 0.1))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_latency_cuts_are_optimal_on_random_fleets(seed: int) -> None:
+    rng = random.Random(seed)
+    devices, server = random_fleet(rng, rng.randint(1, 4), steps=rng.choice([1, 4]))
     cuts = latency_cuts(devices, server, L, 1, L - 1)
     assert makespan(devices, server, cuts) == pytest.approx(brute_force(devices, server, 1, L - 1))
     assert all(1 <= cuts[d.name] <= d.max_blocks for d in devices)
@@ -170,26 +176,6 @@ def test_noisy_reports_do_not_make_cuts_flap() -> None:
         devices = [DeviceEstimate(d.name, block_s=d.block_s * rng.uniform(0.9, 1.1), fixed_s=d.fixed_s) for d in base]
         seen.add(tuple(sorted(jumpy.decide(devices, MODEST_SERVER).cuts.items())))
     assert len(seen) > 1
-
-
-def random_fleet(rng: random.Random, size: int, steps: int = 4) -> tuple[list[DeviceEstimate], ServerEstimate]:
-    devices = [
-        DeviceEstimate(
-            f"d{i}",
-            block_s=rng.uniform(0.005, 0.3),
-            fixed_s=rng.uniform(0, 0.05),
-            up_bytes=5e5,
-            down_bytes=5e5,
-            uplink_bps=rng.choice([2e6, 20e6, 1e9]),
-            downlink_bps=rng.choice([2e6, 100e6]),
-            rtt_s=rng.uniform(0, 0.08),
-            max_blocks=rng.choice([3, 6, 11]),
-            adapter_block_bytes=rng.choice([0.0, 2.6e5]),
-            steps=steps,
-        )
-        for i in range(size)
-    ]
-    return devices, ServerEstimate(block_s=rng.uniform(0.005, 0.1), head_s=rng.uniform(0, 0.1))
 
 
 def clock_participant(d: DeviceEstimate, server: ServerEstimate, cut: int) -> SplitParticipant:
