@@ -64,7 +64,8 @@ from dataclasses import dataclass, field
 from splitft.shared.errors import ConfigError
 from splitft.shared.job.config import POLICIES
 
-REFINE_SWEEPS = 3  # passes of refine_cuts over the fleet
+REFINE_SWEEPS = 3  # passes of refine_cuts over the fleet ...
+REFINE_BUDGET = 200_000  # ... within this many device replays (trials x devices): a big fleet's decision in ~1 s
 
 
 @dataclass(frozen=True)
@@ -302,19 +303,25 @@ def refine_cuts(
     c_max: int,
     cuts: Mapping[str, int],
     sweeps: int = REFINE_SWEEPS,
+    budget: int = REFINE_BUDGET,
 ) -> dict[str, int]:
     """``cuts`` improved for Q (:func:`queued_step_s`): each device in turn tries every cut it can hold, the
     others held, and keeps any that shortens Q, for at most ``sweeps`` passes over the fleet or until a pass
-    changes nothing. From M's optimum this keeps the cuts where the queue changes nothing and moves the
-    devices whose batches wait behind each other's."""
+    changes nothing, and at most ``budget // len(devices)`` trials (each replays every device: a fleet of
+    hundreds stops early, with the cuts found so far). From M's optimum this keeps the cuts where the queue
+    changes nothing and moves the devices whose batches wait behind each other's."""
     out = dict(cuts)
     best = queued_step_s(devices, server, num_layers, out)
+    trials = max(budget // len(devices), 1)
     for _ in range(sweeps):
         improved = False
         for d in devices:
             for cut in range(c_min, min(c_max, d.max_blocks) + 1):
                 if cut == out[d.name]:
                     continue
+                trials -= 1
+                if trials < 0:
+                    return out
                 trial = {**out, d.name: cut}
                 seconds = queued_step_s(devices, server, num_layers, trial)
                 if seconds < best * (1 - 1e-9):

@@ -237,6 +237,13 @@ def test_refined_cuts_shorten_the_queue_on_slow_links() -> None:
         assert all(1 <= refined[d.name] <= d.max_blocks for d in devices)
         gains.append(before / after)
     assert max(gains) > 1.02, gains  # the queue matters on some of these fleets ...
+    best = max(range(30), key=lambda i: gains[i])
+    devices, server = random_fleet(random.Random(best), 6)
+    start = latency_cuts(devices, server, L, 1, L - 1)
+    one_trial = refine_cuts(devices, server, L, 1, L - 1, start, budget=6)  # 6 devices: one trial's replay
+    assert sum(one_trial[n] != start[n] for n in start) <= 1
+    full = refine_cuts(devices, server, L, 1, L - 1, start)
+    assert queued_step_s(devices, server, L, full) < queued_step_s(devices, server, L, one_trial)
     decision = Controller(ControllerSettings(policy="latency")).decide(devices, server)
     assert decision.queued_s == pytest.approx(queued_step_s(devices, server, L, decision.cuts))  # ... and Q is told
 
