@@ -10,10 +10,11 @@ other on the same machine:
     server's activations down to the device's norm, head and loss, their gradient up, then the
     gradient down);
 (a) one process, right before and right after it (the ratio uses the mean of the two, so that the drift of a
-    shared machine's speed over minutes is not read as the split's): the whole model on the same batches, the same compute: each agent's
-    batch in its own forward and backward pass (the shapes the split computes), the head on the target
-    positions only (as the server and the U split's devices compute it), the gradients accumulated and
-    one optimiser step per global step; the same LoRA ranks as the server's, the same dtype (fp32).
+    shared machine's speed over minutes is not read as the split's): the whole model on the same batches, the
+    same compute: each agent's batch in its own forward and backward pass (the shapes the split computes),
+    the head on the target positions only (as the server and the U split's devices compute it), the
+    gradients accumulated and one optimiser step per global step; the same LoRA ranks as the server's, the
+    same dtype (fp32).
 
 The ratio compares like with like. The split's step time is the job's wall time from the end of round 1
 (which also pays for the agents' start-up) to the end of the last round, divided by the steps; it
@@ -438,8 +439,8 @@ def report(model: Model, rows: list[Row], args: argparse.Namespace, command: str
     lines += [
         f"Split step against the same compute in one process, {caption}:",
         "",
-        "| configuration | one process s / step (before, after) | split s / step | ratio | split, steps only | ratio, steps only | "
-        "per-round work | bytes / step | load 1 min before, after | others' CPU |",
+        "| configuration | one process s / step (before, after) | split s / step | ratio | split, steps only | "
+        "ratio, steps only | per-round work | bytes / step | load 1 min before, after | others' CPU |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -587,8 +588,8 @@ def main() -> None:
             f"{args.local_steps} steps (rounds 2..{args.rounds} measured); agents cut at "
             f"{', '.join(map(str, CUTS))}{u_note}; coordinator, agents and Mosquitto on one machine "
             f"({cpu_name()}, {torch.get_num_threads()} threads), {date.today().isoformat()}. The one-process "
-            "reference is the same compute on the same batches, measured right before and right after each split run (the ratios "
-            "use the mean of the two).\n\n"
+            "reference is the same compute on the same batches, measured right before and right after each split "
+            "run (the ratios use the mean of the two).\n\n"
             f"`{command}`\n\n{report(model, rows, args, command, header=False)}",
         )
 

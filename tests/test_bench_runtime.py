@@ -104,7 +104,8 @@ def test_the_report_names_model_host_and_command() -> None:
     model = bench.Model("tiny-gpt2", "tiny-gpt2", 8_900_000, 12, 128, 50257)
     row = bench.Row(
         bench.Config("u", "int8"), one_process_s=1.0, one_process_runs=(1.05, 0.95), split_s=1.2, steps_s=1.1,
-        before_s=0.05, after_s=0.05, server_s=0.8, forward_s=0.05, tail_s=0.1, backward_s=0.05, messaging_s=0.01, wait_s=0.9, bytes_step=1e6, load=(0.1, 0.2), others_cpu=0.05,
+        before_s=0.05, after_s=0.05, server_s=0.8, forward_s=0.05, tail_s=0.1, backward_s=0.05, messaging_s=0.01,
+        wait_s=0.9, bytes_step=1e6, load=(0.1, 0.2), others_cpu=0.05,
     )  # fmt: skip
     args = argparse.Namespace(model="tiny-gpt2")
     text = bench.report(model, [row], args, "python scripts/bench_runtime.py --configs u:int8")

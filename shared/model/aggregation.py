@@ -17,9 +17,9 @@ adapter contributes to the model is the update ``ΔW ∝ B @ A`` (out, in), and 
 ``lora_alpha = alpha_per_rank * rank`` the scaling is the same at every rank, so updates of different
 ranks are directly comparable. Note ``avg(B @ A) != avg(B) @ avg(A)`` (the latter has cross terms
 ``B_i @ A_j``): we average the updates exactly, in float64, then re-factorise the average to the
-target rank by truncated SVD (computed from the stacked factors, never forming the (out, in) update), ``B = U_r sqrt(S_r)``, ``A = sqrt(S_r) V_r^T``, which by Eckart–Young is
-the best rank-r approximation of the averaged update in Frobenius norm (exact when the average has
-rank <= r).
+target rank by truncated SVD (computed from the stacked factors, never forming the (out, in) update),
+``B = U_r sqrt(S_r)``, ``A = sqrt(S_r) V_r^T``, which by Eckart–Young is the best rank-r approximation
+of the averaged update in Frobenius norm (exact when the average has rank <= r).
 
 When the target rank exceeds the rank of the average (or ``min(out, in)``), the extra directions
 must stay trainable: their ``A`` rows get a fresh Kaiming-uniform draw (bound ``1/sqrt(in)``, seeded
