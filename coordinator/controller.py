@@ -174,7 +174,7 @@ class Controller:
                 base = self._queued(devices, server, cuts)
                 shifted = self._performance(devices, cuts)
                 if self._queued(devices, server, shifted) <= base * (1 + s.perf_slack):
-                    cuts, reason = shifted, "minimum makespan, then the performance rule"
+                    cuts, reason = shifted, "minimum predicted step time, then the performance rule"
         decision = self._predict(devices, server, cuts, reason)
         if s.policy == "splitft" and previous is not None and set(previous) == {d.name for d in devices}:
             kept = {d.name: self._clamp(d, previous[d.name]) for d in devices}
