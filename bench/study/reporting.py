@@ -381,7 +381,8 @@ def section(meta: Mapping[str, Any], text: str, out: Path) -> str:
         eval=st["eval_samples"], final=st["final_eval_samples"], gen=st["gen_samples"]
     )
     return (
-        f"## Benchmark study ({st['variant']}, {st.get('task', 'gsm8k')}, {meta['base_facts'].get('model', 'tiny base')})"
+        f"## Benchmark study ({st['variant']}, {st.get('task', 'gsm8k')}, {meta['base_facts'].get('model', 'tiny base')}"
+        f"{', U split' if st.get('split') == 'u' else ''})"
         f"\n\n`{meta['command']}` on {meta['host']} ({meta['threads']} torch threads), {meta['date'][:10]}; "
         f"{meta.get('study_wall_s', 0) / 60:.1f} minutes in all. Raw results (JSONL per run): `{out}/`.\n\n"
         f"{_model_line(meta)} Task: {task}. "
