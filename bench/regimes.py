@@ -213,6 +213,7 @@ class Costs:
             max_blocks=self.max_blocks(device.profile),
             adapter_block_bytes=self.adapter_bytes(1),
             steps=self.settings.local_steps,
+            tail_blocks=0 if self.u else None,  # the U split's device holds the head alone above the server
         )
 
     def simulate(self, fleet: Sequence[LiveDevice], cuts: Mapping[str, int]) -> tuple[float, float]:
@@ -295,7 +296,7 @@ class ControlledPolicy:
             c.settings.ewma, calibration, c.block_mb(), round_trips=2 if c.u else 1,
             adapter_block_bytes=0.0 if before else c.adapter_bytes(1), local_steps=c.settings.local_steps,
             step_bytes=(0.0, 0.0) if before else (c.act_bytes, c.grad_bytes),
-            change_ratio=math.inf if before else CHANGE_RATIO,
+            change_ratio=math.inf if before else CHANGE_RATIO, tail_of=(lambda _: 0) if c.u else None,
         )  # fmt: skip
 
     def join_profile(self, device: LiveDevice) -> dict[str, Any]:

@@ -39,8 +39,9 @@ over the steps. :func:`queued_step_s` replays the round so (Q, the round over it
 :func:`refine_cuts` moves one device's cut at a time while Q falls, starting from M's optimum. Where
 nobody waits the two agree (a single device: Q is M plus the adapter messages' latency over the
 steps). A decision carries both: M is its predicted step (the metrics put the measured step beside
-it), Q what ``latency`` and ``splitft`` minimise. The U split's queue is replayed as the two-part
-one's, its two round trips folded into one.
+it), Q what ``latency`` and ``splitft`` minimise. In the U split the queue holds two pieces of server
+work a batch, its forward and its backward, with the device's tail between them (its estimate's
+``tail_blocks``).
 
 The U split (the device also holds the last ``k`` blocks and the head) has the same shape: a device
 runs ``c + k`` blocks and the server ``L - c - k``, the head's cost moves into the device's fixed
@@ -56,6 +57,7 @@ round came to the best any cut assignment could do.
 
 from __future__ import annotations
 
+import heapq
 import math
 import statistics
 from collections.abc import Mapping, Sequence
@@ -84,6 +86,9 @@ class DeviceEstimate:
     accuracy: float | None = None  # local next-token accuracy, for the performance rule
     adapter_block_bytes: float = 0.0  # one block's adapters, each way once a round ...
     steps: int = 1  # ... spread over the round's steps
+    # The U split: of the blocks it runs, those of its tail (with the head in fixed_s), which run between the
+    # server's forward and backward passes; None: the two-part split. Only the queue (Q) uses it.
+    tail_blocks: int | None = None
 
     @property
     def per_block_s(self) -> float:
@@ -249,32 +254,58 @@ def makespan_s(
     return max(trips, server.step_s(num_layers, [cuts[d.name] for d in devices]))
 
 
+def _trip(
+    d: DeviceEstimate, server: ServerEstimate, num_layers: int, cut: float
+) -> tuple[float, tuple[float, ...], tuple[float, ...], float]:
+    """One device's step for the queue: (before its first server work, the server's works, the device's time
+    between them, after the last). Two-part: its forward pass (a third of its compute) and activations up; the
+    server's forward and backward; the gradient down and its backward pass (two thirds). U split: two messages
+    each way; the server's forward (a third of its work), then the tail's activations down, the device's
+    tail, head and loss, the gradient at the tail up, then the server's backward (two thirds)."""
+    work = server.step_s(num_layers, [cut])
+    if d.tail_blocks is None:
+        compute = d.fixed_s + cut * d.block_s
+        pre = compute / 3 + d.up_bytes * 8 / d.uplink_bps + d.rtt_s / 2  # forward, activations up
+        post = 2 * compute / 3 + d.down_bytes * 8 / d.downlink_bps + d.rtt_s / 2  # gradient down, backward
+        return pre, (work,), (), post
+    tail = min(d.tail_blocks, cut)
+    front = (cut - tail) * d.block_s
+    up = d.up_bytes / 2 * 8 / d.uplink_bps + d.rtt_s / 4  # each of the two messages (rtt_s: both round trips)
+    down = d.down_bytes / 2 * 8 / d.downlink_bps + d.rtt_s / 4
+    between = down + d.fixed_s + tail * d.block_s + up
+    return front / 3 + up, (work / 3, 2 * work / 3), (between,), down + 2 * front / 3
+
+
 def _queue(
     devices: Sequence[DeviceEstimate], server: ServerEstimate, num_layers: int, cuts: Mapping[str, float]
 ) -> tuple[float, list[float]]:
     """One round replayed as the coordinator serves it: (its seconds, when each step's last batch was served).
 
-    A device gets its blocks' adapters, then per step runs its forward pass (a third of its compute) and sends
-    its activations; the server takes one batch at a time in arrival order, and a step's batches only once
-    every batch of the previous step is answered; the gradient comes back, the device runs its backward pass
-    (two thirds) and its next forward. After its last step it sends its adapters back."""
-    pre, post, work, ready, upload = {}, {}, {}, {}, {}
+    A device gets its blocks' adapters, then per step runs its forward pass and sends its activations; the
+    server takes one piece of work at a time in arrival order (in the U split two a batch: its forward, and
+    its backward once the device's tail has answered), and a step's batches only once every batch of the
+    previous step is answered; the gradient comes back, the device runs its backward pass and its next
+    forward (:func:`_trip`). After its last step it sends its adapters back."""
+    trips = {d.name: _trip(d, server, num_layers, cuts[d.name]) for d in devices}
+    ready, upload = {}, {}
     for d in devices:
-        cut = cuts[d.name]
-        compute = d.fixed_s + cut * d.block_s
-        pre[d.name] = compute / 3 + d.up_bytes * 8 / d.uplink_bps + d.rtt_s / 2  # forward, activations up
-        post[d.name] = 2 * compute / 3 + d.down_bytes * 8 / d.downlink_bps + d.rtt_s / 2  # gradient down, backward
-        work[d.name] = server.step_s(num_layers, [cut])
-        adapter_bits = cut * d.adapter_block_bytes * 8
-        ready[d.name] = adapter_bits / d.downlink_bps + d.rtt_s / 2 + pre[d.name]  # its first batch arrives
+        adapter_bits = cuts[d.name] * d.adapter_block_bytes * 8
+        ready[d.name] = adapter_bits / d.downlink_bps + d.rtt_s / 2 + trips[d.name][0]  # its first batch arrives
         upload[d.name] = adapter_bits / d.uplink_bps + d.rtt_s / 2
     t, ends = 0.0, []
     for _ in range(max(d.steps for d in devices)):
-        for arrival, name in sorted((ready[n], n) for n in ready):
-            t = max(t, arrival) + work[name]
-            ready[name] = t + post[name] + pre[name]  # (t: answered) its next step's batch arrives
+        waiting = [(arrival, name, 0) for name, arrival in ready.items()]
+        heapq.heapify(waiting)
+        while waiting:
+            arrival, name, part = heapq.heappop(waiting)
+            pre, works, between, post = trips[name]
+            t = max(t, arrival) + works[part]
+            if part + 1 < len(works):  # U split: the device's tail, then the server's backward
+                heapq.heappush(waiting, (t + between[part], name, part + 1))
+            else:
+                ready[name] = t + post + pre  # (t: answered) its next step's batch arrives
         ends.append(t)
-    return max(ready[n] - pre[n] + upload[n] for n in ready), ends
+    return max(ready[n] - trips[n][0] + upload[n] for n in ready), ends
 
 
 def queued_step_s(

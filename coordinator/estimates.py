@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +69,7 @@ class FleetEstimates:
         step_bytes: tuple[float, float] = (0.0, 0.0),
         change_ratio: float = CHANGE_RATIO,
         measure_server: bool = True,
+        tail_of: Callable[[str], int] | None = None,
     ) -> None:
         """``server`` is the server's calibration; the estimates see it, and every later measurement of it,
         ``server_speedup`` times faster (an emulated study's stand-in for a faster server; 1 in real jobs).
@@ -79,7 +80,8 @@ class FleetEstimates:
         device until it reports its own (its first round, planned from its join measurement).
         ``change_ratio``: see :data:`CHANGE_RATIO` (``math.inf``: smooth every measurement).
         ``measure_server``: False keeps ``server`` as it is (an emulated server, the job's ``emulate_server``):
-        the server's measured times then change nothing."""
+        the server's measured times then change nothing.
+        ``tail_of``: the U split's tail depth of a device (its estimate's ``tail_blocks``); None: the two-part split."""
         self.weight = weight
         self.round_trips = round_trips
         self.adapter_block_bytes = adapter_block_bytes
@@ -88,6 +90,7 @@ class FleetEstimates:
         self.change_ratio = change_ratio
         self.server_speedup = server_speedup
         self.measure_server = measure_server
+        self.tail_of = tail_of
         self.base_server = ServerEstimate(
             block_s=server.block_s / server_speedup, head_s=server.head_s / server_speedup
         )
@@ -165,6 +168,7 @@ class FleetEstimates:
             accuracy=d.accuracy,
             adapter_block_bytes=self.adapter_block_bytes,
             steps=self.local_steps,
+            tail_blocks=None if self.tail_of is None else self.tail_of(name),
         )
 
     @staticmethod

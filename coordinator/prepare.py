@@ -99,6 +99,7 @@ async def fleet_estimates(member: Member, job: JobConfig, server: ServerModel) -
         measure_server=job.emulate_server is None,
         adapter_block_bytes=adapter_block_bytes(server.segment.lora_parameters()),
         local_steps=job.local_steps, step_bytes=step_bytes(job, server.hidden_size),
+        tail_of=job.tail_of if job.u_split else None,
     )  # fmt: skip
 
 

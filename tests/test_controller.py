@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 
@@ -181,28 +182,41 @@ def test_noisy_reports_do_not_make_cuts_flap() -> None:
 def clock_participant(d: DeviceEstimate, server: ServerEstimate, cut: int) -> SplitParticipant:
     """The same device for the study's event clock, written out from the protocol: adapters down, per step a
     forward pass (a third of the compute) and the activations up, the server's work, the gradient down and the
-    backward pass; the adapters up at the end."""
-    compute = d.fixed_s + cut * d.block_s
-    step = SplitStep(
-        forward_s=compute / 3,
-        up_s=d.up_bytes * 8 / d.uplink_bps + d.rtt_s / 2,
-        server_s=(L - cut) * server.block_s + server.head_s,
-        down_s=d.down_bytes * 8 / d.downlink_bps + d.rtt_s / 2,
-        backward_s=2 * compute / 3,
-    )
+    backward pass; the adapters up at the end. In the U split (``tail_blocks``) two messages each way: the
+    server's forward (a third of its work), the tail's activations down, the tail with the head, the gradient
+    up, the server's backward."""
+    work = (L - cut) * server.block_s + server.head_s
     adapters = cut * d.adapter_block_bytes * 8
+    if d.tail_blocks is None:
+        compute = d.fixed_s + cut * d.block_s
+        step = SplitStep(
+            forward_s=compute / 3,
+            up_s=d.up_bytes * 8 / d.uplink_bps + d.rtt_s / 2,
+            server_s=work,
+            down_s=d.down_bytes * 8 / d.downlink_bps + d.rtt_s / 2,
+            backward_s=2 * compute / 3,
+        )
+    else:
+        front = (cut - min(d.tail_blocks, cut)) * d.block_s
+        up, down = d.up_bytes * 4 / d.uplink_bps + d.rtt_s / 4, d.down_bytes * 4 / d.downlink_bps + d.rtt_s / 4
+        tail = d.fixed_s + min(d.tail_blocks, cut) * d.block_s
+        step = SplitStep(front / 3, up, work / 3, down, 2 * front / 3, tail=(down, tail, up, 2 * work / 3))
     return SplitParticipant(
         d.name, adapters / d.downlink_bps + d.rtt_s / 2, [step] * d.steps, adapters / d.uplink_bps + d.rtt_s / 2
     )
 
 
+@pytest.mark.parametrize("split", ["two-part", "u"])
 @pytest.mark.parametrize("seed", range(12))
-def test_queued_step_is_the_event_clock_of_the_same_round(seed: int) -> None:
-    """The controller's queue replays what the study's event clock replays (one batch at a time, in arrival
-    order, a barrier between steps, the adapters before the first step and after the last): the same round and
-    steps, and never below M."""
+def test_queued_step_is_the_event_clock_of_the_same_round(seed: int, split: str) -> None:
+    """The controller's queue replays what the study's event clock replays (one piece of server work at a time,
+    in arrival order, a barrier between steps, the adapters before the first step and after the last; in the U
+    split the server's forward and backward of a batch queued apart, the device's tail between them): the same
+    round and steps, and never below M."""
     rng = random.Random(seed)
     devices, server = random_fleet(rng, rng.randint(1, 6), steps=rng.choice([1, 3, 8]))
+    if split == "u":
+        devices = [dataclasses.replace(d, tail_blocks=rng.choice([0, 1, 2])) for d in devices]
     cuts = {d.name: rng.randint(1, d.max_blocks) for d in devices}
     timing = split_round([clock_participant(d, server, cuts[d.name]) for d in devices])
     steps = devices[0].steps

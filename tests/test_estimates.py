@@ -75,3 +75,16 @@ def test_adapter_block_bytes_are_one_blocks_adapters_in_fp32() -> None:
     assert adapter_block_bytes(parameters) == pytest.approx(4 * total / 2)
     assert adapter_block_bytes({}) == 0.0
     assert math.isfinite(adapter_block_bytes(parameters))
+
+
+def test_the_u_split_tells_the_controller_each_devices_tail() -> None:
+    """A U-split job's estimates carry each device's tail depth (the queue runs it between the server's two
+    passes); a two-part job's carry none."""
+    tails = {"deep": 3}
+    u = estimates(round_trips=2, tail_of=lambda name: tails.get(name, 1))
+    two_part = estimates()
+    for e in (u, two_part):
+        for name in ("deep", "other"):
+            e.observe_device(name, report(0.1, upload_s=0.1), WIFI, None)
+    assert [u.device(n).tail_blocks for n in ("deep", "other")] == [3, 1]  # type: ignore[union-attr]
+    assert two_part.device("deep").tail_blocks is None  # type: ignore[union-attr]
