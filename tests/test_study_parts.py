@@ -209,6 +209,7 @@ def test_the_command_names_its_study_and_refuses_what_it_cannot_run(capsys: pyte
     assert study_label(dataclasses.replace(study.QUICK, split="u"), None) == "study-quick-u"
     assert model_settings(True, "wikitext").max_length == 128 and model_settings(True, "e2e").max_length == 256
     assert model_settings(False, "e2e").rounds == 8
+    assert model_settings(False, "gsm8k").gen_tokens == 256 and model_settings(False, "e2e").gen_tokens == 96
     assert study.main(["--quick", "--model", "/no/such/model"]) == 2
     assert "no such model" in capsys.readouterr().err
     assert study.main(["--quick", "--task", "squad"]) == 2

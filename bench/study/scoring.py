@@ -33,10 +33,12 @@ def final_evaluation(settings: StudySettings, base: Path, adapter: Path, task: T
         return len(tokenizer(prompt_text(prompt, tokenizer), add_special_tokens=False)["input_ids"])
 
     problems = [r for r in refs if length(r.prompt) <= settings.max_length - room_needed][: settings.gen_samples]
+    # The answer may run past the training length up to the model's own context (a real model's is thousands).
+    context = max(settings.max_length, int(getattr(model.config, "max_position_embeddings", 0) or 0))
     answers: list[str] = []
     for i in range(0, len(problems), 8):
         chunk = problems[i : i + 8]
-        room = max(settings.max_length - max(length(r.prompt) for r in chunk), 1)
+        room = max(context - max(length(r.prompt) for r in chunk), 1)
         answers += generate(model, tokenizer, [r.prompt for r in chunk], max_new_tokens=min(settings.gen_tokens, room))
     if task.name == "e2e":
         return {**final, **text_scores([a.strip() for a in answers], problems), "e2e_problems": len(problems)}
