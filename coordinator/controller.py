@@ -268,7 +268,7 @@ def _trip(
         pre = compute / 3 + d.up_bytes * 8 / d.uplink_bps + d.rtt_s / 2  # forward, activations up
         post = 2 * compute / 3 + d.down_bytes * 8 / d.downlink_bps + d.rtt_s / 2  # gradient down, backward
         return pre, (work,), (), post
-    tail = min(d.tail_blocks, cut)
+    tail = min(d.tail_blocks, max(cut - 1, 0))  # the cut keeps a block below the server (split_blocks)
     front = (cut - tail) * d.block_s
     up = d.up_bytes / 2 * 8 / d.uplink_bps + d.rtt_s / 4  # each of the two messages (rtt_s: both round trips)
     down = d.down_bytes / 2 * 8 / d.downlink_bps + d.rtt_s / 4

@@ -197,9 +197,10 @@ def clock_participant(d: DeviceEstimate, server: ServerEstimate, cut: int) -> Sp
             backward_s=2 * compute / 3,
         )
     else:
-        front = (cut - min(d.tail_blocks, cut)) * d.block_s
+        tail_blocks = min(d.tail_blocks, cut - 1)  # a U-split device keeps a block below the server
+        front = (cut - tail_blocks) * d.block_s
         up, down = d.up_bytes * 4 / d.uplink_bps + d.rtt_s / 4, d.down_bytes * 4 / d.downlink_bps + d.rtt_s / 4
-        tail = d.fixed_s + min(d.tail_blocks, cut) * d.block_s
+        tail = d.fixed_s + tail_blocks * d.block_s
         step = SplitStep(front / 3, up, work / 3, down, 2 * front / 3, tail=(down, tail, up, 2 * work / 3))
     return SplitParticipant(
         d.name, adapters / d.downlink_bps + d.rtt_s / 2, [step] * d.steps, adapters / d.uplink_bps + d.rtt_s / 2
