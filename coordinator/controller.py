@@ -386,25 +386,48 @@ def latency_cuts(
     }
     floor = max(min(t) for t in trips.values())  # no T below this fits every device
     candidates = sorted({t for ts in trips.values() for t in ts if t >= floor})
-    best: tuple[float, dict[str, int]] | None = None
-    for limit in candidates:
+
+    def within(limit: float) -> dict[str, int]:
         picked = {d.name: _deepest_within(d, server, num_layers, limit, c_min, c_max) for d in devices}
-        cuts = {name: int(c) for name, c in picked.items() if c is not None}
-        if len(cuts) < len(devices):
-            continue
-        span = makespan_s(devices, server, num_layers, cuts)
-        if best is None or span < best[0] - 1e-12:
-            best = (span, cuts)
-        if server.step_s(num_layers, list(cuts.values())) <= limit:
-            break  # a larger T can only lengthen the devices' part: this is the optimum
+        return {name: int(c) for name, c in picked.items() if c is not None}  # every device: limit >= floor
+
+    def fits(k: int) -> bool:
+        return server.step_s(num_layers, list(within(candidates[k]).values())) <= candidates[k]
+
+    # Each device's deepest cut within T only deepens as T grows, so the server's total only falls: the
+    # candidates where it still exceeds T come first, and there M is the server's total, falling. The optimum is
+    # the first T where the server fits (a larger T can only lengthen the devices' part), or the one before it;
+    # bisection finds the first in O(log) assignments (a fleet of hundreds has thousands of candidates).
+    lo, hi = 0, len(candidates)  # the first fitting candidate is in [lo, hi] (len: none fits)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid) else (mid + 1, hi)
+    best: tuple[float, dict[str, int]] | None = None
+    for k in (lo - 1, lo):
+        if 0 <= k < len(candidates):
+            cuts = within(candidates[k])
+            span = makespan_s(devices, server, num_layers, cuts)
+            if best is None or span < best[0] - 1e-12:
+                best = (span, cuts)
     assert best is not None
-    target, cuts = best
-    # Ties: hand blocks back to the server while the step time stays the same, slowest device first,
-    # so each device's own work is as small as the step allows (with a fast server, every device
-    # gets c_min; the privacy floor is then what bounds the cut).
-    # One block handed back changes that device's round trip and adds one block to the server's step (it is
-    # linear in the blocks), so each trial is checked against the others' longest trip in O(1): the loop is
-    # O(devices) per move, not O(devices^2).
+    return hand_back(devices, server, num_layers, c_min, *best)
+
+
+def hand_back(
+    devices: Sequence[DeviceEstimate],
+    server: ServerEstimate,
+    num_layers: int,
+    c_min: int,
+    target: float,
+    cuts: dict[str, int],
+) -> dict[str, int]:
+    """Ties: hand blocks back to the server while the step time M stays at ``target``, slowest device first,
+    so each device's own work is as small as the step allows (with a fast server, every device gets c_min;
+    the privacy floor is then what bounds the cut). Changes and returns ``cuts``.
+
+    One block handed back changes that device's round trip and adds one block to the server's step (it is
+    linear in the blocks), so each trial is checked against the others' longest trip in O(1): the loop is
+    O(devices) per move, not O(devices^2)."""
     by_name = {d.name: d for d in devices}
     while True:
         trip_of = {name: turnaround_s(by_name[name], server, num_layers, cut) for name, cut in cuts.items()}

@@ -14,11 +14,13 @@ from splitft.coordinator.controller import (
     ControllerSettings,
     DeviceEstimate,
     ServerEstimate,
+    hand_back,
     ideal_bound,
     latency_cuts,
     queued_step_s,
     refine_cuts,
     steady_step_s,
+    turnaround_s,
 )
 from splitft.shared.errors import ConfigError
 
@@ -89,6 +91,40 @@ def test_latency_cuts_are_optimal_on_random_fleets(seed: int) -> None:
     # ... and never below the balanced (fractional) bound
     ideal = ideal_bound(devices, server, L, 1, L - 1)
     assert makespan(devices, server, cuts) >= ideal * (1 - 1e-9)
+
+
+def scanned_latency_cuts(devices: list[DeviceEstimate], server: ServerEstimate, c_max: int) -> dict[str, int]:
+    """M's optimum by trying every candidate step time T in turn (each device's round trips) until the server's
+    total fits, as latency_cuts did before it bisected, then the same hand-back of ties."""
+    caps = {d.name: min(c_max, d.max_blocks) for d in devices}
+    trips = sorted({turnaround_s(d, server, L, c) for d in devices for c in range(1, caps[d.name] + 1)})
+    best: tuple[float, dict[str, int]] | None = None
+    for limit in trips:
+        cuts = {}
+        for d in devices:
+            fitting = [c for c in range(1, caps[d.name] + 1) if turnaround_s(d, server, L, c) <= limit + 1e-12]
+            if fitting:
+                cuts[d.name] = max(fitting)
+        if len(cuts) < len(devices):
+            continue
+        span = makespan(devices, server, cuts)
+        if best is None or span < best[0] - 1e-12:
+            best = (span, cuts)
+        if server.step_s(L, list(cuts.values())) <= limit:
+            break
+    assert best is not None
+    return hand_back(devices, server, L, 1, *best)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_the_bisection_finds_what_trying_every_step_time_finds(seed: int) -> None:
+    """latency_cuts bisects the candidate step times (the server's total only falls as they grow): the same cuts
+    as trying each in turn, on fleets of up to 40 devices, fast servers and slow."""
+    rng = random.Random(seed)
+    devices, server = random_fleet(rng, rng.randint(1, 40), steps=rng.choice([1, 4]))
+    if seed % 3 == 0:  # a server far faster than the devices: every T fits, the first is the optimum
+        server = ServerEstimate(block_s=server.block_s / 100, head_s=server.head_s / 100)
+    assert latency_cuts(devices, server, L, 1, L - 1) == scanned_latency_cuts(devices, server, L - 1)
 
 
 def test_within_ten_percent_of_the_ideal_on_a_balanced_fleet() -> None:
