@@ -25,8 +25,8 @@ Policies (``POLICIES``):
 * ``latency`` the cuts that minimise M. For a candidate step time T every device takes the deepest
   cut whose round trip fits within T (and that it can hold in memory); deeper cuts only lower the
   server's total, so the optimum is one of these "deepest within T" assignments, with T one of the
-  devices' round-trip times. The candidates are tried in increasing order until the server's total
-  fits too (exact for this model). Then :func:`refine_cuts` improves them for the queue (below);
+  devices' round-trip times: the first where the server's total fits too, or the one before it, found
+  by bisection (exact for this model). Then :func:`refine_cuts` improves them for the queue (below);
 * ``splitft`` ``latency``, then the performance term applied only where it costs at most
   ``perf_slack`` of the makespan, then hysteresis: the previous cuts are kept unless the new ones
   are predicted at least ``hysteresis`` faster, so cuts do not flap on noisy reports.
