@@ -254,6 +254,13 @@ def makespan_s(
     return max(trips, server.step_s(num_layers, [cuts[d.name] for d in devices]))
 
 
+def _messages_s(d: DeviceEstimate, messages: int) -> tuple[float, float]:
+    """(up, down) seconds of one of a step's ``messages`` messages each way: the step's bytes split evenly among
+    them, each with half a round trip (``rtt_s`` covers the step's round trips)."""
+    up = d.up_bytes / messages * 8 / d.uplink_bps + d.rtt_s / (2 * messages)
+    return up, d.down_bytes / messages * 8 / d.downlink_bps + d.rtt_s / (2 * messages)
+
+
 def _trip(
     d: DeviceEstimate, server: ServerEstimate, num_layers: int, cut: float
 ) -> tuple[float, tuple[float, ...], tuple[float, ...], float]:
@@ -265,13 +272,11 @@ def _trip(
     work = server.step_s(num_layers, [cut])
     if d.tail_blocks is None:
         compute = d.fixed_s + cut * d.block_s
-        pre = compute / 3 + d.up_bytes * 8 / d.uplink_bps + d.rtt_s / 2  # forward, activations up
-        post = 2 * compute / 3 + d.down_bytes * 8 / d.downlink_bps + d.rtt_s / 2  # gradient down, backward
-        return pre, (work,), (), post
+        up, down = _messages_s(d, 1)
+        return compute / 3 + up, (work,), (), down + 2 * compute / 3
     tail = min(d.tail_blocks, max(cut - 1, 0))  # the cut keeps a block below the server (split_blocks)
     front = (cut - tail) * d.block_s
-    up = d.up_bytes / 2 * 8 / d.uplink_bps + d.rtt_s / 4  # each of the two messages (rtt_s: both round trips)
-    down = d.down_bytes / 2 * 8 / d.downlink_bps + d.rtt_s / 4
+    up, down = _messages_s(d, 2)
     between = down + d.fixed_s + tail * d.block_s + up
     return front / 3 + up, (work / 3, 2 * work / 3), (between,), down + 2 * front / 3
 
