@@ -335,7 +335,7 @@ async def test_duplicated_replayed_and_reordered_messages_are_never_applied_twic
                     sent.add(hashlib.sha256(p).digest())
                 await raw.publish(topic, payload, qos=1)  # a duplicate, as QoS 1 may deliver
                 counts["duplicated"] += 1
-                later.append(asyncio.create_task(replay(topic, copy, rng.uniform(0.05, 1.5))))
+                later.append(asyncio.create_task(replay(topic, copy, rng.uniform(0.05, 0.5))))
                 if stop.is_set():
                     break
 
