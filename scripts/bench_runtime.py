@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Runtime overhead: the same LoRA training in one process vs. split across 3 agents through Mosquitto.
 
-For each configuration (a split and a wire dtype; ``:batched`` for the job's ``server_batching``), one after the
-other on the same machine:
+For each configuration (a split and a wire dtype; ``:batched`` for the job's ``server_batching``; ``:nice`` for the
+agents at the lowest CPU priority, so that on one machine they take no core from the server's compute, as devices
+with CPUs of their own take none), one after the other on the same machine:
 
 (b) split: the coordinator in this process and 3 agent processes (cuts 1, 2, 3; one torch thread
     each, as `splitft-coordinator local` starts them), talking through a real Mosquitto on loopback;
@@ -27,6 +28,7 @@ The model's chat template is used where it has one (chat_template "auto", as the
     python scripts/bench_runtime.py                                     # tiny-gpt2, two-part, fp16
     python scripts/bench_runtime.py --model smollm2 --configs two-part:fp16,two-part:int8,u:fp16,u:int8
     python scripts/bench_runtime.py --model smollm2 --configs two-part:fp16,two-part:fp16:batched
+    python scripts/bench_runtime.py --model smollm2 --configs two-part:fp16,two-part:fp16:nice
     python scripts/bench_runtime.py --write BENCHMARKS.md               # and replace the runtime section
 
 --model takes a preset, a model folder, a .gguf file, or 'smollm2' (SmolLM2-135M-Instruct, the GGUF
@@ -83,7 +85,9 @@ def say(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-BATCHED = "batched"  # a configuration's third field: the job's server_batching on
+BATCHED = "batched"  # a configuration's mode: the job's server_batching on
+NICE = "nice"  # a configuration's mode: the agents at the lowest CPU priority (LocalRun.agent_nice 19)
+MODES = (BATCHED, NICE)
 
 
 @dataclass(frozen=True)
@@ -91,32 +95,37 @@ class Config:
     split: str  # "two-part" or "u"
     wire: str  # the activations' and gradients' wire dtype
     batched: bool = False  # server_batching: every device's activations of a step in one merged server pass
+    # The agents' processes at nice 19: the server's compute has the cores first, as where the devices have CPUs
+    # of their own, and the agents compute when it waits.
+    nice: bool = False
 
     @property
     def label(self) -> str:
-        return f"{self.split}:{self.wire}" + (f":{BATCHED}" if self.batched else "")
+        modes = [m for m, on in ((BATCHED, self.batched), (NICE, self.nice)) if on]
+        return ":".join([self.split, self.wire, *modes])
 
 
 def parse_configs(text: str) -> list[Config]:
-    """``two-part:fp16,u:int8,two-part:fp16:batched`` -> the configurations, in order; a clear error for anything
-    else."""
-    example = f"e.g. two-part:fp16,two-part:int8,u:fp16,u:int8,two-part:fp16:{BATCHED}"
+    """``two-part:fp16,u:int8,two-part:fp16:batched,two-part:fp16:nice`` -> the configurations, in order; a clear
+    error for anything else."""
+    form = f"SPLIT:WIRE[:{BATCHED}][:{NICE}]"
+    example = f"e.g. two-part:fp16,two-part:int8,u:fp16,u:int8,two-part:fp16:{BATCHED},two-part:fp16:{NICE}"
     if not text.strip():
-        raise ValueError(f"--configs is empty: give SPLIT:WIRE[:{BATCHED}] items separated by commas, {example}")
+        raise ValueError(f"--configs is empty: give {form} items separated by commas, {example}")
     configs: list[Config] = []
     for raw in text.split(","):
         item = raw.strip()
-        split, colon, rest = item.partition(":")
-        wire, _, mode = rest.partition(":")
-        if not item or not colon or not split or not wire or mode not in ("", BATCHED) or rest.endswith(":"):
-            raise ValueError(f"--configs: {item!r} is not SPLIT:WIRE[:{BATCHED}] ({example})")
+        split, _, rest = item.partition(":")
+        wire, *modes = rest.split(":")
+        if not split or not wire or any(m not in MODES for m in modes) or len(set(modes)) < len(modes):
+            raise ValueError(f"--configs: {item!r} is not {form} ({example})")
         if split not in SPLITS:
             raise ValueError(f"--configs: {item!r}: the split must be one of {', '.join(SPLITS)}, got {split!r}")
         if wire not in FLOAT_WIRE_DTYPES:
             raise ValueError(
                 f"--configs: {item!r}: the wire dtype must be one of {', '.join(FLOAT_WIRE_DTYPES)}, got {wire!r}"
             )
-        config = Config(split, wire, mode == BATCHED)
+        config = Config(split, wire, BATCHED in modes, NICE in modes)
         if config in configs:
             raise ValueError(f"--configs: {item!r} is given twice")
         configs.append(config)
@@ -328,7 +337,7 @@ def measure(model: Model, config: Config, job: JobConfig, label: str) -> Row:
     others = OthersCpu()
     tmp = Path(tempfile.mkdtemp(prefix="splitft-bench-"))
     watch = Watch(label, job)
-    run = LocalRun(job, tmp / "out", agents=3, cuts=CUTS, samples_per_agent=64)
+    run = LocalRun(job, tmp / "out", agents=3, cuts=CUTS, samples_per_agent=64, agent_nice=19 if config.nice else 0)
     data = dict(zip(run.agent_names(), write_agent_data(run), strict=True))  # the split run writes the same again
     measured = (job.rounds - 1) * job.local_steps
     # The one-process reference runs before and after the split run, and the ratio uses their mean: on a shared
@@ -483,6 +492,13 @@ def report(model: Model, rows: list[Row], args: argparse.Namespace, command: str
         f"Target ratio <= {target:.2f}:",
         "",
     ]
+    if any(r.config.nice for r in rows):
+        lines[-2:-2] = [
+            f"':{NICE}': the agents' processes run at nice 19, so that the server's compute has the cores first and "
+            "the agents compute while it waits, as devices with CPUs of their own take none of the server's; their "
+            "own timings then include the time they waited for a core.",
+            "",
+        ]
     for r in rows:
         verdict = "met" if r.ratio <= target else "missed"
         busy = (

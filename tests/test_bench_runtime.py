@@ -9,13 +9,18 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
 
+import psutil
 import pytest
 
 from splitft.bench.sections import write_section
+from splitft.coordinator import local
+from splitft.coordinator.local import LocalRun
+from splitft.shared.errors import ConfigError
 from splitft.shared.job.config import JobConfig
 from splitft.shared.model.tokenizer import GSM8K
 
@@ -28,10 +33,13 @@ _spec.loader.exec_module(bench)
 
 
 def test_configs_are_read_in_order() -> None:
-    configs = bench.parse_configs("two-part:fp16, two-part:int8,u:fp16,u:int8,two-part:fp16:batched")
-    labels = ["two-part:fp16", "two-part:int8", "u:fp16", "u:int8", "two-part:fp16:batched"]
-    assert [c.label for c in configs] == labels
-    assert [c.batched for c in configs] == [False] * 4 + [True]
+    configs = bench.parse_configs(
+        "two-part:fp16, two-part:int8,u:fp16,u:int8,two-part:fp16:batched,u:fp16:nice,two-part:int8:nice:batched"
+    )
+    labels = ["two-part:fp16", "two-part:int8", "u:fp16", "u:int8", "two-part:fp16:batched", "u:fp16:nice"]
+    assert [c.label for c in configs] == [*labels, "two-part:int8:batched:nice"]
+    assert [c.batched for c in configs] == [False] * 4 + [True, False, True]
+    assert [c.nice for c in configs] == [False] * 5 + [True, True]
 
 
 @pytest.mark.parametrize(
@@ -41,9 +49,11 @@ def test_configs_are_read_in_order() -> None:
         ("two-part", "is not SPLIT:WIRE"),
         ("two-part:fp16,", "'' is not SPLIT:WIRE"),
         (":fp16", "is not SPLIT:WIRE"),
-        ("u:fp16:x", "is not SPLIT:WIRE[:batched]"),
-        ("u:fp16:batched:", "is not SPLIT:WIRE[:batched]"),
-        ("u:fp16:", "is not SPLIT:WIRE[:batched]"),
+        ("u:fp16:x", "is not SPLIT:WIRE[:batched][:nice]"),
+        ("u:fp16:batched:", "is not SPLIT:WIRE[:batched][:nice]"),
+        ("u:fp16:", "is not SPLIT:WIRE[:batched][:nice]"),
+        ("u:fp16:nice:nice", "is not SPLIT:WIRE[:batched][:nice]"),
+        ("u:fp16:nice,u:fp16:nice", "'u:fp16:nice' is given twice"),
         ("three-part:fp16", "the split must be one of two-part, u, got 'three-part'"),
         ("u:fp8", "the wire dtype must be one of"),
         ("u:int8,u:int8", "'u:int8' is given twice"),
@@ -114,6 +124,9 @@ def test_the_report_names_model_host_and_command() -> None:
     assert "`python scripts/bench_runtime.py --configs u:int8`" in text
     assert "| u:int8 | 1.000 (1.05, 0.95) | 1.200 | 1.20 |" in text
     assert "u:int8: met (1.20)" in text  # the tiny preset's target is 1.25
+    assert "nice 19" not in text
+    nice = bench.report(model, [row, replace(row, config=bench.Config("u", "int8", nice=True))], args, "command")
+    assert "| u:int8:nice | 1.000 (1.05, 0.95) |" in nice and "':nice': the agents' processes run at nice 19" in nice
 
 
 def test_a_new_section_goes_after_the_runtime_section(tmp_path: Path) -> None:
@@ -126,3 +139,23 @@ def test_a_new_section_goes_after_the_runtime_section(tmp_path: Path) -> None:
     assert text.index("<!-- runtime:end -->") < text.index("new") < text.index("## Later")
     assert text.count("<!-- runtime-135m:begin -->") == 1
     assert "old" in text
+
+
+def test_nice_agents_start_at_a_lower_priority_and_bad_values_are_refused(tmp_path: Path) -> None:
+    """The ``:nice`` mode's agents: real agent processes (one that finds no broker here) at the coordinator's
+    priority plus the increment; the increment is checked before anything starts."""
+    job = JobConfig(job="bench", model="tiny-gpt2")
+    shard = _shards(tmp_path)["agent-1"]
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    for nice in (0, 7, 19):
+        run = LocalRun(job, tmp_path / f"out-{nice}", agent_nice=nice)
+        run.out.mkdir()
+        process = local._start_agent(run, job, "agent-1", shard, "mqtt://127.0.0.1:9", "5")
+        try:
+            assert psutil.Process(process.pid).nice() == min(19, own + nice)
+        finally:
+            local.stop_processes([process])
+    for bad in (-1, 20):
+        with pytest.raises(ConfigError, match=f"agent_nice must be 0 .* to 19 .*, got {bad}"):
+            LocalRun(job, tmp_path / "refused", agent_nice=bad)
+    assert not (tmp_path / "refused").exists()
