@@ -17,6 +17,7 @@ from splitft.bench.clock import CostModel, Device, Server, server_from
 from splitft.bench.study import hindsight, methods, run
 from splitft.bench.study.cli import study_label
 from splitft.bench.study.metrics import bleu, rouge_l
+from splitft.bench.study.reporting import section
 from splitft.bench.study.settings import model_settings
 from splitft.bench.study.tasks import e2e_pairs, held_out, prepare_task, references, wikitext_paragraphs
 from splitft.coordinator.controller import ServerEstimate
@@ -193,6 +194,11 @@ def test_an_interrupted_study_goes_on_where_it_stopped(tmp_path: Path, monkeypat
     summaries = [json.loads(line) for line in (out / "summary.jsonl").read_text().splitlines()]
     assert [s["method"] for s in summaries] == ["centralised", "fedavg"]
     assert json.dumps(summaries[0]) + "\n" == kept  # the finished run's summary, as it was written
+    meta = json.loads((out / "study.json").read_text())
+    assert (meta["runs"], meta["kept_runs"]) == (2, 1)  # its time is the last start's: the report says which runs
+    header = section(meta, "", out).splitlines()[2]
+    assert " for 1 of its 2 runs (1 was kept from an earlier start; its time is not in it)." in header
+    assert " minutes in all." in section({**meta, "kept_runs": 0}, "", out).splitlines()[2]
 
     # Other settings in the same folder: refused, not mixed.
     with pytest.raises(run.StudyMismatch, match="other settings"):

@@ -337,6 +337,17 @@ def publish(out: Path, folder: Path) -> Path:
     return folder
 
 
+def _duration(meta: Mapping[str, Any]) -> str:
+    """How long the study took; a resumed study's time is its last start's, which the kept runs are not in."""
+    minutes = f"{meta.get('study_wall_s', 0) / 60:.1f} minutes"
+    kept = int(meta.get("kept_runs", 0))
+    if not kept:
+        return f"{minutes} in all"
+    runs = int(meta.get("runs", kept))
+    were, their = ("was", "its") if kept == 1 else ("were", "their")
+    return f"{minutes} for {runs - kept} of its {runs} runs ({kept} {were} kept from an earlier start; {their} time is not in it)"
+
+
 def _model_line(meta: Mapping[str, Any]) -> str:
     facts = meta["base_facts"]
     if "tokens" in facts:  # the project's pretrained tiny base
@@ -384,7 +395,7 @@ def section(meta: Mapping[str, Any], text: str, out: Path) -> str:
         f"## Benchmark study ({st['variant']}, {st.get('task', 'gsm8k')}, {meta['base_facts'].get('model', 'tiny base')}"
         f"{', U split' if st.get('split') == 'u' else ''})"
         f"\n\n`{meta['command']}` on {meta['host']} ({meta['threads']} torch threads), {meta['date'][:10]}; "
-        f"{meta.get('study_wall_s', 0) / 60:.1f} minutes in all. Raw results (JSONL per run): `{out}/`.\n\n"
+        f"{_duration(meta)}. Raw results (JSONL per run): `{out}/`.\n\n"
         f"{_model_line(meta)} Task: {task}. "
         f"Fleet: {', '.join(meta['fleet'])} (virtual emulation). Each method: {st['rounds']} rounds x "
         f"{st['local_steps']} local steps x {len(meta['fleet'])} devices x {st['batch_size']} sequences of at most "

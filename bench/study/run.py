@@ -182,6 +182,7 @@ def run_study(
     (out / "study.json").write_text(json.dumps(meta, indent=2, default=str))
     summaries: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
+    kept = 0
     plan = [(alpha, method, "fp16") for alpha in settings.alphas for method in settings.methods]
     if "splitft" in settings.methods:
         plan += [(settings.wire_alpha, "splitft", w) for w in settings.wire_dtypes if w != "fp16"]
@@ -191,6 +192,7 @@ def run_study(
             run_dir = out / "runs" / f"alpha-{alpha:g}" / label
             if (run_dir / "summary.json").is_file():  # finished before an interruption: kept
                 summaries.append(json.loads((run_dir / "summary.json").read_text()))
+                kept += 1
                 say(f"[{index}/{len(plan)}] alpha {alpha:g}: {label}: done before, kept ({run_dir}/summary.json)")
                 continue
             if run_dir.exists():
@@ -230,6 +232,10 @@ def run_study(
     write_jsonl(out / "failed.jsonl", failed)
     plot_study(settings, out, with_targets(out, summaries, settings.target_margin))
     meta["failed_runs"] = len(failed)
+    meta["runs"], meta["kept_runs"] = (
+        len(plan),
+        kept,
+    )  # study_wall_s is this invocation's: the kept runs' time is not in it
     meta["study_wall_s"] = round(time.perf_counter() - started, 1)
     (out / "study.json").write_text(json.dumps(meta, indent=2, default=str))
     say(f"study finished in {meta['study_wall_s'] / 60:.1f} min; results in {out}")
