@@ -5,7 +5,7 @@
     python scripts/study.py --write BENCHMARKS.md        # and replace the study's section there
     python scripts/study.py --quick --model SmolLM2-135M-Instruct.Q4_1.gguf --task e2e   # a real model: at
         most 40 minutes (5 rounds, fp16 and int8 on the wire; 24 minutes here); without --quick at most 2.5 hours
-        (8 rounds; E2E 27 minutes here, WikiText-2 42)
+        (8 rounds; E2E 27 minutes here, WikiText-2 42, GSM8K about 75)
     (an interrupted study goes on where it stopped when run again with the same options; --fresh starts over)
 
 Tasks (--task, splitft.bench.study.tasks): gsm8k (exact match of the final number), wikitext (the SplitFT
