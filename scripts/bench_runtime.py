@@ -86,7 +86,8 @@ def say(message: str) -> None:
 
 
 BATCHED = "batched"  # a configuration's mode: the job's server_batching on
-NICE = "nice"  # a configuration's mode: the agents at the lowest CPU priority (LocalRun.agent_nice 19)
+NICE = "nice"  # a configuration's mode: the agents at the lowest CPU priority (LocalRun.agent_nice NICE_LEVEL)
+NICE_LEVEL = 19
 MODES = (BATCHED, NICE)
 
 
@@ -95,7 +96,7 @@ class Config:
     split: str  # "two-part" or "u"
     wire: str  # the activations' and gradients' wire dtype
     batched: bool = False  # server_batching: every device's activations of a step in one merged server pass
-    # The agents' processes at nice 19: the server's compute has the cores first, as where the devices have CPUs
+    # The agents' processes at nice NICE_LEVEL: the server's compute has the cores first, as where the devices have CPUs
     # of their own, and the agents compute when it waits.
     nice: bool = False
 
@@ -337,7 +338,9 @@ def measure(model: Model, config: Config, job: JobConfig, label: str) -> Row:
     others = OthersCpu()
     tmp = Path(tempfile.mkdtemp(prefix="splitft-bench-"))
     watch = Watch(label, job)
-    run = LocalRun(job, tmp / "out", agents=3, cuts=CUTS, samples_per_agent=64, agent_nice=19 if config.nice else 0)
+    run = LocalRun(
+        job, tmp / "out", agents=3, cuts=CUTS, samples_per_agent=64, agent_nice=NICE_LEVEL if config.nice else 0
+    )
     data = dict(zip(run.agent_names(), write_agent_data(run), strict=True))  # the split run writes the same again
     measured = (job.rounds - 1) * job.local_steps
     # The one-process reference runs before and after the split run, and the ratio uses their mean: on a shared
@@ -494,7 +497,7 @@ def report(model: Model, rows: list[Row], args: argparse.Namespace, command: str
     ]
     if any(r.config.nice for r in rows):
         lines[-2:-2] = [
-            f"':{NICE}': the agents' processes run at nice 19, so that the server's compute has the cores first and "
+            f"':{NICE}': the agents' processes run at nice {NICE_LEVEL}, so that the server's compute has the cores first and "
             "the agents compute while it waits, as devices with CPUs of their own take none of the server's; their "
             "own timings then include the time they waited for a core.",
             "",

@@ -232,10 +232,9 @@ def run_study(
     write_jsonl(out / "failed.jsonl", failed)
     plot_study(settings, out, with_targets(out, summaries, settings.target_margin))
     meta["failed_runs"] = len(failed)
-    meta["runs"], meta["kept_runs"] = (
-        len(plan),
-        kept,
-    )  # study_wall_s is this invocation's: the kept runs' time is not in it
+    # study_wall_s is this start's: the kept runs' time is not in it, and the report says so
+    meta["runs"] = len(plan)
+    meta["kept_runs"] = kept
     meta["study_wall_s"] = round(time.perf_counter() - started, 1)
     (out / "study.json").write_text(json.dumps(meta, indent=2, default=str))
     say(f"study finished in {meta['study_wall_s'] / 60:.1f} min; results in {out}")
